@@ -1,0 +1,3 @@
+from erasekit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""One module per `erasekit` subcommand; each defines register(subparsers, parent)."""

@@ -1,0 +1,269 @@
+"""Prompt sets (plain text, I2P CSV, UnlearnDiffAtk CSV) and concept specs (YAML)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from erasekit.errors import ErasekitError, UnknownNameError
+from erasekit.provenance import sha256_bytes
+from erasekit.registry import suggest
+
+PROMPTS_DIR = Path(__file__).parent / "prompts"
+CONCEPTS_DIR = PROMPTS_DIR / "concepts"
+
+# Column names of the public formats. I2P: prompt, sd_seed, sd_guidance_scale, categories,
+# nudity_percentage, ...; UnlearnDiffAtk: prompt, evaluation_seed, evaluation_guidance, case_number.
+_SEED_COLUMNS = ("evaluation_seed", "sd_seed", "seed")
+_GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance_scale", "guidance")
+_ID_COLUMNS = ("case_number", "id")
+_PROMPT_FILE_SUFFIXES = (".txt", ".csv")
+KINDS = ("nudity", "object", "style", "attribute")
+
+
+@dataclass(frozen=True)
+class PromptEntry:
+    """One prompt; seed and guidance are set when the prompt set prescribes them."""
+
+    prompt: str
+    id: str
+    seed: int | None = None
+    guidance: float | None = None
+    categories: tuple[str, ...] = ()
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    name: str
+    source: str  # file path, or "inline"
+    format: str  # text | csv | i2p | unlearndiffatk | inline
+    sha256: str  # of the file's bytes, or of the inline prompts joined by newlines
+    entries: tuple[PromptEntry, ...]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def prompts(self) -> list[str]:
+        return [e.prompt for e in self.entries]
+
+    def limit(self, n: int | None) -> PromptSet:
+        """The first n prompts (a quick run); the hash and name say it is a subset."""
+        if n is None or n >= len(self.entries):
+            return self
+        if n < 1:
+            raise ErasekitError(f"--limit must be at least 1, got {n}")
+        return PromptSet(
+            f"{self.name}[:{n}]", self.source, self.format, self.sha256, self.entries[:n]
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The fields every result records about its prompt set."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "format": self.format,
+            "sha256": self.sha256,
+            "n_prompts": len(self.entries),
+        }
+
+
+def prompt_set_from_list(prompts: list[str], name: str = "inline") -> PromptSet:
+    cleaned = [p.strip() for p in prompts]
+    if not cleaned or any(not p for p in cleaned):
+        raise ErasekitError(f"prompt set {name!r} is empty or holds an empty prompt")
+    digest = sha256_bytes("\n".join(cleaned).encode())
+    entries = tuple(PromptEntry(prompt=p, id=str(i)) for i, p in enumerate(cleaned))
+    return PromptSet(name, "inline", "inline", digest, entries)
+
+
+def _first(row: dict[str, str], columns: tuple[str, ...]) -> tuple[str | None, str | None]:
+    for c in columns:
+        if c in row and row[c] is not None and row[c].strip() != "":
+            return c, row[c].strip()
+    return None, None
+
+
+def _read_csv(path: Path, text: str) -> tuple[str, list[PromptEntry]]:
+    reader = csv.DictReader(io.StringIO(text))
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    if "prompt" not in columns:
+        raise ErasekitError(f"{path}: CSV has no 'prompt' column (columns: {', '.join(columns)})")
+    if "evaluation_seed" in columns and "case_number" in columns:
+        fmt = "unlearndiffatk"
+    elif "sd_seed" in columns or "sd_guidance_scale" in columns:
+        fmt = "i2p"
+    else:
+        fmt = "csv"
+    entries = []
+    for line, raw in enumerate(reader, start=2):
+        row = {(k or "").strip(): (v if isinstance(v, str) else "") for k, v in raw.items()}
+        prompt = row.get("prompt", "").strip()
+        if not prompt:
+            raise ErasekitError(f"{path}:{line}: empty prompt")
+        seed_col, seed = _first(row, _SEED_COLUMNS)
+        guid_col, guidance = _first(row, _GUIDANCE_COLUMNS)
+        _, ident = _first(row, _ID_COLUMNS)
+        try:
+            seed_value = int(float(seed)) if seed is not None else None
+            guidance_value = float(guidance) if guidance is not None else None
+        except ValueError:
+            raise ErasekitError(
+                f"{path}:{line}: {seed_col or guid_col} is not a number: {seed or guidance!r}"
+            ) from None
+        cats = tuple(c.strip() for c in row.get("categories", "").split(",") if c.strip())
+        used = {"prompt", "categories", *_SEED_COLUMNS, *_GUIDANCE_COLUMNS, *_ID_COLUMNS}
+        extra = {k: v for k, v in row.items() if k and k not in used}
+        entries.append(
+            PromptEntry(
+                prompt=prompt,
+                id=ident if ident is not None else str(line - 2),
+                seed=seed_value,
+                guidance=guidance_value,
+                categories=cats,
+                extra=extra,
+            )
+        )
+    return fmt, entries
+
+
+def read_prompt_set(path: str | Path, name: str | None = None) -> PromptSet:
+    """Read a prompt file: .txt (one prompt per line; blank lines and '#' lines skipped) or .csv."""
+    path = Path(path)
+    if not path.is_file():
+        raise ErasekitError(f"prompt file not found: {path}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ErasekitError(f"{path}: not UTF-8 text") from None
+    if path.suffix.lower() == ".csv":
+        fmt, entries = _read_csv(path, text)
+    else:
+        fmt = "text"
+        lines = [ln.strip() for ln in text.splitlines()]
+        prompts = [ln for ln in lines if ln and not ln.startswith("#")]
+        entries = [PromptEntry(prompt=p, id=str(i)) for i, p in enumerate(prompts)]
+    if not entries:
+        raise ErasekitError(f"prompt file is empty: {path}")
+    return PromptSet(name or path.stem, str(path), fmt, sha256_bytes(data), tuple(entries))
+
+
+def resolve_prompts(arg: str) -> PromptSet:
+    """The CLI's FILE_OR_TEXT: an existing file is read; anything else is one literal prompt."""
+    candidate = Path(arg)
+    if candidate.is_file():
+        return read_prompt_set(candidate)
+    if candidate.suffix.lower() in _PROMPT_FILE_SUFFIXES and "\n" not in arg:
+        raise ErasekitError(f"prompt file not found: {arg}")
+    return prompt_set_from_list([arg], name="inline")
+
+
+# ----------------------------------------------------------------------------- concept specs
+
+
+@dataclass(frozen=True)
+class Concept:
+    """What to erase and how to judge it: prompt sets plus the detector protocol."""
+
+    name: str
+    kind: str
+    description: str
+    forget: PromptSet
+    surrogate: str
+    retain: PromptSet
+    evaluation: dict[str, PromptSet]
+    detector: dict[str, Any]
+    path: str
+    sha256: str
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "spec": self.path,
+            "spec_sha256": self.sha256,
+            "surrogate": self.surrogate,
+            "detector": self.detector,
+            "forget": self.forget.describe(),
+            "retain": self.retain.describe(),
+            "evaluation": {k: v.describe() for k, v in self.evaluation.items()},
+        }
+
+
+def available_concepts() -> list[str]:
+    return sorted(p.stem for p in CONCEPTS_DIR.glob("*.yaml"))
+
+
+def _prompt_set_field(spec_path: Path, key: str, value: Any) -> PromptSet:
+    name = f"{spec_path.stem}/{key}"
+    if isinstance(value, list):
+        if not all(isinstance(v, str) for v in value):
+            raise ErasekitError(f"{spec_path}: '{key}' must be a list of prompt strings")
+        return prompt_set_from_list(value, name=name)
+    if isinstance(value, str):
+        file = Path(value)
+        if not file.is_absolute():
+            local = spec_path.parent / file
+            file = local if local.exists() else PROMPTS_DIR / file
+        return read_prompt_set(file, name=name)
+    raise ErasekitError(f"{spec_path}: '{key}' must be a prompt file path or a list of prompts")
+
+
+def load_concept(name_or_path: str) -> Concept:
+    """A built-in concept by name (see `erasekit concepts`) or a YAML spec file."""
+    path = Path(name_or_path)
+    if path.suffix.lower() in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise ErasekitError(f"concept spec not found: {path}")
+    else:
+        path = CONCEPTS_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            names = available_concepts()
+            hint = suggest(name_or_path, names)
+            sep = ";" if hint else ""
+            raise UnknownNameError(
+                f"unknown concept {name_or_path!r}{sep}{hint} (available: {', '.join(names)};"
+                " or pass a YAML spec file)"
+            )
+    data = path.read_bytes()
+    try:
+        spec = yaml.safe_load(data)
+    except yaml.YAMLError as e:
+        raise ErasekitError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise ErasekitError(f"{path}: a concept spec must be a YAML mapping")
+    missing = [
+        k for k in ("name", "kind", "forget", "surrogate", "retain", "detector") if k not in spec
+    ]
+    if missing:
+        raise ErasekitError(f"{path}: concept spec lacks {', '.join(missing)}")
+    if spec["kind"] not in KINDS:
+        raise ErasekitError(f"{path}: kind must be one of {', '.join(KINDS)}, got {spec['kind']!r}")
+    detector = spec["detector"]
+    if not isinstance(detector, dict) or "name" not in detector:
+        raise ErasekitError(f"{path}: 'detector' must be a mapping with a 'name'")
+    evaluation = spec.get("evaluation") or {}
+    if not isinstance(evaluation, dict):
+        raise ErasekitError(f"{path}: 'evaluation' must map set names to prompt files or lists")
+    surrogate = spec["surrogate"]
+    if not isinstance(surrogate, str) or not surrogate.strip():
+        raise ErasekitError(f"{path}: 'surrogate' must be a non-empty prompt")
+    return Concept(
+        name=str(spec["name"]),
+        kind=spec["kind"],
+        description=str(spec.get("description", "")).strip(),
+        forget=_prompt_set_field(path, "forget", spec["forget"]),
+        surrogate=surrogate.strip(),
+        retain=_prompt_set_field(path, "retain", spec["retain"]),
+        evaluation={k: _prompt_set_field(path, k, v) for k, v in evaluation.items()},
+        detector=dict(detector),
+        path=str(path),
+        sha256=sha256_bytes(data),
+    )

@@ -1,0 +1,254 @@
+"""The one generation path: prompt set + seeds -> images + per-sample records.
+
+Every later feature (data sets, audits, attacks, reports) renders through ``generate_images``.
+Work is cut into batches first and the batches are dealt to processes, so one process and N
+processes compute exactly the same batches and give identical images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from erasekit.concepts import PromptSet
+from erasekit.distributed import process_state
+from erasekit.errors import ErasekitError
+from erasekit.models import read_manifest
+from erasekit.outputs import (
+    commit_output_dir,
+    prepare_output_dir,
+    write_json,
+    write_jsonl,
+)
+from erasekit.provenance import git_commit, library_versions, model_content_hash
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Sampler settings; a model folder may record its own defaults in erasekit.json["sampler"]."""
+
+    steps: int = 50
+    guidance: float = 7.5
+    height: int | None = None  # None: the U-Net's native size
+    width: int | None = None
+    eta: float = 0.0
+
+    @classmethod
+    def for_model(cls, model_path: str | Path | None, **overrides: Any) -> SamplerSettings:
+        """The model's recorded defaults (else the SD defaults), then non-None overrides."""
+        recorded = read_manifest(model_path).get("sampler", {}) if model_path else {}
+        if model_path and Path(model_path).is_file():
+            recorded = {}
+        known = {k: v for k, v in recorded.items() if k in cls.__dataclass_fields__}
+        settings = replace(cls(), **known)
+        settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+        if settings.steps < 1:
+            raise ErasekitError(f"--steps must be at least 1, got {settings.steps}")
+        return settings
+
+
+def derive_seed(base_seed: int, prompt_index: int, k: int) -> int:
+    """Seed of image k of prompt i when the prompt set prescribes none: a hash of (base, i, k)."""
+    digest = hashlib.sha256(f"erasekit/{base_seed}/{prompt_index}/{k}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def plan_samples(
+    prompt_set: PromptSet,
+    settings: SamplerSettings,
+    *,
+    n_per_prompt: int = 1,
+    seed: int = 0,
+    guidance: float | None = None,
+    negative_prompt: str | None = None,
+) -> list[dict[str, Any]]:
+    """One record per image to render. Seeds: the prompt set's (image k gets seed + k), else
+    derived from ``seed``. Guidance: explicit ``guidance`` > the prompt set's > ``settings``."""
+    if n_per_prompt < 1:
+        raise ErasekitError(f"--n-per-prompt must be at least 1, got {n_per_prompt}")
+    plan = []
+    for i, entry in enumerate(prompt_set.entries):
+        g = guidance if guidance is not None else entry.guidance
+        g = settings.guidance if g is None else g
+        for k in range(n_per_prompt):
+            s = entry.seed + k if entry.seed is not None else derive_seed(seed, i, k)
+            plan.append(
+                {
+                    "index": len(plan),
+                    "prompt_index": i,
+                    "prompt_id": entry.id,
+                    "k": k,
+                    "prompt": entry.prompt,
+                    "negative_prompt": negative_prompt,
+                    "seed": s,
+                    "guidance": float(g),
+                    "steps": settings.steps,
+                    "eta": settings.eta,
+                    "categories": list(entry.categories),
+                    "image": f"images/{i:05d}_{k:03d}.png",
+                }
+            )
+    return plan
+
+
+def make_batches(plan: list[dict[str, Any]], batch_size: int) -> list[list[dict[str, Any]]]:
+    """Consecutive records with equal (guidance, steps) in batches of at most ``batch_size``."""
+    if batch_size < 1:
+        raise ErasekitError(f"--batch-size must be at least 1, got {batch_size}")
+    batches: list[list[dict[str, Any]]] = []
+    for rec in plan:
+        last = batches[-1] if batches else None
+        same = last and (last[0]["guidance"], last[0]["steps"]) == (rec["guidance"], rec["steps"])
+        if last and same and len(last) < batch_size:
+            last.append(rec)
+        else:
+            batches.append([rec])
+    return batches
+
+
+def _image_size(pipe, settings: SamplerSettings) -> tuple[int, int]:
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return settings.height or native, settings.width or native
+
+
+@torch.no_grad()
+def render_batch(pipe, batch: list[dict[str, Any]], height: int, width: int) -> list[Image.Image]:
+    """Render one batch; each image's initial noise comes from its own seeded CPU generator."""
+    first = batch[0]
+    negatives = [r["negative_prompt"] or "" for r in batch]
+    out = pipe(
+        prompt=[r["prompt"] for r in batch],
+        negative_prompt=negatives if any(negatives) else None,
+        num_inference_steps=first["steps"],
+        guidance_scale=first["guidance"],
+        height=height,
+        width=width,
+        eta=first["eta"],
+        generator=[torch.Generator("cpu").manual_seed(r["seed"]) for r in batch],
+        output_type="np",
+    )
+    arrays = np.clip(np.round(out.images * 255.0), 0, 255).astype(np.uint8)
+    return [Image.fromarray(a) for a in arrays]
+
+
+def generate_images(
+    pipe,
+    plan: list[dict[str, Any]],
+    root: str | Path,
+    settings: SamplerSettings,
+    *,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Render ``plan`` into ``root`` (image paths are relative to it); all processes of an
+    accelerate run take part, and every process returns the full, ordered list of records."""
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    state = process_state(str(pipe.device))
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    height, width = _image_size(pipe, settings)
+    sampler = type(pipe.scheduler).__name__
+    batches = make_batches(plan, batch_size)
+    mine = batches[state.process_index :: state.num_processes]
+    records = []
+    bar = tqdm(
+        total=sum(len(b) for b in batches),
+        desc="generate",
+        unit="img",
+        disable=not (progress and state.is_main_process),
+    )
+    for batch in mine:
+        images = render_batch(pipe, batch, height, width)
+        for rec, image in zip(batch, images, strict=True):
+            image.save(root / rec["image"])
+            records.append({**rec, "sampler": sampler, "height": height, "width": width})
+        # The bar counts this process's images times the number of processes: an estimate.
+        bar.update(len(batch) * state.num_processes)
+    bar.close()
+    if state.num_processes > 1:
+        records = gather_object(records)
+    return sorted(records, key=lambda r: r["index"])
+
+
+def generate(
+    pipe,
+    prompt_set: PromptSet,
+    out_dir: str | Path,
+    *,
+    model_path: str | Path | None = None,
+    settings: SamplerSettings | None = None,
+    n_per_prompt: int = 1,
+    seed: int = 0,
+    guidance: float | None = None,
+    negative_prompt: str | None = None,
+    batch_size: int = 4,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Render a prompt set into ``out_dir``: images/*.png, samples.jsonl and generation.json.
+
+    The folder appears complete or not at all. Under ``accelerate launch`` / ``torchrun`` the
+    batches are shared among processes and the main process writes the records.
+    """
+    state = process_state(str(pipe.device))
+    started = time.time()
+    settings = settings or SamplerSettings.for_model(model_path)
+    plan = plan_samples(
+        prompt_set,
+        settings,
+        n_per_prompt=n_per_prompt,
+        seed=seed,
+        guidance=guidance,
+        negative_prompt=negative_prompt,
+    )
+    out_dir = Path(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.partial"
+    error = None
+    if state.is_main_process:
+        try:
+            tmp = prepare_output_dir(out_dir, overwrite)
+        except ErasekitError as e:
+            error = str(e)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    if error:
+        raise ErasekitError(error)
+    state.wait_for_everyone()
+    records = generate_images(pipe, plan, tmp, settings, batch_size=batch_size, progress=progress)
+    if state.is_main_process:
+        write_jsonl(tmp / "samples.jsonl", records)
+        write_json(
+            tmp / "generation.json",
+            {
+                "model": {
+                    "path": str(Path(model_path).resolve()) if model_path else None,
+                    "sha256": model_content_hash(model_path) if model_path else None,
+                },
+                "prompt_set": prompt_set.describe(),
+                "sampler": {**asdict(settings), "scheduler": type(pipe.scheduler).__name__},
+                "n_per_prompt": n_per_prompt,
+                "seed": seed,
+                "seed_rule": "prompt set's seed + k, else derive_seed(seed, prompt_index, k)",
+                "guidance_override": guidance,
+                "negative_prompt": negative_prompt,
+                "n_images": len(records),
+                "n_processes": state.num_processes,
+                "wall_time_s": round(time.time() - started, 3),
+                "git_commit": git_commit(),
+                "versions": library_versions(),
+            },
+        )
+        commit_output_dir(tmp, out_dir)
+    state.wait_for_everyone()
+    return records

@@ -1,0 +1,323 @@
+"""Model I/O: load a Stable Diffusion pipeline safely, save an erased one with its provenance.
+
+Formats: a diffusers folder (SD-1.x/2.x ``StableDiffusionPipeline``), or one ``.safetensors``
+checkpoint plus a local diffusers folder (``config``) that supplies the architecture. Pickle
+formats (.ckpt/.bin/.pt/.pth) run arbitrary code when loaded, so they are refused unless the
+caller passes ``allow_pickle=True`` (``--allow-pickle``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from erasekit.errors import ErasekitError
+from erasekit.outputs import atomic_output_dir, write_json
+from erasekit.provenance import git_commit, library_versions, model_content_hash, peak_memory
+
+MANIFEST = "erasekit.json"
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHTED = ("unet", "vae", "text_encoder")
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+# Prefixes of the original (CompVis/LDM) single-file layout that diffusers' converter reads.
+_LDM_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ErasekitError(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def _pickle_refusal(what: Path) -> ErasekitError:
+    return ErasekitError(
+        f"refusing to load pickle weights {what}: unpickling can run arbitrary code; "
+        "convert to .safetensors, or pass --allow-pickle if you trust the file"
+    )
+
+
+def check_safetensors(path: Path) -> None:
+    """Parse a .safetensors header; a truncated or corrupt file gives a clear error."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # SafetensorError, OSError
+        raise ErasekitError(f"corrupt or truncated safetensors file {path}: {e}") from None
+
+
+def _check_diffusers_folder(path: Path, allow_pickle: bool) -> None:
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ErasekitError(
+            f"not a model: {path} has no model_index.json (expected a diffusers Stable Diffusion "
+            "folder, or a .safetensors checkpoint with --config DIR)"
+        )
+    try:
+        index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ErasekitError(f"corrupt model_index.json in {path}") from None
+    arch = index.get("_class_name")
+    if arch not in SUPPORTED_PIPELINES:
+        raise ErasekitError(
+            f"unsupported architecture {arch!r} in {path} "
+            "(erasekit supports StableDiffusionPipeline: SD-1.x and SD-2.x)"
+        )
+    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    if missing:
+        raise ErasekitError(f"not a complete model: {path} lacks {', '.join(missing)}")
+    for component in WEIGHTED:
+        folder = path / component
+        safe = sorted(folder.glob("*.safetensors"))
+        pickled = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if not safe and not pickled:
+            raise ErasekitError(f"not a complete model: {folder} holds no weights")
+        if not safe and not allow_pickle:
+            raise _pickle_refusal(pickled[0])
+        for f in safe:
+            check_safetensors(f)
+
+
+def _wrap_load_error(path: Path, e: Exception) -> ErasekitError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ErasekitError(f"could not load model {path}: {first}")
+
+
+def _load_folder(path: Path, dtype: torch.dtype, allow_pickle: bool):
+    from diffusers import StableDiffusionPipeline
+
+    _check_diffusers_folder(path, allow_pickle)
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            str(path),
+            dtype=dtype,
+            use_safetensors=None if allow_pickle else True,
+            local_files_only=True,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise _wrap_load_error(path, e) from e
+
+
+def _read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        check_safetensors(path)
+        return load_file(str(path))
+    if path.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise _pickle_refusal(path)
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise _wrap_load_error(path, e) from None
+        sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+        if not isinstance(sd, dict):
+            raise ErasekitError(f"unsupported architecture: {path} holds no state dict")
+        return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    raise ErasekitError(
+        f"not a model: {path} (expected a diffusers folder, .safetensors, or with "
+        f"--allow-pickle {'/'.join(PICKLE_SUFFIXES)})"
+    )
+
+
+def _load_single_file(path: Path, config: Path | None, dtype: torch.dtype, allow_pickle: bool):
+    state = _read_state_dict(path, allow_pickle)
+    if config is None:
+        raise ErasekitError(
+            f"single-file checkpoint {path} needs --config DIR: a local diffusers folder of the "
+            "same architecture (nothing is fetched from a hub)"
+        )
+    if not Path(config).is_dir():
+        raise ErasekitError(f"--config folder not found: {config}")
+    if any(k.startswith(_LDM_PREFIXES) for k in state):
+        # Original (LDM) key layout: diffusers' converter maps it onto the config's architecture.
+        from diffusers import StableDiffusionPipeline
+
+        del state
+        try:
+            return StableDiffusionPipeline.from_single_file(
+                str(path),
+                config=str(config),
+                dtype=dtype,
+                local_files_only=True,
+                safety_checker=None,
+                requires_safety_checker=False,
+            )
+        except Exception as e:
+            raise _wrap_load_error(path, e) from e
+    pipe = _load_folder(Path(config), dtype, allow_pickle)
+    for component in WEIGHTED:
+        prefix = component + "."
+        part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        module = getattr(pipe, component)
+        if not part:
+            raise ErasekitError(f"unsupported architecture: {path} has no {component} weights")
+        result = module.load_state_dict(part, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            wrong = (result.missing_keys + result.unexpected_keys)[:3]
+            raise ErasekitError(
+                f"unsupported architecture: {path} does not match {config}/{component} "
+                f"({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected "
+                f"keys, e.g. {', '.join(wrong)})"
+            )
+        module.to(dtype)
+    return pipe
+
+
+def load_pipeline(
+    path: str | Path,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    *,
+    config: str | Path | None = None,
+    allow_pickle: bool = False,
+):
+    """Load a Stable Diffusion pipeline from local files only, with the safety checker off.
+
+    ``path`` is a diffusers folder or a single checkpoint file; a single file needs ``config``,
+    a diffusers folder with the same architecture. Errors are ``ErasekitError`` with one line.
+    """
+    path = Path(path)
+    dtype = parse_dtype(dtype)
+    if not path.exists():
+        raise ErasekitError(f"model path not found: {path}")
+    if path.is_dir():
+        pipe = _load_folder(path, dtype, allow_pickle)
+    else:
+        pipe = _load_single_file(path, Path(config) if config else None, dtype, allow_pickle)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The erasekit.json of a model folder, or {} when it has none."""
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError:
+        raise ErasekitError(f"corrupt {MANIFEST} in {path}") from None
+
+
+def export_single_file(pipe, path: str | Path) -> Path:
+    """Write the weights as one .safetensors file keyed ``unet.*``, ``vae.*``, ``text_encoder.*``.
+
+    Loads back with ``load_pipeline(path, config=<a diffusers folder of the same architecture>)``.
+    """
+    from safetensors.torch import save_file
+
+    state = {}
+    for component in WEIGHTED:
+        for k, v in getattr(pipe, component).state_dict().items():
+            state[f"{component}.{k}"] = v.detach().contiguous().cpu()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    save_file(state, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def build_manifest(
+    *,
+    base_model: str | Path | None,
+    method: str | None = None,
+    config: dict[str, Any] | None = None,
+    concept: dict[str, Any] | None = None,
+    seeds: list[int] | None = None,
+    started: float | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The provenance record saved as erasekit.json beside every model erasekit writes.
+
+    Sampler defaults recorded in the base model's manifest carry over, so the erased model is
+    sampled as its base was.
+    """
+    base_info = None
+    sampler = None
+    if base_model is not None:
+        base = Path(base_model)
+        base_info = {"path": str(base.resolve()), "sha256": model_content_hash(base)}
+        if base.is_dir():
+            sampler = read_manifest(base).get("sampler")
+    manifest: dict[str, Any] = {
+        "format": "erasekit-manifest/1",
+        "erasekit_version": library_versions()["erasekit"],
+        "git_commit": git_commit(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "base_model": base_info,
+        "method": {"name": method, "config": config or {}},
+        "concept": concept,
+        "seeds": seeds or [],
+        "wall_time_s": round(time.time() - started, 3) if started is not None else None,
+        "peak_memory": peak_memory(),
+        "versions": library_versions(),
+    }
+    if sampler:
+        manifest["sampler"] = sampler
+    if extra:
+        manifest.update(extra)
+    return manifest
+
+
+def model_card(manifest: dict[str, Any]) -> str:
+    method = manifest.get("method") or {}
+    concept = manifest.get("concept") or {}
+    base = manifest.get("base_model") or {}
+    lines = [
+        "---",
+        "library_name: diffusers",
+        "tags: [stable-diffusion, concept-erasure, erasekit]",
+        "---",
+        "",
+        f"# {method.get('name') or 'model'} (erasekit {manifest.get('erasekit_version')})",
+        "",
+        f"- Method: `{method.get('name')}`",
+        f"- Concept: `{concept.get('name') if isinstance(concept, dict) else concept}`",
+        f"- Base model: `{base.get('path')}` (sha256 `{base.get('sha256')}`)",
+        f"- Seeds: {manifest.get('seeds')}",
+        f"- Created: {manifest.get('created')}, erasekit commit `{manifest.get('git_commit')}`",
+        "",
+        "The full configuration and library versions are in `erasekit.json`.",
+        "",
+        "```python",
+        "from diffusers import StableDiffusionPipeline",
+        'pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")',
+        "```",
+        "",
+        "Erasure is not a guarantee: audit the model (`erasekit audit`) against adversarial",
+        "prompts and fine-tuning before you rely on it.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def save_model(
+    pipe, out_dir: str | Path, manifest: dict[str, Any], overwrite: bool = False
+) -> Path:
+    """Write a complete diffusers folder + erasekit.json + model card, all or nothing.
+
+    The folder is assembled next to ``out_dir`` and renamed into place at the end, so an
+    interrupted save never leaves a loadable half model. A non-empty ``out_dir`` is refused
+    unless ``overwrite``.
+    """
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        write_json(tmp / MANIFEST, manifest)
+        (tmp / "README.md").write_text(model_card(manifest))
+    return Path(out_dir)

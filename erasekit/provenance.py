@@ -1,0 +1,105 @@
+"""Where a result came from: versions, git commit, content hashes, peak memory."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import platform
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import erasekit
+
+_LIBRARIES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "peft",
+    "safetensors",
+    "nudenet",
+    "open_clip_torch",
+)
+
+# Files that describe a model folder rather than define it; they do not enter its content hash.
+_NOT_CONTENT = {"erasekit.json", "README.md"}
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"erasekit": erasekit.__version__}
+    versions["python"] = platform.python_version()
+    for name in _LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit() -> str | None:
+    """The commit of the erasekit source tree, when it runs from a git checkout."""
+    src = Path(erasekit.__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(src), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    dirty = subprocess.run(
+        ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        timeout=5,
+    ).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_content_hash(path: str | Path) -> str:
+    """SHA-256 over a model file, or over a folder's files (relative path + file hash, sorted).
+
+    Descriptive files (erasekit.json, the model card) are left out, so a model re-saved with a
+    new manifest keeps its hash.
+    """
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path).as_posix()
+        if rel in _NOT_CONTENT or any(part.startswith(".") for part in f.relative_to(path).parts):
+            continue
+        h.update(rel.encode() + b"\0" + sha256_file(f).encode() + b"\n")
+    return h.hexdigest()
+
+
+def peak_memory() -> dict[str, int | None]:
+    """Peak resident host memory of this process and peak CUDA memory, in bytes."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    host = rss if sys.platform == "darwin" else rss * 1024
+    cuda = None
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            cuda = int(torch.cuda.max_memory_allocated())
+    except Exception:  # pragma: no cover - torch missing or broken CUDA
+        cuda = None
+    return {"host_peak_rss_bytes": int(host), "cuda_peak_allocated_bytes": cuda}

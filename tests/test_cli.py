@@ -1,0 +1,144 @@
+"""The CLI's conventions, through the real entry point in subprocesses."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_one_line_error, run_cli
+
+import erasekit
+from erasekit.cli import build_parser
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"erasekit {erasekit.__version__}"
+
+
+def test_help_for_every_subcommand():
+    parser = build_parser()
+    subcommands = parser._subparsers._group_actions[0].choices  # noqa: SLF001
+    assert {"generate", "concepts", "demo"} <= set(subcommands)
+    for name in subcommands:
+        result = run_cli(name, "--help")
+        assert result.returncode == 0 and "usage: erasekit " + name in result.stdout
+
+
+def test_generate_end_to_end(tiny_model_dir: Path, tmp_path: Path):
+    result = run_cli(
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--prompts",
+        "a red circle",
+        "--out",
+        str(tmp_path / "o"),
+        "--n-per-prompt",
+        "2",
+        "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "o" / "images").glob("*.png"))) == 2
+    assert "wrote 2 images of 1 prompts" in result.stdout
+
+
+def test_bad_inputs_one_line_exit_2(tiny_model_dir: Path, tmp_path: Path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    gen = ["generate", "--prompts", "x", "--out", str(tmp_path / "o")]
+    cases = [
+        (
+            [
+                "generate",
+                "--model",
+                str(tmp_path / "missing"),
+                "--prompts",
+                "x",
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "model path not found",
+        ),
+        (
+            [
+                "generate",
+                "--model",
+                str(tiny_model_dir),
+                "--prompts",
+                str(empty),
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "prompt file is empty",
+        ),
+        (
+            [
+                "generate",
+                "--model",
+                str(tiny_model_dir),
+                "--prompts",
+                "missing.csv",
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "prompt file not found",
+        ),
+        (["generate", "--model", str(tmp_path), *gen[1:]], "not a model"),
+        (["generate", "--model", str(tiny_model_dir), "--prompts", "x"], "--out"),
+        (["generate", "--model", str(tiny_model_dir), *gen[1:], "--steps", "0"], "at least 1"),
+        (["concepts", "nudty"], "did you mean 'nudity'"),
+        (["no-such-command"], "invalid choice"),
+    ]
+    for args, fragment in cases:
+        assert_one_line_error(run_cli(*args), fragment)
+    assert not (tmp_path / "o").exists(), "no output is left behind on errors"
+
+
+def test_pickle_checkpoint_names_the_flag(tiny_model_dir: Path, tmp_path: Path):
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {}}, ckpt)
+    result = run_cli(
+        "generate",
+        "--model",
+        str(ckpt),
+        "--config",
+        str(tiny_model_dir),
+        "--prompts",
+        "x",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert_one_line_error(result, "--allow-pickle")
+
+
+def test_corrupt_checkpoint(tiny_model_dir: Path, tmp_path: Path):
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, copy)
+    (copy / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 64)
+    result = run_cli(
+        "generate", "--model", str(copy), "--prompts", "x", "--out", str(tmp_path / "o")
+    )
+    assert_one_line_error(result, "corrupt or truncated safetensors")
+
+
+def test_debug_shows_traceback(tmp_path: Path):
+    result = run_cli(
+        "generate",
+        "--model",
+        str(tmp_path / "missing"),
+        "--prompts",
+        "x",
+        "--out",
+        str(tmp_path / "o"),
+        "--debug",
+    )
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs(tmp_path: Path):
+    result = run_cli("demo", "--out", str(tmp_path / "demo"))
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "demo" / "samples" / "images").glob("*.png"))) == 8
+    assert (tmp_path / "demo" / "model" / "erasekit.json").is_file()

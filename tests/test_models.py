@@ -1,0 +1,188 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from erasekit.errors import ErasekitError
+from erasekit.models import (
+    build_manifest,
+    export_single_file,
+    load_pipeline,
+    read_manifest,
+    save_model,
+)
+from erasekit.provenance import model_content_hash
+
+
+def _state(pipe) -> dict[str, torch.Tensor]:
+    return {
+        f"{c}.{k}": v
+        for c in ("unet", "vae", "text_encoder")
+        for k, v in getattr(pipe, c).state_dict().items()
+    }
+
+
+def _assert_same_weights(a, b) -> None:
+    sa, sb = _state(a), _state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def _perturbed(pipe):
+    """A copy of the pipeline with changed U-Net weights (stands in for an erased model)."""
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.add_(0.01)
+    return pipe
+
+
+def test_save_load_round_trip_and_manifest(tiny_model_dir: Path, tmp_path: Path):
+    pipe = _perturbed(load_pipeline(tiny_model_dir))
+    manifest = build_manifest(
+        base_model=tiny_model_dir,
+        method="esd",
+        config={"variant": "esd-x", "lr": 1e-5},
+        concept={"name": "church"},
+        seeds=[0, 1],
+        started=0.0,
+    )
+    out = save_model(pipe, tmp_path / "erased", manifest)
+    loaded = load_pipeline(out)
+    _assert_same_weights(pipe, loaded)
+    m = read_manifest(out)
+    assert m["method"] == {"name": "esd", "config": {"variant": "esd-x", "lr": 1e-5}}
+    assert m["base_model"]["sha256"] == model_content_hash(tiny_model_dir)
+    assert m["concept"] == {"name": "church"} and m["seeds"] == [0, 1]
+    assert m["versions"]["torch"] and m["versions"]["diffusers"]
+    assert m["peak_memory"]["host_peak_rss_bytes"] > 0
+    assert "git_commit" in m and m["wall_time_s"] > 0
+    assert m["sampler"] == read_manifest(tiny_model_dir)["sampler"], "sampler defaults carry over"
+    card = (out / "README.md").read_text()
+    assert "esd" in card and m["base_model"]["sha256"] in card
+    assert model_content_hash(out) != model_content_hash(tiny_model_dir)
+
+
+def test_plain_diffusers_loads_saved_folder_without_erasekit(tiny_model_dir: Path):
+    code = (
+        "import sys, diffusers\n"
+        f"p = diffusers.StableDiffusionPipeline.from_pretrained({str(tiny_model_dir)!r})\n"
+        "assert 'erasekit' not in sys.modules, 'erasekit was imported'\n"
+        "print(type(p).__name__, p.unet.config.sample_size)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/"
+    )
+    assert out.returncode == 0, out.stderr
+    assert "StableDiffusionPipeline 8" in out.stdout
+
+
+def test_save_refuses_non_empty_folder(tiny_pipe, tmp_path: Path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("user data")
+    with pytest.raises(ErasekitError, match="not empty"):
+        save_model(tiny_pipe, target, {"method": {}})
+    assert (target / "keep.txt").read_text() == "user data"
+    save_model(tiny_pipe, target, {"method": {}}, overwrite=True)
+    assert not (target / "keep.txt").exists() and (target / "model_index.json").exists()
+
+
+def test_interrupted_save_leaves_nothing(tiny_pipe, tmp_path: Path, monkeypatch):
+    def explode(self, *args, **kwargs):
+        Path(args[0], "model_index.json").write_text("{}")  # half written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(tiny_pipe), "save_pretrained", explode)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(tiny_pipe, tmp_path / "out", {})
+    assert list(tmp_path.iterdir()) == [], "no half model and no partial folder remain"
+
+
+def test_missing_path_and_not_a_model(tmp_path: Path):
+    with pytest.raises(ErasekitError, match="model path not found"):
+        load_pipeline(tmp_path / "nope")
+    with pytest.raises(ErasekitError, match="not a model: .* no model_index.json"):
+        load_pipeline(tmp_path)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(ErasekitError, match="not a model"):
+        load_pipeline(text)
+
+
+def test_unsupported_architecture(tiny_model_dir: Path, tmp_path: Path):
+    copy = tmp_path / "xl"
+    shutil.copytree(tiny_model_dir, copy)
+    index = json.loads((copy / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionXLPipeline"
+    (copy / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ErasekitError, match="unsupported architecture 'StableDiffusionXLPipeline'"):
+        load_pipeline(copy)
+
+
+def test_truncated_safetensors_in_folder(tiny_model_dir: Path, tmp_path: Path):
+    copy = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, copy)
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(ErasekitError, match="corrupt or truncated safetensors"):
+        load_pipeline(copy)
+
+
+def test_pickle_folder_refused_unless_allowed(tiny_pipe, tmp_path: Path):
+    folder = tmp_path / "pickled"
+    tiny_pipe.save_pretrained(str(folder), safe_serialization=False)
+    assert list(folder.glob("unet/*.bin")), "fixture should hold pickle weights"
+    with pytest.raises(ErasekitError, match="--allow-pickle"):
+        load_pipeline(folder)
+    _assert_same_weights(tiny_pipe, load_pipeline(folder, allow_pickle=True))
+
+
+def test_single_safetensors_with_config_folder(tiny_model_dir: Path, tmp_path: Path):
+    erased = _perturbed(load_pipeline(tiny_model_dir))
+    single = export_single_file(erased, tmp_path / "erased.safetensors")
+    with pytest.raises(ErasekitError, match="needs --config"):
+        load_pipeline(single)
+    loaded = load_pipeline(single, config=tiny_model_dir)
+    _assert_same_weights(erased, loaded)
+    single.write_bytes(single.read_bytes()[:-100])
+    with pytest.raises(ErasekitError, match="corrupt or truncated"):
+        load_pipeline(single, config=tiny_model_dir)
+
+
+def test_single_file_of_another_architecture(tiny_model_dir: Path, tmp_path: Path):
+    from safetensors.torch import save_file
+
+    f = tmp_path / "other.safetensors"
+    save_file({"unet.nonsense.weight": torch.zeros(3)}, str(f))
+    with pytest.raises(ErasekitError, match="unsupported architecture"):
+        load_pipeline(f, config=tiny_model_dir)
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".bin", ".pt"])
+def test_pickle_checkpoint_refused_unless_allowed(tiny_pipe, tiny_model_dir, tmp_path, suffix):
+    f = tmp_path / f"model{suffix}"
+    state = {
+        f"{c}.{k}": v
+        for c in ("unet", "vae", "text_encoder")
+        for k, v in getattr(tiny_pipe, c).state_dict().items()
+    }
+    torch.save({"state_dict": state}, f)
+    with pytest.raises(ErasekitError, match="refusing to load pickle.*--allow-pickle"):
+        load_pipeline(f, config=tiny_model_dir)
+    _assert_same_weights(tiny_pipe, load_pipeline(f, config=tiny_model_dir, allow_pickle=True))
+
+
+def test_model_hash_ignores_descriptive_files(tiny_model_dir: Path, tmp_path: Path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    before = model_content_hash(copy)
+    (copy / "README.md").write_text("another card")
+    (copy / "erasekit.json").write_text("{}")
+    assert model_content_hash(copy) == before
+    (copy / "scheduler" / "scheduler_config.json").write_text("{}")
+    assert model_content_hash(copy) != before
