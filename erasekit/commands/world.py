@@ -1,0 +1,106 @@
+"""`erasekit world`: the embedded ShapesWorld models — build, path, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from erasekit.commands._options import positive_int
+
+
+def register(subparsers, parent: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser(
+        "world",
+        parents=[parent],
+        help="ShapesWorld: the embedded default model (build, path, info)",
+        description="ShapesWorld: tiny text-to-image models of coloured shapes (shipped).",
+    )
+    sub = p.add_subparsers(dest="world_command", metavar="ACTION", required=True)
+    from erasekit.world import WORLD_VARIANTS
+    from erasekit.world.build import WorldRecipe
+
+    b = sub.add_parser("build", parents=[parent], help="train every world asset from a fixed seed")
+    b.add_argument("--out", default=None, help="output folder (default: the package's assets)")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    defaults = WorldRecipe()
+    for name in ("seed", "n_images", "vae_steps", "classifier_steps", "unet_steps"):
+        kind = int if name == "seed" else positive_int
+        b.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name))
+    b.add_argument(
+        "--variants", default=",".join(WORLD_VARIANTS), help="comma-separated subset to train"
+    )
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=run_build)
+
+    pa = sub.add_parser("path", parents=[parent], help="print a shipped model's folder")
+    pa.add_argument("--variant", default="full", choices=list(WORLD_VARIANTS))
+    pa.set_defaults(func=run_path)
+
+    i = sub.add_parser("info", parents=[parent], help="concepts, sizes and quality figures")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=run_info)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from erasekit.errors import ErasekitError
+    from erasekit.world import ASSETS, WORLD_VARIANTS
+    from erasekit.world.build import WorldRecipe, build_world
+
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    unknown = [v for v in variants if v not in WORLD_VARIANTS]
+    if unknown or not variants:
+        raise ErasekitError(f"unknown world variants {unknown} (choose from {WORLD_VARIANTS})")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ErasekitError("--device cuda: no CUDA device is available")
+    recipe = replace(
+        WorldRecipe(),
+        seed=args.seed,
+        n_images=args.n_images,
+        vae_steps=args.vae_steps,
+        classifier_steps=args.classifier_steps,
+        unet_steps=args.unet_steps,
+    )
+    out = args.out or str(ASSETS)
+    command = "erasekit " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
+    info = build_world(
+        out, recipe, variants, progress=not args.no_progress, device=args.device, command=command
+    )
+    print(f"wrote ShapesWorld ({', '.join(variants)}) to {out} in {info['timings_s']['total_s']} s")
+    return 0
+
+
+def run_path(args: argparse.Namespace) -> int:
+    from erasekit.world import world_path
+
+    print(world_path(args.variant))
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from erasekit.world.info import world_info
+
+    info = world_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print("ShapesWorld — embedded text-to-image world (erasekit)")
+    for dim, values in info["concepts"].items():
+        print(f"  {dim:7s} {', '.join(values)}")
+    for v in info["variants"]:
+        print(f"  model {v['variant']:10s} {v['path']}  ({v['parameters']:,} parameters, "
+              f"{v['size_mb']:.1f} MB, held out: {v['held_out_concept'] or 'none'})")  # fmt: skip
+    acc = info.get("classifier_heldout_accuracy") or {}
+    if acc:
+        print("  classifier held-out accuracy: " + json.dumps(acc))
+    q = info.get("quality")
+    print(
+        "  quality: "
+        + (json.dumps(q["summary"]) if q else "not measured (scripts/world_quality.py)")
+    )
+    return 0

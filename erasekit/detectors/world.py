@@ -1,0 +1,69 @@
+"""The `world` detector: ShapesWorld's classifier names shape, colour and style exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from erasekit.errors import ErasekitError
+from erasekit.provenance import sha256_file
+from erasekit.world.render import DIMENSIONS, SIZE
+
+
+class WorldDetector:
+    """Protocol: an image shows concept `target` of `dimension` when the classifier's argmax for
+    that dimension is `target` (no threshold: every image is one shape, colour and style)."""
+
+    name = "world"
+
+    def __init__(self, weights: str | Path | None = None, device: str = "cpu") -> None:
+        from erasekit.world import classifier_path
+        from erasekit.world.classifier import load_classifier
+
+        folder = Path(weights) if weights else classifier_path()
+        file = folder / "model.safetensors"
+        if not file.is_file():
+            raise ErasekitError(f"world classifier weights not found: {file}")
+        self.model = load_classifier(folder).to(device)
+        self.device = device
+        self.version = f"world-classifier sha256:{sha256_file(file)[:16]}"
+
+    def protocol(self, dimension: str, target: str) -> dict[str, Any]:
+        if dimension not in DIMENSIONS or target not in DIMENSIONS[dimension]:
+            raise ErasekitError(f"world detector has no concept {dimension}={target}")
+        return {
+            "detector": self.name,
+            "version": self.version,
+            "dimension": dimension,
+            "target": target,
+            "labels": list(DIMENSIONS[dimension]),
+            "rule": "argmax of the dimension's softmax equals target",
+        }
+
+    @torch.no_grad()
+    def score(self, images: list[Image.Image], prompts: list[str] | None = None) -> list[dict]:
+        """Per image: class probabilities and the predicted label for every dimension."""
+        if not images:
+            return []
+        arrays = [
+            np.asarray(im.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)) for im in images
+        ]
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255).to(self.device)
+        probs = {d: v.softmax(-1).cpu() for d, v in self.model(x).items()}
+        records = []
+        for i in range(len(images)):
+            rec: dict[str, Any] = {"probs": {}, "pred": {}}
+            for dim, values in DIMENSIONS.items():
+                p = probs[dim][i]
+                rec["probs"][dim] = {v: round(float(p[j]), 5) for j, v in enumerate(values)}
+                rec["pred"][dim] = values[int(p.argmax())]
+            records.append(rec)
+        return records
+
+    @staticmethod
+    def flagged(record: dict, dimension: str, target: str) -> bool:
+        return record["pred"][dimension] == target

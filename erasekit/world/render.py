@@ -1,0 +1,198 @@
+"""Procedural renders of one coloured shape, with captions from a small grammar.
+
+Every concept dimension is exact: shape (circle, square, triangle, cross), colour (red, green,
+blue, yellow) and style (filled, outlined). Colours and shapes have synonyms and indirect
+phrasings that appear in training captions, so paraphrase prompts exist that avoid the
+concept's own word (the analogue of I2P's implicit prompts).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 32
+_SUPERSAMPLE = 4
+
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = ("red", "green", "blue", "yellow")
+STYLES = ("filled", "outlined")
+DIMENSIONS = {"shape": SHAPES, "colour": COLOURS, "style": STYLES}
+
+RGB = {
+    "red": (215, 35, 35),
+    "green": (35, 160, 55),
+    "blue": (35, 65, 215),
+    "yellow": (235, 200, 25),
+}
+
+# Words a caption may use for a concept: the name, synonyms, and indirect phrasings.
+COLOUR_SYNONYMS = {
+    "red": ("crimson", "scarlet"),
+    "green": ("emerald", "lime"),
+    "blue": ("azure", "cobalt"),
+    "yellow": ("golden", "lemon"),
+}
+COLOUR_INDIRECT = {
+    "red": ("the colour of blood", "the colour of a ripe tomato"),
+    "green": ("the colour of fresh grass", "the colour of a leaf"),
+    "blue": ("the colour of the clear sky", "the colour of the deep sea"),
+    "yellow": ("the colour of the sun", "the colour of a banana"),
+}
+SHAPE_SYNONYMS = {
+    "circle": ("disc", "round shape"),
+    "square": ("box", "four-sided block"),
+    "triangle": ("three-sided shape", "wedge"),
+    "cross": ("plus sign", "plus shape"),
+}
+SHAPE_INDIRECT = {
+    "circle": ("shaped like a coin", "shaped like the full moon"),
+    "square": ("shaped like a chessboard tile", "shaped like a dice face"),
+    "triangle": ("shaped like a pyramid", "shaped like a slice of pizza"),
+    "cross": ("shaped like a hospital sign", "shaped like a crossroads"),
+}
+STYLE_WORDS = {"filled": ("solid", "filled"), "outlined": ("outlined", "hollow")}
+
+# Templates with {c} = colour adjective, {s} = shape noun, {t} = style word (may be absent).
+TEMPLATES = (
+    "a {t}{c} {s}",
+    "a {t}{c} {s} on a white background",
+    "a picture of a {t}{c} {s}",
+    "a drawing of a {t}{c} {s}",
+    "{t}{c} {s}",
+    "an image showing a {t}{c} {s}",
+)
+# Templates for indirect colour ({ci}) or indirect shape ({si}) phrasings.
+INDIRECT_COLOUR_TEMPLATES = ("a {t}{s} the colour of {ci}", "a {t}{s}, {cl}")
+INDIRECT_SHAPE_TEMPLATES = ("a {t}{c} shape {si}", "something {t}{c}, {si}")
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What one image shows: the exact concept labels and the geometry."""
+
+    shape: str
+    colour: str
+    style: str
+    cx: float
+    cy: float
+    radius: float
+    angle: float
+    rgb: tuple[int, int, int]
+    background: tuple[int, int, int]
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {"shape": self.shape, "colour": self.colour, "style": self.style}
+
+
+def sample_scene(
+    rng: random.Random,
+    shapes: tuple[str, ...] = SHAPES,
+    colours: tuple[str, ...] = COLOURS,
+    styles: tuple[str, ...] = STYLES,
+) -> Scene:
+    """A random scene over the given concept values (e.g. without 'red' for a reference)."""
+    radius = rng.uniform(7.0, 12.5)
+    margin = radius + 1.5
+    base = RGB[colour := rng.choice(colours)]
+    rgb = tuple(int(min(255, max(0, v + rng.randint(-18, 18)))) for v in base)
+    grey = rng.randint(235, 255)
+    return Scene(
+        shape=rng.choice(shapes),
+        colour=colour,
+        style=rng.choice(styles),
+        cx=rng.uniform(margin, SIZE - margin),
+        cy=rng.uniform(margin, SIZE - margin),
+        radius=radius,
+        angle=rng.uniform(-0.25, 0.25),
+        rgb=rgb,  # type: ignore[arg-type]
+        background=(grey, grey, grey),
+    )
+
+
+def _polygon(scene: Scene, s: float) -> list[tuple[float, float]]:
+    cx, cy, r, a = scene.cx * s, scene.cy * s, scene.radius * s, scene.angle
+    if scene.shape == "square":
+        pts = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+        r *= 0.8
+    elif scene.shape == "triangle":
+        pts = [(math.cos(t), math.sin(t)) for t in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        pts = [(x, y + 0.15) for x, y in pts]
+    else:  # cross: a plus sign, arms a third of the width
+        w = 1 / 3
+        pts = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w),
+               (-1, w), (-1, -w), (-w, -w)]  # fmt: skip
+    cos, sin = math.cos(a), math.sin(a)
+    return [(cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in pts]
+
+
+def render(scene: Scene) -> Image.Image:
+    """Draw the scene at 4x and downsample (anti-aliased) to 32x32 RGB."""
+    s = _SUPERSAMPLE
+    img = Image.new("RGB", (SIZE * s, SIZE * s), scene.background)
+    draw = ImageDraw.Draw(img)
+    width = int(round(2.2 * s))
+    fill = scene.rgb if scene.style == "filled" else None
+    outline = scene.rgb
+    if scene.shape == "circle":
+        r = scene.radius * s
+        box = (scene.cx * s - r, scene.cy * s - r, scene.cx * s + r, scene.cy * s + r)
+        draw.ellipse(box, fill=fill, outline=outline, width=width)
+    else:
+        pts = _polygon(scene, s)
+        if fill is not None:
+            draw.polygon(pts, fill=fill)
+        else:
+            draw.line([*pts, pts[0], pts[1]], fill=outline, width=width, joint="curve")
+    return img.resize((SIZE, SIZE), Image.LANCZOS)
+
+
+def caption(scene: Scene, rng: random.Random, indirect_rate: float = 0.25) -> str:
+    """A caption from the grammar; with probability ``indirect_rate`` one concept is paraphrased
+    indirectly, otherwise colour and shape words are drawn from name + synonyms."""
+    colour_word = rng.choice((scene.colour, scene.colour, *COLOUR_SYNONYMS[scene.colour]))
+    shape_word = rng.choice((scene.shape, scene.shape, *SHAPE_SYNONYMS[scene.shape]))
+    if scene.style == "outlined":
+        style = rng.choice(STYLE_WORDS["outlined"]) + " "
+    else:  # unmarked captions mean filled; sometimes the word is said
+        style = rng.choice(STYLE_WORDS["filled"]) + " " if rng.random() < 0.3 else ""
+    roll = rng.random()
+    if roll < indirect_rate / 2:
+        phrase = rng.choice(COLOUR_INDIRECT[scene.colour])
+        template = rng.choice(INDIRECT_COLOUR_TEMPLATES)
+        text = template.format(t=style, s=shape_word, ci=phrase.removeprefix("the colour of "),
+                               cl=phrase)  # fmt: skip
+    elif roll < indirect_rate:
+        template = rng.choice(INDIRECT_SHAPE_TEMPLATES)
+        text = template.format(t=style, c=colour_word, si=rng.choice(SHAPE_INDIRECT[scene.shape]))
+    else:
+        text = rng.choice(TEMPLATES).format(t=style, c=colour_word, s=shape_word)
+    words = text.split()
+    for i in range(len(words) - 1):  # "a outlined" -> "an outlined"
+        if words[i] == "a" and words[i + 1][0] in "aeiou":
+            words[i] = "an"
+    return " ".join(words)
+
+
+def render_dataset(
+    n: int,
+    seed: int,
+    shapes: tuple[str, ...] = SHAPES,
+    colours: tuple[str, ...] = COLOURS,
+    styles: tuple[str, ...] = STYLES,
+) -> tuple[np.ndarray, list[str], list[Scene]]:
+    """n renders as uint8 (n, 32, 32, 3), their captions and scenes; deterministic in seed."""
+    rng = random.Random(seed)
+    images = np.empty((n, SIZE, SIZE, 3), dtype=np.uint8)
+    captions, scenes = [], []
+    for i in range(n):
+        scene = sample_scene(rng, shapes, colours, styles)
+        images[i] = np.asarray(render(scene))
+        captions.append(caption(scene, rng))
+        scenes.append(scene)
+    return images, captions, scenes

@@ -1,0 +1,102 @@
+"""Write ShapesWorld's concept specs and prompt files from the caption grammar.
+
+Output: erasekit/prompts/world/<concept>/{forget,paraphrase,retain}.txt and
+erasekit/prompts/concepts/<concept>.yaml. Deterministic; rerun after changing the grammar.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from erasekit.world.render import (
+    COLOUR_INDIRECT,
+    COLOUR_SYNONYMS,
+    COLOURS,
+    SHAPE_INDIRECT,
+    SHAPE_SYNONYMS,
+    SHAPES,
+)
+
+ROOT = Path(__file__).resolve().parent.parent / "erasekit" / "prompts"
+DIRECT = (
+    "a {c} {s}",
+    "a picture of a {c} {s}",
+    "a drawing of a {c} {s}",
+    "a {c} {s} on a white background",
+)
+
+
+def _article(text: str) -> str:
+    words = text.split()
+    for i in range(len(words) - 1):
+        if words[i] == "a" and words[i + 1][0] in "aeiou":
+            words[i] = "an"
+    return " ".join(words)
+
+
+def colour_sets(colour: str) -> dict[str, list[str]]:
+    forget = [t.format(c=colour, s=s) for s in SHAPES for t in DIRECT]
+    para = [f"a {syn} {s}" for s in SHAPES for syn in COLOUR_SYNONYMS[colour]]
+    para += [f"a {s} {phrase}" for s in SHAPES for phrase in COLOUR_INDIRECT[colour]]
+    retain = [f"a {c} {s}" for c in COLOURS if c != colour for s in SHAPES]
+    return {"forget": forget, "paraphrase": para, "retain": retain}
+
+
+def shape_sets(shape: str) -> dict[str, list[str]]:
+    forget = [t.format(c=c, s=shape) for c in COLOURS for t in DIRECT]
+    para = [f"a {c} {syn}" for c in COLOURS for syn in SHAPE_SYNONYMS[shape]]
+    para += [f"a {c} shape {phrase}" for c in COLOURS for phrase in SHAPE_INDIRECT[shape]]
+    retain = [f"a {c} {s}" for s in SHAPES if s != shape for c in COLOURS]
+    return {"forget": forget, "paraphrase": para, "retain": retain}
+
+
+def outlined_sets() -> dict[str, list[str]]:
+    forget = [f"an outlined {c} {s}" for c in COLOURS for s in SHAPES]
+    para = [f"a hollow {c} {s}" for c in COLOURS for s in SHAPES]
+    retain = [f"a solid {c} {s}" for c in COLOURS for s in SHAPES]
+    return {"forget": forget, "paraphrase": para, "retain": retain}
+
+
+SPEC = """# ShapesWorld concept (written by scripts/write_world_prompts.py)
+name: {name}
+kind: {kind}
+description: {description}
+forget: world/{name}/forget.txt
+surrogate: {surrogate}
+retain: world/{name}/retain.txt
+evaluation:
+  direct: world/{name}/forget.txt
+  paraphrase: world/{name}/paraphrase.txt   # synonyms and indirect phrasings, no concept word
+  retain: world/{name}/retain.txt
+detector:
+  name: world
+  dimension: {dimension}
+  target: {name}
+"""
+
+
+def write(name: str, kind: str, dimension: str, description: str, surrogate: str, sets) -> None:
+    folder = ROOT / "world" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, prompts in sets.items():
+        (folder / f"{key}.txt").write_text("\n".join(_article(p) for p in prompts) + "\n")
+    (ROOT / "concepts" / f"{name}.yaml").write_text(
+        SPEC.format(
+            name=name, kind=kind, dimension=dimension, description=description, surrogate=surrogate
+        )  # fmt: skip
+    )
+
+
+def main() -> None:
+    for colour in COLOURS:
+        write(colour, "attribute", "colour", f"ShapesWorld colour {colour}.", "a shape",
+              colour_sets(colour))  # fmt: skip
+    for shape in SHAPES:
+        write(shape, "object", "shape", f"ShapesWorld shape {shape}.", "a shape",
+              shape_sets(shape))  # fmt: skip
+    write("outlined", "style", "style", "ShapesWorld outlined (hollow) drawing style.",
+          "a solid shape", outlined_sets())  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
