@@ -28,7 +28,8 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
+    """Offline mode and no library progress bars or warnings: erasekit prints its own."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    _quiet_libraries()
+    quiet_libraries()
     try:
         result = args.func(args)
     except ErasekitError as e:

@@ -23,6 +23,7 @@ from erasekit.errors import ErasekitError
 from erasekit.models import read_manifest
 from erasekit.outputs import (
     commit_output_dir,
+    partial_path,
     prepare_output_dir,
     write_json,
     write_jsonl,
@@ -44,8 +45,6 @@ class SamplerSettings:
     def for_model(cls, model_path: str | Path | None, **overrides: Any) -> SamplerSettings:
         """The model's recorded defaults (else the SD defaults), then non-None overrides."""
         recorded = read_manifest(model_path).get("sampler", {}) if model_path else {}
-        if model_path and Path(model_path).is_file():
-            recorded = {}
         known = {k: v for k, v in recorded.items() if k in cls.__dataclass_fields__}
         settings = replace(cls(), **known)
         settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
@@ -211,7 +210,7 @@ def generate(
         negative_prompt=negative_prompt,
     )
     out_dir = Path(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.partial"
+    tmp = partial_path(out_dir)
     error = None
     if state.is_main_process:
         try:

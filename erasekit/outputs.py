@@ -13,7 +13,9 @@ from typing import Any
 from erasekit.errors import ErasekitError
 
 
-def _partial_path(out: Path) -> Path:
+def partial_path(out: str | Path) -> Path:
+    """The temporary sibling folder an output is assembled in."""
+    out = Path(out)
     # A deterministic name, so every process of a multi-process run agrees on it.
     return out.parent / f".{out.name}.partial"
 
@@ -29,7 +31,7 @@ def prepare_output_dir(out: str | Path, overwrite: bool = False) -> Path:
         raise ErasekitError(f"output path exists and is not a folder: {out}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ErasekitError(f"output folder is not empty: {out} (pass --overwrite to replace it)")
-    tmp = _partial_path(out)
+    tmp = partial_path(out)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)

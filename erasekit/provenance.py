@@ -72,22 +72,43 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _content_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = []
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        parts = f.relative_to(path).parts
+        if f.relative_to(path).as_posix() in _NOT_CONTENT or any(p.startswith(".") for p in parts):
+            continue
+        files.append(f)
+    return files
+
+
+_HASH_CACHE: dict[tuple, str] = {}
+
+
 def model_content_hash(path: str | Path) -> str:
     """SHA-256 over a model file, or over a folder's files (relative path + file hash, sorted).
 
     Descriptive files (erasekit.json, the model card) are left out, so a model re-saved with a
-    new manifest keeps its hash.
+    new manifest keeps its hash. Cached per process by (file, size, mtime), so multi-GB SD
+    folders are read once per run.
     """
-    path = Path(path)
+    path = Path(path).resolve()
+    files = _content_files(path)
+    key = (str(path), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key in _HASH_CACHE:
+        return _HASH_CACHE[key]
     if path.is_file():
-        return sha256_file(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = f.relative_to(path).as_posix()
-        if rel in _NOT_CONTENT or any(part.startswith(".") for part in f.relative_to(path).parts):
-            continue
-        h.update(rel.encode() + b"\0" + sha256_file(f).encode() + b"\n")
-    return h.hexdigest()
+        digest = sha256_file(path)
+    else:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.relative_to(path).as_posix().encode() + b"\0")
+            h.update(sha256_file(f).encode() + b"\n")
+        digest = h.hexdigest()
+    _HASH_CACHE[key] = digest
+    return digest
 
 
 def peak_memory() -> dict[str, int | None]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from erasekit.cli import quiet_libraries
 from erasekit.concepts import load_concept
 from erasekit.detectors.world import WorldDetector
 from erasekit.generate import SamplerSettings, generate
@@ -31,7 +32,8 @@ DIMENSION = {**{c: "colour" for c in COLOURS}, **{s: "shape" for s in SHAPES}}
 
 
 def rate(pipe, model_dir, detector, prompt_set, dimension, target, n_per_prompt, seed, tmp):
-    out = Path(tmp) / f"{prompt_set.name.replace('/', '_')}-{target}-{seed}"
+    name = prompt_set.name.replace("/", "_")
+    out = Path(tmp) / f"{Path(model_dir).name}-{name}-{target}-{seed}-{n_per_prompt}"
     records = generate(pipe, prompt_set, out, model_path=model_dir, n_per_prompt=n_per_prompt,
                        seed=seed, batch_size=64, progress=False,
                        settings=SamplerSettings.for_model(model_dir))  # fmt: skip
@@ -52,6 +54,7 @@ def main() -> None:
     ap.add_argument("--doc", default="docs/results/world.md")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    quiet_libraries()
     detector = WorldDetector(Path(args.root) / "classifier")
     results: dict = {"direct": {}, "paraphrase": {}, "never_learned": {}}
     with tempfile.TemporaryDirectory() as tmp:

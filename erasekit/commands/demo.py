@@ -1,4 +1,4 @@
-"""`erasekit demo`: the main job end to end on the embedded default model, on a CPU."""
+"""`erasekit demo`: the main job end to end on the embedded ShapesWorld model, on a CPU."""
 
 from __future__ import annotations
 
@@ -10,39 +10,58 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
     p = subparsers.add_parser(
         "demo",
         parents=[parent],
-        help="run the main job on the embedded default model",
+        help="run the main job on the embedded ShapesWorld model",
         description=(
-            "Build the tiny offline SD pipeline (random weights) and render the 'church' concept's "
-            "forget prompts through the one generate path. Until ShapesWorld ships, images are "
-            "noise-like: this demonstrates the machinery, not erasure."
+            "Render a concept's forget and retain prompts with ShapesWorld and its never-learned "
+            "reference, and measure how often the world detector sees the concept (Wilson 95%% "
+            "intervals). Until erasure lands this shows the measurement an erasure is judged by."
         ),
     )
+    p.add_argument("--concept", default="red", choices=["red", "circle"])
     p.add_argument("--out", default="demo-output", help="output folder")
+    p.add_argument("--n-per-prompt", type=int, default=2)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from erasekit.concepts import load_concept
-    from erasekit.generate import SamplerSettings, generate
-    from erasekit.models import load_pipeline
-    from erasekit.outputs import atomic_output_dir
-    from erasekit.testing import save_tiny_pipeline
+    from PIL import Image
 
+    from erasekit.concepts import load_concept
+    from erasekit.detectors.world import WorldDetector
+    from erasekit.generate import generate
+    from erasekit.models import load_pipeline
+    from erasekit.outputs import atomic_output_dir, write_json
+    from erasekit.stats import wilson_interval
+    from erasekit.world import world_path
+
+    concept = load_concept(args.concept)
+    dim, target = concept.detector["dimension"], concept.detector["target"]
+    detector = WorldDetector()
     out = Path(args.out)
-    concept = load_concept("church")
+    rows = []
     with atomic_output_dir(out, overwrite=args.overwrite) as tmp:
-        model_dir = save_tiny_pipeline(tmp / "model")
-        pipe = load_pipeline(model_dir)
-        records = generate(
-            pipe,
-            concept.forget.limit(4),
-            tmp / "samples",
-            model_path=model_dir,
-            settings=SamplerSettings.for_model(model_dir),
-            n_per_prompt=2,
-            seed=0,
-        )
-    print(f"model:   {out / 'model'}")
-    print(f"samples: {out / 'samples'} ({len(records)} images, records in samples.jsonl)")
+        for variant in ("full", f"no-{args.concept}"):
+            model = world_path(variant)
+            pipe = load_pipeline(model)
+            for set_name, prompts in (("forget", concept.forget), ("retain", concept.retain)):
+                folder = tmp / f"{variant}-{set_name}"
+                records = generate(pipe, prompts, folder, model_path=model,
+                                   n_per_prompt=args.n_per_prompt, batch_size=64)  # fmt: skip
+                scores = detector.score([Image.open(folder / r["image"]) for r in records])
+                hits = sum(detector.flagged(s, dim, target) for s in scores)
+                low, high = wilson_interval(hits, len(scores))
+                rows.append({"model": variant, "prompt_set": prompts.describe(),
+                             "metric": f"{target}_rate", "value": hits / len(scores),
+                             "ci95": [low, high], "n_images": len(scores),
+                             "n_prompts": len(prompts)})  # fmt: skip
+        write_json(tmp / "results.json",
+                   {"detector": detector.protocol(dim, target), "results": rows})  # fmt: skip
+    print(f"concept '{target}' ({dim}); detector {detector.version}, rule: argmax = {target}")
+    for r in rows:
+        lo, hi = r["ci95"]
+        print(f"  {r['model']:10s} {r['prompt_set']['name']:18s} {r['metric']} = "
+              f"{r['value']:.2f} [95% CI {lo:.2f}-{hi:.2f}], n={r['n_images']} images "
+              f"of {r['n_prompts']} prompts")  # fmt: skip
+    print(f"images and results.json in {out}")
     return 0

@@ -41,8 +41,12 @@ def run(args: argparse.Namespace) -> int:
     from erasekit.generate import SamplerSettings, generate
 
     prompt_set = resolve_prompts(args.prompts).limit(args.limit)
+    # A single-file checkpoint's recorded defaults live in its --config folder.
     settings = SamplerSettings.for_model(
-        args.model, steps=args.steps, height=args.height, width=args.width
+        args.config if args.config else args.model,
+        steps=args.steps,
+        height=args.height,
+        width=args.width,
     )
     pipe = load_model_from_args(args)
     records = generate(

@@ -13,6 +13,7 @@ Recipe (chosen from timings on a 2-core CPU; see docs/world.md):
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -265,6 +266,18 @@ def assemble_pipeline(unet, vae, text_encoder, tokenizer):
     )
 
 
+def declare_float32(model_dir: str | Path) -> None:
+    """Weights are stored in fp16 to keep the package small; the text encoder's config asks
+    loaders for fp32 (its training precision), so a bare ``from_pretrained(path)`` gives one
+    dtype throughout (transformers otherwise keeps the stored fp16)."""
+    config = Path(model_dir) / "text_encoder" / "config.json"
+    data = json.loads(config.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in data:
+            data[key] = "float32"
+    config.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def build_world(
     out_dir: str | Path,
     recipe: WorldRecipe | None = None,
@@ -337,6 +350,8 @@ def build_world(
                 },
             )
             save_model(pipe, tmp / variant, manifest)
+            if fp16:
+                declare_float32(tmp / variant)
             pipe.to(device, torch.float32)  # the VAE and text encoder serve the next variant
         timings["total_s"] = time.time() - started
         info = {

@@ -1,0 +1,226 @@
+"""ShapesWorld: renderer, captions, shipped models and classifier, and the build command."""
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_one_line_error, run_cli
+
+from erasekit.concepts import load_concept
+from erasekit.world import WORLD_VARIANTS, classifier_path, world_path
+from erasekit.world.render import (
+    COLOUR_INDIRECT,
+    COLOUR_SYNONYMS,
+    COLOURS,
+    SHAPE_INDIRECT,
+    SHAPE_SYNONYMS,
+    SHAPES,
+    TEMPLATES,
+    caption,
+    render_dataset,
+    sample_scene,
+)
+
+
+def test_renderer_is_deterministic():
+    a, ca, sa = render_dataset(16, seed=3)
+    b, cb, sb = render_dataset(16, seed=3)
+    c, _, _ = render_dataset(16, seed=4)
+    assert a.shape == (16, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and ca == cb and sa == sb
+    assert not np.array_equal(a, c)
+
+
+def test_grammar_sizes():
+    assert len(TEMPLATES) >= 5
+    for colour in COLOURS:
+        assert len(COLOUR_SYNONYMS[colour]) >= 2 and len(COLOUR_INDIRECT[colour]) >= 2
+    for shape in SHAPES:
+        assert len(SHAPE_SYNONYMS[shape]) >= 2 and len(SHAPE_INDIRECT[shape]) >= 2
+
+
+def test_captions_name_the_scene():
+    rng = random.Random(0)
+    indirect = 0
+    for _ in range(400):
+        scene = sample_scene(rng)
+        text = caption(scene, rng)
+        colour_words = (
+            scene.colour,
+            *COLOUR_SYNONYMS[scene.colour],
+            *COLOUR_INDIRECT[scene.colour],
+        )
+        colour_words += tuple(
+            p.removeprefix("the colour of ") for p in COLOUR_INDIRECT[scene.colour]
+        )
+        shape_words = (scene.shape, *SHAPE_SYNONYMS[scene.shape], *SHAPE_INDIRECT[scene.shape])
+        assert any(w in text for w in colour_words), text
+        assert any(w in text for w in shape_words), text
+        others = [c for c in COLOURS if c != scene.colour]
+        assert not any(f" {c} " in f" {text} " for c in others), text
+        if scene.style == "outlined":
+            assert "outlined" in text or "hollow" in text, text
+        assert " a outlined" not in f" {text}" and " a emerald" not in f" {text}"
+        indirect += scene.colour not in text and not any(
+            s in text for s in COLOUR_SYNONYMS[scene.colour]
+        )
+    assert indirect > 20, "indirect colour phrasings appear in training captions"
+
+
+def test_variant_data_excludes_the_concept():
+    _, captions, scenes = render_dataset(300, seed=1, colours=("green", "blue", "yellow"))
+    assert {s.colour for s in scenes} == {"green", "blue", "yellow"}
+    red_words = ("red", *COLOUR_SYNONYMS["red"], "blood", "tomato")
+    assert not any(w in c.split() or w in c for c in captions for w in red_words)
+
+
+@pytest.mark.parametrize(
+    "name", ["red", "green", "blue", "yellow", "circle", "square", "triangle", "cross", "outlined"]
+)
+def test_world_concept_specs(name):
+    c = load_concept(name)
+    assert c.detector["name"] == "world" and c.detector["target"] == name
+    assert len(c.forget) >= 16 and all(name in p for p in c.forget.prompts)
+    para = c.evaluation["paraphrase"].prompts
+    assert len(para) >= 16 and not any(f" {name} " in f" {p} " for p in para)
+
+
+def test_classifier_accuracy_on_fresh_renders():
+    from erasekit.world.classifier import heldout_accuracy, load_classifier
+
+    model = load_classifier(classifier_path())
+    acc = heldout_accuracy(model, n=600, seed=424242)
+    assert min(acc.values()) >= 0.98, acc
+
+
+def test_world_detector_protocol_and_scores():
+    from PIL import Image
+
+    from erasekit.detectors import DETECTORS
+    from erasekit.errors import ErasekitError
+    from erasekit.world.render import Scene, render
+
+    det = DETECTORS.get("world")()
+    scene = Scene("triangle", "blue", "filled", 16, 16, 11, 0.0, (35, 65, 215), (250, 250, 250))
+    (rec,) = det.score([render(scene).resize((64, 64), Image.BILINEAR)])
+    assert rec["pred"] == {"shape": "triangle", "colour": "blue", "style": "filled"}
+    assert det.flagged(rec, "colour", "blue") and not det.flagged(rec, "colour", "red")
+    assert det.protocol("shape", "circle")["version"].startswith("world-classifier sha256:")
+    with pytest.raises(ErasekitError):
+        det.protocol("shape", "hexagon")
+
+
+@pytest.mark.slow
+def test_shipped_models_load_in_plain_diffusers():
+    code = (
+        "import sys, torch, diffusers\n"
+        "for path in sys.argv[1:]:\n"
+        "    p = diffusers.StableDiffusionPipeline.from_pretrained(path)\n"
+        "    assert 'erasekit' not in sys.modules\n"
+        "    print(type(p).__name__)\n"
+    )
+    paths = [str(world_path(v)) for v in WORLD_VARIANTS]
+    out = subprocess.run(
+        [sys.executable, "-c", code, *paths], capture_output=True, text=True, timeout=300, cwd="/"
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["StableDiffusionPipeline"] * 3
+
+
+CASES = [
+    ("a red circle", {"shape": "circle", "colour": "red"}),
+    ("a blue square", {"shape": "square", "colour": "blue"}),
+    ("a green triangle", {"shape": "triangle", "colour": "green"}),
+    ("a yellow cross", {"shape": "cross", "colour": "yellow"}),
+]
+
+
+def _joint_rate(pipe, cases, steps=10):
+    """Share of images whose shape AND colour are both what the prompt asked for."""
+    from erasekit.concepts import prompt_set_from_list
+    from erasekit.detectors.world import WorldDetector
+    from erasekit.generate import SamplerSettings, plan_samples, render_batch
+
+    det = WorldDetector()
+    ps = prompt_set_from_list([p for p, _ in cases])
+    settings = SamplerSettings(steps=steps, guidance=4.0, height=32, width=32)
+    plan = plan_samples(ps, settings, n_per_prompt=8, seed=0)
+    scores = det.score(render_batch(pipe, plan, 32, 32))
+    hits = [
+        all(s["pred"][d] == v for d, v in cases[r["prompt_index"]][1].items())
+        for s, r in zip(scores, plan, strict=True)
+    ]
+    return sum(hits) / len(hits)
+
+
+@pytest.mark.slow
+def test_shipped_full_model_draws_what_it_is_asked():
+    from erasekit.models import load_pipeline
+    from erasekit.world.build import build_unet
+
+    pipe = load_pipeline(world_path("full"))
+    trained = _joint_rate(pipe, CASES)
+    pipe.unet = build_unet(seed=123)  # same architecture, untrained: must fail the bound
+    untrained = _joint_rate(pipe, CASES)
+    assert trained >= 0.6, trained  # measured 0.91-0.97 over three seeds
+    assert untrained < 0.2, untrained  # chance for shape AND colour is 1/16
+
+
+def test_world_path_and_info_commands():
+    result = run_cli("world", "path", "--variant", "no-red")
+    assert result.returncode == 0 and Path(result.stdout.strip()) == world_path("no-red")
+    assert_one_line_error(run_cli("world", "path", "--variant", "no-blue"), "invalid choice")
+    info = run_cli("world", "info", "--json")
+    assert info.returncode == 0, info.stderr
+    data = json.loads(info.stdout)
+    assert [v["variant"] for v in data["variants"]] == list(WORLD_VARIANTS)
+    assert data["concepts"]["colour"] == list(COLOURS)
+    total_mb = sum(v["size_mb"] for v in data["variants"])
+    assert total_mb <= 40, total_mb
+
+
+@pytest.mark.slow
+def test_world_build_runs_end_to_end(tmp_path: Path):
+    out = tmp_path / "world"
+    result = run_cli(
+        "world",
+        "build",
+        "--out",
+        str(out),
+        "--n-images",
+        "128",
+        "--vae-steps",
+        "2",
+        "--classifier-steps",
+        "2",
+        "--unet-steps",
+        "2",
+        "--variants",
+        "full,no-red",
+        "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    build = json.loads((out / "build.json").read_text())
+    assert build["variants"] == ["full", "no-red"] and build["recipe"]["unet_steps"] == 2
+    manifest = json.loads((out / "no-red" / "erasekit.json").read_text())
+    assert manifest["world"]["held_out_concept"] == "red"
+    assert "red" not in manifest["world"]["colours"]
+    assert manifest["sampler"]["steps"] > 0
+    assert (out / "classifier" / "model.safetensors").is_file()
+    gen = run_cli(
+        "generate",
+        "--model",
+        str(out / "full"),
+        "--prompts",
+        "a red circle",
+        "--out",
+        str(tmp_path / "g"),
+        "--steps",
+        "2",
+        "--no-progress",
+    )
+    assert gen.returncode == 0, gen.stderr
