@@ -11,20 +11,16 @@ from pathlib import Path
 import torch
 
 from erasekit.models import build_manifest, save_model
-from erasekit.tokenizer import VOCAB_SIZE, build_clip_tokenizer
+from erasekit.tokenizer import build_clip_tokenizer
 
 TINY_SAMPLER = {"steps": 4, "guidance": 5.0, "height": 32, "width": 32}
 
 
 def build_tiny_pipeline(seed: int = 0, tokenizer=None):
     """A 32x32-pixel SD pipeline (8x8 latents) with random weights fixed by ``seed``."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+
+    from erasekit.world.build import build_scheduler, build_text_encoder
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -49,27 +45,8 @@ def build_tiny_pipeline(seed: int = 0, tokenizer=None):
         norm_num_groups=8,
         sample_size=32,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    text_encoder = build_text_encoder(seed)  # ShapesWorld's: hidden 32, 2 layers, SD's vocab
+    scheduler = build_scheduler()  # SD's scaled-linear DDIM
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
