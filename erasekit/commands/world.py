@@ -97,10 +97,12 @@ def run_info(args: argparse.Namespace) -> int:
               f"{v['size_mb']:.1f} MB, held out: {v['held_out_concept'] or 'none'})")  # fmt: skip
     acc = info.get("classifier_heldout_accuracy") or {}
     if acc:
-        print("  classifier held-out accuracy: " + json.dumps(acc))
+        print("  classifier accuracy on 2000 fresh held-out renders (and on their VAE round "
+              "trips): " + json.dumps(acc))  # fmt: skip
     q = info.get("quality")
-    print(
-        "  quality: "
-        + (json.dumps(q["summary"]) if q else "not measured (scripts/world_quality.py)")
-    )
+    if q:
+        print("  quality (64 images a concept; per-concept rates with 95% Wilson CIs in "
+              "docs/results/world.md): " + json.dumps(q["summary"]))  # fmt: skip
+    else:
+        print("  quality: not measured (python scripts/world_quality.py)")
     return 0
