@@ -16,15 +16,14 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from erasekit.cli import quiet_libraries
 from erasekit.concepts import load_concept
 from erasekit.detectors.world import WorldDetector
-from erasekit.generate import SamplerSettings, generate
+from erasekit.evaluation import concept_rate
+from erasekit.generate import SamplerSettings
 from erasekit.models import load_pipeline
 from erasekit.outputs import write_json
-from erasekit.stats import wilson_interval
 from erasekit.world import ASSETS, world_path
 from erasekit.world.render import COLOURS, SHAPES
 
@@ -34,16 +33,8 @@ DIMENSION = {**{c: "colour" for c in COLOURS}, **{s: "shape" for s in SHAPES}}
 def rate(pipe, model_dir, detector, prompt_set, dimension, target, n_per_prompt, seed, tmp):
     name = prompt_set.name.replace("/", "_")
     out = Path(tmp) / f"{Path(model_dir).name}-{name}-{target}-{seed}-{n_per_prompt}"
-    records = generate(pipe, prompt_set, out, model_path=model_dir, n_per_prompt=n_per_prompt,
-                       seed=seed, batch_size=64, progress=False,
-                       settings=SamplerSettings.for_model(model_dir))  # fmt: skip
-    images = [Image.open(out / r["image"]) for r in records]
-    scores = detector.score(images)
-    hits = sum(detector.flagged(s, dimension, target) for s in scores)
-    n = len(scores)
-    low, high = wilson_interval(hits, n)
-    return {"value": hits / n, "ci95": [round(low, 4), round(high, 4)], "n_images": n,
-            "n_prompts": len(prompt_set), "prompt_set": prompt_set.describe()}  # fmt: skip
+    return concept_rate(pipe, prompt_set, out, detector, dimension, target,
+                        model_path=model_dir, n_per_prompt=n_per_prompt, seed=seed)  # fmt: skip
 
 
 def main() -> None:

@@ -25,14 +25,11 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from PIL import Image
-
     from erasekit.concepts import load_concept
     from erasekit.detectors.world import WorldDetector
-    from erasekit.generate import generate
+    from erasekit.evaluation import concept_rate
     from erasekit.models import load_pipeline
     from erasekit.outputs import atomic_output_dir, write_json
-    from erasekit.stats import wilson_interval
     from erasekit.world import world_path
 
     concept = load_concept(args.concept)
@@ -45,16 +42,10 @@ def run(args: argparse.Namespace) -> int:
             model = world_path(variant)
             pipe = load_pipeline(model)
             for set_name, prompts in (("forget", concept.forget), ("retain", concept.retain)):
-                folder = tmp / f"{variant}-{set_name}"
-                records = generate(pipe, prompts, folder, model_path=model,
-                                   n_per_prompt=args.n_per_prompt, batch_size=64)  # fmt: skip
-                scores = detector.score([Image.open(folder / r["image"]) for r in records])
-                hits = sum(detector.flagged(s, dim, target) for s in scores)
-                low, high = wilson_interval(hits, len(scores))
-                rows.append({"model": variant, "prompt_set": prompts.describe(),
-                             "metric": f"{target}_rate", "value": hits / len(scores),
-                             "ci95": [low, high], "n_images": len(scores),
-                             "n_prompts": len(prompts)})  # fmt: skip
+                rate = concept_rate(pipe, prompts, tmp / f"{variant}-{set_name}", detector, dim,
+                                    target, model_path=model,
+                                    n_per_prompt=args.n_per_prompt)  # fmt: skip
+                rows.append({"model": variant, "metric": f"{target}_rate", **rate})
         write_json(tmp / "results.json",
                    {"detector": detector.protocol(dim, target), "results": rows})  # fmt: skip
     print(f"concept '{target}' ({dim}); detector {detector.version}, rule: argmax = {target}")
