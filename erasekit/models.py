@@ -317,7 +317,14 @@ def save_model(
     unless ``overwrite``.
     """
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        pipe.save_pretrained(str(tmp), safe_serialization=True)
-        write_json(tmp / MANIFEST, manifest)
-        (tmp / "README.md").write_text(model_card(manifest))
+        write_model(pipe, tmp, manifest)
     return Path(out_dir)
+
+
+def write_model(pipe, folder: str | Path, manifest: dict[str, Any]) -> None:
+    """Write the diffusers files, erasekit.json and the model card into ``folder`` (callers
+    make it atomic: ``save_model``, or the training loop's partial folder)."""
+    folder = Path(folder)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    write_json(folder / MANIFEST, manifest)
+    (folder / "README.md").write_text(model_card(manifest))

@@ -7,12 +7,19 @@ import argparse
 from erasekit.errors import ErasekitError
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
+def add_model_options(
+    p: argparse.ArgumentParser, config_flag: str = "--config", dtype: bool = True
+) -> None:
+    """--model, the single-file architecture folder (``config_flag``), --allow-pickle, --device
+    and (unless ``dtype`` is False) --dtype."""
     p.add_argument(
-        "--model", required=True, help="diffusers folder, or a .safetensors file with --config"
+        "--model",
+        required=True,
+        help=f"diffusers folder, or a .safetensors file with {config_flag}",
     )
     p.add_argument(
-        "--config",
+        config_flag,
+        dest="model_config",
         metavar="DIR",
         help="local diffusers folder giving the architecture of a single-file checkpoint",
     )
@@ -22,7 +29,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         help="allow pickle weights (.ckpt/.bin/.pt): only for files you trust",
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the best there is)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    if dtype:
+        p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
 
 
 def positive_int(text: str) -> int:
@@ -52,8 +60,8 @@ def load_model_from_args(args: argparse.Namespace):
 
     return load_pipeline(
         args.model,
-        dtype=args.dtype,
+        dtype=getattr(args, "dtype", "fp32"),
         device=resolve_device(args.device),
-        config=args.config,
+        config=args.model_config,
         allow_pickle=args.allow_pickle,
     )

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     prompt_set = resolve_prompts(args.prompts).limit(args.limit)
     # A single-file checkpoint's recorded defaults live in its --config folder.
     settings = SamplerSettings.for_model(
-        args.config if args.config else args.model,
+        args.model_config or args.model,
         steps=args.steps,
         height=args.height,
         width=args.width,

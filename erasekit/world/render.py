@@ -55,6 +55,20 @@ SHAPE_INDIRECT = {
     "triangle": ("shaped like a pyramid", "shaped like a slice of pizza"),
     "cross": ("shaped like a hospital sign", "shaped like a crossroads"),
 }
+
+
+def prompt_labels(prompt: str) -> dict[str, str]:
+    """The attributes a prompt names with their canonical words, e.g. "a red circle" ->
+    {"colour": "red", "shape": "circle"} (synonyms and indirect phrasings are not read)."""
+    words = set(prompt.lower().replace(",", " ").split())
+    labels = {}
+    for dim, values in DIMENSIONS.items():
+        named = [v for v in values if v in words]
+        if len(named) == 1:
+            labels[dim] = named[0]
+    return labels
+
+
 STYLE_WORDS = {"filled": ("solid", "filled"), "outlined": ("outlined", "hollow")}
 
 # Templates with {c} = colour adjective, {s} = shape noun, {t} = style word (may be absent).

@@ -1,0 +1,67 @@
+"""`erasekit erase`: erase a concept from a model with a registered method."""
+
+from __future__ import annotations
+
+import argparse
+
+from erasekit.commands._options import add_model_options
+
+
+def register(subparsers, parent: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser(
+        "erase",
+        parents=[parent],
+        help="erase a concept from a model (esd, salun)",
+        description=(
+            "Erase a concept with a method on the shared accelerate training loop and write the "
+            "erased model (diffusers folder + erasekit.json + training_log.jsonl, and the SalUn "
+            "mask). Settings: method defaults, then --config FILE.yaml, then --set key=value. "
+            "Several processes: accelerate launch -m erasekit erase ..."
+        ),
+    )
+    add_model_options(p, config_flag="--model-config", dtype=False)
+    p.add_argument("--concept", required=True, help="concept name or YAML spec")
+    p.add_argument("--method", required=True, help="erasure method (esd, salun)")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--config", dest="method_config", metavar="FILE", help="YAML method settings")
+    p.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+        help="override one setting (repeatable); an unknown key's error lists the valid ones",
+    )  # fmt: skip
+    p.add_argument("--resume", metavar="latest|PATH", help="continue from a checkpoint")
+    p.add_argument("--mask", metavar="PATH", help="salun: reuse a saved saliency mask")
+    p.add_argument("--forget-images", metavar="DIR", help="imagefolder of forget images")
+    p.add_argument("--retain-images", metavar="DIR", help="imagefolder of retain images")
+    p.add_argument("--cache-dir", metavar="DIR", help="rendered-data cache (default ~/.cache)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from erasekit.concepts import load_concept
+    from erasekit.distributed import process_state
+    from erasekit.errors import ErasekitError
+    from erasekit.methods import get_method
+    from erasekit.training import build_config, train
+
+    method_cls = get_method(args.method)
+    concept = load_concept(args.concept)
+    config = build_config(method_cls.Config, method_cls.defaults(concept),
+                          args.method_config, args.sets)  # fmt: skip
+    if args.mask and args.method != "salun":
+        raise ErasekitError("--mask applies to --method salun only")
+    from erasekit.commands._options import load_model_from_args
+
+    pipe = load_model_from_args(args)
+    extra = {"mask": args.mask} if args.method == "salun" else {}
+    method = method_cls(config, concept, model_path=args.model,
+                        forget_images=args.forget_images, retain_images=args.retain_images,
+                        cache_dir=args.cache_dir, progress=not args.no_progress,
+                        **extra)  # fmt: skip
+    out = train(method, pipe, model_path=args.model, out_dir=args.out, concept=concept,
+                resume=args.resume, overwrite=args.overwrite,
+                progress=not args.no_progress)  # fmt: skip
+    if process_state().is_main_process:
+        print(f"erased '{concept.name}' with {args.method}: model written to {out}")
+    return 0

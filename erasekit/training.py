@@ -1,0 +1,590 @@
+"""The one training loop every gradient-based erasure method runs on.
+
+Patterned on diffusers' accelerate examples: an ``Accelerator`` with mixed precision, gradient
+accumulation (a step is counted when gradients sync), clipping, an optimizer with an LR
+schedule, optional gradient checkpointing, ``save_state`` checkpoints with diffusers-native model
+hooks, a total limit and ``--resume latest``, a progress bar with the loss, a JSON-lines training
+log, and a stop with the last good checkpoint kept when the loss turns NaN/inf.
+
+A method (``erasekit.methods``) supplies its config dataclass (a ``TrainConfig``), the U-Net
+parameters it trains, and its loss on a ``{"forget": ..., "retain": ...}`` batch. Frozen parts
+(VAE, text encoder) are used once, up front, to encode the data; a frozen teacher U-Net, when a
+method needs one, stays out of ``prepare`` and is held in the weight dtype.
+
+Randomness (batch order, noise, timesteps) is a pure function of (seed, step, micro-step,
+process), so a resumed run continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from erasekit.errors import ErasekitError
+from erasekit.outputs import commit_output_dir, partial_path, prepare_output_dir, write_json
+
+TRAINING_LOG = "training_log.jsonl"
+CHECKPOINTS = "checkpoints"
+MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+_WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings every method shares; a method's config subclasses this."""
+
+    steps: int = 100  # optimizer steps (counted when gradients sync)
+    lr: float = 1e-5
+    batch_size: int = 1  # per process and micro-step
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    checkpointing_steps: int = 0  # 0: no intermediate checkpoints
+    checkpoints_total_limit: int = 2
+    keep_checkpoints: bool = False  # keep checkpoints/ in the output folder
+    seed: int = 0
+    images_per_prompt: int = 8  # rendered forget/retain data: images per prompt
+    save_dtype: str = "fp32"
+
+    def validate(self) -> None:
+        """Raise ErasekitError on values no run could use."""
+        choices = {
+            "optimizer": OPTIMIZERS,
+            "lr_scheduler": LR_SCHEDULES,
+            "mixed_precision": MIXED_PRECISION,
+            "save_dtype": ("fp32", "fp16", "bf16"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ErasekitError(f"{key} must be one of {', '.join(allowed)}")
+        for key in ("steps", "batch_size", "gradient_accumulation_steps", "images_per_prompt"):
+            if getattr(self, key) < (0 if key == "steps" else 1):
+                raise ErasekitError(f"{key} must be positive, got {getattr(self, key)}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ErasekitError(f"lr must be a positive number, got {self.lr}")
+        if self.checkpoints_total_limit < 1:
+            raise ErasekitError("checkpoints_total_limit must be at least 1")
+
+
+# --- configuration from defaults, a YAML file and --set key=value --------------------------
+
+
+def _coerce(cls: type, key: str, value: Any) -> Any:
+    field = next(f for f in dataclasses.fields(cls) if f.name == key)
+    kind = str(field.type)
+    if isinstance(value, str):
+        text = value.strip()
+        if "bool" in kind:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ErasekitError(f"{key}: expected true or false, got {value!r}")
+        try:
+            if "int" in kind and "float" not in kind:
+                return int(text)
+            if "float" in kind:
+                return float(text)
+        except ValueError:
+            what = "a number" if "float" in kind else "a whole number"
+            raise ErasekitError(f"{key}: expected {what}, got {value!r}") from None
+        return text
+    if "float" in kind and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if "int" in kind and "float" not in kind and not isinstance(value, int):
+        raise ErasekitError(f"{key}: expected a whole number, got {value!r}")
+    return value
+
+
+def build_config(
+    cls: type[TrainConfig],
+    defaults: dict[str, Any] | None = None,
+    file: str | Path | None = None,
+    sets: list[str] | None = None,
+) -> TrainConfig:
+    """Method defaults, then a YAML file, then ``key=value`` overrides; unknown keys are errors
+    that list the valid ones."""
+    import yaml
+
+    valid = [f.name for f in dataclasses.fields(cls)]
+    values: dict[str, Any] = dict(defaults or {})
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise ErasekitError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ErasekitError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ErasekitError(f"{path}: a config file must be a YAML mapping of key: value")
+        layers.append((str(path), data))
+    overrides = {}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ErasekitError(f"--set expects key=value, got {item!r}")
+        overrides[key.strip()] = value
+    layers.append(("--set", overrides))
+    for where, layer in layers:
+        for key, value in layer.items():
+            if key not in valid:
+                from erasekit.registry import suggest
+
+                hint = suggest(str(key), valid)
+                raise ErasekitError(
+                    f"unknown config key {key!r} in {where};{hint} valid keys: {', '.join(valid)}"
+                )
+            values[key] = _coerce(cls, key, value)
+    config = cls(**values)
+    config.validate()
+    return config
+
+
+# --- data --------------------------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    """One side of the training data, encoded once: text conditions and (optional) latents."""
+
+    prompts: list[str]
+    cond: torch.Tensor  # (n, tokens, dim) text-encoder hidden states
+    latents: torch.Tensor | None  # (n, c, h, w) scaled VAE latents; None for prompt-only sets
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """CLIP hidden states of ``prompts`` (what the U-Net cross-attends to)."""
+    tok = pipe.tokenizer
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids = tok(prompts[i : i + batch_size], padding="max_length",
+                  max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids  # fmt: skip
+        out.append(pipe.text_encoder(ids.to(pipe.text_encoder.device))[0])
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_images(pipe, image_set, batch_size: int = 16) -> torch.Tensor:
+    """Scaled VAE latents (posterior means) of an ImageSet at the model's native size."""
+    from erasekit.data import load_images
+
+    vae = pipe.vae
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    images = load_images(image_set, size)
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].to(vae.device, vae.dtype)
+        out.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+def make_split(pipe, prompts: list[str], image_set=None) -> Split:
+    """Encode a prompt list (prompt-only) or an ImageSet (images with their prompts)."""
+    if image_set is not None:
+        prompts = list(image_set.prompts)
+    if not prompts:
+        raise ErasekitError("a training set is empty")
+    unique = sorted(set(prompts))
+    table = encode_prompts(pipe, unique)
+    cond = table[torch.tensor([unique.index(p) for p in prompts])]
+    latents = encode_images(pipe, image_set) if image_set is not None else None
+    return Split(prompts=prompts, cond=cond, latents=latents)
+
+
+def step_generator(seed: int, *parts: int) -> torch.Generator:
+    """A CPU generator seeded by (seed, *parts): randomness as a function of the step."""
+    digest = hashlib.sha256(json.dumps([seed, *parts]).encode()).digest()
+    return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def epoch_indices(n: int, seed: int, start: int, count: int) -> torch.Tensor:
+    """Items ``start .. start+count`` of an endless stream that visits all n items once per
+    epoch, in a fresh seeded order each epoch (so every item is used, not the same first few)."""
+    out = []
+    pos = start
+    while len(out) < count:
+        epoch, offset = divmod(pos, n)
+        order = torch.randperm(n, generator=step_generator(seed, 7919, epoch))
+        take = min(count - len(out), n - offset)
+        out.extend(order[offset : offset + take].tolist())
+        pos += take
+    return torch.tensor(out, dtype=torch.long)
+
+
+# --- the loop ----------------------------------------------------------------------------
+
+
+@dataclass
+class TrainContext:
+    """What a method's loss sees: the model being trained, data, scheduler, devices."""
+
+    accelerator: Any
+    unet: Any  # the prepared (possibly wrapped) U-Net being trained
+    pipe: Any
+    config: TrainConfig
+    data: dict[str, Split]
+    empty_cond: torch.Tensor  # (1, tokens, dim) hidden states of ""
+    noise_scheduler: Any
+    weight_dtype: torch.dtype
+    device: torch.device
+    work_dir: Path
+    step: int = 0
+
+    def batch(self, split: str, micro: int) -> dict[str, torch.Tensor]:
+        """This process's slice of the batch for (step, micro-step) from ``split``."""
+        data = self.data[split]
+        acc = self.accelerator
+        b = self.config.batch_size
+        per_step = b * acc.num_processes * self.config.gradient_accumulation_steps
+        start = self.step * per_step + (micro * acc.num_processes + acc.process_index) * b
+        salt = {"forget": 101, "retain": 202}.get(split, 303)
+        idx = epoch_indices(len(data), self.config.seed + salt, start, b)
+        out = {"cond": data.cond[idx].to(self.device)}
+        if data.latents is not None:
+            out["latents"] = data.latents[idx].to(self.device)
+        return out
+
+    def generator(self, micro: int, salt: int = 0) -> torch.Generator:
+        return step_generator(
+            self.config.seed, self.step, micro, self.accelerator.process_index, salt
+        )
+
+    def noisy(self, latents: torch.Tensor, gen: torch.Generator):
+        """(x_t, t, noise) with t ~ U{0..T-1} and Gaussian noise, drawn from ``gen``."""
+        n_train = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, n_train, (latents.shape[0],), generator=gen)
+        noise = torch.randn(latents.shape, generator=gen).to(latents)
+        t = t.to(latents.device)
+        return self.noise_scheduler.add_noise(latents, noise, t), t, noise
+
+    def denoising_target(self, latents, noise, t) -> torch.Tensor:
+        """What the U-Net is trained to predict (ε, or v for v-prediction models)."""
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, t)
+        return noise
+
+    def denoising_loss(self, batch: dict[str, torch.Tensor], micro: int) -> torch.Tensor:
+        """The standard diffusion loss on a batch with latents (used for retain data)."""
+        latents = batch["latents"]
+        x_t, t, noise = self.noisy(latents, self.generator(micro, salt=1))
+        pred = self.unet(x_t, t, batch["cond"]).sample
+        return F.mse_loss(pred.float(), self.denoising_target(latents, noise, t).float())
+
+
+def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]):
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _checkpoints(work_dir: Path) -> list[Path]:
+    folder = work_dir / CHECKPOINTS
+    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _config_fingerprint(method_name: str, config: TrainConfig) -> str:
+    settings = {k: v for k, v in asdict(config).items() if k not in ("keep_checkpoints",)}
+    return hashlib.sha256(json.dumps([method_name, settings], sort_keys=True).encode()).hexdigest()
+
+
+def _register_unet_hooks(accelerator) -> None:
+    """Checkpoints hold the U-Net as a diffusers folder (save_pretrained / from_pretrained)."""
+
+    def save_hook(models, weights, output_dir):
+        for model in models:
+            if accelerator.is_main_process:
+                accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / "unet")
+            if weights:
+                weights.pop()
+
+    def load_hook(models, input_dir):
+        from diffusers import UNet2DConditionModel
+
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            saved = UNet2DConditionModel.from_pretrained(Path(input_dir) / "unet")
+            model.load_state_dict(saved.state_dict())
+            del saved
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _save_checkpoint(accelerator, work_dir: Path, step: int, fingerprint: str, limit: int) -> Path:
+    if accelerator.is_main_process:
+        old = _checkpoints(work_dir)
+        for stale in old[: max(0, len(old) + 1 - limit)]:
+            shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    target = work_dir / CHECKPOINTS / f"checkpoint-{step}"
+    accelerator.save_state(str(target))
+    if accelerator.is_main_process:
+        write_json(target / "erasekit_state.json", {"step": step, "config": fingerprint})
+    accelerator.wait_for_everyone()
+    return target
+
+
+class NonFiniteLoss(ErasekitError):
+    """The loss became NaN or inf; the run stopped."""
+
+
+def train(
+    method,
+    pipe,
+    *,
+    model_path: str | Path,
+    out_dir: str | Path,
+    concept=None,
+    resume: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    manifest_extra: dict[str, Any] | None = None,
+) -> Path:
+    """Run ``method`` on ``pipe`` and write the erased model to ``out_dir`` (all or nothing).
+
+    Work happens in ``out_dir``'s hidden ``.partial`` sibling, which also holds the checkpoints,
+    so ``resume="latest"`` (or a checkpoint path) continues an interrupted run.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from erasekit.distributed import process_state
+    from erasekit.models import build_manifest, write_model
+
+    started = time.time()
+    config: TrainConfig = method.config
+    out_dir = Path(out_dir)
+    work_dir = partial_path(out_dir)
+    device = str(pipe.device)
+    state = process_state(device)
+    fingerprint = _config_fingerprint(method.name, config)
+
+    resume_from = None
+    error = None
+    if state.is_main_process:
+        try:
+            if resume:
+                resume_from = _find_resume(work_dir, resume, fingerprint)
+                if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+                    raise ErasekitError(f"output folder is not empty: {out_dir}")
+            else:
+                prepare_output_dir(out_dir, overwrite)
+        except ErasekitError as e:
+            error = str(e)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error, resume_from = broadcast_object_list([error, resume_from])
+    if error:
+        raise ErasekitError(error)
+
+    try:
+        accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            cpu=device.startswith("cpu"),
+        )
+    except (ValueError, RuntimeError) as e:
+        raise ErasekitError(f"mixed_precision={config.mixed_precision}: {e}") from None
+    set_seed(config.seed)
+    weight_dtype = _WEIGHT_DTYPES[config.mixed_precision]
+
+    # Encode the data once with the frozen VAE and text encoder; they are not needed after.
+    data = method.prepare_data(pipe)
+    empty_cond = encode_prompts(pipe, [""])
+    if accelerator.device.type == "cuda":
+        pipe.vae.to("cpu")
+        pipe.text_encoder.to("cpu")
+
+    unet = pipe.unet
+    unet.requires_grad_(False)
+    trainable = dict(method.trainable_parameters(unet))
+    if not trainable:
+        raise ErasekitError(f"{method.name}: no parameter is selected for training")
+    for p in trainable.values():
+        p.requires_grad_(True)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    ctx = TrainContext(
+        accelerator=accelerator,
+        unet=unet,
+        pipe=pipe,
+        config=config,
+        data=data,
+        empty_cond=empty_cond.to(accelerator.device),
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        weight_dtype=weight_dtype,
+        device=accelerator.device,
+        work_dir=work_dir,
+    )
+    unet.to(accelerator.device)
+    method.setup(ctx)  # frozen teachers, masks: before prepare, on the raw U-Net
+    total = method.total_steps(data)
+    optimizer = _make_optimizer(config, list(trainable.values()))
+    lr_schedule = get_scheduler(config.lr_scheduler, optimizer=optimizer,
+                                num_warmup_steps=config.lr_warmup_steps,
+                                num_training_steps=max(1, total))  # fmt: skip
+    _register_unet_hooks(accelerator)
+    ctx.unet, optimizer = accelerator.prepare(unet, optimizer)
+    unet = ctx.unet
+    accelerator.register_for_checkpointing(lr_schedule)
+    log_path = work_dir / TRAINING_LOG
+    if resume_from:
+        accelerator.load_state(resume_from)
+        ctx.step = json.loads((Path(resume_from) / "erasekit_state.json").read_text())["step"]
+        if accelerator.is_main_process:
+            _truncate_log(log_path, ctx.step)
+    last_good = str(_checkpoints(work_dir)[-1]) if _checkpoints(work_dir) else None
+
+    bar = tqdm(total=total, initial=ctx.step, desc=method.name, unit="step",
+               disable=not (progress and accelerator.is_main_process))  # fmt: skip
+    params = list(trainable.values())
+    t_last = time.time()
+    while ctx.step < total:
+        losses: list[float] = []
+        extra: dict[str, float] = {}
+        for micro in range(config.gradient_accumulation_steps):
+            with accelerator.accumulate(unet):
+                loss, logs = method.loss(ctx, micro)
+                bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=ctx.device)
+                if accelerator.gather(bad).sum() > 0:
+                    bar.close()
+                    hint = f"; last good checkpoint: {last_good}" if last_good else ""
+                    raise NonFiniteLoss(
+                        f"{method.name}: loss became {loss.item()} at step {ctx.step + 1}"
+                        f" (lower lr or check the data){hint}"
+                    )
+                accelerator.backward(loss)
+                method.after_backward(unet)
+                grad_norm = None
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            for k, v in logs.items():
+                extra[k] = extra.get(k, 0.0) + float(v) / config.gradient_accumulation_steps
+        lr_schedule.step()
+        ctx.step += 1
+        record = {
+            "step": ctx.step,
+            "loss": sum(losses) / len(losses),
+            **extra,
+            "lr": lr_schedule.get_last_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "seconds": round(time.time() - t_last, 4),
+        }
+        t_last = time.time()
+        if accelerator.is_main_process:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{record['loss']:.4g}")
+        bar.update(1)
+        every = config.checkpointing_steps
+        if every and ctx.step % every == 0 and ctx.step < total:
+            last_good = str(_save_checkpoint(accelerator, work_dir, ctx.step, fingerprint,
+                                             config.checkpoints_total_limit))  # fmt: skip
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(unet)
+        final.requires_grad_(False).eval()
+        if config.gradient_checkpointing:
+            final.disable_gradient_checkpointing()
+        if config.save_dtype != "fp32":
+            final = final.to(_WEIGHT_DTYPES[config.save_dtype])
+        pipe.unet = final
+        pipe.vae.to(accelerator.device)
+        pipe.text_encoder.to(accelerator.device)
+        outputs = method.write_outputs(work_dir)
+        manifest = build_manifest(
+            base_model=model_path,
+            method=method.name,
+            config=asdict(config),
+            concept=concept.describe() if concept is not None else None,
+            seeds=[config.seed],
+            started=started,
+            extra={
+                "training": {
+                    "steps": total,
+                    "resumed_from": Path(resume_from).name if resume_from else None,
+                    "n_processes": accelerator.num_processes,
+                    "global_batch": config.batch_size * accelerator.num_processes
+                    * config.gradient_accumulation_steps,
+                    "data": method.describe_data(),
+                    "log": TRAINING_LOG,
+                    "outputs": outputs,
+                },
+                **(manifest_extra or {}),
+            },
+        )  # fmt: skip
+        write_model(pipe, work_dir, manifest)
+        if not config.keep_checkpoints:
+            shutil.rmtree(work_dir / CHECKPOINTS, ignore_errors=True)
+        commit_output_dir(work_dir, out_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out_dir
+
+
+def _find_resume(work_dir: Path, resume: str, fingerprint: str) -> str:
+    if resume == "latest":
+        found = _checkpoints(work_dir)
+        if not found:
+            raise ErasekitError(f"--resume latest: no checkpoint in {work_dir / CHECKPOINTS}")
+        path = found[-1]
+    else:
+        path = Path(resume)
+        if not (path / "erasekit_state.json").is_file():
+            raise ErasekitError(f"--resume: not an erasekit checkpoint: {path}")
+        if path.resolve().parent.parent != work_dir.resolve():
+            raise ErasekitError(f"--resume: {path} is not a checkpoint of this output folder")
+    saved = json.loads((path / "erasekit_state.json").read_text())
+    if saved.get("config") != fingerprint:
+        raise ErasekitError(
+            f"--resume: {path.name} was made with another method or config; resume with the same"
+            " settings"
+        )
+    return str(path)
+
+
+def _truncate_log(log_path: Path, step: int) -> None:
+    """Drop log lines past the resumed step (they belong to the interrupted continuation)."""
+    if not log_path.is_file():
+        return
+    kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    log_path.write_text("".join(ln + "\n" for ln in kept))

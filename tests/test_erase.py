@@ -1,0 +1,324 @@
+"""Erasure: the shared training loop, ESD, SalUn, concept data and `erasekit erase`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_one_line_error, run_cli
+from safetensors.torch import load_file
+
+from erasekit.concepts import load_concept
+from erasekit.errors import ErasekitError
+from erasekit.methods import METHODS, get_method
+from erasekit.models import load_pipeline
+from erasekit.training import build_config, epoch_indices, train
+
+# Small settings every method accepts: a few steps on tiny data.
+FAST = {"steps": 3, "images_per_prompt": 1, "batch_size": 2}
+FAST_METHOD = {"esd": {"ddim_steps": 4}, "salun": {"mask_batch_size": 4}}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("ERASEKIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def erase(model_dir, out, method="salun", concept="circle", resume=None, **settings):
+    cls = get_method(method)
+    c = load_concept(concept)
+    values = {**cls.defaults(c), **FAST, **FAST_METHOD[method], **settings}
+    config = cls.Config(**values)
+    config.validate()
+    pipe = load_pipeline(model_dir)
+    m = cls(config, c, model_path=model_dir, progress=False)
+    train(m, pipe, model_path=model_dir, out_dir=out, concept=c, resume=resume, progress=False)
+    return Path(out)
+
+
+def unet_weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(folder) / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_every_method_trains_and_writes_a_loadable_model(method, tiny_model_dir, tmp_path):
+    out = erase(tiny_model_dir, tmp_path / "out", method=method)
+    log = [json.loads(ln) for ln in (out / "training_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in log)
+    manifest = json.loads((out / "erasekit.json").read_text())
+    assert manifest["method"]["name"] == method
+    assert manifest["concept"]["name"] == "circle"
+    assert manifest["base_model"]["sha256"]
+    before, after = unet_weights(tiny_model_dir), unet_weights(out)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert not (out / "checkpoints").exists()
+    load_pipeline(out)  # loads back
+
+
+def test_salun_changes_no_masked_out_weight_and_mask_has_its_density(tiny_model_dir, tmp_path):
+    from erasekit.methods.salun import MASK_FILE, load_mask
+
+    out = erase(tiny_model_dir, tmp_path / "out", mask_fraction=0.3, steps=4, lr=1e-3)
+    masks, info = load_mask(out / MASK_FILE)
+    n = sum(m.numel() for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert abs(kept / n - 0.3) < 1e-3 and abs(info["density"] - 0.3) < 1e-3
+    before, after = unet_weights(tiny_model_dir), unet_weights(out)
+    changed = 0
+    for name, mask in masks.items():
+        assert torch.equal(before[name][~mask], after[name][~mask]), name
+        changed += int((before[name][mask] != after[name][mask]).sum())
+    assert changed > 0.5 * kept  # the salient weights did train
+    size = (out / MASK_FILE).stat().st_size
+    assert size < n / 8 + 60_000  # one bit per weight plus the header (names, shapes)
+
+
+def test_salun_reuses_a_saved_mask(tiny_model_dir, tmp_path):
+    from erasekit.methods.salun import MASK_FILE, load_mask
+
+    first = erase(tiny_model_dir, tmp_path / "a", mask_fraction=0.2)
+    cls = get_method("salun")
+    c = load_concept("circle")
+    config = cls.Config(**{**cls.defaults(c), **FAST, "mask_fraction": 0.9})
+    pipe = load_pipeline(tiny_model_dir)
+    m = cls(config, c, model_path=tiny_model_dir, progress=False, mask=first / MASK_FILE)
+    second = train(m, pipe, model_path=tiny_model_dir, out_dir=tmp_path / "b", progress=False)
+    a, _ = load_mask(first / MASK_FILE)
+    b, info = load_mask(second / MASK_FILE)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert info["reused_from"].endswith(MASK_FILE)
+
+
+@pytest.mark.parametrize(
+    ("variant", "trained"),
+    [
+        ("esd-x", lambda n: ".attn2." in n),
+        ("esd-x-strict", lambda n: ".attn2.to_k." in n or ".attn2.to_v." in n),
+        ("esd-u", lambda n: ".attn2." not in n),
+    ],
+)
+def test_esd_variants_change_only_their_parameters(variant, trained, tiny_model_dir, tmp_path):
+    out = erase(tiny_model_dir, tmp_path / "out", method="esd", variant=variant, lr=1e-3)
+    before, after = unet_weights(tiny_model_dir), unet_weights(out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(trained(k) for k in changed), sorted(changed)[:5]
+    assert any(trained(k) for k in changed)
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    from erasekit.methods.salun import SalUn
+
+    settings = {"steps": 4, "checkpointing_steps": 2, "lr": 1e-3}
+    whole = erase(tiny_model_dir, tmp_path / "whole", **settings)
+
+    original = SalUn.loss
+
+    def interrupted(self, ctx, micro):
+        if ctx.step == 3:  # the 4th step, after checkpoint-2 was saved
+            raise KeyboardInterrupt
+        return original(self, ctx, micro)
+
+    monkeypatch.setattr(SalUn, "loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        erase(tiny_model_dir, tmp_path / "resumed", **settings)
+    assert not (tmp_path / "resumed").exists()
+    assert (tmp_path / ".resumed.partial" / "checkpoints" / "checkpoint-2").is_dir()
+    monkeypatch.setattr(SalUn, "loss", original)
+    resumed = erase(tiny_model_dir, tmp_path / "resumed", resume="latest", **settings)
+    a, b = unet_weights(whole), unet_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [
+        json.loads(ln)["step"] for ln in (resumed / "training_log.jsonl").read_text().splitlines()
+    ]
+    assert log == [1, 2, 3, 4]
+    manifest = json.loads((resumed / "erasekit.json").read_text())
+    assert manifest["training"]["resumed_from"] == "checkpoint-2"
+
+
+def test_checkpoint_total_limit_keeps_the_newest(tiny_model_dir, tmp_path):
+    out = erase(tiny_model_dir, tmp_path / "out", method="esd", steps=5, checkpointing_steps=1,
+                checkpoints_total_limit=2, keep_checkpoints=True)  # fmt: skip
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["checkpoint-3", "checkpoint-4"]
+    assert (out / "checkpoints" / "checkpoint-4" / "unet" / "config.json").is_file()
+
+
+def test_epoch_indices_visit_every_item_once_per_epoch():
+    first = epoch_indices(10, seed=0, start=0, count=10)
+    assert sorted(first.tolist()) == list(range(10))
+    stream = epoch_indices(10, seed=0, start=0, count=30)
+    for e in range(3):
+        assert sorted(stream[10 * e : 10 * e + 10].tolist()) == list(range(10))
+    assert not torch.equal(stream[:10], stream[10:20])  # reshuffled each epoch
+    assert torch.equal(epoch_indices(10, 0, 7, 9), stream[7:16])  # resumable at any position
+
+
+def test_top_fraction_threshold_matches_an_exact_sort():
+    from erasekit.methods.salun import masks_from_saliency, top_fraction_threshold
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(n, generator=g).abs() ** 3 for n in (1000, 5000, 37)]
+    everything = torch.cat(tensors)
+    for fraction in (0.01, 0.3, 0.5, 0.99):
+        k = int(np.ceil(fraction * everything.numel()))
+        exact = everything.sort(descending=True).values[k - 1]
+        assert top_fraction_threshold(tensors, fraction, bins=16, exact_below=50) == exact
+    masks, info = masks_from_saliency({"a": torch.zeros(10), "b": torch.arange(10.0)}, 0.8)
+    assert not masks["a"].any()  # zero saliency is never salient
+    assert info["density"] == 0.45
+
+
+def test_config_layers_and_unknown_keys(tmp_path):
+    cls = get_method("salun")
+    file = tmp_path / "c.yaml"
+    file.write_text("lr: 2.0e-5\nepochs: 2\n")
+    config = build_config(
+        cls.Config, {"alpha": 0.1}, file, ["epochs=3", "gradient_checkpointing=true"]
+    )
+    assert (config.lr, config.epochs, config.alpha, config.gradient_checkpointing) == (
+        2e-5, 3, 0.1, True)  # fmt: skip
+    with pytest.raises(ErasekitError, match="unknown config key 'alpah'.*alpha.*valid keys"):
+        build_config(cls.Config, sets=["alpah=1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nonsense: 1\n")
+    with pytest.raises(ErasekitError, match=r"'nonsense' in .*bad.yaml"):
+        build_config(cls.Config, file=bad)
+    with pytest.raises(ErasekitError, match="expected a whole number"):
+        build_config(cls.Config, sets=["epochs=two"])
+    with pytest.raises(ErasekitError, match="variant must be one of"):
+        build_config(get_method("esd").Config, sets=["variant=esd-z"])
+
+
+def test_rendered_data_is_cached_and_image_folders_are_read(tiny_model_dir, tiny_pipe, tmp_path):
+    from erasekit.concepts import prompt_set_from_list
+    from erasekit.data import read_image_folder, render_image_set
+
+    prompts = prompt_set_from_list(["a red circle", "a blue square"])
+    first = render_image_set(tiny_pipe, tiny_model_dir, prompts, n_per_prompt=2,
+                             cache_dir=tmp_path / "c", progress=False)  # fmt: skip
+    again = render_image_set(tiny_pipe, tiny_model_dir, prompts, n_per_prompt=2,
+                             cache_dir=tmp_path / "c", progress=False)  # fmt: skip
+    other = render_image_set(tiny_pipe, tiny_model_dir, prompts, n_per_prompt=2, seed=1,
+                             cache_dir=tmp_path / "c", progress=False)  # fmt: skip
+    assert len(first) == 4 and not first.source["cache_hit"] and again.source["cache_hit"]
+    assert again.paths == first.paths and other.paths[0].parent != first.paths[0].parent
+    assert first.prompts == ["a red circle"] * 2 + ["a blue square"] * 2
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, p in enumerate(first.paths):
+        (folder / f"{i}.png").write_bytes(p.read_bytes())
+    (folder / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"{i}.png", "prompt": f"p{i}"}) + "\n" for i in range(4))
+    )
+    s = read_image_folder(folder)
+    assert s.prompts == ["p0", "p1", "p2", "p3"] and s.source["origin"] == "folder"
+    (folder / "metadata.jsonl").unlink()
+    (folder / "metadata.csv").write_text("file_name,text\n0.png,a cat\n9.png,a dog\n")
+    with pytest.raises(ErasekitError, match="missing image: 9.png"):
+        read_image_folder(folder)
+    with pytest.raises(ErasekitError, match="not found"):
+        read_image_folder(tmp_path / "nope")
+
+
+def test_salun_trains_on_a_user_image_folder(tiny_model_dir, tiny_pipe, tmp_path):
+    from erasekit.concepts import prompt_set_from_list
+    from erasekit.data import render_image_set
+
+    folders = {}
+    for split, prompts in (("forget", ["a circle"] * 2), ("retain", ["a square"] * 2)):
+        s = render_image_set(tiny_pipe, tiny_model_dir, prompt_set_from_list(prompts),
+                             n_per_prompt=1, cache_dir=tmp_path / "c", progress=False)  # fmt: skip
+        folders[split] = tmp_path / split
+        folders[split].mkdir()
+        rows = []
+        for i, p in enumerate(s.paths):
+            (folders[split] / f"{i}.png").write_bytes(p.read_bytes())
+            rows.append(f"{i}.png,{s.prompts[i]}\n")
+        (folders[split] / "metadata.csv").write_text("file_name,prompt\n" + "".join(rows))
+    cls = get_method("salun")
+    c = load_concept("circle")
+    m = cls(cls.Config(**FAST), c, model_path=tiny_model_dir, progress=False,
+            forget_images=folders["forget"], retain_images=folders["retain"])  # fmt: skip
+    out = train(m, load_pipeline(tiny_model_dir), model_path=tiny_model_dir,
+                out_dir=tmp_path / "out", progress=False)  # fmt: skip
+    data = json.loads((out / "erasekit.json").read_text())["training"]["data"]
+    assert data["forget"]["origin"] == "folder" and data["forget"]["n_images"] == 2
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def _erase_cli(model, out, *extra, env=None):
+    return run_cli("erase", "--model", str(model), "--concept", "circle", "--out", str(out),
+                   "--no-progress", *extra, env=env)  # fmt: skip
+
+
+def test_cli_erases_and_bad_inputs_exit_2_without_output(tiny_model_dir, tmp_path):
+    env = {"ERASEKIT_CACHE": str(tmp_path / "cache")}
+    ok = _erase_cli(tiny_model_dir, tmp_path / "ok", "--method", "salun", "--set", "steps=2",
+                    "--set", "images_per_prompt=1", env=env)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert (tmp_path / "ok" / "salun_mask.safetensors").is_file()
+
+    r = _erase_cli(tiny_model_dir, tmp_path / "a", "--method", "esdd", env=env)
+    assert_one_line_error(r, "unknown method 'esdd'", "esd")
+    r = _erase_cli(tiny_model_dir, tmp_path / "b", "--method", "esd", "--set", "etaa=2", env=env)
+    assert_one_line_error(r, "unknown config key 'etaa'", "negative_guidance")
+    r = _erase_cli(tiny_model_dir, tmp_path / "c", "--method", "esd", "--set", "steps=3",
+                   "--set", "ddim_steps=2", "--set", "lr=1e30", "--set", "max_grad_norm=0",
+                   "--set", "checkpointing_steps=1", env=env)  # fmt: skip
+    assert_one_line_error(r, "loss became", "last good checkpoint", "checkpoint-1")
+    r = _erase_cli(tmp_path / "missing", tmp_path / "d", "--method", "esd", env=env)
+    assert_one_line_error(r, "model path not found")
+    for name in "abcd":
+        assert not (tmp_path / name).exists()
+    assert (tmp_path / ".c.partial" / "checkpoints" / "checkpoint-1").is_dir()
+
+
+def test_two_process_cpu_run_with_torchrun(tiny_model_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ERASEKIT_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "erasekit", "erase", "--model", str(tiny_model_dir), "--concept", "circle",
+           "--method", "salun", "--out", str(tmp_path / "two"), "--no-progress",
+           "--set", "steps=2", "--set", "images_per_prompt=1", "--set", "checkpointing_steps=1",
+           "--set", "batch_size=2"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((tmp_path / "two" / "erasekit.json").read_text())
+    assert manifest["training"]["n_processes"] == 2
+    assert manifest["training"]["global_batch"] == 4
+    assert len((tmp_path / "two" / "training_log.jsonl").read_text().splitlines()) == 2
+
+
+def test_salun_lowers_the_world_concept_rate(tmp_path):
+    """A quick erasure of 'red' from ShapesWorld: the direct-prompt rate must fall well below
+    the original's (a no-op run stays near the original's ~0.9 and fails the bound)."""
+    from erasekit.detectors.world import WorldDetector
+    from erasekit.evaluation import concept_rate
+    from erasekit.world import world_path
+
+    model = world_path("full")
+    concept = load_concept("red")
+    detector = WorldDetector()
+
+    def rate(folder, name):
+        pipe = load_pipeline(folder)
+        return concept_rate(pipe, concept.forget, tmp_path / name, detector, "colour", "red",
+                            model_path=folder, n_per_prompt=1, seed=5)["value"]  # fmt: skip
+
+    before = rate(model, "before")
+    out = erase(model, tmp_path / "out", concept="red", steps=48, lr=1e-4, batch_size=8,
+                images_per_prompt=2)  # fmt: skip
+    after = rate(out, "after")
+    assert before >= 0.75
+    assert after <= 0.4 and after <= before - 0.4, (before, after)
