@@ -31,7 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from erasekit.errors import ErasekitError
-from erasekit.outputs import commit_output_dir, partial_path, prepare_output_dir, write_json
+from erasekit.outputs import (
+    commit_output_dir,
+    discard_output_dir,
+    partial_path,
+    prepare_output_dir,
+    write_json,
+)
 
 TRAINING_LOG = "training_log.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -169,6 +175,7 @@ class Split:
     prompts: list[str]
     cond: torch.Tensor  # (n, tokens, dim) text-encoder hidden states
     latents: torch.Tensor | None  # (n, c, h, w) scaled VAE latents; None for prompt-only sets
+    anchor: torch.Tensor | None = None  # (n, tokens, dim) per-item surrogate conditions
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -202,15 +209,20 @@ def encode_images(pipe, image_set, batch_size: int = 16) -> torch.Tensor:
     return torch.cat(out)
 
 
+def encode_prompt_list(pipe, prompts: list[str]) -> torch.Tensor:
+    """Hidden states for every prompt of a list, each distinct prompt encoded once."""
+    unique = sorted(set(prompts))
+    table = encode_prompts(pipe, unique)
+    return table[torch.tensor([unique.index(p) for p in prompts])]
+
+
 def make_split(pipe, prompts: list[str], image_set=None) -> Split:
     """Encode a prompt list (prompt-only) or an ImageSet (images with their prompts)."""
     if image_set is not None:
         prompts = list(image_set.prompts)
     if not prompts:
         raise ErasekitError("a training set is empty")
-    unique = sorted(set(prompts))
-    table = encode_prompts(pipe, unique)
-    cond = table[torch.tensor([unique.index(p) for p in prompts])]
+    cond = encode_prompt_list(pipe, prompts)
     latents = encode_images(pipe, image_set) if image_set is not None else None
     return Split(prompts=prompts, cond=cond, latents=latents)
 
@@ -266,6 +278,8 @@ class TrainContext:
         out = {"cond": data.cond[idx].to(self.device)}
         if data.latents is not None:
             out["latents"] = data.latents[idx].to(self.device)
+        if data.anchor is not None:
+            out["anchor"] = data.anchor[idx].to(self.device)
         return out
 
     def generator(self, micro: int, salt: int = 0) -> torch.Generator:
@@ -355,7 +369,25 @@ class NonFiniteLoss(ErasekitError):
     """The loss became NaN or inf; the run stopped."""
 
 
-def train(
+def train(method, pipe, *, out_dir: str | Path, **kwargs: Any) -> Path:
+    """Run ``method`` on ``pipe`` and write the erased model to ``out_dir`` (all or nothing).
+
+    Work happens in ``out_dir``'s hidden ``.partial`` sibling, which also holds the checkpoints,
+    so ``resume="latest"`` (or a checkpoint path) continues an interrupted run. A run that fails
+    before its first checkpoint leaves nothing behind. Keyword arguments: see ``_train``.
+    """
+    from erasekit.distributed import process_state
+
+    try:
+        return _train(method, pipe, out_dir=out_dir, **kwargs)
+    except BaseException:
+        work_dir = partial_path(out_dir)
+        if process_state(str(pipe.device)).is_main_process and not _checkpoints(work_dir):
+            discard_output_dir(work_dir)
+        raise
+
+
+def _train(
     method,
     pipe,
     *,
@@ -367,11 +399,6 @@ def train(
     progress: bool = True,
     manifest_extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Run ``method`` on ``pipe`` and write the erased model to ``out_dir`` (all or nothing).
-
-    Work happens in ``out_dir``'s hidden ``.partial`` sibling, which also holds the checkpoints,
-    so ``resume="latest"`` (or a checkpoint path) continues an interrupted run.
-    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -406,6 +433,11 @@ def train(
     if error:
         raise ErasekitError(error)
 
+    # Several trainings in one process (scripts, tests) may differ in precision: the
+    # accelerator state is per run, the process group (PartialState) is kept.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
     try:
         accelerator = Accelerator(
             mixed_precision=config.mixed_precision,

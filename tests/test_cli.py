@@ -139,14 +139,19 @@ def test_debug_shows_traceback(tmp_path: Path):
 
 @pytest.mark.slow
 def test_demo_runs(tmp_path: Path):
-    result = run_cli("demo", "--out", str(tmp_path / "demo"), "--n-per-prompt", "1")
+    result = run_cli(
+        "demo", "--out", str(tmp_path / "demo"), "--n-per-prompt", "1", "--erase-steps", "48"
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads((tmp_path / "demo" / "results.json").read_text())
     rows = {(r["model"], r["prompt_set"]["name"].split("/")[-1]): r for r in data["results"]}
-    assert set(rows) == {(m, s) for m in ("full", "no-red") for s in ("forget", "retain")}
+    models = ("full", "erased-salun", "no-red")
+    assert set(rows) == {(m, s) for m in models for s in ("forget", "retain")}
     for r in rows.values():
         assert r["n_images"] == r["n_prompts"] and 0 <= r["ci95"][0] <= r["value"] <= r["ci95"][1]
     assert data["detector"]["version"].startswith("world-classifier sha256:")
     # the full model draws red when asked; its never-learned reference does not
     assert rows[("full", "forget")]["value"] > rows[("no-red", "forget")]["value"] + 0.3
+    assert rows[("full", "forget")]["value"] > rows[("erased-salun", "forget")]["value"] + 0.3
+    assert (tmp_path / "demo" / "erased-salun" / "salun_mask.safetensors").is_file()
     assert "95% CI" in result.stdout

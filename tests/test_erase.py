@@ -322,3 +322,50 @@ def test_salun_lowers_the_world_concept_rate(tmp_path):
     after = rate(out, "after")
     assert before >= 0.75
     assert after <= 0.4 and after <= before - 0.4, (before, after)
+
+
+def test_salun_anchor_prompts_replace_the_concept_word(tiny_model_dir):
+    cls = get_method("salun")
+    m = cls(cls.Config(surrogate_mode="replace"), load_concept("red"), model_path=tiny_model_dir)
+    assert m.anchor_prompts(["a red circle", "a picture of a Red square"]) == [
+        "a circle",
+        "a picture of a square",
+    ]
+    with pytest.raises(ErasekitError, match="lacks 'red'"):
+        m.anchor_prompts(["a crimson circle"])
+
+
+def test_bf16_saliency_gives_nearly_the_fp32_mask(tiny_model_dir, tmp_path):
+    from erasekit.methods.salun import MASK_FILE, load_mask
+
+    a, _ = load_mask(erase(tiny_model_dir, tmp_path / "a", steps=1) / MASK_FILE)
+    b, _ = load_mask(erase(tiny_model_dir, tmp_path / "b", steps=1, saliency_dtype="bf16")
+                     / MASK_FILE)  # fmt: skip
+    agree = sum(int((a[k] == b[k]).sum()) for k in a) / sum(m.numel() for m in a.values())
+    assert agree > 0.97
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"method": "esd", "mixed_precision": "bf16"},
+        {"method": "salun", "gradient_checkpointing": True, "gradient_accumulation_steps": 2},
+        {"method": "salun", "lr_scheduler": "cosine", "lr_warmup_steps": 1, "optimizer": "adamw"},
+    ],
+)
+def test_loop_options_run(settings, tiny_model_dir, tmp_path):
+    out = erase(tiny_model_dir, tmp_path / "out", **settings)
+    log = [json.loads(ln) for ln in (out / "training_log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(np.isfinite(r["loss"]) for r in log)
+    if settings.get("lr_scheduler") == "cosine":
+        assert log[0]["lr"] != log[-1]["lr"]
+    config = json.loads((out / "erasekit.json").read_text())["method"]["config"]
+    assert all(config[k] == v for k, v in settings.items() if k != "method")
+
+
+def test_a_run_that_fails_before_any_checkpoint_leaves_nothing(tiny_model_dir, tmp_path):
+    r = _erase_cli(tiny_model_dir, tmp_path / "x", "--method", "esd", "--set", "steps=2",
+                   "--set", "ddim_steps=2", "--set", "lr=1e30", "--set", "max_grad_norm=0",
+                   env={"ERASEKIT_CACHE": str(tmp_path / "cache")})  # fmt: skip
+    assert_one_line_error(r, "loss became")
+    assert not (tmp_path / "x").exists() and not (tmp_path / ".x.partial").exists()

@@ -12,14 +12,16 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
         parents=[parent],
         help="run the main job on the embedded ShapesWorld model",
         description=(
-            "Render a concept's forget and retain prompts with ShapesWorld and its never-learned "
-            "reference, and measure how often the world detector sees the concept (Wilson 95%% "
-            "intervals). Until erasure lands this shows the measurement an erasure is judged by."
+            "Erase a concept from ShapesWorld with SalUn (lr 1e-4 for the world model, otherwise "
+            "the method's defaults), then render the concept's forget and retain prompts with the "
+            "original, the erased model and the never-learned reference, and measure how often "
+            "the world detector sees the concept (Wilson 95%% intervals)."
         ),
     )
     p.add_argument("--concept", default="red", choices=["red", "circle"])
     p.add_argument("--out", default="demo-output", help="output folder")
     p.add_argument("--n-per-prompt", type=int, default=2)
+    p.add_argument("--erase-steps", type=int, default=0, help="SalUn steps (0: its epochs)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=run)
 
@@ -28,8 +30,10 @@ def run(args: argparse.Namespace) -> int:
     from erasekit.concepts import load_concept
     from erasekit.detectors.world import WorldDetector
     from erasekit.evaluation import concept_rate
+    from erasekit.methods.salun import SalUn
     from erasekit.models import load_pipeline
     from erasekit.outputs import atomic_output_dir, write_json
+    from erasekit.training import build_config, train
     from erasekit.world import world_path
 
     concept = load_concept(args.concept)
@@ -38,8 +42,19 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     rows = []
     with atomic_output_dir(out, overwrite=args.overwrite) as tmp:
-        for variant in ("full", f"no-{args.concept}"):
-            model = world_path(variant)
+        sets = ["lr=1e-4", "images_per_prompt=4"]
+        if args.erase_steps:
+            sets.append(f"steps={args.erase_steps}")
+        config = build_config(SalUn.Config, SalUn.defaults(concept), sets=sets)
+        original = world_path("full")
+        method = SalUn(config, concept, model_path=original, cache_dir=tmp / "cache")
+        erased = tmp / "erased-salun"
+        print(f"erasing '{args.concept}' with SalUn ({' '.join(sets)}) ...")
+        train(method, load_pipeline(original), model_path=original, out_dir=erased,
+              concept=concept)  # fmt: skip
+        models = {"full": original, "erased-salun": erased, f"no-{args.concept}": None}
+        for variant, model in models.items():
+            model = model or world_path(variant)
             pipe = load_pipeline(model)
             for set_name, prompts in (("forget", concept.forget), ("retain", concept.retain)):
                 rate = concept_rate(pipe, prompts, tmp / f"{variant}-{set_name}", detector, dim,

@@ -82,6 +82,10 @@ class ESD(Method):
             dtype
         )
 
+    def stop_index(self, gen: torch.Generator) -> int:
+        """How many DDIM steps the partial sample takes: uniform over the schedule."""
+        return int(torch.randint(0, self.config.ddim_steps, (1,), generator=gen))
+
     @torch.no_grad()
     def partial_sample(self, ctx: TrainContext, cond, gen) -> tuple[torch.Tensor, torch.Tensor]:
         """x_t for a random stop index of the DDIM schedule, sampled by the frozen teacher."""
@@ -91,7 +95,7 @@ class ESD(Method):
             self.sampler.set_timesteps(cfg.ddim_steps)
         unet_cfg = ctx.pipe.unet.config
         shape = (cond.shape[0], unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size)
-        stop = int(torch.randint(0, cfg.ddim_steps, (1,), generator=gen))
+        stop = self.stop_index(gen)
         x = torch.randn(shape, generator=gen).to(ctx.device) * self.sampler.init_noise_sigma
         empty = ctx.empty_cond.expand(cond.shape[0], -1, -1)
         timesteps = self.sampler.timesteps

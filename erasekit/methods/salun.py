@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,13 @@ import torch.nn.functional as F
 
 from erasekit.errors import ErasekitError
 from erasekit.methods import Method
-from erasekit.training import TrainConfig, TrainContext, encode_prompts, step_generator
+from erasekit.training import (
+    TrainConfig,
+    TrainContext,
+    encode_prompt_list,
+    encode_prompts,
+    step_generator,
+)
 
 MASK_FILE = "salun_mask.safetensors"
 MASK_FORMAT = "erasekit-salun-mask/1"
@@ -47,7 +54,13 @@ class SalUnConfig(TrainConfig):
     mask_fraction: float = 0.5  # global share of weights that are trained
     mask_guidance: float = 7.5  # w in the mask loss
     mask_batch_size: int = 8
+    saliency_dtype: str = "fp32"  # gradient-sum accumulator; bf16 halves the mask pass' memory
     surrogate: str = ""  # "" = the concept spec's surrogate prompt
+    # "fixed": one surrogate prompt c_s for every image (the paper's choice);
+    # "replace": per image, its prompt with the concept word replaced (an anchor prompt)
+    surrogate_mode: str = "fixed"
+    surrogate_word: str = ""  # "" = the concept's name
+    surrogate_replacement: str = ""
 
     def validate(self) -> None:
         super().validate()
@@ -59,6 +72,10 @@ class SalUnConfig(TrainConfig):
             raise ErasekitError("epochs and mask_batch_size must be at least 1")
         if self.alpha < 0:
             raise ErasekitError("alpha must be non-negative")
+        if self.saliency_dtype not in ("fp32", "bf16"):
+            raise ErasekitError("saliency_dtype must be fp32 or bf16")
+        if self.surrogate_mode not in ("fixed", "replace"):
+            raise ErasekitError("surrogate_mode must be fixed or replace")
 
 
 # --- thresholds and masks ------------------------------------------------------------------
@@ -108,14 +125,19 @@ def top_fraction_threshold(
 def masks_from_saliency(
     saliency: dict[str, torch.Tensor], fraction: float
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Boolean masks of the global top ``fraction`` (zero saliency is never salient)."""
+    """Boolean masks of the global top ``fraction`` (zero saliency is never salient).
+
+    Consumes ``saliency``: each entry is dropped once its mask is made, so the peak is the
+    saliency plus one tensor's mask, not saliency plus all masks."""
     threshold = top_fraction_threshold(list(saliency.values()), fraction)
     masks = {}
-    for name, s in saliency.items():
+    for name in list(saliency):
+        s = saliency.pop(name)
         m = s >= threshold
         if threshold <= 0:
             m &= s > 0
         masks[name] = m
+        del s
     kept = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     return masks, {"threshold": threshold, "density": kept / total, "n_weights": total}
@@ -174,6 +196,8 @@ class SalUn(Method):
 
     def __init__(self, *args, mask: str | Path | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if mask is not None and not Path(mask).is_file():
+            raise ErasekitError(f"mask file not found: {mask}")
         self.mask_path = mask
         self.masks: dict[str, torch.Tensor] = {}
         self.mask_info: dict[str, Any] = {}
@@ -183,6 +207,25 @@ class SalUn(Method):
         if concept.kind == "nudity":
             return {"alpha": 0.1, "epochs": 1}
         return {"alpha": 0.5, "epochs": 5}
+
+    def anchor_prompts(self, prompts: list[str]) -> list[str]:
+        """surrogate_mode=replace: each prompt with the concept word replaced."""
+        word = self.config.surrogate_word or self.concept.name
+        pattern = re.compile(rf"\b{re.escape(word)}\b", re.IGNORECASE)
+        out = []
+        for p in prompts:
+            if not pattern.search(p):
+                raise ErasekitError(f"surrogate_mode=replace: forget prompt {p!r} lacks {word!r}")
+            out.append(" ".join(pattern.sub(self.config.surrogate_replacement, p).split()))
+        return out
+
+    def prepare_data(self, pipe):
+        data = super().prepare_data(pipe)
+        if self.config.surrogate_mode == "replace":
+            anchors = self.anchor_prompts(data["forget"].prompts)
+            data["forget"].anchor = encode_prompt_list(pipe, anchors)
+            self.data_info["anchor_examples"] = sorted(set(anchors))[:5]
+        return data
 
     def total_steps(self, data) -> int:
         if self.config.steps:
@@ -196,32 +239,47 @@ class SalUn(Method):
         return cfg.epochs * math.ceil(len(data["forget"]) / global_batch)
 
     def saliency(self, ctx: TrainContext) -> dict[str, torch.Tensor]:
-        """|Σ_batches ∇ -MSE(ε, (1+w)ε_θ(x_t,c_f) - wε_θ(x_t,""))| over the forget set."""
+        """|Σ_batches ∇ -MSE(ε, (1+w)ε_θ(x_t,c_f) - wε_θ(x_t,""))| over the forget set.
+
+        Each parameter's gradient is added into an accumulator of ``saliency_dtype`` as soon
+        as backward produces it and then freed, so the pass holds one accumulator per weight
+        (4 bytes in fp32, 2 in bf16) and never a full set of gradients besides.
+        """
         cfg: SalUnConfig = self.config
         acc, unet, split = ctx.accelerator, ctx.unet, ctx.data["forget"]
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.saliency_dtype]
         params = dict(unet.named_parameters())
-        for p in params.values():
-            p.grad = None
-        starts = list(range(0, len(split), cfg.mask_batch_size))
-        for start in starts[acc.process_index :: acc.num_processes]:
-            latents = split.latents[start : start + cfg.mask_batch_size].to(ctx.device)
-            cond = split.cond[start : start + cfg.mask_batch_size].to(ctx.device)
-            x_t, t, noise = ctx.noisy(latents, step_generator(cfg.seed, -1, start))
-            empty = ctx.empty_cond.expand_as(cond)
-            with acc.autocast():
-                out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, empty]))
-            e_c, e_u = out.sample.float().chunk(2)
-            guided = (1 + cfg.mask_guidance) * e_c - cfg.mask_guidance * e_u
-            loss = -F.mse_loss(guided, ctx.denoising_target(latents, noise, t).float())
-            loss.backward()
-        saliency = {}
-        for name, p in params.items():
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
+        sums = {n: torch.zeros_like(p, dtype=dtype) for n, p in params.items()}
+
+        def make_hook(name):
+            def hook(p):
+                sums[name].add_(p.grad.to(dtype))
+                p.grad = None
+
+            return hook
+
+        handles = [p.register_post_accumulate_grad_hook(make_hook(n)) for n, p in params.items()]
+        try:
+            starts = list(range(0, len(split), cfg.mask_batch_size))
+            for start in starts[acc.process_index :: acc.num_processes]:
+                latents = split.latents[start : start + cfg.mask_batch_size].to(ctx.device)
+                cond = split.cond[start : start + cfg.mask_batch_size].to(ctx.device)
+                x_t, t, noise = ctx.noisy(latents, step_generator(cfg.seed, -1, start))
+                empty = ctx.empty_cond.expand_as(cond)
+                with acc.autocast():
+                    out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, empty]))
+                e_c, e_u = out.sample.float().chunk(2)
+                guided = (1 + cfg.mask_guidance) * e_c - cfg.mask_guidance * e_u
+                loss = -F.mse_loss(guided, ctx.denoising_target(latents, noise, t).float())
+                loss.backward()
+        finally:
+            for h in handles:
+                h.remove()
+        for name in sums:
             if acc.num_processes > 1:
-                g = acc.reduce(g, reduction="sum")
-            saliency[name] = g.abs()
-            p.grad = None
-        return saliency
+                sums[name] = acc.reduce(sums[name], reduction="sum")
+            sums[name].abs_()
+        return sums
 
     def setup(self, ctx: TrainContext) -> None:
         cfg: SalUnConfig = self.config
@@ -250,8 +308,9 @@ class SalUn(Method):
         forget, retain = ctx.batch("forget", micro), ctx.batch("retain", micro)
         xf, tf, _ = ctx.noisy(forget["latents"], ctx.generator(micro))
         xr, tr, noise_r = ctx.noisy(retain["latents"], ctx.generator(micro, salt=1))
+        anchor = forget.get("anchor", self.surrogate_cond.expand_as(forget["cond"]))
         with torch.no_grad():
-            target = ctx.unet(xf, tf, self.surrogate_cond.expand_as(forget["cond"])).sample
+            target = ctx.unet(xf, tf, anchor).sample
         # One forward with gradients for both halves (DDP expects one per backward).
         pred = ctx.unet(torch.cat([xf, xr]), torch.cat([tf, tr]),
                         torch.cat([forget["cond"], retain["cond"]])).sample.float()  # fmt: skip
@@ -263,4 +322,9 @@ class SalUn(Method):
 
     def write_outputs(self, folder: Path) -> dict[str, Any]:
         save_mask(folder / MASK_FILE, self.masks, self.mask_info)
-        return {"mask": MASK_FILE, "surrogate": self.surrogate, **self.mask_info}
+        cfg: SalUnConfig = self.config
+        surrogate = self.surrogate
+        if cfg.surrogate_mode == "replace":
+            word = cfg.surrogate_word or self.concept.name
+            surrogate = f"each prompt with {word!r} replaced by {cfg.surrogate_replacement!r}"
+        return {"mask": MASK_FILE, "surrogate": surrogate, **self.mask_info}

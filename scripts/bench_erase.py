@@ -1,0 +1,325 @@
+"""Erasure benchmarks -> JSON (docs/results/bench-erase-*.json).
+
+Parts:
+  world  step time (median of logged steps) and peak host memory of each method on the
+         ShapesWorld model, on this CPU, each run in its own `erasekit erase` process.
+  mask   SalUn mask for a U-Net with the SD-1.5 architecture (random weights, 860M
+         parameters): saliency pass time, mask build (threshold + bit-packing + file) time,
+         peak host memory above the model, file size. Targets: <= 110 MB on disk, <= 2 GB host
+         memory above the model. The saliency pass runs on one 8x8 latent (64 px) so that the
+         measurement is the mask's cost, not activations'.
+  gpu    on a CUDA device: ESD and SalUn steps through erasekit's own method code vs a plain
+         fine-tuning step of the same U-Net (the floor): 512 px (64x64 latents), batch 8,
+         bf16 autocast, fp32 master weights, Adam; step time, peak GPU memory, TFLOP/s achieved
+         (FLOPs counted by torch.utils.flop_counter over one step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+# SD-1.5 U-Net architecture (diffusers config values; the same for SD-1.4).
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+SD_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+def rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def rss_peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def bench_world(steps: int) -> dict:
+    from erasekit.world import world_path
+
+    model = world_path("full")
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, method, sets in (
+            ("esd-x", "esd", ["variant=esd-x"]),
+            ("esd-u", "esd", ["variant=esd-u"]),
+            ("salun", "salun", []),
+        ):
+            folder = Path(tmp) / label
+            cmd = [sys.executable, "-m", "erasekit", "erase", "--model", str(model),
+                   "--concept", "red", "--method", method, "--out", str(folder),
+                   "--cache-dir", str(Path(tmp) / "cache"), "--no-progress",
+                   "--set", f"steps={steps}"]  # fmt: skip
+            for s in sets:
+                cmd += ["--set", s]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(proc.stderr[-1000:])
+            log = [json.loads(x) for x in (folder / "training_log.jsonl").read_text().split("\n")
+                   if x]  # fmt: skip
+            manifest = json.loads((folder / "erasekit.json").read_text())
+            out[label] = {
+                "median_step_s": round(statistics.median(r["seconds"] for r in log), 4),
+                "steps": len(log),
+                "batch_size": manifest["method"]["config"]["batch_size"],
+                "peak_rss_mb": round(manifest["peak_memory"]["host_peak_rss_bytes"] / 2**20),
+                "note": "ESD step time includes the frozen teacher's partial DDIM sample "
+                "(0-50 steps, uniform)" if method == "esd" else "forget + retain batch",
+            }  # fmt: skip
+    return out
+
+
+def bench_mask(saliency_dtype: str) -> dict:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from erasekit.methods.salun import SalUn, SalUnConfig, masks_from_saliency, save_mask
+    from erasekit.training import Split, TrainContext
+
+    torch.manual_seed(0)
+    base = rss_now()
+    unet = UNet2DConditionModel(**SD15_UNET)
+    n_params = sum(p.numel() for p in unet.parameters())
+    model_rss = rss_now()
+    cfg = SalUnConfig(mask_batch_size=1, saliency_dtype=saliency_dtype)
+    ctx = TrainContext(
+        accelerator=SimpleNamespace(process_index=0, num_processes=1,
+                                    autocast=lambda: torch.autocast("cpu", enabled=False)),
+        unet=unet, pipe=None, config=cfg,
+        data={"forget": Split(["x"], torch.randn(1, 77, 768), torch.randn(1, 4, 8, 8))},
+        empty_cond=torch.zeros(1, 77, 768),
+        noise_scheduler=DDPMScheduler(**{k: v for k, v in SD_SCHEDULER.items()
+                                         if k not in ("set_alpha_to_one", "steps_offset")}),
+        weight_dtype=torch.float32, device=torch.device("cpu"), work_dir=Path("."),
+    )  # fmt: skip
+    method = SalUn.__new__(SalUn)
+    method.config = cfg
+    t0 = time.time()
+    saliency = method.saliency(ctx)
+    t_saliency = time.time() - t0
+    after_saliency = rss_now()
+    peak_before_build = rss_peak()
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.time()
+        masks, info = masks_from_saliency(saliency, 0.5)
+        path = save_mask(Path(tmp) / "mask.safetensors", masks, info)
+        t_build = time.time() - t0
+        size = path.stat().st_size
+    peak = rss_peak()
+    return {
+        "architecture": "SD-1.5 U-Net (diffusers UNet2DConditionModel), random weights",
+        "saliency_dtype": saliency_dtype,
+        "n_parameters": n_params,
+        "model_rss_mb": round((model_rss - base) / 2**20),
+        "saliency_pass_s": round(t_saliency, 2),
+        "saliency_rss_mb": round((after_saliency - model_rss) / 2**20),
+        "peak_before_build_above_model_mb": round((peak_before_build - model_rss) / 2**20),
+        "mask_build_s": round(t_build, 2),
+        "mask_build_extra_peak_mb": round(
+            (peak - max(peak_before_build, after_saliency)) / 2**20
+        ),  # fmt: skip
+        "peak_above_model_mb": round((peak - model_rss) / 2**20),
+        "density": info["density"],
+        "file_mb": round(size / 2**20, 2),
+        "file_target_mb": 110,
+        "file_ok": size <= 110 * 2**20,
+        "memory_target_mb_above_model": 2048,
+        "memory_ok": (peak - model_rss) <= 2048 * 2**20,
+        "note": "the saliency accumulator (|sum of gradients|: 4 bytes per weight in fp32, 2 in "
+        "bf16) is the pass's cost; gradients are folded into it and freed as backward makes "
+        "them; the threshold, boolean masks and packed file add mask_build_extra_peak_mb",
+    }
+
+
+def _flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def _esd_at_mean_depth():
+    from erasekit.methods.esd import ESD
+
+    class ESDAtMeanDepth(ESD):
+        """ESD whose partial sample always stops at the schedule's mean depth, so that every
+        timed step costs the same and FLOPs and time describe the same work."""
+
+        def stop_index(self, gen):
+            return self.config.ddim_steps // 2
+
+    return ESDAtMeanDepth
+
+
+def bench_gpu(batch: int, steps: int) -> dict:
+    from accelerate import Accelerator
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+
+    from erasekit.methods.esd import ESDConfig
+    from erasekit.methods.salun import SalUn, SalUnConfig, masks_from_saliency
+    from erasekit.training import Split, TrainContext
+
+    _ESDAtMeanDepth = _esd_at_mean_depth()
+    acc = Accelerator(mixed_precision="bf16")
+    dev = acc.device
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        return Split(["x"] * n, torch.randn(n, 77, 768, generator=g),
+                     torch.randn(n, 4, 64, 64, generator=g))  # fmt: skip
+
+    results = {}
+    for label in ("finetune", "salun", "esd-u"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        unet = UNet2DConditionModel(**SD15_UNET).to(dev)
+        cfg = (ESDConfig(variant="esd-u", batch_size=batch) if label == "esd-u"
+               else SalUnConfig(batch_size=batch))  # fmt: skip
+        ctx = TrainContext(
+            accelerator=acc, unet=unet,
+            pipe=SimpleNamespace(unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULER)),
+            config=cfg, data={"forget": split(4 * batch), "retain": split(4 * batch)},
+            empty_cond=torch.zeros(1, 77, 768, device=dev),
+            noise_scheduler=DDPMScheduler.from_config(DDIMScheduler(**SD_SCHEDULER).config),
+            weight_dtype=torch.bfloat16, device=dev, work_dir=Path("."),
+        )  # fmt: skip
+        if label == "esd-u":
+            method = _ESDAtMeanDepth(cfg, None, model_path=".")
+            params = [p for _, p in method.trainable_parameters(unet)]
+            unet.requires_grad_(False)
+            for p in params:
+                p.requires_grad_(True)
+            method.setup(ctx)
+        elif label == "salun":
+            method = SalUn(cfg, None, model_path=".")
+            params = list(unet.parameters())
+            t0 = time.time()
+            masks, _ = masks_from_saliency(method.saliency(ctx), cfg.mask_fraction)
+            torch.cuda.synchronize()
+            mask_s = time.time() - t0
+            method.masks = masks
+            method._by_param = {p: masks[n] for n, p in unet.named_parameters()}
+            method.surrogate_cond = torch.zeros(1, 77, 768, device=dev)
+        else:
+            method, params = None, list(unet.parameters())
+        opt = torch.optim.Adam(params, lr=1e-5)
+        ctx.unet, opt = acc.prepare(unet, opt)
+
+        def step(i, ctx=ctx, method=method, opt=opt):
+            ctx.step = i
+            if method is None:
+                loss = ctx.denoising_loss(ctx.batch("forget", 0), 0)
+            else:
+                loss, _ = method.loss(ctx, 0)
+            acc.backward(loss)
+            if method is not None:
+                method.after_backward(ctx.unet)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for i in range(2):  # warm-up
+            step(i)
+        torch.cuda.synchronize()
+        times = []
+        for i in range(steps):
+            t0 = time.time()
+            step(100 + i)
+            torch.cuda.synchronize()
+            times.append(time.time() - t0)
+        flops = _flops(lambda step=step: step(1000))
+        results[label] = {
+            "median_step_s": round(statistics.median(times), 4),
+            "mean_step_s": round(statistics.mean(times), 4),
+            "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "tflops_per_step_sample": round(flops / 1e12, 2),
+            "achieved_tflops": round(flops / 1e12 / statistics.median(times), 1),
+        }
+        if label == "salun":
+            results[label]["mask_pass_s"] = round(mask_s, 2)
+            results[label]["note"] = "one no-grad forward (surrogate target) + one fwd/bwd on " \
+                "forget+retain (2x batch)"  # fmt: skip
+        if label == "esd-u":
+            results[label]["note"] = ("every timed step partially samples 25 DDIM steps (the "
+                                      "mean of U{0..49}) with the bf16 teacher, x2 for CFG, "
+                                      "then one fwd/bwd of the trained U-Net")  # fmt: skip
+        ctx = unet = opt = method = step = None  # free before the next model
+        acc.free_memory()
+    results["device"] = torch.cuda.get_device_name()
+    results["setting"] = {"resolution": 512, "latents": "64x64", "batch": batch,
+                          "precision": "bf16 autocast, fp32 weights", "optimizer": "Adam",
+                          "timed_steps": steps}  # fmt: skip
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("part", choices=["world", "mask", "gpu"])
+    ap.add_argument(
+        "--out", default=None, help="JSON file (default docs/results/bench-erase-PART.json)"
+    )
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=["fp32", "bf16"],
+        help="mask: saliency accumulator dtype",
+    )
+    args = ap.parse_args()
+    from erasekit.cli import quiet_libraries
+
+    quiet_libraries()
+    if args.part == "world":
+        torch.set_num_threads(2)
+        result = bench_world(args.steps)
+    elif args.part == "mask":
+        result = bench_mask(args.dtype)
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench gpu: no CUDA device")
+        result = bench_gpu(args.batch, args.steps)
+    record = {
+        "benchmark": f"bench_erase {args.part}",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "result": result,
+    }
+    part = f"mask-{args.dtype}" if args.part == "mask" else args.part
+    out = Path(args.out or f"docs/results/bench-erase-{part}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
