@@ -12,7 +12,7 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
         parents=[parent],
         help="run the main job on the embedded ShapesWorld model",
         description=(
-            "Erase a concept from ShapesWorld with SalUn (lr 1e-4 for the world model, otherwise "
+            "Erase a concept from ShapesWorld with SalUn (lr 3e-5 for 10 epochs, otherwise "
             "the method's defaults), then render the concept's forget and retain prompts with the "
             "original, the erased model and the never-learned reference, and measure how often "
             "the world detector sees the concept (Wilson 95%% intervals)."
@@ -29,7 +29,7 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from erasekit.concepts import load_concept
     from erasekit.detectors.world import WorldDetector
-    from erasekit.evaluation import concept_rate
+    from erasekit.evaluation import concept_rate, world_retain_accuracy
     from erasekit.methods.salun import SalUn
     from erasekit.models import load_pipeline
     from erasekit.outputs import atomic_output_dir, write_json
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     rows = []
     with atomic_output_dir(out, overwrite=args.overwrite) as tmp:
-        sets = ["lr=1e-4", "images_per_prompt=4"]
+        sets = ["lr=3e-5", "epochs=10"]
         if args.erase_steps:
             sets.append(f"steps={args.erase_steps}")
         config = build_config(SalUn.Config, SalUn.defaults(concept), sets=sets)
@@ -61,13 +61,18 @@ def run(args: argparse.Namespace) -> int:
                                     target, model_path=model,
                                     n_per_prompt=args.n_per_prompt)  # fmt: skip
                 rows.append({"model": variant, "metric": f"{target}_rate", **rate})
+            acc = world_retain_accuracy(pipe, concept.retain, tmp / f"{variant}-retain-accuracy",
+                                        detector, model_path=model,
+                                        n_per_prompt=args.n_per_prompt)  # fmt: skip
+            rows.append({"model": variant, "metric": "retain_accuracy", **acc})
         write_json(tmp / "results.json",
                    {"detector": detector.protocol(dim, target), "results": rows})  # fmt: skip
     print(f"concept '{target}' ({dim}); detector {detector.version}, rule: argmax = {target}")
     for r in rows:
         lo, hi = r["ci95"]
-        print(f"  {r['model']:10s} {r['prompt_set']['name']:18s} {r['metric']} = "
+        print(f"  {r['model']:12s} {r['prompt_set']['name']:12s} {r['metric']:15s} = "
               f"{r['value']:.2f} [95% CI {lo:.2f}-{hi:.2f}], n={r['n_images']} images "
               f"of {r['n_prompts']} prompts")  # fmt: skip
+    print("retain_accuracy: share of retain images whose colour and shape are the prompt's")
     print(f"images and results.json in {out}")
     return 0
