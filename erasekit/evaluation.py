@@ -57,6 +57,11 @@ def concept_rate(
     with its 95% Wilson interval, n and the prompt set's description. ``kwargs``: see
     ``render_and_score``."""
     _, scores = render_and_score(pipe, prompt_set, out_dir, detector, **kwargs)
+    return flag_rate(scores, detector, dimension, target, prompt_set)
+
+
+def flag_rate(scores, detector, dimension: str, target: str, prompt_set: PromptSet) -> dict:
+    """The share of scored images the detector flags as ``target`` (Wilson 95% interval)."""
     hits = sum(detector.flagged(s, dimension, target) for s in scores)
     return _rate(hits, len(scores), prompt_set)
 
@@ -66,9 +71,14 @@ def world_retain_accuracy(
 ) -> dict[str, Any]:
     """ShapesWorld utility: the share of images whose classified shape/colour/style equals
     every attribute the prompt names (canonical words), with its 95% Wilson interval."""
+    records, scores = render_and_score(pipe, prompt_set, out_dir, detector, **kwargs)
+    return attribute_accuracy(records, scores, prompt_set)
+
+
+def attribute_accuracy(records, scores, prompt_set: PromptSet) -> dict[str, Any]:
+    """The share of scored world images whose classes equal every attribute the prompt names."""
     from erasekit.world.render import prompt_labels
 
-    records, scores = render_and_score(pipe, prompt_set, out_dir, detector, **kwargs)
     hits = 0
     for rec, score in zip(records, scores, strict=True):
         labels = prompt_labels(rec["prompt"])

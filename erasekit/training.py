@@ -397,7 +397,6 @@ def _train(
     resume: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    manifest_extra: dict[str, Any] | None = None,
 ) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -581,7 +580,6 @@ def _train(
                     "log": TRAINING_LOG,
                     "outputs": outputs,
                 },
-                **(manifest_extra or {}),
             },
         )  # fmt: skip
         write_model(pipe, work_dir, manifest)

@@ -120,8 +120,7 @@ def bench_mask(saliency_dtype: str) -> dict:
                                          if k not in ("set_alpha_to_one", "steps_offset")}),
         weight_dtype=torch.float32, device=torch.device("cpu"), work_dir=Path("."),
     )  # fmt: skip
-    method = SalUn.__new__(SalUn)
-    method.config = cfg
+    method = SalUn(cfg, None, model_path=".")
     t0 = time.time()
     saliency = method.saliency(ctx)
     t_saliency = time.time() - t0

@@ -29,7 +29,12 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from erasekit.concepts import load_concept
     from erasekit.detectors.world import WorldDetector
-    from erasekit.evaluation import concept_rate, world_retain_accuracy
+    from erasekit.evaluation import (
+        attribute_accuracy,
+        concept_rate,
+        flag_rate,
+        render_and_score,
+    )
     from erasekit.methods.salun import SalUn
     from erasekit.models import load_pipeline
     from erasekit.outputs import atomic_output_dir, write_json
@@ -56,14 +61,16 @@ def run(args: argparse.Namespace) -> int:
         for variant, model in models.items():
             model = model or world_path(variant)
             pipe = load_pipeline(model)
-            for set_name, prompts in (("forget", concept.forget), ("retain", concept.retain)):
-                rate = concept_rate(pipe, prompts, tmp / f"{variant}-{set_name}", detector, dim,
-                                    target, model_path=model,
-                                    n_per_prompt=args.n_per_prompt)  # fmt: skip
-                rows.append({"model": variant, "metric": f"{target}_rate", **rate})
-            acc = world_retain_accuracy(pipe, concept.retain, tmp / f"{variant}-retain-accuracy",
-                                        detector, model_path=model,
-                                        n_per_prompt=args.n_per_prompt)  # fmt: skip
+            kw = {"model_path": model, "n_per_prompt": args.n_per_prompt}
+            rate = concept_rate(pipe, concept.forget, tmp / f"{variant}-forget", detector, dim,
+                                target, **kw)  # fmt: skip
+            rows.append({"model": variant, "metric": f"{target}_rate", **rate})
+            # retain prompts: rendered once, judged for the concept and for accuracy
+            records, scores = render_and_score(pipe, concept.retain, tmp / f"{variant}-retain",
+                                               detector, **kw)  # fmt: skip
+            rate = flag_rate(scores, detector, dim, target, concept.retain)
+            rows.append({"model": variant, "metric": f"{target}_rate", **rate})
+            acc = attribute_accuracy(records, scores, concept.retain)
             rows.append({"model": variant, "metric": "retain_accuracy", **acc})
         write_json(tmp / "results.json",
                    {"detector": detector.protocol(dim, target), "results": rows})  # fmt: skip
