@@ -7,6 +7,9 @@ on the forget prompts and on paraphrase prompts (synonyms, no concept word), and
 (every attribute a retain prompt names is classified correctly). n images and 95% Wilson
 intervals on every rate.
 
+`--append-esd-defaults` runs ESD-u with the original paper's defaults (1000 iterations) and
+merges those rows into the existing record; `--render-only` re-writes the Markdown.
+
 Issue target: SalUn with default settings takes the forget-prompt rate from >= 85% to <= 10%
 with retain accuracy within 10 points of the original, in <= 5 CPU minutes.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -44,6 +48,9 @@ RUNS = [
     ("SalUn (defaults)", "salun", []),
     ("SalUn, world lr 1e-4", "salun", ["lr=1e-4"]),
 ]
+# ESD with the original paper's defaults (1000 iterations, lr 1e-5, eta 1): ~13 CPU minutes per
+# run here, so run separately (--append-esd-defaults) and merged into the record.
+ESD_DEFAULTS = [("ESD-u (defaults: 1000 it, lr 1e-5, eta 1)", "esd", ["variant=esd-u"])]
 # What else was tried to meet the SalUn target on `red` (each changes the listed settings).
 # "retain renders" trains the retain term on exact renders of the retain prompts (an
 # imagefolder) instead of the original model's samples; "forget term off" replaces the concept
@@ -95,6 +102,57 @@ def measure(model: Path, concept, detector, tmp: Path, n: int, seed: int) -> dic
     }  # fmt: skip
 
 
+def run_one(label, method, sets, concept, base, work, detector, args) -> dict:
+    """Erase with `erasekit erase` in its own process, then measure the erased model."""
+    name = concept.name
+    slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+    out = work / f"{name}-{slug}"
+    cmd = [sys.executable, "-m", "erasekit", "erase", "--model", str(base), "--concept", name,
+           "--method", method, "--out", str(out), "--cache-dir", str(work / "cache"),
+           "--no-progress", "--overwrite"]  # fmt: skip
+    for s in sets:
+        if s == "@retain-renders":
+            cmd += ["--retain-images", str(write_retain_renders(concept, work / f"renders-{name}"))]
+        else:
+            cmd += ["--set", s]
+    cpu0, t0 = cpu_seconds_children(), time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall, cpu = time.time() - t0, cpu_seconds_children() - cpu0
+    if proc.returncode != 0:
+        raise SystemExit(f"{label} on {name} failed: {proc.stderr.strip()[-500:]}")
+    manifest = json.loads((out / "erasekit.json").read_text())
+    after = measure(out, concept, detector, work / f"eval-{out.name}", args.n_per_prompt,
+                    args.seed)  # fmt: skip
+    print(f"{name} {label}: forget {after['forget']['value']:.2f} "
+          f"retain {after['retain_accuracy']['value']:.2f} ({wall:.0f}s)", flush=True)  # fmt: skip
+    return {
+        "concept": name, "label": label, "method": method, "settings": sets,
+        "config": manifest["method"]["config"], "after": after,
+        "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+        "peak_rss_mb": round(manifest["peak_memory"]["host_peak_rss_bytes"] / 2**20),
+        "steps": manifest["training"]["steps"],
+    }  # fmt: skip
+
+
+def append_esd_defaults(doc: Path, base: Path, detector, args) -> None:
+    """Add ESD_DEFAULTS rows to an existing record, after each concept's other ESD rows."""
+    record = json.loads(doc.with_suffix(".json").read_text())
+    rows = record["rows"]
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(args.work or scratch)
+        for name in args.concepts.split(","):
+            concept = load_concept(name)
+            for label, method, sets in ESD_DEFAULTS:
+                row = run_one(label, method, sets, concept, base, work, detector, args)
+                rows = [r for r in rows if (r["concept"], r["label"]) != (name, label)]
+                at = max(i for i, r in enumerate(rows) if r["concept"] == name
+                         and r["label"].startswith(("ESD", "original")))  # fmt: skip
+                rows.insert(at + 1, row)
+    record["rows"] = rows
+    write_json(doc.with_suffix(".json"), record)
+    doc.write_text(markdown(record))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--concepts", default="circle,red")
@@ -104,6 +162,11 @@ def main() -> None:
     ap.add_argument("--doc", default="docs/results/erase-world.md")
     ap.add_argument("--work", default=None, help="keep models here (default: a temp folder)")
     ap.add_argument("--render-only", action="store_true", help="re-write the .md from the .json")
+    ap.add_argument(
+        "--append-esd-defaults",
+        action="store_true",
+        help="run ESD-u with its original defaults and add the rows to the .json",
+    )
     args = ap.parse_args()
     doc = Path(args.doc)
     if args.render_only:
@@ -113,10 +176,12 @@ def main() -> None:
     quiet_libraries()
     detector = WorldDetector()
     base = world_path("full")
+    if args.append_esd_defaults:
+        append_esd_defaults(doc, base, detector, args)
+        return
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.work or scratch)
-        cache = work / "cache"
         for name in args.concepts.split(","):
             concept = load_concept(name)
             before = measure(base, concept, detector, work / f"eval-{name}-base",
@@ -124,34 +189,7 @@ def main() -> None:
             rows.append({"concept": name, "label": "original", "before": before})
             runs = RUNS + (ABLATIONS if name == "red" and args.ablations else [])
             for label, method, sets in runs:
-                out = work / f"{name}-{method}-{len(rows)}"
-                cmd = [sys.executable, "-m", "erasekit", "erase", "--model", str(base),
-                       "--concept", name, "--method", method, "--out", str(out),
-                       "--cache-dir", str(cache), "--no-progress", "--overwrite"]  # fmt: skip
-                for s in sets:
-                    if s == "@retain-renders":
-                        folder = write_retain_renders(concept, work / f"renders-{name}")
-                        cmd += ["--retain-images", str(folder)]
-                    else:
-                        cmd += ["--set", s]
-                cpu0, t0 = cpu_seconds_children(), time.time()
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                wall, cpu = time.time() - t0, cpu_seconds_children() - cpu0
-                if proc.returncode != 0:
-                    raise SystemExit(f"{label} on {name} failed: {proc.stderr.strip()[-500:]}")
-                manifest = json.loads((out / "erasekit.json").read_text())
-                after = measure(out, concept, detector, work / f"eval-{out.name}",
-                                args.n_per_prompt, args.seed)  # fmt: skip
-                rows.append({
-                    "concept": name, "label": label, "method": method, "settings": sets,
-                    "config": manifest["method"]["config"], "after": after,
-                    "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-                    "peak_rss_mb": round(manifest["peak_memory"]["host_peak_rss_bytes"] / 2**20),
-                    "steps": manifest["training"]["steps"],
-                })  # fmt: skip
-                print(f"{name} {label}: forget {after['forget']['value']:.2f} "
-                      f"retain {after['retain_accuracy']['value']:.2f} ({wall:.0f}s)",
-                      flush=True)  # fmt: skip
+                rows.append(run_one(label, method, sets, concept, base, work, detector, args))
     record = {
         "definition": {
             "detector": detector.protocol("colour", "red") | {"target": "the concept's"},
