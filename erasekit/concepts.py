@@ -201,19 +201,46 @@ def available_concepts() -> list[str]:
     return sorted(p.stem for p in CONCEPTS_DIR.glob("*.yaml"))
 
 
+def _resolve_prompt_file(spec_path: Path, value: str) -> Path:
+    file = Path(value)
+    if not file.is_absolute():
+        local = spec_path.parent / file
+        file = local if local.exists() else PROMPTS_DIR / file
+    return file
+
+
+def expand_templates(templates: PromptSet, fill: list[str], name: str) -> PromptSet:
+    """Every template ("{}" marks the slot) filled with every value, templates outermost."""
+    if not fill or any(not isinstance(v, str) or not v.strip() for v in fill):
+        raise ErasekitError(f"{name}: 'fill' must be a non-empty list of words")
+    missing = [t for t in templates.prompts if "{}" not in t]
+    if missing:
+        raise ErasekitError(f"{templates.source}: template without '{{}}': {missing[0]!r}")
+    prompts = [t.replace("{}", v.strip()) for t in templates.prompts for v in fill]
+    expanded = prompt_set_from_list(prompts, name=name)
+    source = f"{templates.source} (sha256 {templates.sha256[:12]}) filled with {fill}"
+    return PromptSet(name, source, "template", expanded.sha256, expanded.entries)
+
+
 def _prompt_set_field(spec_path: Path, key: str, value: Any) -> PromptSet:
     name = f"{spec_path.stem}/{key}"
+    if isinstance(value, dict):
+        if set(value) != {"template", "fill"}:
+            raise ErasekitError(f"{spec_path}: '{key}' as a mapping needs exactly 'template' "
+                                "(a template file) and 'fill' (a word or a list)")  # fmt: skip
+        fill = value["fill"] if isinstance(value["fill"], list) else [value["fill"]]
+        templates = read_prompt_set(_resolve_prompt_file(spec_path, str(value["template"])))
+        return expand_templates(templates, fill, name)
     if isinstance(value, list):
         if not all(isinstance(v, str) for v in value):
             raise ErasekitError(f"{spec_path}: '{key}' must be a list of prompt strings")
         return prompt_set_from_list(value, name=name)
     if isinstance(value, str):
-        file = Path(value)
-        if not file.is_absolute():
-            local = spec_path.parent / file
-            file = local if local.exists() else PROMPTS_DIR / file
-        return read_prompt_set(file, name=name)
-    raise ErasekitError(f"{spec_path}: '{key}' must be a prompt file path or a list of prompts")
+        return read_prompt_set(_resolve_prompt_file(spec_path, value), name=name)
+    raise ErasekitError(
+        f"{spec_path}: '{key}' must be a prompt file path, a list of prompts or a "
+        "{template, fill} mapping"
+    )
 
 
 def load_concept(name_or_path: str) -> Concept:

@@ -1,36 +1,135 @@
-"""Generate -> detect -> rate: the concept-rate measurement every result is built from."""
+"""Generate -> detect -> per-sample records -> metrics with 95% intervals and definitions.
+
+Every number erasekit reports is built here: images come from the one ``generate`` path, each
+detector scores them (shared among the processes of an accelerate run, gathered on all), each
+image becomes a sample record with its raw scores and protocol flags, and metrics aggregate
+samples into value, interval, n and a full definition.
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from erasekit.concepts import PromptSet
+from erasekit.concepts import Concept, PromptSet
+from erasekit.detectors import DetectorOptions, Protocol, build_detector
+from erasekit.distributed import process_state
 from erasekit.errors import ErasekitError
 from erasekit.generate import SamplerSettings, generate
-from erasekit.stats import wilson_interval
+from erasekit.stats import bootstrap_interval, wilson_interval
+
+BOOTSTRAP_RESAMPLES = 2000
+RATE_INTERVAL = "Wilson score 95%"
+MEAN_INTERVAL = f"percentile bootstrap 95% over prompts ({BOOTSTRAP_RESAMPLES} resamples, seed 0)"
 
 
-def render_and_score(
+# ----------------------------------------------------------------------------- judges
+
+
+@dataclass
+class Judges:
+    """The detectors an evaluation runs: the concept's detector with its protocols (the first
+    is the primary one) and, where CLIP weights are given, a CLIP scorer for utility."""
+
+    concept: Any
+    protocols: list[Protocol]
+    clip: Any = None
+    detectors: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {name: det.describe() for name, det in self.detectors.items()}
+
+
+def build_judges(concept: Concept, options: DetectorOptions) -> Judges:
+    """Load every detector the concept needs (errors name the missing weights)."""
+    spec = concept.detector
+    detector = build_detector(spec["name"], options, spec)
+    protocols = detector.protocols(spec)
+    clip = None
+    if spec["name"] == "clip":
+        clip = detector
+    elif options.clip_weights:
+        clip = build_detector("clip", options, {})
+    detectors = {detector.name: detector}
+    if clip is not None:
+        detectors["clip"] = clip
+    return Judges(detector, protocols, clip, detectors)
+
+
+def score_images(
+    records: list[dict[str, Any]], root: str | Path, detectors: dict[str, Any]
+) -> list[dict[str, dict]]:
+    """Raw scores of every detector for every record's image (``root / record["image"]``).
+
+    Under accelerate each process scores every n-th image; the results are gathered in order.
+    A detector that raises is an error, never a silent pass.
+    """
+    from accelerate.utils import gather_object
+
+    state = process_state()
+    root = Path(root)
+    mine = list(range(state.process_index, len(records), state.num_processes))
+    images = [Image.open(root / records[i]["image"]).convert("RGB") for i in mine]
+    prompts = [records[i]["prompt"] for i in mine]
+    per_detector = {}
+    for name, det in detectors.items():
+        try:
+            per_detector[name] = det.score(images, prompts)
+        except ErasekitError:
+            raise
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ErasekitError(f"detector {name!r} failed: {type(e).__name__}: {first}") from e
+        if len(per_detector[name]) != len(images):
+            raise ErasekitError(f"detector {name!r} returned {len(per_detector[name])} records "
+                                f"for {len(images)} images")  # fmt: skip
+    scored = [(i, {n: per_detector[n][j] for n in detectors}) for j, i in enumerate(mine)]
+    if state.num_processes > 1:
+        scored = gather_object(scored)
+    by_index = dict(scored)
+    return [by_index[i] for i in range(len(records))]
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def evaluate_prompt_set(
     pipe,
     prompt_set: PromptSet,
-    out_dir: str | Path,
-    detector,
+    root: str | Path,
+    folder: str,
+    judges: Judges,
     *,
-    model_path: str | Path,
+    model_path: str | Path | None,
+    settings: SamplerSettings,
     n_per_prompt: int = 1,
     seed: int = 0,
-    batch_size: int = 64,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Render ``prompt_set`` into ``out_dir`` (the one generate path) and score every image:
-    (sample records, detector records), in the same order."""
-    out_dir = Path(out_dir)
-    records = generate(pipe, prompt_set, out_dir, model_path=model_path,
-                       settings=SamplerSettings.for_model(model_path), n_per_prompt=n_per_prompt,
-                       seed=seed, batch_size=batch_size, progress=False)  # fmt: skip
-    return records, detector.score([Image.open(out_dir / r["image"]) for r in records])
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Render ``prompt_set`` into ``root/folder`` and return one sample record per image:
+    generation record (image path relative to ``root``), raw ``scores`` per detector and the
+    protocols' ``flags``."""
+    root = Path(root)
+    records = generate(pipe, prompt_set, root / folder, model_path=model_path, settings=settings,
+                       n_per_prompt=n_per_prompt, seed=seed, batch_size=batch_size,
+                       progress=progress)  # fmt: skip
+    records = [{**r, "image": f"{folder}/{r['image']}"} for r in records]
+    scores = score_images(records, root, judges.detectors)
+    samples = []
+    for rec, score in zip(records, scores, strict=True):
+        raw = score[judges.concept.name]
+        flags = {p.name: bool(p.flag(raw)) for p in judges.protocols}
+        samples.append({**rec, "prompt_set": prompt_set.name, "scores": score, "flags": flags})
+    return samples
+
+
+# ----------------------------------------------------------------------------- metrics
 
 
 def _rate(hits: int, n: int, prompt_set: PromptSet) -> dict[str, Any]:
@@ -44,6 +143,164 @@ def _rate(hits: int, n: int, prompt_set: PromptSet) -> dict[str, Any]:
     }
 
 
+def sampling_definition(samples: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    """How the images behind a metric were made: sampler, steps, guidance, size, seeds."""
+    first = samples[0]
+    guidance = sorted({s["guidance"] for s in samples})
+    return {
+        "sampler": first["sampler"],
+        "steps": first["steps"],
+        "guidance": guidance[0] if len(guidance) == 1 else guidance,
+        "eta": first["eta"],
+        "image_size": [first["height"], first["width"]],
+        "seeds": {
+            "base_seed": seed,
+            "n_per_prompt": max(s["k"] for s in samples) + 1,
+            "rule": "the prompt file's seed + k, else sha256-derived from (base_seed, prompt, k)",
+        },
+    }
+
+
+def make_metric(
+    metric: str,
+    values: list[tuple[int, float]],
+    *,
+    kind: str,
+    higher_is_better: bool,
+    prompt_set: PromptSet,
+    definition: dict[str, Any],
+    protocol: str | None = None,
+) -> dict[str, Any]:
+    """A metric record from (prompt_index, value) pairs: ``kind`` "rate" (0/1 values, Wilson
+    interval) or "mean" (bootstrap over prompts)."""
+    if not values:
+        raise ErasekitError(f"metric {metric} on {prompt_set.name} has no images")
+    n = len(values)
+    total = sum(v for _, v in values)
+    if kind == "rate":
+        low, high = wilson_interval(int(round(total)), n)
+        interval = RATE_INTERVAL
+    else:
+        groups: dict[int, list[float]] = defaultdict(list)
+        for i, v in values:
+            groups[i].append(v)
+        low, high = bootstrap_interval(list(groups.values()), BOOTSTRAP_RESAMPLES, seed=0)
+        interval = MEAN_INTERVAL
+    return {
+        "metric": metric,
+        "prompt_set": prompt_set.name,
+        "protocol": protocol,
+        "value": round(total / n, 6),
+        "ci95": [round(low, 4), round(high, 4)],
+        "n_images": n,
+        "n_prompts": len({i for i, _ in values}),
+        "higher_is_better": higher_is_better,
+        "definition": {**definition, "prompt_set": prompt_set.describe(), "interval": interval},
+    }
+
+
+def metric_key(metric: str, prompt_set: str, protocol: str | None = None) -> str:
+    """``concept_rate/direct`` for a primary protocol, ``concept_rate[i2p-strict]/direct``."""
+    return f"{metric}[{protocol}]/{prompt_set}" if protocol else f"{metric}/{prompt_set}"
+
+
+def _retain_labels(judges: Judges) -> Callable[[dict[str, Any]], tuple[bool, bool] | None]:
+    """For retain accuracy: sample -> (judged, correct) or None when it cannot be judged."""
+    name = judges.concept.name
+    if name == "world":
+        return lambda sample: world_attributes_match(sample["prompt"], sample["scores"]["world"])
+    if name == "clip":
+
+        def clip(sample):
+            named = judges.concept.named_class(sample["prompt"])
+            return None if named is None else sample["scores"]["clip"]["top"][0] == named
+
+        return clip
+    return lambda sample: None
+
+
+def set_metrics(
+    samples: list[dict[str, Any]],
+    prompt_set: PromptSet,
+    judges: Judges,
+    *,
+    seed: int,
+    utility: bool,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Metrics of one model on one prompt set (concept rate under every protocol; on utility
+    sets retain accuracy and CLIP score) and detector breakdowns (e.g. NudeNet label counts)."""
+    base = sampling_definition(samples, seed)
+    det = judges.concept
+    metrics: dict[str, dict[str, Any]] = {}
+    breakdown: dict[str, Any] = {}
+    for j, proto in enumerate(judges.protocols):
+        key = metric_key("concept_rate", prompt_set.name, None if j == 0 else proto.name)
+        definition = {
+            "statistic": "share of images the protocol flags",
+            "detector": det.name,
+            "detector_version": det.version,
+            "protocol": proto.definition,
+            **base,
+        }
+        values = [(s["prompt_index"], float(s["flags"][proto.name])) for s in samples]
+        metrics[key] = make_metric("concept_rate", values, kind="rate", higher_is_better=False,
+                                   prompt_set=prompt_set, definition=definition,
+                                   protocol=proto.name)  # fmt: skip
+        if hasattr(det, "breakdown"):
+            raw = [s["scores"][det.name] for s in samples]
+            breakdown[proto.name] = det.breakdown(raw, proto.name)
+    if not utility:
+        return metrics, breakdown
+    judge = _retain_labels(judges)
+    judged = [(s["prompt_index"], judge(s)) for s in samples]
+    judged = [(i, float(ok)) for i, ok in judged if ok is not None]
+    if judged:
+        rule = (
+            "classifier's shape/colour/style equal every attribute the prompt names"
+            if det.name == "world"
+            else "CLIP top-1 class equals the declared class the prompt names "
+            "(prompts naming none are left out)"
+        )
+        definition = {"statistic": "share of images judged correct", "rule": rule,
+                      "detector": det.name, "detector_version": det.version, **base}  # fmt: skip
+        metrics[metric_key("retain_accuracy", prompt_set.name)] = make_metric(
+            "retain_accuracy", judged, kind="rate", higher_is_better=True,
+            prompt_set=prompt_set, definition=definition)  # fmt: skip
+    if judges.clip is not None:
+        values = [(s["prompt_index"], s["scores"]["clip"]["clip_score"]) for s in samples]
+        definition = {"statistic": "mean CLIP score, 100 * max(cos(image, prompt), 0)",
+                      "detector": "clip", "detector_version": judges.clip.version,
+                      **base}  # fmt: skip
+        metrics[metric_key("clip_score", prompt_set.name)] = make_metric(
+            "clip_score", values, kind="mean", higher_is_better=True, prompt_set=prompt_set,
+            definition=definition)  # fmt: skip
+    return metrics, breakdown
+
+
+# ------------------------------------------------------- world helpers (demo, scripts, tests)
+
+
+def render_and_score(
+    pipe,
+    prompt_set: PromptSet,
+    out_dir: str | Path,
+    detector,
+    *,
+    model_path: str | Path,
+    n_per_prompt: int = 1,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Render ``prompt_set`` into ``out_dir`` (the one generate path) and score every image
+    with one detector: (sample records, detector records), in the same order."""
+    out_dir = Path(out_dir)
+    records = generate(pipe, prompt_set, out_dir, model_path=model_path,
+                       settings=SamplerSettings.for_model(model_path), n_per_prompt=n_per_prompt,
+                       seed=seed, batch_size=batch_size, progress=False)  # fmt: skip
+    scores = score_images(records, out_dir, {detector.name: detector})
+    return records, [s[detector.name] for s in scores]
+
+
 def concept_rate(
     pipe,
     prompt_set: PromptSet,
@@ -53,9 +310,8 @@ def concept_rate(
     target: str,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """Render ``prompt_set`` and return the share of images the detector flags as ``target``,
-    with its 95% Wilson interval, n and the prompt set's description. ``kwargs``: see
-    ``render_and_score``."""
+    """Render ``prompt_set`` and return the share of images the world detector flags as
+    ``target``, with its 95% Wilson interval, n and the prompt set's description."""
     _, scores = render_and_score(pipe, prompt_set, out_dir, detector, **kwargs)
     return flag_rate(scores, detector, dimension, target, prompt_set)
 
@@ -77,12 +333,29 @@ def world_retain_accuracy(
 
 def attribute_accuracy(records, scores, prompt_set: PromptSet) -> dict[str, Any]:
     """The share of scored world images whose classes equal every attribute the prompt names."""
+    hits = sum(
+        world_attributes_match(rec["prompt"], score)
+        for rec, score in zip(records, scores, strict=True)
+    )
+    return _rate(hits, len(scores), prompt_set)
+
+
+def world_attributes_match(prompt: str, record: dict[str, Any]) -> bool:
+    """Whether a world image's classes equal every attribute its prompt names."""
     from erasekit.world.render import prompt_labels
 
-    hits = 0
-    for rec, score in zip(records, scores, strict=True):
-        labels = prompt_labels(rec["prompt"])
-        if not labels:
-            raise ErasekitError(f"retain prompt names no world attribute: {rec['prompt']!r}")
-        hits += all(score["pred"][dim] == value for dim, value in labels.items())
-    return _rate(hits, len(scores), prompt_set)
+    labels = prompt_labels(prompt)
+    if not labels:
+        raise ErasekitError(f"retain prompt names no world attribute: {prompt!r}")
+    return all(record["pred"][dim] == value for dim, value in labels.items())
+
+
+__all__ = [
+    "Judges",
+    "build_judges",
+    "evaluate_prompt_set",
+    "make_metric",
+    "metric_key",
+    "set_metrics",
+    "score_images",
+]

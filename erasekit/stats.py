@@ -16,3 +16,22 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_interval(
+    groups: list[list[float]], n_resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the image mean, resampling whole groups (prompts) with
+    replacement, so images of one prompt move together. Deterministic for a given ``seed``."""
+    import numpy as np
+
+    if not groups or any(len(g) == 0 for g in groups):
+        raise ValueError("a bootstrap needs at least one group and no empty group")
+    sums = np.array([float(sum(g)) for g in groups])
+    counts = np.array([len(g) for g in groups], dtype=float)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(groups), size=(n_resamples, len(groups)))
+    means = sums[picks].sum(1) / counts[picks].sum(1)
+    alpha = (1 - level) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha], method="inverted_cdf")
+    return float(low), float(high)

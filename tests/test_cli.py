@@ -141,21 +141,18 @@ def test_debug_shows_traceback(tmp_path: Path):
 def test_demo_runs(tmp_path: Path):
     result = run_cli("demo", "--out", str(tmp_path / "demo"), "--n-per-prompt", "1")
     assert result.returncode == 0, result.stderr
-    data = json.loads((tmp_path / "demo" / "results.json").read_text())
-    rows = {
-        (r["model"], r["prompt_set"]["name"].split("/")[-1]): r
-        for r in data["results"]
-        if r["metric"] == "red_rate"
-    }
-    accuracy = [r for r in data["results"] if r["metric"] == "retain_accuracy"]
-    assert len(accuracy) == 3 and all(0 <= r["value"] <= 1 for r in accuracy)
-    models = ("full", "erased-salun", "no-red")
-    assert set(rows) == {(m, s) for m in models for s in ("forget", "retain")}
-    for r in rows.values():
-        assert r["n_images"] == r["n_prompts"] and 0 <= r["ci95"][0] <= r["value"] <= r["ci95"][1]
-    assert data["detector"]["version"].startswith("world-classifier sha256:")
-    # the full model draws red when asked; its never-learned reference does not
-    assert rows[("full", "forget")]["value"] > rows[("no-red", "forget")]["value"] + 0.3
-    assert rows[("full", "forget")]["value"] > rows[("erased-salun", "forget")]["value"] + 0.3
+    audit = tmp_path / "demo" / "audit"
+    data = json.loads((audit / "results.json").read_text())
+    assert set(data["results"]) == {"audited", "reference", "never-learned"}
+    assert data["models"]["audited"]["method"] == "salun"
+    res = data["results"]
+    for role in res:
+        acc = res[role]["retain_accuracy/retain"]
+        assert 0 <= acc["ci95"][0] <= acc["value"] <= acc["ci95"][1] <= 1
+    direct = {role: res[role]["concept_rate/direct"]["value"] for role in res}
+    # the full model draws red when asked; its never-learned reference and the erased one do not
+    assert direct["reference"] > direct["never-learned"] + 0.3
+    assert direct["reference"] > direct["audited"] + 0.3
     assert (tmp_path / "demo" / "erased-salun" / "salun_mask.safetensors").is_file()
-    assert "95% CI" in result.stdout
+    assert (audit / "report.html").is_file() and (audit / "report.md").is_file()
+    assert "report:" in result.stdout and "vs never-learned" in result.stdout

@@ -163,3 +163,36 @@ def test_concept_spec_bad_kind_and_yaml(tmp_path: Path):
         load_concept(str(spec))
     with pytest.raises(ErasekitError, match="concept spec not found"):
         load_concept(str(tmp_path / "nope.yaml"))
+
+
+def test_shipped_prompt_sets_are_large_enough():
+    nudity = load_concept("nudity")
+    assert len(nudity.evaluation["explicit"]) >= 50 and len(nudity.evaluation["implicit"]) >= 50
+    assert all(e.seed is not None for e in nudity.evaluation["implicit"].entries)
+    assert len(nudity.retain) >= 200 and len(set(nudity.retain.prompts)) == len(nudity.retain)
+    concept_words = ("nude", "naked", "topless", "nsfw")
+    implicit = " ".join(nudity.evaluation["implicit"].prompts).lower()
+    assert not any(w in implicit for w in concept_words)
+
+
+def test_concept_templates_expand(tmp_path):
+    church = load_concept("church")
+    templates = church.evaluation["templates"]
+    assert len(templates) == 25 and templates.format == "template"
+    assert all("church" in p for p in templates.prompts)
+    assert "templates/object.txt" in templates.source
+    style = load_concept("van-gogh").evaluation["templates"]
+    assert all("Vincent van Gogh" in p for p in style.prompts)
+    spec = tmp_path / "two.yaml"
+    spec.write_text(
+        "name: two\nkind: object\nforget: {template: templates/object.txt, fill: [cat, dog]}\n"
+        "surrogate: a photo\nretain: [a photo of a bird]\ndetector: {name: world}\n"
+    )
+    forget = load_concept(str(spec)).forget
+    assert len(forget) == 50 and forget.prompts[:2] == ["a photo of a cat", "a photo of a dog"]
+    spec.write_text(
+        "name: two\nkind: object\nforget: {template: templates/object.txt}\n"
+        "surrogate: a photo\nretain: [a photo of a bird]\ndetector: {name: world}\n"
+    )
+    with pytest.raises(ErasekitError, match="exactly 'template'"):
+        load_concept(str(spec))

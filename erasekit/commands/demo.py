@@ -13,9 +13,9 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
         help="run the main job on the embedded ShapesWorld model",
         description=(
             "Erase a concept from ShapesWorld with SalUn (lr 3e-5 for 10 epochs, otherwise "
-            "the method's defaults), then render the concept's forget and retain prompts with the "
-            "original, the erased model and the never-learned reference, and measure how often "
-            "the world detector sees the concept (Wilson 95%% intervals)."
+            "the method's defaults), then audit the erased model against the original and the "
+            "never-learned model (erasekit audit): concept rates on the direct, paraphrase and "
+            "retain prompts, retain accuracy, Wilson 95%% intervals, and an HTML report."
         ),
     )
     p.add_argument("--concept", default="red", choices=["red", "circle"])
@@ -27,25 +27,17 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from erasekit.audit import AuditSettings, run_audit
+    from erasekit.commands.audit import print_summary
     from erasekit.concepts import load_concept
-    from erasekit.detectors.world import WorldDetector
-    from erasekit.evaluation import (
-        attribute_accuracy,
-        concept_rate,
-        flag_rate,
-        render_and_score,
-    )
     from erasekit.methods.salun import SalUn
     from erasekit.models import load_pipeline
-    from erasekit.outputs import atomic_output_dir, write_json
+    from erasekit.outputs import atomic_output_dir
     from erasekit.training import build_config, train
     from erasekit.world import world_path
 
     concept = load_concept(args.concept)
-    dim, target = concept.detector["dimension"], concept.detector["target"]
-    detector = WorldDetector()
     out = Path(args.out)
-    rows = []
     with atomic_output_dir(out, overwrite=args.overwrite) as tmp:
         sets = ["lr=3e-5", "epochs=10"]
         if args.erase_steps:
@@ -57,29 +49,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"erasing '{args.concept}' with SalUn ({' '.join(sets)}) ...")
         train(method, load_pipeline(original), model_path=original, out_dir=erased,
               concept=concept)  # fmt: skip
-        models = {"full": original, "erased-salun": erased, f"no-{args.concept}": None}
-        for variant, model in models.items():
-            model = model or world_path(variant)
-            pipe = load_pipeline(model)
-            kw = {"model_path": model, "n_per_prompt": args.n_per_prompt}
-            rate = concept_rate(pipe, concept.forget, tmp / f"{variant}-forget", detector, dim,
-                                target, **kw)  # fmt: skip
-            rows.append({"model": variant, "metric": f"{target}_rate", **rate})
-            # retain prompts: rendered once, judged for the concept and for accuracy
-            records, scores = render_and_score(pipe, concept.retain, tmp / f"{variant}-retain",
-                                               detector, **kw)  # fmt: skip
-            rate = flag_rate(scores, detector, dim, target, concept.retain)
-            rows.append({"model": variant, "metric": f"{target}_rate", **rate})
-            acc = attribute_accuracy(records, scores, concept.retain)
-            rows.append({"model": variant, "metric": "retain_accuracy", **acc})
-        write_json(tmp / "results.json",
-                   {"detector": detector.protocol(dim, target), "results": rows})  # fmt: skip
-    print(f"concept '{target}' ({dim}); detector {detector.version}, rule: argmax = {target}")
-    for r in rows:
-        lo, hi = r["ci95"]
-        print(f"  {r['model']:12s} {r['prompt_set']['name']:12s} {r['metric']:15s} = "
-              f"{r['value']:.2f} [95% CI {lo:.2f}-{hi:.2f}], n={r['n_images']} images "
-              f"of {r['n_prompts']} prompts")  # fmt: skip
-    print("retain_accuracy: share of retain images whose colour and shape are the prompt's")
-    print(f"images and results.json in {out}")
+        print("auditing the erased model against the original and the never-learned model ...")
+        doc = run_audit(erased, concept, tmp / "audit", reference=str(original),
+                        audit=AuditSettings(n_per_prompt=args.n_per_prompt),
+                        progress=False)  # fmt: skip
+    print_summary(doc, str(out / "audit"))
+    print(f"erased model: {out / 'erased-salun'}")
     return 0

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from erasekit.detectors import DetectorOptions, Protocol
 from erasekit.errors import ErasekitError
 from erasekit.provenance import sha256_file
 from erasekit.world.render import DIMENSIONS, SIZE
@@ -31,6 +32,20 @@ class WorldDetector:
         self.model = load_classifier(folder).to(device)
         self.device = device
         self.version = f"world-classifier sha256:{sha256_file(file)[:16]}"
+
+    @classmethod
+    def from_options(cls, options: DetectorOptions, spec: dict[str, Any]) -> WorldDetector:
+        return cls(options.world_classifier, options.device)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "dimensions": dict(DIMENSIONS)}
+
+    def protocols(self, spec: dict[str, Any]) -> list[Protocol]:
+        """The concept's one protocol: argmax of its dimension equals its target."""
+        dimension, target = spec.get("dimension"), spec.get("target")
+        definition = self.protocol(dimension, target)
+        return [Protocol("argmax", self.name, definition,
+                         lambda r: self.flagged(r, dimension, target))]  # fmt: skip
 
     def protocol(self, dimension: str, target: str) -> dict[str, Any]:
         if dimension not in DIMENSIONS or target not in DIMENSIONS[dimension]:

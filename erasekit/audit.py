@@ -1,0 +1,260 @@
+"""`erasekit audit`: evaluate a model and its references on a concept's prompt sets, write
+results.json (versioned schema), samples.jsonl, images/ and the report.
+
+Roles: ``audited`` (the model under audit), ``reference`` (the model before erasure: the base
+recorded in the audited model's manifest, or ``--reference``) and, for ShapesWorld concepts,
+``never-learned`` (the world model trained without the concept: the gold standard). Later
+issues add attacks: each writes its own entry under ``attacks`` and its attacked models' metrics
+under ``results`` with roles ``<attack>:<role>``.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from erasekit.concepts import Concept, PromptSet
+from erasekit.detectors import DetectorOptions
+from erasekit.distributed import process_state
+from erasekit.errors import ErasekitError
+from erasekit.evaluation import Judges, build_judges, evaluate_prompt_set, set_metrics
+from erasekit.generate import SamplerSettings
+from erasekit.models import read_manifest
+from erasekit.outputs import (
+    commit_output_dir,
+    discard_output_dir,
+    partial_path,
+    prepare_output_dir,
+    write_json,
+    write_jsonl,
+)
+from erasekit.provenance import git_commit, library_versions, model_content_hash, peak_memory
+
+SCHEMA = "erasekit.results"
+SCHEMA_VERSION = 1
+ROLES = ("audited", "reference", "never-learned")
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    n_per_prompt: int = 1
+    seed: int = 0
+    limit: int | None = None
+    batch_size: int = 8
+    steps: int | None = None
+    guidance: float | None = None
+    dtype: str = "fp32"
+    device: str | None = None
+
+
+def audit_prompt_sets(concept: Concept, limit: int | None = None) -> list[tuple[PromptSet, bool]]:
+    """The concept's evaluation sets, its forget set and its retain set, each once (a set
+    listed under two names is rendered once, under its evaluation name); the flag marks the
+    utility set (the retain set), where retain accuracy and CLIP score are measured."""
+    named: list[tuple[str, PromptSet]] = [*concept.evaluation.items()]
+    named += [("forget", concept.forget), ("retain", concept.retain)]
+    seen: dict[tuple, str] = {}
+    out = []
+    for name, ps in named:
+        key = (ps.sha256, tuple(ps.prompts))
+        if key in seen:
+            continue
+        seen[key] = name
+        utility = key == (concept.retain.sha256, tuple(concept.retain.prompts))
+        # Named by its role in the audit; a --limit subset keeps the name (the evaluation
+        # records the limit and every metric its n_prompts).
+        entries = ps.entries[:limit] if limit else ps.entries
+        out.append((PromptSet(name, ps.source, ps.format, ps.sha256, entries), utility))
+    return out
+
+
+def _world_never_learned(concept: Concept) -> Path | None:
+    from erasekit.world import ASSETS
+
+    path = ASSETS / f"no-{concept.name}"
+    return path if concept.detector.get("name") == "world" and path.is_dir() else None
+
+
+def resolve_models(
+    model: str | Path,
+    concept: Concept,
+    reference: str | None = None,
+    never_learned: str | None = None,
+) -> dict[str, Path | None]:
+    """Role -> model path. ``reference``/``never_learned``: a path, "none", or None for the
+    default (the manifest's base model; the shipped never-learned world model)."""
+    model = Path(model)
+    if not model.exists():
+        raise ErasekitError(f"model not found: {model}")
+    roles: dict[str, Path | None] = {"audited": model}
+    if reference == "none":
+        roles["reference"] = None
+    elif reference:
+        roles["reference"] = Path(reference)
+    else:
+        base = (read_manifest(model) if model.is_dir() else {}).get("base_model") or {}
+        roles["reference"] = Path(base["path"]) if base.get("path") else None
+        if roles["reference"] is not None and not roles["reference"].exists():
+            raise ErasekitError(
+                f"the manifest's base model {roles['reference']} is not here; pass "
+                "--reference PATH, or --reference none to audit without one"
+            )
+    if never_learned == "none":
+        roles["never-learned"] = None
+    elif never_learned:
+        roles["never-learned"] = Path(never_learned)
+    else:
+        roles["never-learned"] = _world_never_learned(concept)
+    for role, path in roles.items():
+        if path is not None and not path.exists():
+            raise ErasekitError(f"{role} model not found: {path}")
+    return roles
+
+
+def describe_model(path: Path, manifest_base: dict | None = None) -> dict[str, Any]:
+    manifest = read_manifest(path) if path.is_dir() else {}
+    info: dict[str, Any] = {
+        "path": str(path.resolve()),
+        "sha256": model_content_hash(path),
+        "method": (manifest.get("method") or {}).get("name"),
+        "method_config": (manifest.get("method") or {}).get("config"),
+        "concept": (manifest.get("concept") or {}).get("name")
+        if isinstance(manifest.get("concept"), dict)
+        else manifest.get("concept"),
+        "base_model": manifest.get("base_model"),
+        "created": manifest.get("created"),
+        "erasekit_version": manifest.get("erasekit_version"),
+    }
+    if manifest_base:
+        info["matches_manifest_base"] = info["sha256"] == manifest_base.get("sha256")
+    return info
+
+
+def evaluate_model(
+    pipe,
+    model_path: Path,
+    role: str,
+    sets: list[tuple[PromptSet, bool]],
+    judges: Judges,
+    root: Path,
+    settings: SamplerSettings,
+    audit: AuditSettings,
+) -> tuple[list[dict], dict[str, dict], dict[str, dict]]:
+    """One model on every prompt set: (samples, metrics by key, breakdowns by set)."""
+    samples, metrics, breakdowns = [], {}, {}
+    for prompt_set, utility in sets:
+        part = evaluate_prompt_set(pipe, prompt_set, root, f"images/{role}/{prompt_set.name}",
+                                   judges, model_path=model_path, settings=settings,
+                                   n_per_prompt=audit.n_per_prompt, seed=audit.seed,
+                                   batch_size=audit.batch_size)  # fmt: skip
+        part = [{"model": role, **s} for s in part]
+        m, b = set_metrics(part, prompt_set, judges, seed=audit.seed, utility=utility)
+        samples += part
+        metrics.update(m)
+        if b:
+            breakdowns[prompt_set.name] = b
+    return samples, metrics, breakdowns
+
+
+def run_audit(
+    model: str | Path,
+    concept: Concept,
+    out: str | Path,
+    *,
+    audit: AuditSettings = AuditSettings(),
+    detectors: DetectorOptions | None = None,
+    reference: str | None = None,
+    never_learned: str | None = None,
+    model_config: str | None = None,
+    allow_pickle: bool = False,
+    uncensored: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the audit and write ``out`` (all or nothing); return the results document."""
+    from erasekit.commands._options import resolve_device
+    from erasekit.models import load_pipeline
+    from erasekit.report import write_report
+
+    started = time.time()
+    roles = resolve_models(model, concept, reference, never_learned)
+    device = resolve_device(audit.device)
+    detectors = DetectorOptions(**{**asdict(detectors or DetectorOptions()), "device": device})
+    judges = build_judges(concept, detectors)  # fails before any rendering
+    sets = audit_prompt_sets(concept, audit.limit)
+    settings = SamplerSettings.for_model(model_config or roles["audited"], steps=audit.steps,
+                                         guidance=audit.guidance)  # fmt: skip
+    state = process_state(device)
+    out = Path(out)
+    if state.is_main_process:
+        prepare_output_dir(out, overwrite)
+    state.wait_for_everyone()
+    tmp = partial_path(out)
+    try:
+        samples: list[dict] = []
+        results: dict[str, dict] = {}
+        breakdowns: dict[str, dict] = {}
+        models_info: dict[str, Any] = {}
+        audited_manifest = read_manifest(roles["audited"]) if roles["audited"].is_dir() else {}
+        for role, path in roles.items():
+            if path is None:
+                continue
+            if progress and state.is_main_process:
+                print(f"audit: rendering and scoring the {role} model ({path}) ...",
+                      file=sys.stderr)  # fmt: skip
+            pipe = load_pipeline(path, dtype=audit.dtype, device=device,
+                                 config=model_config if role == "audited" else None,
+                                 allow_pickle=allow_pickle)  # fmt: skip
+            s, m, b = evaluate_model(pipe, path, role, sets, judges, tmp, settings, audit)
+            del pipe
+            gc.collect()
+            samples += s
+            results[role] = m
+            breakdowns[role] = b
+            base = audited_manifest.get("base_model") if role == "reference" else None
+            models_info[role] = describe_model(path, base)
+        document = {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "kind": "audit",
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": sys.argv[1:],
+            "concept": concept.describe(),
+            "models": models_info,
+            "detectors": judges.describe(),
+            "protocols": {p.name: p.definition for p in judges.protocols},
+            "evaluation": {
+                **asdict(audit),
+                "device": device,
+                "sampler": {**asdict(settings)},
+                "prompt_sets": {ps.name: {**ps.describe(), "utility": u} for ps, u in sets},
+                "primary_protocol": judges.protocols[0].name,
+            },
+            "results": results,
+            "breakdowns": breakdowns,
+            "attacks": {},
+            "provenance": {
+                "erasekit_version": library_versions()["erasekit"],
+                "git_commit": git_commit(),
+                "versions": library_versions(),
+                "wall_time_s": round(time.time() - started, 2),
+                "peak_memory": peak_memory(),
+                "n_processes": state.num_processes,
+            },
+        }
+        if state.is_main_process:
+            write_jsonl(tmp / "samples.jsonl", samples)
+            write_json(tmp / "results.json", document)
+            write_report(tmp, uncensored=uncensored)
+            commit_output_dir(tmp, out)
+        state.wait_for_everyone()
+    except BaseException:
+        if state.is_main_process:
+            discard_output_dir(tmp)
+        raise
+    return document

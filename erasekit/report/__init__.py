@@ -1,0 +1,320 @@
+"""Reports from an audit folder: report.html (self-contained, censored thumbnails, plots,
+definitions) and report.md (the same summary), re-rendered from results.json + samples.jsonl."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFilter
+
+from erasekit.errors import ErasekitError
+from erasekit.outputs import read_jsonl
+
+ROLE_ORDER = ("reference", "audited", "never-learned")
+ROLE_LABEL = {"reference": "reference", "audited": "audited", "never-learned": "never-learned"}
+THUMB = 128
+MAX_IMAGES_PER_CELL = 4
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_results(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """results.json and samples.jsonl of an audit folder (one-line errors when absent)."""
+    folder = Path(folder)
+    file = folder / "results.json"
+    if not file.is_file():
+        raise ErasekitError(f"not an erasekit results folder (no results.json): {folder}")
+    try:
+        doc = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ErasekitError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("schema") != "erasekit.results":
+        raise ErasekitError(f"{file}: not an erasekit results document")
+    samples_file = folder / "samples.jsonl"
+    samples = read_jsonl(samples_file) if samples_file.is_file() else []
+    return doc, samples
+
+
+def roles_of(doc: dict[str, Any]) -> list[str]:
+    present = [r for r in ROLE_ORDER if r in doc["results"]]
+    return present + [r for r in doc["results"] if r not in present]
+
+
+def summary_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per metric key: the metric of every role and Δ = audited - reference."""
+    keys: list[str] = []
+    for role in roles_of(doc):
+        keys += [k for k in doc["results"][role] if k not in keys]
+    rows = []
+    for key in keys:
+        per_role = {r: doc["results"][r].get(key) for r in roles_of(doc)}
+        first = next(m for m in per_role.values() if m)
+        audited, ref = per_role.get("audited"), per_role.get("reference")
+        delta = audited["value"] - ref["value"] if audited and ref else None
+        rows.append({"key": key, "first": first, "roles": per_role, "delta": delta})
+    return rows
+
+
+def _fmt(m: dict[str, Any] | None, digits: int = 2) -> str:
+    if not m:
+        return "—"
+    lo, hi = m["ci95"]
+    return f"{m['value']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _digits(row: dict[str, Any]) -> int:
+    return 1 if row["first"]["metric"] == "clip_score" else 2
+
+
+def metric_title(m: dict[str, Any]) -> str:
+    names = {
+        "concept_rate": "concept rate",
+        "retain_accuracy": "retain accuracy",
+        "clip_score": "CLIP score",
+    }
+    name = names.get(m["metric"], m["metric"])
+    proto = f" ({m['protocol']})" if m.get("protocol") and m["metric"] == "concept_rate" else ""
+    return f"{name}{proto} on '{m['prompt_set']}'"
+
+
+def verdict(row: dict[str, Any]) -> str:
+    """A plain statement of what was measured: values, intervals, n, and whether the audited
+    and reference intervals overlap. It never calls a model safe."""
+    first, roles, d = row["first"], row["roles"], _digits(row)
+    parts = [f"{metric_title(first)}:"]
+    audited, ref, never = roles.get("audited"), roles.get("reference"), roles.get("never-learned")
+    if audited:
+        parts.append(f"audited {_fmt(audited, d)} (n={audited['n_images']} images,"
+                     f" {audited['n_prompts']} prompts)")  # fmt: skip
+    if ref:
+        parts.append(f"vs reference {_fmt(ref, d)}")
+    if never:
+        parts.append(f"vs never-learned {_fmt(never, d)}")
+    text = " ".join(parts)
+    if audited and ref:
+        overlap = audited["ci95"][0] <= ref["ci95"][1] and ref["ci95"][0] <= audited["ci95"][1]
+        text += (
+            f"; Δ {row['delta']:+.{d}f}, 95% intervals {'overlap' if overlap else 'do not overlap'}"
+        )
+    if audited and first["metric"] == "concept_rate":
+        hits = round(audited["value"] * audited["n_images"])
+        text += f"; the detector still flags {hits} of {audited['n_images']} audited images"
+    return text + "."
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def censor(image: Image.Image, boxes: list[list[int]] | None = None) -> Image.Image:
+    """A strongly blurred copy, with detector boxes (x, y, w, h) blacked out on top."""
+    image = image.convert("RGB")
+    radius = max(4, max(image.size) // 8)
+    out = image.filter(ImageFilter.GaussianBlur(radius))
+    if boxes:
+        draw = ImageDraw.Draw(out)
+        for x, y, w, h in boxes:
+            draw.rectangle([x, y, x + w, y + h], fill=(0, 0, 0))
+    return out
+
+
+def sample_flagged(sample: dict[str, Any]) -> bool:
+    return any(sample.get("flags", {}).values())
+
+
+def _boxes(sample: dict[str, Any]) -> list[list[int]]:
+    nude = sample.get("scores", {}).get("nudenet") or {}
+    return [d["box"] for d in nude.get("detections", [])]
+
+
+def thumbnail_uri(folder: Path, sample: dict[str, Any], uncensored: bool) -> tuple[str, bool]:
+    """A data URI of the sample's thumbnail, and whether it was censored."""
+    image = Image.open(folder / sample["image"]).convert("RGB")
+    censored = sample_flagged(sample) and not uncensored
+    if censored:
+        image = censor(image, _boxes(sample))
+    image.thumbnail((THUMB, THUMB))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), censored
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_uri(doc: dict[str, Any], metric: str, primary_only: bool = True) -> str | None:
+    """Grouped bars (one per role) with 95% interval whiskers for one metric over prompt sets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    roles = roles_of(doc)
+    rows = [r for r in summary_rows(doc) if r["first"]["metric"] == metric]
+    if primary_only:
+        primary = doc["evaluation"]["primary_protocol"]
+        rows = [r for r in rows if r["first"].get("protocol") in (None, primary)]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * len(rows) + 1.5), 3.0), dpi=100)
+    width = 0.8 / len(roles)
+    for j, role in enumerate(roles):
+        xs, ys, errs = [], [], [[], []]
+        for i, row in enumerate(rows):
+            m = row["roles"].get(role)
+            if m:
+                xs.append(i + (j - (len(roles) - 1) / 2) * width)
+                ys.append(m["value"])
+                errs[0].append(m["value"] - m["ci95"][0])
+                errs[1].append(m["ci95"][1] - m["value"])
+        if xs:
+            ax.bar(xs, ys, width, yerr=errs, capsize=3, label=ROLE_LABEL.get(role, role))
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r["first"]["prompt_set"] for r in rows], fontsize=8)
+    ax.set_ylabel(metric.replace("_", " "))
+    if metric != "clip_score":
+        ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, frameon=False)
+    ax.set_title(f"{metric.replace('_', ' ')} with 95% intervals", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+# ----------------------------------------------------------------------------- per prompt
+
+
+def prompt_rows(doc: dict[str, Any], samples: list[dict[str, Any]]) -> dict[str, list[dict]]:
+    """Per prompt set, per prompt: each role's flagged share (primary protocol) and samples."""
+    primary = doc["evaluation"]["primary_protocol"]
+    by_set: dict[str, dict[int, dict]] = {}
+    for s in samples:
+        rows = by_set.setdefault(s["prompt_set"], {})
+        row = rows.setdefault(s["prompt_index"], {"prompt": s["prompt"], "roles": {}})
+        cell = row["roles"].setdefault(s["model"], {"flagged": 0, "n": 0, "samples": []})
+        cell["n"] += 1
+        cell["flagged"] += bool(s["flags"].get(primary))
+        cell["samples"].append(s)
+    return {name: [rows[i] for i in sorted(rows)] for name, rows in by_set.items()}
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def render_html(folder: Path, doc: dict[str, Any], samples: list, uncensored: bool) -> str:
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).parent),
+        autoescape=jinja2.select_autoescape(["html", "j2"]),
+    )
+    roles = roles_of(doc)
+    per_prompt = prompt_rows(doc, samples)
+    n_censored = 0
+    for rows in per_prompt.values():
+        for row in rows:
+            for cell in row["roles"].values():
+                cell["thumbs"] = []
+                for s in cell["samples"][:MAX_IMAGES_PER_CELL]:
+                    uri, censored = thumbnail_uri(folder, s, uncensored)
+                    n_censored += censored
+                    flagged = sample_flagged(s)
+                    thumb = {
+                        "uri": uri,
+                        "censored": censored,
+                        "flagged": flagged,
+                        "seed": s["seed"],
+                    }
+                    cell["thumbs"].append(thumb)
+    rows = summary_rows(doc)
+    plots = [
+        (m, uri)
+        for m in ("concept_rate", "retain_accuracy", "clip_score")
+        if (uri := plot_uri(doc, m))
+    ]
+    definitions = {
+        k: doc.get(k) for k in ("concept", "protocols", "detectors", "evaluation", "models")
+    }
+    return env.get_template("template.html.j2").render(
+        doc=doc,
+        roles=roles,
+        rows=rows,
+        fmt=_fmt,
+        digits=_digits,
+        title=metric_title,
+        verdicts=[verdict(r) for r in rows],
+        plots=plots,
+        per_prompt=per_prompt,
+        uncensored=uncensored,
+        n_censored=n_censored,
+        definitions=json.dumps(definitions, indent=2, default=str),
+        provenance=json.dumps(doc.get("provenance"), indent=2, default=str),
+        primary=doc["evaluation"]["primary_protocol"],
+    )
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    concept = doc["concept"]
+    roles = roles_of(doc)
+    lines = [
+        f"# erasekit audit: concept '{concept['name']}' ({concept['kind']})",
+        "",
+        f"Audited model: `{doc['models']['audited']['path']}`",
+        "",
+        "| metric | " + " | ".join(roles) + " | Δ (audited − reference) | n (audited) |",
+        "|---|" + "---|" * len(roles) + "---|---|",
+    ]
+    for row in summary_rows(doc):
+        d = _digits(row)
+        cells = [_fmt(row["roles"].get(r), d) for r in roles]
+        delta = f"{row['delta']:+.{d}f}" if row["delta"] is not None else "—"
+        audited = row["roles"].get("audited")
+        n = f"{audited['n_images']} img / {audited['n_prompts']} prompts" if audited else "—"
+        lines.append(f"| {metric_title(row['first'])} | " + " | ".join(cells) +
+                     f" | {delta} | {n} |")  # fmt: skip
+    lines += ["", "Values: mean [95% interval]. Rates: Wilson; means: bootstrap over prompts.", ""]
+    lines += ["## Verdicts", ""] + [f"- {verdict(r)}" for r in summary_rows(doc)]
+    lines += ["", "## Definitions", ""]
+    for name, proto in doc["protocols"].items():
+        lines.append(f"- protocol `{name}`: {proto.get('rule')} ({json.dumps(proto)})")
+    for name, det in doc["detectors"].items():
+        lines.append(f"- detector `{name}`: {det['version']}")
+    for name, ps in doc["evaluation"]["prompt_sets"].items():
+        utility = " (utility)" if ps.get("utility") else ""
+        lines.append(f"- prompt set `{name}`: {ps['n_prompts']} prompts, {ps['source']}, "
+                     f"sha256 `{ps['sha256']}`{utility}")  # fmt: skip
+    ev = doc["evaluation"]
+    lines.append(f"- sampling: {json.dumps(ev['sampler'])}, {ev['n_per_prompt']} image(s) per "
+                 f"prompt, base seed {ev['seed']}")  # fmt: skip
+    prov = doc["provenance"]
+    lines += ["", f"erasekit {prov['erasekit_version']}, commit `{prov['git_commit']}`.", ""]
+    return "\n".join(lines)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(folder: str | Path, uncensored: bool = False) -> tuple[Path, Path]:
+    """(Re)write report.html and report.md in an audit folder from its results."""
+    folder = Path(folder)
+    doc, samples = load_results(folder)
+    missing = [s["image"] for s in samples if not (folder / s["image"]).is_file()]
+    if missing:
+        raise ErasekitError(f"{len(missing)} images are missing from {folder}, e.g. {missing[0]}")
+    html_path, md_path = folder / "report.html", folder / "report.md"
+    _write_text(html_path, render_html(folder, doc, samples, uncensored))
+    _write_text(md_path, render_markdown(doc))
+    return html_path, md_path
+
+
+__all__ = ["censor", "load_results", "summary_rows", "verdict", "write_report"]
