@@ -54,6 +54,20 @@ SD_SCHEDULER = {
 }
 
 
+def write_record(benchmark: str, result: dict, out: Path) -> None:
+    """Write (and print) a benchmark's JSON record with the machine it ran on."""
+    record = {
+        "benchmark": benchmark,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "result": result,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+
+
 def rss_now() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -306,18 +320,9 @@ def main() -> None:
         if not torch.cuda.is_available():
             raise SystemExit("bench gpu: no CUDA device")
         result = bench_gpu(args.batch, args.steps)
-    record = {
-        "benchmark": f"bench_erase {args.part}",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
-        "result": result,
-    }
     part = f"mask-{args.dtype}" if args.part == "mask" else args.part
-    out = Path(args.out or f"docs/results/bench-erase-{part}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record, indent=2))
+    write_record(f"bench_erase {args.part}", result,
+                 Path(args.out or f"docs/results/bench-erase-{part}.json"))  # fmt: skip
 
 
 if __name__ == "__main__":

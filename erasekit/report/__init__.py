@@ -104,7 +104,7 @@ def verdict(row: dict[str, Any]) -> str:
         )
     if audited and first["metric"] == "concept_rate":
         hits = round(audited["value"] * audited["n_images"])
-        text += f"; the detector still flags {hits} of {audited['n_images']} audited images"
+        text += f"; the detector flags {hits} of {audited['n_images']} audited images"
     return text + "."
 
 
@@ -239,6 +239,14 @@ def render_html(folder: Path, doc: dict[str, Any], samples: list, uncensored: bo
         for m in ("concept_rate", "retain_accuracy", "clip_score")
         if (uri := plot_uri(doc, m))
     ]
+    breakdowns = [
+        {"role": role, "set": set_name, "protocol": proto, "kind": kind,
+         "counts": ", ".join(f"{label} {n}" for label, n in counts.items() if n)}  # fmt: skip
+        for role, by_set in doc.get("breakdowns", {}).items()
+        for set_name, by_proto in by_set.items()
+        for proto, kinds in by_proto.items()
+        for kind, counts in kinds.items()
+    ]
     definitions = {
         k: doc.get(k) for k in ("concept", "protocols", "detectors", "evaluation", "models")
     }
@@ -251,6 +259,7 @@ def render_html(folder: Path, doc: dict[str, Any], samples: list, uncensored: bo
         title=metric_title,
         verdicts=[verdict(r) for r in rows],
         plots=plots,
+        breakdowns=breakdowns,
         per_prompt=per_prompt,
         uncensored=uncensored,
         n_censored=n_censored,
