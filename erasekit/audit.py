@@ -37,7 +37,6 @@ from erasekit.provenance import git_commit, library_versions, model_content_hash
 
 SCHEMA = "erasekit.results"
 SCHEMA_VERSION = 1
-ROLES = ("audited", "reference", "never-learned")
 
 
 @dataclass(frozen=True)
