@@ -240,8 +240,13 @@ def render_html(folder: Path, doc: dict[str, Any], samples: list, uncensored: bo
         if (uri := plot_uri(doc, m))
     ]
     breakdowns = [
-        {"role": role, "set": set_name, "protocol": proto, "kind": kind,
-         "counts": ", ".join(f"{label} {n}" for label, n in counts.items() if n)}  # fmt: skip
+        {
+            "role": role,
+            "set": set_name,
+            "protocol": proto,
+            "kind": kind,
+            "counts": ", ".join(f"{label} {n}" for label, n in counts.items() if n),
+        }
         for role, by_set in doc.get("breakdowns", {}).items()
         for set_name, by_proto in by_set.items()
         for proto, kinds in by_proto.items()
