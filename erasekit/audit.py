@@ -22,7 +22,13 @@ from erasekit.concepts import Concept, PromptSet
 from erasekit.detectors import DetectorOptions
 from erasekit.distributed import process_state
 from erasekit.errors import ErasekitError
-from erasekit.evaluation import Judges, build_judges, evaluate_prompt_set, set_metrics
+from erasekit.evaluation import (
+    Judges,
+    build_judges,
+    evaluate_prompt_set,
+    metric_key,
+    set_metrics,
+)
 from erasekit.generate import SamplerSettings
 from erasekit.models import read_manifest
 from erasekit.outputs import (
@@ -160,6 +166,109 @@ def evaluate_model(
     return samples, metrics, breakdowns
 
 
+def attack_configs(
+    names: list[str], file: str | Path | None = None, sets: list[str] | None = None
+) -> dict[str, Any]:
+    """Each attack's config: its defaults, then the FILE's ``name:`` mapping, then
+    ``name.key=value`` overrides."""
+    import yaml
+
+    from erasekit.attacks import get_attack
+    from erasekit.training import build_config
+
+    data: dict[str, Any] = {}
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise ErasekitError(f"attack config not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ErasekitError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            raise ErasekitError(f"{path}: expected a mapping of attack name -> settings")
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ErasekitError(f"{path}: settings for attacks not requested: {', '.join(unknown)}")
+    per_attack: dict[str, list[str]] = {n: [] for n in names}
+    for item in sets or []:
+        name, dot, rest = item.partition(".")
+        if not dot or name not in per_attack:
+            raise ErasekitError(f"--attack-set expects ATTACK.key=value for a requested attack, "
+                                f"got {item!r}")  # fmt: skip
+        per_attack[name].append(rest)
+    configs = {}
+    for name in names:
+        cls = get_attack(name)
+        configs[name] = build_config(cls.Config, mapping=(f"{file}:{name}", data.get(name, {})),
+                                     sets=per_attack[name])  # fmt: skip
+    return configs
+
+
+def run_attacks(
+    configs: dict[str, Any],
+    roles: dict[str, Path | None],
+    concept: Concept,
+    curve_set: PromptSet,
+    judges: Judges,
+    root: Path,
+    settings: SamplerSettings,
+    audit: AuditSettings,
+    device: str,
+    progress: bool,
+) -> tuple[dict[str, dict], dict[str, dict], list[dict]]:
+    """Run every attack on every model role (the audited model, the original, the
+    never-learned one) with the same data and budget; evaluate with the audit's detectors.
+    Returns (attack entries, results by "<attack>:<role>", final-step samples)."""
+    from erasekit.attacks import AttackContext, get_attack
+
+    entries, results, samples = {}, {}, []
+    for name, config in configs.items():
+        ctx = AttackContext(concept=concept, original=roles.get("reference"),
+                            audited=roles["audited"], work_dir=root / "attacks" / name,
+                            device=device, progress=False)  # fmt: skip
+        attack = get_attack(name)(config, ctx)
+        data = attack.prepare()
+        models = {}
+        for role, path in roles.items():
+            if path is None:
+                continue
+            if progress:
+                print(f"audit: attack {name} on the {role} model ...", file=sys.stderr)
+            last: dict[str, Any] = {}
+
+            def evaluate(pipe, step, prompts=None, _name=name, _role=role, _last=last):
+                ps = prompts.limit(audit.limit) if prompts else curve_set
+                part = evaluate_prompt_set(pipe, ps, root,
+                                           f"attacks/{_name}/{_role}-curve/step-{step:06d}",
+                                           judges, model_path=None, settings=settings,
+                                           n_per_prompt=audit.n_per_prompt, seed=audit.seed,
+                                           batch_size=audit.batch_size)  # fmt: skip
+                metrics, _ = set_metrics(part, ps, judges, seed=audit.seed, utility=False)
+                _last.update(step=step, samples=part, metrics=metrics)
+                return metrics[metric_key("concept_rate", ps.name)]
+
+            out = attack.run(path, root / "attacks" / name / role, evaluate)
+            label = f"{name}:{role}"
+            results[label] = last["metrics"]
+            samples += [{**s, "model": label, "attack_step": last["step"]} for s in last["samples"]]
+            curve = [{"step": c["step"], "value": c["metric"]["value"],
+                      "ci95": c["metric"]["ci95"], "n_images": c["metric"]["n_images"]}
+                     for c in out.pop("curve")]  # fmt: skip
+            models[role] = {**out, "curve": curve, "curve_metric": out.get("eval_prompts")
+                            or curve_set.describe()}  # fmt: skip
+            for key in ("artefact", "model_folder", "log"):
+                if key in models[role]:
+                    models[role][key] = str(Path(models[role][key]).relative_to(root))
+        entries[name] = {
+            "config": asdict(config),
+            "data": data,
+            "metric": "concept_rate (primary protocol) on the curve prompts",
+            "models": models,
+        }
+    return entries, results, samples
+
+
 def run_audit(
     model: str | Path,
     concept: Concept,
@@ -174,6 +283,7 @@ def run_audit(
     uncensored: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    attacks: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the audit and write ``out`` (all or nothing); return the results document."""
     from erasekit.commands._options import resolve_device
@@ -217,6 +327,16 @@ def run_audit(
             breakdowns[role] = b
             base = audited_manifest.get("base_model") if role == "reference" else None
             models_info[role] = describe_model(path, base)
+        attack_entries: dict[str, Any] = {}
+        if attacks:
+            forget = concept.forget
+            curve_set = next(ps for ps, _ in sets if ps.sha256 == forget.sha256
+                             and ps.prompts == forget.prompts[: len(ps)])  # fmt: skip
+            attack_entries, attacked, attacked_samples = run_attacks(
+                attacks, roles, concept, curve_set, judges, tmp, settings, audit, device,
+                progress and state.is_main_process)  # fmt: skip
+            results.update(attacked)
+            samples += attacked_samples
         document = {
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
@@ -236,7 +356,7 @@ def run_audit(
             },
             "results": results,
             "breakdowns": breakdowns,
-            "attacks": {},
+            "attacks": attack_entries,
             "provenance": {
                 "erasekit_version": library_versions()["erasekit"],
                 "git_commit": git_commit(),

@@ -124,9 +124,10 @@ def build_config(
     defaults: dict[str, Any] | None = None,
     file: str | Path | None = None,
     sets: list[str] | None = None,
+    mapping: tuple[str, dict[str, Any]] | None = None,
 ) -> TrainConfig:
-    """Method defaults, then a YAML file, then ``key=value`` overrides; unknown keys are errors
-    that list the valid ones."""
+    """Method defaults, then a YAML file, then a (source, mapping) layer, then ``key=value``
+    overrides; unknown keys are errors that list the valid ones."""
     import yaml
 
     valid = [f.name for f in dataclasses.fields(cls)]
@@ -143,6 +144,8 @@ def build_config(
         if not isinstance(data, dict):
             raise ErasekitError(f"{path}: a config file must be a YAML mapping of key: value")
         layers.append((str(path), data))
+    if mapping is not None:
+        layers.append(mapping)
     overrides = {}
     for item in sets or []:
         key, sep, value = item.partition("=")
@@ -500,6 +503,7 @@ def _train(
             _truncate_log(log_path, ctx.step)
     last_good = str(_checkpoints(work_dir)[-1]) if _checkpoints(work_dir) else None
 
+    method.on_train_start(ctx)
     bar = tqdm(total=total, initial=ctx.step, desc=method.name, unit="step",
                disable=not (progress and accelerator.is_main_process))  # fmt: skip
     params = list(trainable.values())
@@ -544,6 +548,7 @@ def _train(
                 f.write(json.dumps(record) + "\n")
         bar.set_postfix(loss=f"{record['loss']:.4g}")
         bar.update(1)
+        method.on_step_end(ctx)
         every = config.checkpointing_steps
         if every and ctx.step % every == 0 and ctx.step < total:
             last_good = str(_save_checkpoint(accelerator, work_dir, ctx.step, fingerprint,
@@ -552,7 +557,7 @@ def _train(
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(unet)
+        final = method.finalize_unet(accelerator.unwrap_model(unet))
         final.requires_grad_(False).eval()
         if config.gradient_checkpointing:
             final.disable_gradient_checkpointing()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from erasekit.commands._options import add_model_options, positive_int
+from erasekit.errors import ErasekitError
 
 
 def add_detector_options(p: argparse.ArgumentParser) -> None:
@@ -53,6 +54,13 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, metavar="N", help="sampler steps override")
     p.add_argument("--guidance", type=float, metavar="G", help="guidance override")
     add_detector_options(p)
+    g = p.add_argument_group("recovery attacks")
+    g.add_argument("--attacks", metavar="A,B", default="",
+                   help="comma-separated: finetune, memora, concept-inversion")  # fmt: skip
+    g.add_argument("--attack-config", metavar="FILE",
+                   help="YAML mapping attack name -> settings")  # fmt: skip
+    g.add_argument("--attack-set", action="append", default=[], metavar="ATTACK.KEY=VALUE",
+                   help="override one attack setting (repeatable)")  # fmt: skip
     p.add_argument("--uncensored", action="store_true", help="report shows flagged images as is")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true")
@@ -74,11 +82,18 @@ def detector_options(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from erasekit.audit import AuditSettings, run_audit
+    from erasekit.attacks import ATTACKS
+    from erasekit.audit import AuditSettings, attack_configs, run_audit
     from erasekit.concepts import load_concept
     from erasekit.distributed import process_state
 
     concept = load_concept(args.concept)
+    names = [n.strip() for n in args.attacks.split(",") if n.strip()]
+    for n in names:
+        ATTACKS.get(n)  # unknown names fail here, before any rendering
+    if (args.attack_config or args.attack_set) and not names:
+        raise ErasekitError("--attack-config/--attack-set given without --attacks")
+    configs = attack_configs(names, args.attack_config, args.attack_set) if names else None
     settings = AuditSettings(
         n_per_prompt=args.n_per_prompt,
         seed=args.seed,
@@ -93,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
                     detectors=detector_options(args), reference=args.reference,
                     never_learned=args.never_learned, model_config=args.model_config,
                     allow_pickle=args.allow_pickle, uncensored=args.uncensored,
-                    overwrite=args.overwrite, progress=not args.no_progress)  # fmt: skip
+                    overwrite=args.overwrite, progress=not args.no_progress,
+                    attacks=configs)  # fmt: skip
     if process_state().is_main_process:
         print_summary(doc, args.out)
     return 0

@@ -21,8 +21,9 @@ class Method:
 
     Hooks with defaults: ``defaults(concept)`` (config defaults that depend on the concept's
     kind), ``prepare_data`` (encode forget/retain sets), ``setup`` (teachers, masks; runs before
-    ``accelerator.prepare``), ``after_backward`` (edit gradients), ``write_outputs`` (extra files
-    beside the model).
+    ``accelerator.prepare``), ``after_backward`` (edit gradients), ``on_train_start`` /
+    ``on_step_end`` (e.g. evaluation curves), ``finalize_unet`` (e.g. fuse a LoRA),
+    ``write_outputs`` (extra files beside the model).
     """
 
     name: ClassVar[str]
@@ -97,6 +98,16 @@ class Method:
 
     def after_backward(self, unet) -> None:
         """Edit gradients after backward (e.g. a saliency mask)."""
+
+    def on_train_start(self, ctx: TrainContext) -> None:
+        """Runs on every process after ``prepare``, before the first step (e.g. step-0 eval)."""
+
+    def on_step_end(self, ctx: TrainContext) -> None:
+        """Runs on every process after each optimizer step (e.g. periodic evaluation)."""
+
+    def finalize_unet(self, unet):
+        """The U-Net to save (main process, after training): e.g. a LoRA fused into it."""
+        return unet
 
     def write_outputs(self, folder: Path) -> dict[str, Any]:
         """Write extra files into the output folder; return their description."""

@@ -42,8 +42,85 @@ def load_results(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, Any
 
 
 def roles_of(doc: dict[str, Any]) -> list[str]:
+    """The evaluated models (attacked models, "<attack>:<role>", are reported apart)."""
     present = [r for r in ROLE_ORDER if r in doc["results"]]
-    return present + [r for r in doc["results"] if r not in present]
+    return present + [r for r in doc["results"] if r not in present and ":" not in r]
+
+
+def attack_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per attack and attacked model: concept rate before / after the attack, cost, curve."""
+    rows = []
+    for name, entry in doc.get("attacks", {}).items():
+        for role in [r for r in ROLE_ORDER if r in entry["models"]]:
+            m = entry["models"][role]
+            curve = m["curve"]
+            rows.append({"attack": name, "role": role, "before": curve[0], "after": curve[-1],
+                         "delta": curve[-1]["value"] - curve[0]["value"], "cost": m["cost"],
+                         "curve": curve, "artefact": m.get("artefact")})  # fmt: skip
+    return rows
+
+
+def _rate_text(point: dict[str, Any]) -> str:
+    lo, hi = point["ci95"]
+    return f"{100 * point['value']:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def attack_verdicts(doc: dict[str, Any]) -> list[str]:
+    """One statement per attack: recovery of the audited model vs its controls."""
+    out = []
+    by_attack: dict[str, dict[str, dict]] = {}
+    for row in attack_rows(doc):
+        by_attack.setdefault(row["attack"], {})[row["role"]] = row
+    for name, rows in by_attack.items():
+        a = rows.get("audited")
+        if a is None:
+            continue
+        text = (f"{name}: after {a['cost']['steps']} steps the audited model's concept rate is "
+                f"{_rate_text(a['after'])} (before: {_rate_text(a['before'])}, "
+                f"n={a['after']['n_images']} images)")  # fmt: skip
+        never, ref = rows.get("never-learned"), rows.get("reference")
+        if never:
+            text += (f", vs {_rate_text(never['after'])} for the never-learned model under the "
+                     f"same attack (before: {_rate_text(never['before'])})")  # fmt: skip
+        if ref:
+            text += f" and {_rate_text(ref['after'])} for the original model"
+        if never:
+            diff = 100 * (a["after"]["value"] - never["after"]["value"])
+            text += (
+                f"; residual memory (audited − never-learned after the attack): {diff:+.0f} points"
+            )
+        out.append(text + ".")
+    return out
+
+
+def curve_plot_uri(doc: dict[str, Any], attack: str) -> str | None:
+    """Concept rate vs attack steps, one line per attacked model, 95% bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in attack_rows(doc) if r["attack"] == attack]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(5.0, 3.0), dpi=100)
+    for row in rows:
+        steps = [p["step"] for p in row["curve"]]
+        values = [p["value"] for p in row["curve"]]
+        line = ax.plot(steps, values, marker="o", ms=3, label=ROLE_LABEL.get(row["role"]))[0]
+        ax.fill_between(steps, [p["ci95"][0] for p in row["curve"]],
+                        [p["ci95"][1] for p in row["curve"]], color=line.get_color(),
+                        alpha=0.15)  # fmt: skip
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("attack steps")
+    ax.set_ylabel("concept rate")
+    ax.set_title(f"recovery under '{attack}' (95% bands)", fontsize=9)
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def summary_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -205,6 +282,16 @@ def prompt_rows(doc: dict[str, Any], samples: list[dict[str, Any]]) -> dict[str,
     return {name: [rows[i] for i in sorted(rows)] for name, rows in by_set.items()}
 
 
+def prompt_roles(per_prompt: dict[str, list[dict]]) -> dict[str, list[str]]:
+    """Per prompt set, the models with images in it (base roles first, then attacked ones)."""
+    out = {}
+    for name, rows in per_prompt.items():
+        present = {r for row in rows for r in row["roles"]}
+        base = [r for r in ROLE_ORDER if r in present]
+        out[name] = base + sorted(present - set(base))
+    return out
+
+
 # ----------------------------------------------------------------------------- writers
 
 
@@ -265,6 +352,11 @@ def render_html(folder: Path, doc: dict[str, Any], samples: list, uncensored: bo
         verdicts=[verdict(r) for r in rows],
         plots=plots,
         breakdowns=breakdowns,
+        attack_rows=attack_rows(doc),
+        attack_verdicts=attack_verdicts(doc),
+        curve_plots=[(a, curve_plot_uri(doc, a)) for a in doc.get("attacks", {})],
+        rate=_rate_text,
+        set_roles=prompt_roles(per_prompt),
         per_prompt=per_prompt,
         uncensored=uncensored,
         n_censored=n_censored,
@@ -295,6 +387,17 @@ def render_markdown(doc: dict[str, Any]) -> str:
                      f" | {delta} | {n} |")  # fmt: skip
     lines += ["", "Values: mean [95% interval]. Rates: Wilson; means: bootstrap over prompts.", ""]
     lines += ["## Verdicts", ""] + [f"- {verdict(r)}" for r in summary_rows(doc)]
+    attacks = attack_rows(doc)
+    if attacks:
+        lines += ["", "## Recovery attacks", "",
+                  "| attack | model | before | after | Δ | steps | images | seconds |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in attacks:
+            c = r["cost"]
+            lines.append(f"| {r['attack']} | {r['role']} | {_rate_text(r['before'])} | "
+                         f"{_rate_text(r['after'])} | {100 * r['delta']:+.0f} pts | {c['steps']} | "
+                         f"{c['images']} | {c['seconds']} |")  # fmt: skip
+        lines += [""] + [f"- {v}" for v in attack_verdicts(doc)]
     lines += ["", "## Definitions", ""]
     for name, proto in doc["protocols"].items():
         lines.append(f"- protocol `{name}`: {proto.get('rule')} ({json.dumps(proto)})")

@@ -1,0 +1,67 @@
+"""Recovery attacks: how much of an erased concept comes back, for how much effort.
+
+An attack takes the model under attack, the concept, the original model where it needs one and
+a budget (its config); it writes the attacked artefact (fine-tuned weights, a LoRA file, a
+learned token embedding) and returns its cost and a recovery curve: the concept rate measured
+by the audit's own evaluation (``evaluate(pipe, step, prompts=None)``) every ``eval_every``
+steps. Data an attack shares between the audited model and its controls is built once in
+``prepare``, so every model gets the same data and budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from erasekit.registry import Registry
+
+ATTACKS: Registry[type] = Registry("attack")
+ATTACKS.register_lazy("finetune", "erasekit.attacks.finetune:Finetune")
+ATTACKS.register_lazy("memora", "erasekit.attacks.memora:MemoRa")
+ATTACKS.register_lazy("concept-inversion", "erasekit.attacks.concept_inversion:ConceptInversion")
+
+# evaluate(pipe, step, prompts=None) -> the primary concept-rate metric (and its samples)
+Evaluate = Callable[..., dict[str, Any]]
+
+
+@dataclass
+class AttackContext:
+    """What every attack is given: the concept, the original model, the audited model (whose
+    data the controls share), a work folder and the audit's evaluation callback factory."""
+
+    concept: Any
+    original: Path | None
+    audited: Path
+    work_dir: Path
+    device: str = "cpu"
+    progress: bool = False
+
+
+class Attack:
+    """Base class: ``prepare(ctx)`` once, then ``run(model, out_dir, evaluate)`` per model."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    needs_original: ClassVar[bool] = True
+
+    def __init__(self, config, ctx: AttackContext) -> None:
+        self.config = config
+        self.ctx = ctx
+
+    def prepare(self) -> dict[str, Any]:
+        """Build the data every attacked model shares; return its description."""
+        return {}
+
+    def run(self, model: Path, out_dir: Path, evaluate: Evaluate) -> dict[str, Any]:
+        """Attack ``model``; write the artefact under ``out_dir``; return
+        {"artefact": path, "cost": {...}, "curve": [{"step": s, "metric": {...}}, ...]}."""
+        raise NotImplementedError
+
+
+def get_attack(name: str) -> type[Attack]:
+    return ATTACKS.get(name)
+
+
+__all__ = ["ATTACKS", "Attack", "AttackContext", "get_attack"]

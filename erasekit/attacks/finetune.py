@@ -1,0 +1,173 @@
+"""`finetune`: benign downstream fine-tuning of the U-Net (full or LoRA), on image-caption data
+with no instance of the concept. Defaults: ResAlign's evaluation attack for full fine-tuning
+(200 steps, lr 1e-5, effective batch 4, AdamW) and the common LoRA settings (rank 4, lr 1e-4)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from erasekit.attacks import Attack, Evaluate
+from erasekit.errors import ErasekitError
+from erasekit.methods import Method
+from erasekit.training import TrainConfig, TrainContext, make_split
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    mode: str = "full"  # full | lora
+    steps: int = 200
+    lr: float = 0.0  # 0: 1e-5 for full, 1e-4 for LoRA
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 4
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-2
+    rank: int = 4
+    lora_alpha: float = 4.0
+    eval_every: int = 50  # recovery-curve spacing in optimizer steps
+    images: str | None = None  # an imagefolder of benign image-caption pairs
+    images_per_prompt: int = 1  # when rendering benign data from the retain prompts
+
+    def validate(self) -> None:
+        if self.mode not in ("full", "lora"):
+            raise ErasekitError(f"finetune mode must be full or lora, got {self.mode!r}")
+        if self.eval_every < 1:
+            raise ErasekitError("eval_every must be at least 1")
+        if self.lr == 0.0:
+            self.lr = 1e-4 if self.mode == "lora" else 1e-5
+        super().validate()
+
+
+class Tuning(Method):
+    """The shared loop's view of a fine-tuning attack: the plain denoising loss on one image
+    set, full U-Net or a LoRA on the attention projections, evaluated every ``eval_every``."""
+
+    name = "finetune"
+    needs_images = True
+
+    def __init__(self, config: FinetuneConfig, image_set, evaluate: Evaluate, **kw) -> None:
+        super().__init__(config, None, **kw)
+        self.images = image_set
+        self.evaluate = evaluate
+        self.curve: list[dict[str, Any]] = []
+        self.eval_seconds = 0.0
+        self.lora_state: dict | None = None
+
+    def prepare_data(self, pipe):
+        self.data_info = {"train": self.images.describe()}
+        return {"train": make_split(pipe, [], self.images)}
+
+    def trainable_parameters(self, unet):
+        if self.config.mode == "full":
+            return list(unet.named_parameters())
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=self.config.rank, lora_alpha=self.config.lora_alpha,
+                                    init_lora_weights="gaussian",
+                                    target_modules=list(LORA_TARGETS)))  # fmt: skip
+        return [(n, p) for n, p in unet.named_parameters() if "lora_" in n]
+
+    def loss(self, ctx: TrainContext, micro: int):
+        return ctx.denoising_loss(ctx.batch("train", micro), micro), {}
+
+    def _measure(self, ctx: TrainContext) -> None:
+        t0 = time.time()
+        unet = ctx.accelerator.unwrap_model(ctx.unet)
+        unet.eval()
+        ctx.pipe.unet = unet
+        ctx.pipe.vae.to(ctx.device)
+        ctx.pipe.text_encoder.to(ctx.device)
+        metric = self.evaluate(ctx.pipe, ctx.step)
+        self.curve.append({"step": ctx.step, "metric": metric})
+        unet.train()
+        self.eval_seconds += time.time() - t0
+
+    def on_train_start(self, ctx: TrainContext) -> None:
+        if ctx.step == 0:
+            self._measure(ctx)
+
+    def on_step_end(self, ctx: TrainContext) -> None:
+        if ctx.step % self.config.eval_every == 0 or ctx.step == self.config.steps:
+            self._measure(ctx)
+
+    def finalize_unet(self, unet):
+        if self.config.mode == "lora":
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            self.lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+            unet.fuse_lora()
+            unet.unload_lora()
+        return unet
+
+    def write_outputs(self, folder: Path) -> dict[str, Any]:
+        if self.lora_state is None:
+            return {}
+        from diffusers import StableDiffusionPipeline
+
+        StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=self.lora_state,
+                                                  safe_serialization=True)  # fmt: skip
+        return {"lora": LORA_FILE, "lora_rank": self.config.rank, "targets": list(LORA_TARGETS)}
+
+
+def tune(model: Path, image_set, config: FinetuneConfig, out_dir: Path, evaluate: Evaluate,
+         device: str, progress: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Fine-tune ``model`` on ``image_set`` with the shared loop; the result of an attack."""
+    from erasekit.models import load_pipeline
+    from erasekit.training import TRAINING_LOG, train
+
+    config.validate()
+    method = Tuning(config, image_set, evaluate, model_path=model, progress=progress)
+    started = time.time()
+    train(method, load_pipeline(model, device=device), model_path=model, out_dir=out_dir,
+          progress=progress, overwrite=True)  # fmt: skip
+    seconds = time.time() - started
+    artefact = out_dir / LORA_FILE if config.mode == "lora" else out_dir
+    return {
+        "artefact": str(artefact),
+        "model_folder": str(out_dir),
+        "cost": {
+            "steps": config.steps,
+            "effective_batch": config.batch_size * config.gradient_accumulation_steps,
+            "images": len(image_set),
+            "image_passes": config.steps * config.batch_size * config.gradient_accumulation_steps,
+            "seconds": round(seconds - method.eval_seconds, 2),
+            "evaluation_seconds": round(method.eval_seconds, 2),
+        },
+        "curve": method.curve,
+        "log": str(out_dir / TRAINING_LOG),
+    }
+
+
+class Finetune(Attack):
+    """Benign fine-tuning: images of the concept's retain prompts rendered by the audited model
+    (or a user imagefolder), the same set for the audited model and every control."""
+
+    name = "finetune"
+    Config = FinetuneConfig
+    needs_original = False
+
+    def prepare(self) -> dict[str, Any]:
+        from erasekit.data import read_image_folder, render_image_set
+        from erasekit.models import load_pipeline
+
+        cfg = self.config
+        if cfg.images:
+            self.images = read_image_folder(cfg.images, name="benign images")
+        else:
+            pipe = load_pipeline(self.ctx.audited, device=self.ctx.device)
+            self.images = render_image_set(pipe, self.ctx.audited, self.ctx.concept.retain,
+                                           n_per_prompt=cfg.images_per_prompt, seed=cfg.seed,
+                                           cache_dir=self.ctx.work_dir / "cache",
+                                           progress=False)  # fmt: skip
+            self.images.source["origin"] = "rendered by the audited model from retain prompts"
+        return self.images.describe()
+
+    def run(self, model: Path, out_dir: Path, evaluate: Evaluate) -> dict[str, Any]:
+        return tune(model, self.images, self.config, out_dir, evaluate, self.ctx.device,
+                    self.ctx.progress)  # fmt: skip
