@@ -167,10 +167,13 @@ def evaluate_model(
 
 
 def attack_configs(
-    names: list[str], file: str | Path | None = None, sets: list[str] | None = None
+    names: list[str],
+    file: str | Path | None = None,
+    sets: list[str] | None = None,
+    concept: Concept | None = None,
 ) -> dict[str, Any]:
-    """Each attack's config: its defaults, then the FILE's ``name:`` mapping, then
-    ``name.key=value`` overrides."""
+    """Each attack's config: its defaults (for ``concept``), then the FILE's ``name:`` mapping,
+    then ``name.key=value`` overrides."""
     import yaml
 
     from erasekit.attacks import get_attack
@@ -200,7 +203,8 @@ def attack_configs(
     configs = {}
     for name in names:
         cls = get_attack(name)
-        configs[name] = build_config(cls.Config, mapping=(f"{file}:{name}", data.get(name, {})),
+        configs[name] = build_config(cls.Config, defaults=cls.defaults(concept),
+                                     mapping=(f"{file}:{name}", data.get(name, {})),
                                      sets=per_attack[name])  # fmt: skip
     return configs
 
@@ -295,6 +299,14 @@ def run_audit(
     device = resolve_device(audit.device)
     detectors = DetectorOptions(**{**asdict(detectors or DetectorOptions()), "device": device})
     judges = build_judges(concept, detectors)  # fails before any rendering
+    if attacks and process_state(device).num_processes > 1:
+        raise ErasekitError("recovery attacks run in one process for now; audit without "
+                            "accelerate launch/torchrun, or without --attacks")  # fmt: skip
+    for name in attacks or {}:
+        from erasekit.attacks import get_attack
+
+        if get_attack(name).needs_original and roles["reference"] is None:
+            raise ErasekitError(f"{name} needs the original model (--reference PATH)")
     sets = audit_prompt_sets(concept, audit.limit)
     settings = SamplerSettings.for_model(model_config or roles["audited"], steps=audit.steps,
                                          guidance=audit.guidance)  # fmt: skip

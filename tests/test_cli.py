@@ -156,3 +156,8 @@ def test_demo_runs(tmp_path: Path):
     assert (tmp_path / "demo" / "erased-salun" / "salun_mask.safetensors").is_file()
     assert (audit / "report.html").is_file() and (audit / "report.md").is_file()
     assert "report:" in result.stdout and "vs never-learned" in result.stdout
+    # the short benign fine-tuning attack ran on all three models, with its curve
+    attack = data["attacks"]["finetune"]
+    assert set(attack["models"]) == {"audited", "reference", "never-learned"}
+    assert all([p["step"] for p in m["curve"]] == [0, 50, 100] for m in attack["models"].values())
+    assert "residual memory" in result.stdout

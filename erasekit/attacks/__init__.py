@@ -46,6 +46,12 @@ class Attack:
     Config: ClassVar[type]
     needs_original: ClassVar[bool] = True
 
+    @classmethod
+    def defaults(cls, concept) -> dict[str, Any]:
+        """Config defaults that depend on the concept (ShapesWorld concepts get world-scale
+        budgets: the world model trains at lr 1e-3 and runs on a CPU)."""
+        return {}
+
     def __init__(self, config, ctx: AttackContext) -> None:
         self.config = config
         self.ctx = ctx
@@ -58,6 +64,10 @@ class Attack:
         """Attack ``model``; write the artefact under ``out_dir``; return
         {"artefact": path, "cost": {...}, "curve": [{"step": s, "metric": {...}}, ...]}."""
         raise NotImplementedError
+
+
+def is_world_concept(concept) -> bool:
+    return concept is not None and concept.detector.get("name") == "world"
 
 
 def get_attack(name: str) -> type[Attack]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from erasekit.attacks import Attack, Evaluate
+from erasekit.attacks import Attack, Evaluate, is_world_concept
 from erasekit.errors import ErasekitError
 
 EMBEDDING_FILE = "learned_embeds.safetensors"
@@ -55,6 +55,12 @@ def substitute(prompt: str, words: list[str], token: str) -> str:
 class ConceptInversion(Attack):
     name = "concept-inversion"
     Config = ConceptInversionConfig
+
+    @classmethod
+    def defaults(cls, concept) -> dict[str, Any]:
+        if not is_world_concept(concept):
+            return {}
+        return {"steps": 300, "gradient_accumulation_steps": 1, "eval_every": 75}
 
     def prepare(self) -> dict[str, Any]:
         from erasekit.concepts import prompt_set_from_list

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from erasekit.attacks import Attack, Evaluate
+from erasekit.attacks import Attack, Evaluate, is_world_concept
 from erasekit.attacks.finetune import FinetuneConfig, tune
 from erasekit.errors import ErasekitError
 
@@ -102,6 +102,10 @@ class MemoRa(Attack):
 
     name = "memora"
     Config = MemoRaConfig
+
+    @classmethod
+    def defaults(cls, concept) -> dict[str, Any]:
+        return {"steps": 200, "lr": 1e-3, "eval_every": 50} if is_world_concept(concept) else {}
 
     def prepare(self) -> dict[str, Any]:
         from erasekit.concepts import prompt_set_from_list

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         ATTACKS.get(n)  # unknown names fail here, before any rendering
     if (args.attack_config or args.attack_set) and not names:
         raise ErasekitError("--attack-config/--attack-set given without --attacks")
-    configs = attack_configs(names, args.attack_config, args.attack_set) if names else None
+    configs = attack_configs(names, args.attack_config, args.attack_set, concept) if names else None
     settings = AuditSettings(
         n_per_prompt=args.n_per_prompt,
         seed=args.seed,
@@ -116,8 +116,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_summary(doc: dict, out: str) -> None:
-    from erasekit.report import summary_rows, verdict
+    from erasekit.report import attack_verdicts, summary_rows, verdict
 
     for row in summary_rows(doc):
         print(verdict(row))
+    for line in attack_verdicts(doc):
+        print(line)
     print(f"report: {out}/report.html (results.json, report.md, samples.jsonl beside it)")

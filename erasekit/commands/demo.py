@@ -15,19 +15,22 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
             "Erase a concept from ShapesWorld with SalUn (lr 3e-5 for 10 epochs, otherwise "
             "the method's defaults), then audit the erased model against the original and the "
             "never-learned model (erasekit audit): concept rates on the direct, paraphrase and "
-            "retain prompts, retain accuracy, Wilson 95%% intervals, and an HTML report."
+            "retain prompts, retain accuracy, Wilson 95%% intervals, a benign fine-tuning attack "
+            "on each model with its recovery curve, and an HTML report."
         ),
     )
     p.add_argument("--concept", default="red", choices=["red", "circle"])
     p.add_argument("--out", default="demo-output", help="output folder")
     p.add_argument("--n-per-prompt", type=int, default=2)
     p.add_argument("--erase-steps", type=int, default=0, help="SalUn steps (0: its epochs)")
+    p.add_argument("--attack-steps", type=int, default=100, help="benign fine-tuning steps")
+    p.add_argument("--attack-eval-every", type=int, default=50, help="recovery-curve spacing")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from erasekit.audit import AuditSettings, run_audit
+    from erasekit.audit import AuditSettings, attack_configs, run_audit
     from erasekit.commands.audit import print_summary
     from erasekit.concepts import load_concept
     from erasekit.methods.salun import SalUn
@@ -49,9 +52,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"erasing '{args.concept}' with SalUn ({' '.join(sets)}) ...")
         train(method, load_pipeline(original), model_path=original, out_dir=erased,
               concept=concept)  # fmt: skip
-        print("auditing the erased model against the original and the never-learned model ...")
+        steps, every = args.attack_steps, args.attack_eval_every
+        print("auditing the erased model against the original and the never-learned model, "
+              f"with a benign fine-tuning attack ({steps} steps) on each ...")  # fmt: skip
+        attack_sets = [f"finetune.steps={steps}", f"finetune.eval_every={every}"]
+        attacks = attack_configs(["finetune"], sets=attack_sets, concept=concept)
         doc = run_audit(erased, concept, tmp / "audit", reference=str(original),
-                        audit=AuditSettings(n_per_prompt=args.n_per_prompt),
+                        audit=AuditSettings(n_per_prompt=args.n_per_prompt), attacks=attacks,
                         progress=False)  # fmt: skip
     print_summary(doc, str(out / "audit"))
     print(f"erased model: {out / 'erased-salun'}")

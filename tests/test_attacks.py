@@ -1,0 +1,267 @@
+"""Recovery attacks: the pieces on known inputs, the artefacts in their standard formats, a
+relearning test that can fail, and the audit integration with controls."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+
+
+def test_slerp_on_known_vectors():
+    from erasekit.attacks.memora import slerp
+
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert torch.allclose(slerp(e1, e2, 0.0), e1) and torch.allclose(slerp(e1, e2, 1.0), e2)
+    half = slerp(e1, e2, 0.5)
+    assert torch.allclose(half, torch.tensor([1.0, 1.0]) / math.sqrt(2), atol=1e-6)
+    assert torch.allclose(slerp(2 * e1, 2 * e2, 1 / 3), 2 * torch.tensor([0.8660254, 0.5]))
+    assert torch.allclose(slerp(e1, e1 * 3, 0.5), e1 * 2)  # parallel: linear
+
+
+def _world_seed_latents(tmp_path):
+    from erasekit.concepts import prompt_set_from_list
+    from erasekit.data import render_image_set
+    from erasekit.models import load_pipeline
+    from erasekit.training import encode_images
+    from erasekit.world import world_path
+
+    pipe = load_pipeline(world_path("full"))
+    images = render_image_set(pipe, world_path("full"), prompt_set_from_list(["a red circle"]),
+                              n_per_prompt=2, cache_dir=tmp_path, progress=False)  # fmt: skip
+    return pipe, encode_images(pipe, images)
+
+
+def test_ddim_inversion_and_regeneration_round_trip(tmp_path):
+    """Inverting 8 of 25 steps and denoising back (no guidance, no interpolation) returns the
+    seed latent; each regenerated latent matches its own seed, not the other one."""
+    from erasekit.attacks.memora import invert_and_regenerate
+
+    pipe, z = _world_seed_latents(tmp_path)
+    out = invert_and_regenerate(pipe, z, "a red circle", 25, 8, 1.0, [((0, 1), [0.0, 1.0])])
+    err = [float((o[0] - z[i]).norm() / z[i].norm()) for i, o in enumerate(out)]
+    assert max(err) < 0.1, err
+    assert float((out[0][0] - z[1]).norm() / z[1].norm()) > 0.3
+
+
+def _red_image_folder(root: Path, n_prompts: int = 16) -> Path:
+    from erasekit.concepts import load_concept
+    from erasekit.generate import generate
+    from erasekit.models import load_pipeline
+    from erasekit.world import world_path
+
+    concept = load_concept("red")
+    full = world_path("full")
+    records = generate(load_pipeline(full), concept.forget.limit(n_prompts), root / "red",
+                       model_path=full, n_per_prompt=2, progress=False)  # fmt: skip
+    with open(root / "red" / "metadata.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps({"file_name": r["image"], "prompt": r["prompt"]}) + "\n")
+    return root / "red"
+
+
+def _world_evaluate(root: Path, n_prompts: int):
+    from erasekit.concepts import load_concept
+    from erasekit.detectors import DetectorOptions
+    from erasekit.evaluation import build_judges, evaluate_prompt_set, metric_key, set_metrics
+    from erasekit.generate import SamplerSettings
+    from erasekit.world import world_path
+
+    concept = load_concept("red")
+    judges = build_judges(concept, DetectorOptions())
+    settings = SamplerSettings.for_model(world_path("full"))
+    ps = concept.forget.limit(n_prompts)
+
+    def evaluate(pipe, step, prompts=None):
+        part = evaluate_prompt_set(pipe, ps, root, f"curve/{step}", judges, model_path=None,
+                                   settings=settings, n_per_prompt=2)  # fmt: skip
+        metrics, _ = set_metrics(part, ps, judges, seed=0, utility=False)
+        return metrics[metric_key("concept_rate", ps.name)]
+
+    return evaluate
+
+
+@pytest.mark.slow
+def test_finetune_measures_relearning_of_a_never_learned_concept(tmp_path):
+    """Fine-tuning the never-learned world model on red images brings red in within 10 steps:
+    the attack and its curve see a concept arrive (the control the audit compares against)."""
+    from erasekit.attacks.finetune import FinetuneConfig, tune
+    from erasekit.data import read_image_folder
+    from erasekit.world import world_path
+
+    images = read_image_folder(_red_image_folder(tmp_path))
+    config = FinetuneConfig(mode="full", steps=10, lr=1e-4, eval_every=5)
+    out = tune(world_path("no-red"), images, config, tmp_path / "tuned",
+               _world_evaluate(tmp_path, 6), "cpu")  # fmt: skip
+    steps = [c["step"] for c in out["curve"]]
+    values = [c["metric"]["value"] for c in out["curve"]]
+    assert steps == [0, 5, 10]
+    assert values[0] <= 0.1 and values[-1] >= 0.5, values
+    assert out["cost"]["image_passes"] == 40 and out["cost"]["images"] == 32
+    assert (tmp_path / "tuned" / "model_index.json").is_file()
+
+
+def test_lora_attack_saves_a_diffusers_lora_equal_to_the_fused_model(tiny_model_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from erasekit.attacks.finetune import LORA_FILE, FinetuneConfig, tune
+    from erasekit.concepts import prompt_set_from_list
+    from erasekit.data import render_image_set
+    from erasekit.models import load_pipeline
+
+    pipe = load_pipeline(tiny_model_dir)
+    images = render_image_set(pipe, tiny_model_dir, prompt_set_from_list(["a photo", "a dog"]),
+                              n_per_prompt=2, cache_dir=tmp_path / "c", progress=False)  # fmt: skip
+    points = []
+    config = FinetuneConfig(mode="lora", steps=2, lr=1e-2, eval_every=1, seed=1)
+
+    def record(pipe, step, prompts=None):
+        points.append(step)
+        return {"value": 0.0}
+
+    out = tune(tiny_model_dir, images, config, tmp_path / "lora", record, "cpu")
+    assert points == [0, 1, 2] and out["artefact"].endswith(LORA_FILE)
+    base = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir))
+    fused = StableDiffusionPipeline.from_pretrained(str(tmp_path / "lora"))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = torch.randn(1, 77, base.text_encoder.config.hidden_size)
+    t = torch.tensor([500])
+    with torch.no_grad():
+        before = base.unet(x, t, cond).sample
+        base.load_lora_weights(str(tmp_path / "lora"), weight_name=LORA_FILE)
+        with_lora = base.unet(x, t, cond).sample
+        from_fused = fused.unet(x, t, cond).sample
+    assert (with_lora - before).abs().max() > 1e-4  # the LoRA learned something
+    assert torch.allclose(with_lora, from_fused, atol=1e-4)
+
+
+def test_concept_inversion_embedding_loads_with_diffusers(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from erasekit.attacks import AttackContext
+    from erasekit.attacks.concept_inversion import (
+        EMBEDDING_FILE,
+        ConceptInversion,
+        ConceptInversionConfig,
+        substitute,
+    )
+    from erasekit.concepts import load_concept
+    from erasekit.world import world_path
+
+    assert substitute("a crimson red circle", ["red"], "<x>") == "a crimson <x> circle"
+    assert substitute("a circle", ["red"], "<x>") == "<x>, a circle"
+    ctx = AttackContext(load_concept("red"), world_path("full"), world_path("no-red"), tmp_path)
+    config = ConceptInversionConfig(steps=3, batch_size=2, gradient_accumulation_steps=1,
+                                    images_per_prompt=1, eval_every=3)  # fmt: skip
+    attack = ConceptInversion(config, ctx)
+    attack.prepare()
+    seen = []
+    out = attack.run(world_path("no-red"), tmp_path / "ci",
+                     lambda pipe, step, prompts=None: seen.append((step, prompts.prompts[0]))
+                     or {"value": 0.0})  # fmt: skip
+    assert seen == [(0, "a <concept> circle"), (3, "a <concept> circle")]
+    assert out["artefact"].endswith(EMBEDDING_FILE)
+    pipe = StableDiffusionPipeline.from_pretrained(str(world_path("no-red")))
+    init = (
+        pipe.text_encoder.get_input_embeddings()
+        .weight[pipe.tokenizer("red", add_special_tokens=False).input_ids[0]]
+        .detach()
+    )
+    pipe.load_textual_inversion(str(tmp_path / "ci" / EMBEDDING_FILE))
+    table = pipe.text_encoder.get_input_embeddings().weight
+    learned = table[pipe.tokenizer.convert_tokens_to_ids("<concept>")].detach()
+    assert learned.shape == init.shape and not torch.allclose(learned, init)
+
+
+@pytest.fixture(scope="module")
+def world_erased_copy(tmp_path_factory) -> Path:
+    from erasekit.models import build_manifest, load_pipeline, save_model
+    from erasekit.world import world_path
+
+    out = tmp_path_factory.mktemp("attacked") / "erased"
+    save_model(load_pipeline(world_path("no-red")), out,
+               build_manifest(base_model=world_path("full"), method="copy-of-no-red"))  # fmt: skip
+    return out
+
+
+@pytest.mark.slow
+def test_audit_runs_attacks_on_the_model_and_its_controls(world_erased_copy, tmp_path):
+    out = tmp_path / "audit"
+    r = run_cli("audit", "--model", str(world_erased_copy), "--concept", "red", "--out", str(out),
+                "--limit", "2", "--attacks", "finetune", "--attack-set", "finetune.steps=2",
+                "--attack-set", "finetune.eval_every=1", "--attack-set", "finetune.mode=lora",
+                "--no-progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((out / "results.json").read_text())
+    entry = doc["attacks"]["finetune"]
+    assert entry["config"]["mode"] == "lora" and entry["config"]["lr"] == 1e-4
+    assert set(entry["models"]) == {"audited", "reference", "never-learned"}
+    for role, m in entry["models"].items():
+        assert [p["step"] for p in m["curve"]] == [0, 1, 2], role
+        assert (out / m["artefact"]).is_file() and m["cost"]["steps"] == 2
+        final = doc["results"][f"finetune:{role}"]["concept_rate/direct"]
+        assert final["value"] == m["curve"][-1]["value"] and final["n_images"] == 2
+    # the same benign data (rendered once by the audited model) for every model
+    assert entry["data"]["origin"].startswith("rendered by the audited model")
+    assert entry["models"]["reference"]["curve"][0]["value"] >= 0.5
+    html = (out / "report.html").read_text()
+    assert "Recovery attacks" in html and "recovery curve finetune" in html
+    assert "residual memory" in (out / "report.md").read_text()
+
+
+def test_attack_options_are_checked_before_any_work(world_erased_copy, tmp_path, capsys):
+    from erasekit.cli import main
+
+    out = tmp_path / "out"
+    base = ["audit", "--model", str(world_erased_copy), "--concept", "red", "--out", str(out)]
+    cases = [
+        (["--attacks", "finetun"], "did you mean 'finetune'"),
+        (["--attacks", "finetune", "--attack-set", "finetune.stepz=2"], "unknown config key"),
+        (["--attack-set", "finetune.steps=2"], "without --attacks"),
+        (["--attacks", "finetune", "--attack-set", "finetune.mode=half"], "full or lora"),
+        (
+            ["--attacks", "memora", "--reference", "none", "--limit", "1"],
+            "needs the original model",
+        ),  # fmt: skip
+    ]
+    for args, fragment in cases:
+        assert main([*base, *args]) == 2, fragment
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("erasekit: error:") and fragment in err and "\n" not in err, err
+        assert not out.exists()
+
+
+SMALL = {
+    "finetune": ["images_per_prompt=1", "batch_size=2", "gradient_accumulation_steps=1"],
+    "memora": ["n_pairs=1", "n_interpolation=2", "gradient_accumulation_steps=1"],
+    "concept-inversion": ["images_per_prompt=1", "batch_size=2", "gradient_accumulation_steps=1"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_each_attack_runs_its_budget_on_the_tiny_pipeline(name, tiny_model_dir, tmp_path):
+    from erasekit.attacks import AttackContext, get_attack
+    from erasekit.audit import attack_configs
+    from erasekit.concepts import load_concept
+
+    sets = [f"{name}.{s}" for s in ["steps=3", "eval_every=2", *SMALL[name]]]
+    config = attack_configs([name], sets=sets)[name]
+    ctx = AttackContext(load_concept("circle"), tiny_model_dir, tiny_model_dir, tmp_path)
+    attack = get_attack(name)(config, ctx)
+    attack.prepare()
+    seen = []
+
+    def evaluate(pipe, step, prompts=None):
+        seen.append(step)
+        return {"value": 0.0}
+
+    out = attack.run(tiny_model_dir, tmp_path / "out", evaluate)
+    assert seen == [0, 2, 3]  # before, every eval_every, and at the end of the budget
+    assert out["cost"]["steps"] == 3 and Path(out["artefact"]).exists()
+    if "log" in out:  # the shared loop's log: exactly the budgeted optimizer steps
+        assert len(Path(out["log"]).read_text().splitlines()) == 3
