@@ -174,25 +174,17 @@ def attack_configs(
 ) -> dict[str, Any]:
     """Each attack's config: its defaults (for ``concept``), then the FILE's ``name:`` mapping,
     then ``name.key=value`` overrides."""
-    import yaml
-
     from erasekit.attacks import get_attack
-    from erasekit.training import build_config
+    from erasekit.training import build_config, read_yaml_mapping
 
     data: dict[str, Any] = {}
     if file is not None:
-        path = Path(file)
-        if not path.is_file():
-            raise ErasekitError(f"attack config not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ErasekitError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-            raise ErasekitError(f"{path}: expected a mapping of attack name -> settings")
+        data = read_yaml_mapping(file, "attack config")
+        if not all(isinstance(v, dict) for v in data.values()):
+            raise ErasekitError(f"{file}: expected a mapping of attack name -> settings")
         unknown = sorted(set(data) - set(names))
         if unknown:
-            raise ErasekitError(f"{path}: settings for attacks not requested: {', '.join(unknown)}")
+            raise ErasekitError(f"{file}: settings for attacks not requested: {', '.join(unknown)}")
     per_attack: dict[str, list[str]] = {n: [] for n in names}
     for item in sets or []:
         name, dot, rest = item.partition(".")

@@ -119,6 +119,22 @@ def _coerce(cls: type, key: str, value: Any) -> Any:
     return value
 
 
+def read_yaml_mapping(file: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file holding a mapping (empty file: {}); one-line errors otherwise."""
+    import yaml
+
+    path = Path(file)
+    if not path.is_file():
+        raise ErasekitError(f"{what} not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ErasekitError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ErasekitError(f"{path}: a {what} must be a YAML mapping of key: value")
+    return data
+
+
 def build_config(
     cls: type[TrainConfig],
     defaults: dict[str, Any] | None = None,
@@ -128,22 +144,12 @@ def build_config(
 ) -> TrainConfig:
     """Method defaults, then a YAML file, then a (source, mapping) layer, then ``key=value``
     overrides; unknown keys are errors that list the valid ones."""
-    import yaml
 
     valid = [f.name for f in dataclasses.fields(cls)]
     values: dict[str, Any] = dict(defaults or {})
     layers: list[tuple[str, dict[str, Any]]] = []
     if file is not None:
-        path = Path(file)
-        if not path.is_file():
-            raise ErasekitError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ErasekitError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ErasekitError(f"{path}: a config file must be a YAML mapping of key: value")
-        layers.append((str(path), data))
+        layers.append((str(file), read_yaml_mapping(file, "config file")))
     if mapping is not None:
         layers.append(mapping)
     overrides = {}

@@ -13,7 +13,8 @@ by the ORIGINAL model (one set shared by every model); memora LoRA rank 4, lr 1e
 200 steps, 3 seed pairs x 11 points, inversion 0.3 of the steps; concept-inversion 300 steps,
 batch 4, lr 5e-3 x 4 (scaled).
 
-  python scripts/recovery_world.py [--seeds 0 1 2] [--work DIR]
+  python scripts/recovery_world.py [--seeds 0 1 2] [--concepts red circle] [--work DIR]
+  python scripts/recovery_world.py --merge OUT1.json OUT2.json   # one report from several runs
 """
 
 from __future__ import annotations
@@ -167,7 +168,58 @@ def markdown(runs: list[dict], judges_version: str) -> str:
                          f"{mean['esd'] - mean['never-learned']:+.0f} | "
                          f"{mean['salun'] - mean['never-learned']:+.0f} |")  # fmt: skip
         lines.append("")
+        lines += reading(runs, concept)
     return "\n".join(lines)
+
+
+def _above(a: dict, b: dict) -> bool:
+    """a's 95% interval lies entirely above b's."""
+    return a["ci95"][0] > b["ci95"][1]
+
+
+def reading(runs: list[dict], concept: str) -> list[str]:
+    """Plain statements computed from the numbers: per attack and erasure method, does the
+    erased model end above the never-learned control after the attack (residual memory that
+    the attack brings back: short-term forgetting), or not (consistent with long-term
+    forgetting at this budget)?"""
+    mine = [r for r in runs if r["concept"] == concept]
+    lines = ["What the numbers say (computed; 'above' = the 95% intervals do not overlap):", ""]
+    for name in mine[0]["attacks"]:
+        for method in ("esd", "salun"):
+            after = [(r["attacks"][name][method]["curve"][-1],
+                      r["attacks"][name]["never-learned"]["curve"][-1]) for r in mine]  # fmt: skip
+            before = [r["attacks"][name][method]["curve"][0] for r in mine]
+            above = sum(_above(a, n) for a, n in after)
+            mean_a = 100 * sum(a["value"] for a, _ in after) / len(after)
+            mean_n = 100 * sum(n["value"] for _, n in after) / len(after)
+            mean_b = 100 * sum(b["value"] for b in before) / len(before)
+            if above == len(after):
+                verdict = (
+                    "recovers MORE than the never-learned control in every seed: the "
+                    "concept was hidden, not removed (short-term forgetting)"
+                )
+            elif above == 0:
+                verdict = (
+                    "recovers no more than the never-learned control in any seed: "
+                    "consistent with long-term forgetting at this budget"
+                )
+            else:
+                verdict = (
+                    f"recovers more than the never-learned control in {above} of {len(after)} seeds"
+                )
+            lines.append(f"- {concept}, {name} on the {method.upper()}-erased model: "
+                         f"{mean_b:.0f}% before → {mean_a:.0f}% after (never-learned after: "
+                         f"{mean_n:.0f}%); {verdict}.")  # fmt: skip
+        orig_b = [r["attacks"][name]["original"]["curve"][0]["value"] for r in mine]
+        orig_a = [r["attacks"][name]["original"]["curve"][-1]["value"] for r in mine]
+        mb, ma = 100 * sum(orig_b) / len(mine), 100 * sum(orig_a) / len(mine)
+        if ma < mb - 20:
+            lines.append(f"- Caution ({concept}, {name}): the same attack lowers the ORIGINAL "
+                         f"model's rate from {mb:.0f}% to {ma:.0f}%: its data teaches the other "
+                         "values of the concept's dimension, so a low after-attack rate here is "
+                         "not evidence of forgetting.")  # fmt: skip
+    lines.append("")
+    return lines
 
 
 def main() -> None:
@@ -176,12 +228,16 @@ def main() -> None:
     ap.add_argument("--concepts", nargs="+", default=["red", "circle"])
     ap.add_argument("--work", default="/tmp/erasekit-recovery")
     ap.add_argument("--out", default="docs/results/recovery-world")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge earlier runs' JSON files")
     args = ap.parse_args()
     quiet_libraries()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    runs = [run(c, s, work) for c in args.concepts for s in args.seeds]
     version = build_judges(load_concept(args.concepts[0]), DetectorOptions()).concept.version
+    if args.merge:
+        runs = [r for f in args.merge for r in json.loads(Path(f).read_text())["runs"]]
+    else:
+        work = Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
+        runs = [run(c, s, work) for c in args.concepts for s in args.seeds]
     Path(f"{args.out}.json").write_text(json.dumps({"runs": runs, "detector": version},
                                                    indent=1) + "\n")  # fmt: skip
     Path(f"{args.out}.md").write_text(markdown(runs, version))

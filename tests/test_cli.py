@@ -143,13 +143,14 @@ def test_demo_runs(tmp_path: Path):
     assert result.returncode == 0, result.stderr
     audit = tmp_path / "demo" / "audit"
     data = json.loads((audit / "results.json").read_text())
-    assert set(data["results"]) == {"audited", "reference", "never-learned"}
+    roles = {"audited", "reference", "never-learned"}
+    assert set(data["results"]) == roles | {f"finetune:{r}" for r in roles}
     assert data["models"]["audited"]["method"] == "salun"
     res = data["results"]
-    for role in res:
+    for role in roles:
         acc = res[role]["retain_accuracy/retain"]
         assert 0 <= acc["ci95"][0] <= acc["value"] <= acc["ci95"][1] <= 1
-    direct = {role: res[role]["concept_rate/direct"]["value"] for role in res}
+    direct = {role: res[role]["concept_rate/direct"]["value"] for role in roles}
     # the full model draws red when asked; its never-learned reference and the erased one do not
     assert direct["reference"] > direct["never-learned"] + 0.3
     assert direct["reference"] > direct["audited"] + 0.3
