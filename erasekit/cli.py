@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from erasekit import __version__
-from erasekit.errors import ErasekitError
+from erasekit.errors import ErasekitError, first_line
 
 EXIT_USAGE = 2
 
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first_line(e, default="")
         sys.stderr.write(
             f"erasekit: internal error: {type(e).__name__}: {first} (rerun with --debug)\n"
         )

@@ -10,3 +10,11 @@ class UnknownNameError(ErasekitError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+def first_line(e: BaseException, default: str | None = None) -> str:
+    """The first line of an exception's message (``default``, else its type name, when empty)."""
+    text = str(e).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(e).__name__ if default is None else default

@@ -19,7 +19,7 @@ from PIL import Image
 from erasekit.concepts import Concept, PromptSet
 from erasekit.detectors import DetectorOptions, Protocol, build_detector
 from erasekit.distributed import process_state
-from erasekit.errors import ErasekitError
+from erasekit.errors import ErasekitError, first_line
 from erasekit.generate import SamplerSettings, generate
 from erasekit.stats import bootstrap_interval, wilson_interval
 
@@ -83,7 +83,7 @@ def score_images(
         except ErasekitError:
             raise
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            first = first_line(e, default="")
             raise ErasekitError(f"detector {name!r} failed: {type(e).__name__}: {first}") from e
         if len(per_detector[name]) != len(images):
             raise ErasekitError(f"detector {name!r} returned {len(per_detector[name])} records "

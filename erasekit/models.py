@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from erasekit.errors import ErasekitError
+from erasekit.errors import ErasekitError, first_line
 from erasekit.outputs import atomic_output_dir, write_json
 from erasekit.provenance import git_commit, library_versions, model_content_hash, peak_memory
 
@@ -90,7 +90,7 @@ def _check_diffusers_folder(path: Path, allow_pickle: bool) -> None:
 
 
 def _wrap_load_error(path: Path, e: Exception) -> ErasekitError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = first_line(e)
     return ErasekitError(f"could not load model {path}: {first}")
 
 

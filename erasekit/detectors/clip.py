@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from erasekit.detectors import DetectorOptions, Protocol
-from erasekit.errors import ErasekitError
+from erasekit.errors import ErasekitError, first_line
 from erasekit.provenance import sha256_file
 
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -79,7 +79,7 @@ class ClipDetector:
                 name, pretrained=str(weights), device=device
             )
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise ErasekitError(f"cannot load CLIP {name} from {weights}: {first}") from None
         self.model = clip.eval()
         self.preprocess = preprocess

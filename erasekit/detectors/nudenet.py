@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from erasekit.detectors import DetectorOptions, Protocol
-from erasekit.errors import ErasekitError
+from erasekit.errors import ErasekitError, first_line
 from erasekit.provenance import sha256_file
 
 LABELS = (
@@ -121,7 +121,7 @@ class NudeNetDetector:
             self.model = nudenet.NudeDetector(model_path=str(path),
                                               inference_resolution=self.resolution)  # fmt: skip
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise ErasekitError(f"cannot load NudeNet model {path}: {first}") from None
         self.batch_size = batch_size
         self.model_file = path.name
