@@ -182,6 +182,9 @@ class Concept:
     detector: dict[str, Any]
     path: str
     sha256: str
+    # benign prompts for simulated downstream fine-tuning (ResAlign): NOT the retain set the
+    # audit's fine-tuning attack trains on, so a defence is not tested on its training data
+    benign: PromptSet | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -194,6 +197,7 @@ class Concept:
             "forget": self.forget.describe(),
             "retain": self.retain.describe(),
             "evaluation": {k: v.describe() for k, v in self.evaluation.items()},
+            "benign": self.benign.describe() if self.benign is not None else None,
         }
 
 
@@ -293,4 +297,5 @@ def load_concept(name_or_path: str) -> Concept:
         detector=dict(detector),
         path=str(path),
         sha256=sha256_bytes(data),
+        benign=_prompt_set_field(path, "benign", spec["benign"]) if "benign" in spec else None,
     )

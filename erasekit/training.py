@@ -528,7 +528,8 @@ def _train(
                         f"{method.name}: loss became {loss.item()} at step {ctx.step + 1}"
                         f" (lower lr or check the data){hint}"
                     )
-                accelerator.backward(loss)
+                if not method.sets_gradients:
+                    accelerator.backward(loss)
                 method.after_backward(unet)
                 grad_norm = None
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
@@ -537,7 +538,10 @@ def _train(
                 optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             for k, v in logs.items():
-                extra[k] = extra.get(k, 0.0) + float(v) / config.gradient_accumulation_steps
+                if isinstance(v, (int, float)):
+                    extra[k] = extra.get(k, 0.0) + float(v) / config.gradient_accumulation_steps
+                else:  # e.g. the names of sampled configurations: kept as given
+                    extra[k] = v
         lr_schedule.step()
         ctx.step += 1
         record = {

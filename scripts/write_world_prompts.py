@@ -26,6 +26,11 @@ DIRECT = (
 )
 
 
+# Simulated fine-tuning data (ResAlign's "benign" set): the other caption templates, so it
+# never equals the retain set that the audit's fine-tuning attack renders by default.
+BENIGN = DIRECT[1:]
+
+
 def _article(text: str) -> str:
     words = text.split()
     for i in range(len(words) - 1):
@@ -39,7 +44,8 @@ def colour_sets(colour: str) -> dict[str, list[str]]:
     para = [f"a {syn} {s}" for s in SHAPES for syn in COLOUR_SYNONYMS[colour]]
     para += [f"a {s} {phrase}" for s in SHAPES for phrase in COLOUR_INDIRECT[colour]]
     retain = [f"a {c} {s}" for c in COLOURS if c != colour for s in SHAPES]
-    return {"forget": forget, "paraphrase": para, "retain": retain}
+    benign = [t.format(c=c, s=s) for c in COLOURS if c != colour for s in SHAPES for t in BENIGN]
+    return {"forget": forget, "paraphrase": para, "retain": retain, "benign": benign}
 
 
 def shape_sets(shape: str) -> dict[str, list[str]]:
@@ -47,14 +53,16 @@ def shape_sets(shape: str) -> dict[str, list[str]]:
     para = [f"a {c} {syn}" for c in COLOURS for syn in SHAPE_SYNONYMS[shape]]
     para += [f"a {c} shape {phrase}" for c in COLOURS for phrase in SHAPE_INDIRECT[shape]]
     retain = [f"a {c} {s}" for s in SHAPES if s != shape for c in COLOURS]
-    return {"forget": forget, "paraphrase": para, "retain": retain}
+    benign = [t.format(c=c, s=s) for s in SHAPES if s != shape for c in COLOURS for t in BENIGN]
+    return {"forget": forget, "paraphrase": para, "retain": retain, "benign": benign}
 
 
 def outlined_sets() -> dict[str, list[str]]:
     forget = [f"an outlined {c} {s}" for c in COLOURS for s in SHAPES]
     para = [f"a hollow {c} {s}" for c in COLOURS for s in SHAPES]
     retain = [f"a solid {c} {s}" for c in COLOURS for s in SHAPES]
-    return {"forget": forget, "paraphrase": para, "retain": retain}
+    benign = [t.format(c=f"solid {c}", s=s) for c in COLOURS for s in SHAPES for t in BENIGN[:2]]
+    return {"forget": forget, "paraphrase": para, "retain": retain, "benign": benign}
 
 
 SPEC = """# ShapesWorld concept (written by scripts/write_world_prompts.py)
@@ -68,6 +76,7 @@ evaluation:
   direct: world/{name}/forget.txt
   paraphrase: world/{name}/paraphrase.txt   # synonyms and indirect phrasings, no concept word
   retain: world/{name}/retain.txt
+benign: world/{name}/benign.txt   # ResAlign's simulated fine-tuning data (not the retain set)
 detector:
   name: world
   dimension: {dimension}

@@ -22,7 +22,14 @@ from erasekit.training import build_config, epoch_indices, train
 
 # Small settings every method accepts: a few steps on tiny data.
 FAST = {"steps": 3, "images_per_prompt": 1, "batch_size": 2}
-FAST_METHOD = {"esd": {"ddim_steps": 4}, "salun": {"mask_batch_size": 4}}
+FAST_METHOD = {
+    "esd": {"ddim_steps": 4},
+    "salun": {"mask_batch_size": 4},
+    "resalign": {
+        "configs_per_step": 1,
+        "meta_distribution": str(Path(__file__).parent / "data" / "resalign-tiny-meta.yaml"),
+    },
+}
 
 
 @pytest.fixture(autouse=True)

@@ -11,11 +11,9 @@ from typing import Any
 
 from erasekit.attacks import Attack, Evaluate, is_world_concept
 from erasekit.errors import ErasekitError
+from erasekit.lora import LORA_FILE, add_lora, fuse_lora, save_lora
 from erasekit.methods import Method
 from erasekit.training import TrainConfig, TrainContext, make_split
-
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 @dataclass
@@ -65,12 +63,7 @@ class Tuning(Method):
     def trainable_parameters(self, unet):
         if self.config.mode == "full":
             return list(unet.named_parameters())
-        from peft import LoraConfig
-
-        unet.add_adapter(LoraConfig(r=self.config.rank, lora_alpha=self.config.lora_alpha,
-                                    init_lora_weights="gaussian",
-                                    target_modules=list(LORA_TARGETS)))  # fmt: skip
-        return [(n, p) for n, p in unet.named_parameters() if "lora_" in n]
+        return add_lora(unet, self.config.rank, self.config.lora_alpha)
 
     def loss(self, ctx: TrainContext, micro: int):
         return ctx.denoising_loss(ctx.batch("train", micro), micro), {}
@@ -97,22 +90,13 @@ class Tuning(Method):
 
     def finalize_unet(self, unet):
         if self.config.mode == "lora":
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft.utils import get_peft_model_state_dict
-
-            self.lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-            unet.fuse_lora()
-            unet.unload_lora()
+            self.lora_state = fuse_lora(unet)
         return unet
 
     def write_outputs(self, folder: Path) -> dict[str, Any]:
         if self.lora_state is None:
             return {}
-        from diffusers import StableDiffusionPipeline
-
-        StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=self.lora_state,
-                                                  safe_serialization=True)  # fmt: skip
-        return {"lora": LORA_FILE, "lora_rank": self.config.rank, "targets": list(LORA_TARGETS)}
+        return save_lora(folder, self.lora_state, self.config.rank)
 
 
 def tune(model: Path, image_set, config: FinetuneConfig, out_dir: Path, evaluate: Evaluate,

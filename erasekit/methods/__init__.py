@@ -14,6 +14,7 @@ from erasekit.training import Split, TrainConfig, TrainContext, make_split
 METHODS: Registry[type] = Registry("method")
 METHODS.register_lazy("esd", "erasekit.methods.esd:ESD")
 METHODS.register_lazy("salun", "erasekit.methods.salun:SalUn")
+METHODS.register_lazy("resalign", "erasekit.methods.resalign:ResAlign")
 
 
 class Method:
@@ -29,6 +30,9 @@ class Method:
     name: ClassVar[str]
     Config: ClassVar[type[TrainConfig]] = TrainConfig
     needs_images: ClassVar[bool] = False
+    # True: ``loss`` also writes the parameters' gradients itself (e.g. a hypergradient) and
+    # the loop does not backpropagate the returned (detached) loss.
+    sets_gradients: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -67,12 +67,15 @@ class ESD(Method):
     def trainable_parameters(self, unet):
         return [(n, p) for n, p in unet.named_parameters() if esd_selects(n, self.config.variant)]
 
-    def setup(self, ctx: TrainContext) -> None:
+    def setup(self, ctx: TrainContext, teacher=None) -> None:
+        """Build the frozen teacher (or use ``teacher``: a frozen copy of the original)."""
         from diffusers import DDIMScheduler
 
         # The frozen teacher: never prepared, held in the weight dtype.
-        self.teacher = copy.deepcopy(ctx.unet).requires_grad_(False).eval()
-        self.teacher.to(ctx.device, dtype=ctx.weight_dtype)
+        if teacher is None:
+            teacher = copy.deepcopy(ctx.unet).requires_grad_(False).eval()
+            teacher.to(ctx.device, dtype=ctx.weight_dtype)
+        self.teacher = teacher
         self.sampler = None  # built lazily from the training context's scheduler config
         self._ddim_cls = DDIMScheduler
 
@@ -107,15 +110,18 @@ class ESD(Method):
             x = self.sampler.step(eps, t, x).prev_sample
         return x, timesteps[stop].to(ctx.device).expand(cond.shape[0])
 
-    def loss(self, ctx: TrainContext, micro: int):
-        cfg: ESDConfig = self.config
-        batch = ctx.batch("forget", micro)
-        cond = batch["cond"]
-        x_t, t = self.partial_sample(ctx, cond, ctx.generator(micro))
+    @torch.no_grad()
+    def forget_target(self, ctx: TrainContext, cond, gen):
+        """(x_t, t, target): the partial sample and the negatively guided teacher target."""
+        x_t, t = self.partial_sample(ctx, cond, gen)
         empty = ctx.empty_cond.expand(cond.shape[0], -1, -1)
         e_u, e_c = self._teacher_eps(torch.cat([x_t, x_t]), torch.cat([t, t]),
                                      torch.cat([empty, cond]), torch.float32).chunk(2)  # fmt: skip
-        target = e_u - cfg.negative_guidance * (e_c - e_u)
+        return x_t, t, e_u - self.config.negative_guidance * (e_c - e_u)
+
+    def loss(self, ctx: TrainContext, micro: int):
+        cond = ctx.batch("forget", micro)["cond"]
+        x_t, t, target = self.forget_target(ctx, cond, ctx.generator(micro))
         pred = ctx.unet(x_t, t, cond).sample
         loss = F.mse_loss(pred.float(), target)
         return loss, {"t": float(t[0])}

@@ -1,0 +1,243 @@
+"""ResAlign: the (I + γH)⁻¹ solve against exact formulas, its safeguards, double backprop through
+the U-Net against finite differences, λ = 0 against the base methods, and a full run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_one_line_error, run_cli
+from safetensors.torch import load_file
+
+from erasekit.concepts import load_concept
+from erasekit.errors import ErasekitError
+from erasekit.methods import get_method
+from erasekit.methods.resalign import (
+    ResAlignConfig,
+    double_backward_ready,
+    load_meta_distribution,
+    make_hvp,
+    proximal_solve,
+)
+from erasekit.models import load_pipeline
+from erasekit.training import train
+
+TINY_META = Path(__file__).parent / "data" / "resalign-tiny-meta.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("ERASEKIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _spd(eigenvalues: list[float], seed: int = 0) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), dtype=torch.float64,
+                                       generator=torch.Generator().manual_seed(seed)))  # fmt: skip
+    return q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
+
+
+def _solve(h: torch.Tensor, g: torch.Tensor, **kw):
+    kw = {"gamma": 1.0, "iterations": 5, "alpha": 1.0, "max_retries": 5, "max_norm": 1e9, **kw}
+    term, stats = proximal_solve([g], lambda v: [h @ v[0]], **kw)
+    return (term[0] if term is not None else None), stats
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.5])
+def test_fixed_point_solve_converges_to_the_exact_inverse(gamma):
+    h = _spd([0.05, 0.2, 0.4, 0.6, 0.8, 1.1, 1.5, 1.9][: 5 if gamma == 1.0 else 8])
+    g = torch.randn(h.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    exact = torch.linalg.solve(torch.eye(h.shape[0], dtype=torch.float64) + gamma * h, g)
+    term, stats = _solve(h, g, gamma=gamma, iterations=700)
+    assert stats["retries"] == 0 and stats["hvps"] == 699
+    assert torch.allclose(term, exact, rtol=1e-9, atol=1e-12)
+    # K = 5 at alpha = 1 is the truncated Neumann series sum_{i<5} (-γH)^i g, exactly.
+    term5, stats5 = _solve(h, g, gamma=gamma, iterations=5)
+    series = sum(torch.linalg.matrix_power(-gamma * h, i) @ g for i in range(5))
+    assert stats5["hvps"] == 4 and torch.allclose(term5, series, rtol=1e-12)
+    assert (term5 - exact).norm() > 1e-6  # truncation is visible: the test can tell them apart
+
+
+def test_safeguards_halve_alpha_then_fall_back():
+    g = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    # eigenvalue 5: the iteration contracts only for alpha < 2/6, so alpha 1 and 1/2 diverge.
+    h = torch.diag(torch.tensor([5.0, 0.5], dtype=torch.float64))
+    term, stats = _solve(h, g, iterations=300)
+    assert stats["retries"] == 2 and stats["alpha"] == 0.25
+    exact = torch.linalg.solve(torch.eye(2, dtype=torch.float64) + h, g)
+    assert torch.allclose(term, exact, rtol=1e-8)
+    # eigenvalue -3 < -1/γ: no alpha contracts; every retry fails, the caller falls back.
+    term, stats = _solve(torch.diag(torch.tensor([-3.0, 0.5], dtype=torch.float64)), g)
+    assert term is None and stats["retries"] == 5 and "diverging" in stats["reason"]
+    # a norm cap the term cannot meet: halving alpha shrinks it until it passes or gives up
+    term, stats = _solve(torch.zeros(2, 2, dtype=torch.float64), g, max_norm=0.5)
+    assert term is not None and stats["retries"] == 4 and float(term.norm()) <= 0.5
+    term, stats = _solve(torch.zeros(2, 2, dtype=torch.float64), g, max_norm=1e-6)
+    assert term is None and "norm" in stats["reason"]
+
+
+def test_hvp_by_double_backprop_equals_the_quadratic_hessian():
+    a = _spd([0.3, 0.7, 1.2, 2.0], seed=3)
+    b = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    phi = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    phi.requires_grad_(True)
+    loss = 0.5 * phi @ a @ phi + b @ phi + (phi**2).sum() * 0  # the Hessian is exactly A
+    hvp = make_hvp(loss, [phi])
+    v = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    assert torch.allclose(hvp([v])[0], a @ v, rtol=1e-12)
+    g = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    term, _ = proximal_solve([g], hvp, gamma=0.4, iterations=300, alpha=1.0, max_retries=0,
+                             max_norm=1e9)  # fmt: skip
+    exact = torch.linalg.solve(torch.eye(4, dtype=torch.float64) + 0.4 * a, g)
+    assert torch.allclose(term[0], exact, rtol=1e-9)
+
+
+def test_unet_hvp_matches_finite_differences(tiny_pipe):
+    """Double backward through the diffusers U-Net (attention included) is the real Hessian."""
+    import copy
+
+    unet = copy.deepcopy(tiny_pipe.unet).double()
+    names = [n for n, _ in unet.named_parameters() if "attn2.to_k" in n or "conv_in" in n]
+    params = dict(unet.named_parameters())
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64)
+    noise = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64)
+    cond = torch.randn(2, 77, 32, generator=gen, dtype=torch.float64)
+    t = torch.tensor([100, 700])
+
+    def loss_at(values):
+        out = torch.func.functional_call(unet, values, (x, t), {"encoder_hidden_states": cond})
+        return torch.nn.functional.mse_loss(out.sample, noise)
+
+    phi = {n: params[n].detach().clone().requires_grad_(True) for n in names}
+    v = [torch.randn(phi[n].shape, generator=gen, dtype=torch.float64) for n in names]
+    with double_backward_ready(unet, torch.device("cpu")):
+        hv = make_hvp(loss_at(phi), list(phi.values()))(v)
+
+    def grad_at(sign: float, eps: float = 1e-5):
+        moved = {n: (phi[n].detach() + sign * eps * d).requires_grad_(True)
+                 for n, d in zip(names, v, strict=True)}  # fmt: skip
+        return torch.autograd.grad(loss_at(moved), list(moved.values()))
+
+    plus, minus = grad_at(1.0), grad_at(-1.0)
+    for h, p, m in zip(hv, plus, minus, strict=True):
+        fd = (p - m) / 2e-5
+        assert torch.allclose(h, fd, rtol=1e-5, atol=1e-8), float((h - fd).abs().max())
+    assert sum(float(h.abs().sum()) for h in hv) > 0
+
+
+def _erase(model_dir, out, method, **settings):
+    cls = get_method(method)
+    concept = load_concept("circle")
+    config = cls.Config(**{**cls.defaults(concept), **settings})
+    config.validate()
+    m = cls(config, concept, model_path=model_dir, progress=False)
+    train(m, load_pipeline(model_dir), model_path=model_dir, out_dir=out, concept=concept,
+          progress=False)  # fmt: skip
+    return load_file(str(Path(out) / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.parametrize("base", ["esd", "salun"])
+def test_lambda_zero_reduces_to_the_base_methods_gradient(base, tiny_model_dir, tmp_path):
+    """λ = 0 and w_r = 0: one SGD step of ResAlign moves the weights exactly as the base method."""
+    common = {"steps": 1, "optimizer": "sgd", "lr": 1e-2, "max_grad_norm": 0.0, "seed": 3,
+              "batch_size": 2, "images_per_prompt": 1}  # fmt: skip
+    if base == "esd":
+        ref = _erase(tiny_model_dir, tmp_path / "base", "esd", variant="esd-u", ddim_steps=4,
+                     **common)  # fmt: skip
+        trainable = {"trainable": "esd-u", "ddim_steps": 4}
+    else:
+        ref = _erase(tiny_model_dir, tmp_path / "base", "salun", alpha=0.0, mask_fraction=1.0,
+                     **common)  # fmt: skip
+        trainable = {"trainable": "full"}
+    ours = _erase(tiny_model_dir, tmp_path / "resalign", "resalign", base=base, lam=0.0,
+                  retain_weight=0.0, retain_weight_late=0.0, weight_decay=0.0,
+                  **trainable, **common)  # fmt: skip
+    before = load_file(str(Path(tiny_model_dir) / "unet" / "diffusion_pytorch_model.safetensors"))
+    moved = 0
+    for k in before:
+        d_ref, d_ours = ref[k] - before[k], ours[k] - before[k]
+        assert torch.allclose(d_ours, d_ref, rtol=1e-3, atol=1e-7), k
+        moved += int(d_ref.abs().max() > 0)
+    assert moved > 10
+
+
+def test_resalign_lora_run_logs_its_statistics_and_saves_a_loadable_lora(tiny_model_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from erasekit.lora import LORA_FILE
+
+    out = tmp_path / "ra"
+    _erase(tiny_model_dir, out, "resalign", steps=2, images_per_prompt=1, batch_size=2,
+           meta_distribution=str(TINY_META), configs_per_step=2, trainable="lora",
+           max_resilience_norm=1e9)  # fmt: skip
+    log = [json.loads(ln) for ln in (out / "training_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    for r in log:
+        keys = ("g_theta_norm", "hypergrad_norm", "alpha", "retries", "fallbacks", "hvps",
+                "inner_loss_first", "inner_loss_last", "L_h", "L_h_phi", "R", "w_r")  # fmt: skip
+        for key in keys:
+            assert key in r, key
+        assert r["inner_steps"] == 4 and len(r["configs"].split(",")) == 2
+        assert r["hvps"] >= 2 * 4  # K - 1 = 4 HVPs per configuration at least
+    assert [r["w_r"] for r in log] == [1.6, 2.0]  # w_r rises in the second half
+    manifest = json.loads((out / "erasekit.json").read_text())
+    outputs = manifest["training"]["outputs"]
+    assert outputs["lora"] == LORA_FILE and outputs["totals"]["hvps"] >= 16
+    assert manifest["training"]["data"]["meta_distribution"]["configs"][0]["name"] == "gd-full"
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir))
+    pipe.load_lora_weights(str(out), weight_name=LORA_FILE)  # loads in plain diffusers
+
+
+def test_bf16_mixed_precision_runs(tiny_model_dir, tmp_path):
+    _erase(tiny_model_dir, tmp_path / "bf16", "resalign", steps=1, images_per_prompt=1,
+           batch_size=1, meta_distribution=str(TINY_META), configs_per_step=1,
+           mixed_precision="bf16", trainable="full", weight_decay=0.0)  # fmt: skip
+    log = json.loads((tmp_path / "bf16" / "training_log.jsonl").read_text().splitlines()[0])
+    assert torch.isfinite(torch.tensor(log["loss"])) and log["hvps"] >= 4
+
+
+def test_meta_distribution_checks(tmp_path):
+    concept = load_concept("red")
+    from erasekit.methods.resalign import META_SD, META_WORLD
+
+    sd = load_meta_distribution(META_SD, concept)
+    lrs = [c.lr for c in sd.configs]
+    steps = [c.steps for c in sd.configs]
+    assert len(sd.configs) == 15 and min(lrs) == 1e-6 and max(lrs) == 1e-4
+    assert min(steps) == 5 and max(steps) == 30
+    assert {c.optimizer for c in sd.configs} == {"gd", "adam"}
+    assert {c.mode for c in sd.configs} == {"lora", "full"}
+    assert load_meta_distribution(META_WORLD, concept).configs
+    # the benign set differs from the retain set the audit's fine-tuning attack uses
+    assert concept.benign is not None and concept.benign.sha256 != concept.retain.sha256
+    assert not set(concept.benign.prompts) & set(concept.retain.prompts)
+    bad = {
+        "configs:\n  - {name: a, optimizer: rmsprop}\n": "optimizer",
+        "configs:\n  - {name: a, speed: 3}\n": "unknown key 'speed'",
+        "configs: []\n": "non-empty",
+        "configs:\n  - {name: a, data: elsewhere}\n": "unknown data set",
+        "datasets:\n  mine: {prompts: world/red/retain.txt}\nconfigs:\n  - {data: mine}\n":
+            "retain set",
+        "configs:\n  - {name: a, lr: -1}\n": "lr must be > 0",
+    }  # fmt: skip
+    for text, fragment in bad.items():
+        f = tmp_path / "meta.yaml"
+        f.write_text(text)
+        with pytest.raises(ErasekitError, match=fragment):
+            load_meta_distribution(f, concept)
+    for key, value in (("base", "kl"), ("trainable", "everything"), ("lam", 2.0)):
+        with pytest.raises(ErasekitError):
+            ResAlignConfig(**{key: value}).validate()
+
+
+def test_cli_bad_resalign_settings_exit_2_without_output(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("erase", "--model", str(tiny_model_dir), "--concept", "circle", "--method",
+                "resalign", "--out", str(out), "--set", "base=kl")  # fmt: skip
+    assert_one_line_error(r, "base must be one of")
+    r = run_cli("erase", "--model", str(tiny_model_dir), "--concept", "circle", "--method",
+                "resalign", "--out", str(out), "--set", "meta_distribution=/nope.yaml")  # fmt: skip
+    assert_one_line_error(r, "not found")
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
