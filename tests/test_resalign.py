@@ -227,7 +227,9 @@ def test_meta_distribution_checks(tmp_path):
         f.write_text(text)
         with pytest.raises(ErasekitError, match=fragment):
             load_meta_distribution(f, concept)
-    for key, value in (("base", "kl"), ("trainable", "everything"), ("lam", 2.0)):
+    bad_settings = (("base", "kl"), ("trainable", "everything"), ("lam", 2.0),
+                    ("mixed_precision", "fp16"), ("alpha", 0.0))  # fmt: skip
+    for key, value in bad_settings:
         with pytest.raises(ErasekitError):
             ResAlignConfig(**{key: value}).validate()
 
@@ -241,3 +243,17 @@ def test_cli_bad_resalign_settings_exit_2_without_output(tiny_model_dir, tmp_pat
                 "resalign", "--out", str(out), "--set", "meta_distribution=/nope.yaml")  # fmt: skip
     assert_one_line_error(r, "not found")
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_several_processes_are_refused_before_any_work(tiny_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ERASEKIT_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "erasekit", "erase", "--model", str(tiny_model_dir), "--concept", "circle",
+           "--method", "resalign", "--out", str(tmp_path / "two"), "--no-progress"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and "resalign runs in one process" in r.stderr
+    assert not (tmp_path / "two").exists() and not (tmp_path / "cache").exists()

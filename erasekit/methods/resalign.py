@@ -99,6 +99,11 @@ class ResAlignConfig(TrainConfig):
         for key in ("rank", "configs_per_step", "fixed_point_iterations", "mask_batch_size"):
             if getattr(self, key) < 1:
                 raise ErasekitError(f"{key} must be at least 1")
+        if self.mixed_precision == "fp16":
+            raise ErasekitError(
+                "resalign: mixed_precision must be no or bf16 (fp16 needs loss scaling, which "
+                "the hand-built hypergradient bypasses)"
+            )
         if not 0.0 < self.alpha <= 1.0:
             raise ErasekitError("alpha must be in (0, 1]")
         if self.max_retries < 0:
@@ -327,6 +332,13 @@ class ResAlign(Method):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        from erasekit.distributed import process_state
+
+        if process_state().num_processes > 1:
+            raise ErasekitError(
+                "resalign runs in one process (its hypergradient is not yet "
+                "reduced across processes); run it without accelerate launch"
+            )
         cfg: ResAlignConfig = self.config
         file = cfg.meta_distribution or (META_WORLD if self._world() else META_SD)
         self.meta = load_meta_distribution(file, self.concept)
@@ -387,11 +399,6 @@ class ResAlign(Method):
 
     def setup(self, ctx: TrainContext) -> None:
         cfg: ResAlignConfig = self.config
-        if ctx.accelerator.num_processes > 1:
-            raise ErasekitError(
-                "resalign runs in one process (its hypergradient is not yet "
-                "reduced across processes); run it without accelerate launch"
-            )
         self.teacher.to(ctx.device, dtype=ctx.weight_dtype)
         self.raw = ctx.unet
         self.params = dict(ctx.unet.named_parameters())
