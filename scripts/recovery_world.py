@@ -222,12 +222,14 @@ def reading(runs: list[dict], concept: str) -> list[str]:
     return lines
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def evidence_main(doc: str, run, markdown, work: str, out: str) -> None:
+    """The command line the world evidence scripts share: run every concept x seed (or merge
+    earlier runs' JSON), then write OUT.json and OUT.md."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--concepts", nargs="+", default=["red", "circle"])
-    ap.add_argument("--work", default="/tmp/erasekit-recovery")
-    ap.add_argument("--out", default="docs/results/recovery-world")
+    ap.add_argument("--work", default=work)
+    ap.add_argument("--out", default=out)
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge earlier runs' JSON files")
     args = ap.parse_args()
     quiet_libraries()
@@ -235,13 +237,17 @@ def main() -> None:
     if args.merge:
         runs = [r for f in args.merge for r in json.loads(Path(f).read_text())["runs"]]
     else:
-        work = Path(args.work)
-        work.mkdir(parents=True, exist_ok=True)
-        runs = [run(c, s, work) for c in args.concepts for s in args.seeds]
+        folder = Path(args.work)
+        folder.mkdir(parents=True, exist_ok=True)
+        runs = [run(c, s, folder) for c in args.concepts for s in args.seeds]
     Path(f"{args.out}.json").write_text(json.dumps({"runs": runs, "detector": version},
                                                    indent=1) + "\n")  # fmt: skip
     Path(f"{args.out}.md").write_text(markdown(runs, version))
     print(f"wrote {args.out}.md and .json")
+
+
+def main() -> None:
+    evidence_main(__doc__, run, markdown, "/tmp/erasekit-recovery", "docs/results/recovery-world")
 
 
 if __name__ == "__main__":

@@ -19,17 +19,15 @@ climbs back, ResAlign's much less.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from recovery_world import _above, _pct, benign_folder
+from recovery_world import _above, _pct, benign_folder, evidence_main
 
 from erasekit.audit import AuditSettings, attack_configs, run_attacks
-from erasekit.cli import quiet_libraries
 from erasekit.concepts import load_concept
 from erasekit.detectors import DetectorOptions
 from erasekit.detectors.world import WorldDetector
@@ -191,25 +189,7 @@ def markdown(runs: list[dict], version: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--concepts", nargs="+", default=["red", "circle"])
-    ap.add_argument("--work", default="/tmp/erasekit-resalign")
-    ap.add_argument("--out", default="docs/results/resalign-world")
-    ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge earlier runs' JSON files")
-    args = ap.parse_args()
-    quiet_libraries()
-    version = build_judges(load_concept(args.concepts[0]), DetectorOptions()).concept.version
-    if args.merge:
-        runs = [r for f in args.merge for r in json.loads(Path(f).read_text())["runs"]]
-    else:
-        work = Path(args.work)
-        work.mkdir(parents=True, exist_ok=True)
-        runs = [run(c, s, work) for c in args.concepts for s in args.seeds]
-    Path(f"{args.out}.json").write_text(json.dumps({"runs": runs, "detector": version},
-                                                   indent=1) + "\n")  # fmt: skip
-    Path(f"{args.out}.md").write_text(markdown(runs, version))
-    print(f"wrote {args.out}.md and .json")
+    evidence_main(__doc__, run, markdown, "/tmp/erasekit-resalign", "docs/results/resalign-world")
 
 
 if __name__ == "__main__":
