@@ -28,7 +28,9 @@ def tiny_pipe(tiny_model_dir):
     return load_pipeline(tiny_model_dir)
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: int = 300
+):
     """Run the real `erasekit` entry point in a subprocess."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
@@ -37,7 +39,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
         text=True,
         env=full_env,
         cwd=cwd,
-        timeout=300,
+        timeout=timeout,
     )
 
 

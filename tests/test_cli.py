@@ -139,7 +139,8 @@ def test_debug_shows_traceback(tmp_path: Path):
 
 @pytest.mark.slow
 def test_demo_runs(tmp_path: Path):
-    result = run_cli("demo", "--out", str(tmp_path / "demo"), "--n-per-prompt", "1")
+    # ~3.5 min alone on 2 cores; the limit leaves room for a busy machine
+    result = run_cli("demo", "--out", str(tmp_path / "demo"), "--n-per-prompt", "1", timeout=900)
     assert result.returncode == 0, result.stderr
     audit = tmp_path / "demo" / "audit"
     data = json.loads((audit / "results.json").read_text())
