@@ -222,9 +222,9 @@ def reading(runs: list[dict], concept: str) -> list[str]:
     return lines
 
 
-def evidence_main(doc: str, run, markdown, work: str, out: str) -> None:
+def evidence_main(doc: str, run, markdown, work: str, out: str, on_merge=None) -> None:
     """The command line the world evidence scripts share: run every concept x seed (or merge
-    earlier runs' JSON), then write OUT.json and OUT.md."""
+    earlier runs' JSON, then ``on_merge(runs, work)``), then write OUT.json and OUT.md."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--concepts", nargs="+", default=["red", "circle"])
@@ -236,6 +236,8 @@ def evidence_main(doc: str, run, markdown, work: str, out: str) -> None:
     version = build_judges(load_concept(args.concepts[0]), DetectorOptions()).concept.version
     if args.merge:
         runs = [r for f in args.merge for r in json.loads(Path(f).read_text())["runs"]]
+        if on_merge is not None:
+            on_merge(runs, Path(args.work))
     else:
         folder = Path(args.work)
         folder.mkdir(parents=True, exist_ok=True)

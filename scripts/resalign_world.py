@@ -65,6 +65,29 @@ def erase(concept: str, label: str, seed: int, work: Path) -> tuple[Path, float]
     return out, round(time.time() - started, 1)
 
 
+def log_stats(folder: Path) -> dict | None:
+    """What ResAlign's training log says about its hypergradient (None for other methods)."""
+    log = folder / "training_log.jsonl"
+    rows = [json.loads(ln) for ln in log.read_text().splitlines()] if log.is_file() else []
+    if not rows or "hvps" not in rows[0]:
+        return None
+    n = len(rows)
+    return {
+        "steps": n,
+        "mean_alpha": sum(r["alpha"] for r in rows) / n,
+        "mean_resilience_over_g_theta": sum(
+            r["resilience_norm"] / max(r["g_theta_norm"], 1e-12) for r in rows
+        )
+        / n,  # fmt: skip
+        "retries_per_config": sum(r["retries"] for r in rows)
+        / sum(len(r["configs"].split(",")) for r in rows),
+        "fallbacks": sum(r["fallbacks"] for r in rows),
+        "hvps": sum(r["hvps"] for r in rows),
+        "L_h_first_last": [rows[0]["L_h"], rows[-1]["L_h"]],
+        "R_last": rows[-1]["R"],
+    }
+
+
 def run(concept_name: str, seed: int, work: Path) -> dict:
     concept = load_concept(concept_name)
     models, seconds = {}, {}
@@ -100,6 +123,7 @@ def run(concept_name: str, seed: int, work: Path) -> dict:
             pipe, concept.retain, work / f"retain-{concept_name}-{label}-{seed}", detector,
             model_path=path, n_per_prompt=4, seed=seed,
         )  # fmt: skip
+    out["resalign_logs"] = {k: log_stats(v) for k, v in models.items() if log_stats(v)}
     print(f"{concept_name} seed {seed}: done", flush=True)
     return out
 
@@ -184,12 +208,97 @@ def markdown(runs: list[dict], version: str) -> str:
                 )
             lines.append(f"- {concept}: retain accuracy {base} {means[base]['retain']:.0f}%, "
                          f"{ra} {means[ra]['retain']:.0f}%.")  # fmt: skip
+            starts = [(r["attacks"]["finetune-full"][base]["curve"][0],
+                       r["attacks"]["finetune-full"][ra]["curve"][0]) for r in mine]  # fmt: skip
+            less = sum(_above(a, b) for b, a in starts)
+            if less:
+                lines.append(
+                    f"- {concept}: BEFORE any attack {ra} leaves more of the concept "
+                    f"than {base} in {less} of {len(mine)} seeds "
+                    f"({means[ra]['before']:.0f}% vs {means[base]['before']:.0f}%): it "
+                    "erased less, so a smaller climb cannot count as resilience."
+                )
+            climb = {m: means[m]["full"] - means[m]["before"] for m in (base, ra)}
+            lines.append(
+                f"- {concept}: mean climb under full fine-tuning {base} "
+                f"{climb[base]:+.0f} points, {ra} {climb[ra]:+.0f} points."
+            )
+        stats = [r.get("resalign_logs", {}) for r in mine]
+        if any(stats):
+            lines += ["", "ResAlign's hypergradient, from its training logs (means over seeds):",
+                      "", "| model | mean α | ‖α·v_K‖ / ‖g_θ‖ | retries per configuration "
+                      "| fallbacks | HVPs |", "|---|---|---|---|---|---|"]  # fmt: skip
+            for label in [lb for lb in labels if lb.startswith("resalign")]:
+                rows = [s[label] for s in stats if s.get(label)]
+                if not rows:
+                    continue
+                mean = {k: sum(r[k] for r in rows) / len(rows) for k in
+                        ("mean_alpha", "mean_resilience_over_g_theta", "retries_per_config",
+                         "fallbacks", "hvps")}  # fmt: skip
+                lines.append(f"| {label} | {mean['mean_alpha']:.3f} | "
+                             f"{mean['mean_resilience_over_g_theta']:.3f} | "
+                             f"{mean['retries_per_config']:.1f} | {mean['fallbacks']:.1f} | "
+                             f"{mean['hvps']:.0f} |")  # fmt: skip
         lines.append("")
+    lines += reading(runs)
     return "\n".join(lines)
 
 
+def reading(runs: list[dict]) -> list[str]:
+    """The mechanism behind the numbers, with the logged statistics filled in."""
+    rows = [s for r in runs for s in r.get("resalign_logs", {}).values()]
+    if not rows:
+        return []
+    alpha = sum(r["mean_alpha"] for r in rows) / len(rows)
+    ratio = sum(r["mean_resilience_over_g_theta"] for r in rows) / len(rows)
+    supported = []  # (concept, base) where ResAlign erased as far AND climbed 10+ points less
+    for concept in sorted({r["concept"] for r in runs}):
+        mine = [r for r in runs if r["concept"] == concept]
+        for base, ra in PAIRS:
+
+            def mean(label, i, mine=mine):
+                return 100 * sum(r["attacks"]["finetune-full"][label]["curve"][i]["value"]
+                                 for r in mine) / len(mine)  # fmt: skip
+
+            climb_ra, climb_base = mean(ra, -1) - mean(ra, 0), mean(base, -1) - mean(base, 0)
+            if mean(ra, 0) <= mean(base, 0) + 10 and climb_ra < climb_base - 10:
+                supported.append(f"{concept}/{base}")
+    verdict = (f"is supported for {', '.join(supported)}" if supported
+               else "is NOT reproduced on ShapesWorld at these settings")  # fmt: skip
+    return [
+        "## Reading",
+        "",
+        "The paper's claim (the base method climbs back after benign fine-tuning, ResAlign much "
+        f"less, having erased as far) {verdict} (criterion, computed: ResAlign's mean "
+        "before-attack rate within 10 points of its base method's and its mean climb under full "
+        "fine-tuning at least 10 points smaller). At the world defaults "
+        "ResAlign erases less before any attack (see the 'BEFORE any attack' lines) and keeps "
+        "more retain accuracy: the outer step applies only (1 − λ) = 0.2 of the harmful "
+        "loss's gradient at θ, the retain distillation R weighs 1.6 → 2.0, and the λ part "
+        "arrives through α·v_K, which the safeguards shrink: on the world model's full-weight "
+        f"Hessians the fixed-point iteration only contracted at a mean α of {alpha:.3f}, so the "
+        f"resilience term averaged {ratio:.2f} of ‖g_θ‖. Where the concept stays erased "
+        "(circle, whose benign fine-tuning lowers even the original's rate), the climbs are "
+        "not comparable either. Tried: the world defaults only (60 outer steps, λ 0.8, "
+        "γ 1, K 5, k 2, α from 1/16), one setting per base method, 3 seeds. Not tried yet: "
+        "a smaller γ (a better-conditioned iteration, larger α), more outer steps or a higher "
+        "lr so that ResAlign first erases as far as its base method, a lower w_r, LoRA as the "
+        "trainable set.",
+        "",
+    ]
+
+
+def fill_log_stats(runs: list[dict], work: Path) -> None:
+    """Runs made before the logs were summarised: read them from the work folder."""
+    for r in runs:
+        if "resalign_logs" not in r:
+            folders = {lb: work / f"{r['concept']}-{lb}-seed{r['seed']}" for lb in ERASERS}
+            r["resalign_logs"] = {k: log_stats(v) for k, v in folders.items() if log_stats(v)}
+
+
 def main() -> None:
-    evidence_main(__doc__, run, markdown, "/tmp/erasekit-resalign", "docs/results/resalign-world")
+    evidence_main(__doc__, run, markdown, "/tmp/erasekit-resalign", "docs/results/resalign-world",
+                  on_merge=fill_log_stats)  # fmt: skip
 
 
 if __name__ == "__main__":
