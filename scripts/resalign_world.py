@@ -20,6 +20,7 @@ climbs back, ResAlign's much less.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from pathlib import Path
 from recovery_world import _above, _pct, benign_folder, evidence_main
 
 from erasekit.audit import AuditSettings, attack_configs, run_attacks
+from erasekit.cli import quiet_libraries
 from erasekit.concepts import load_concept
 from erasekit.detectors import DetectorOptions
 from erasekit.detectors.world import WorldDetector
@@ -48,7 +50,7 @@ ATTACKS = {"finetune-full": ["mode=full"], "finetune-lora": ["mode=lora"]}
 
 
 def erase(concept: str, label: str, seed: int, work: Path) -> tuple[Path, float]:
-    out = work / f"{concept}-{label}-seed{seed}"
+    out = work / f"{concept}-{label.replace(' ', '').replace(',', '-')}-seed{seed}"
     if (out / "erasekit.json").is_file():
         return out, json.loads((out / "erasekit.json").read_text()).get("wall_seconds", 0.0)
     method, sets = ERASERS[label]
@@ -279,11 +281,11 @@ def reading(runs: list[dict]) -> list[str]:
         f"Hessians the fixed-point iteration only contracted at a mean α of {alpha:.3f}, so the "
         f"resilience term averaged {ratio:.2f} of ‖g_θ‖. Where the concept stays erased "
         "(circle, whose benign fine-tuning lowers even the original's rate), the climbs are "
-        "not comparable either. Tried: the world defaults only (60 outer steps, λ 0.8, "
-        "γ 1, K 5, k 2, α from 1/16), one setting per base method, 3 seeds. Not tried yet: "
-        "a smaller γ (a better-conditioned iteration, larger α), more outer steps or a higher "
-        "lr so that ResAlign first erases as far as its base method, a lower w_r, LoRA as the "
-        "trainable set.",
+        "not comparable either. Tried here: the world defaults (60 outer steps, λ 0.8, "
+        "γ 1, K 5, k 2, α from 1/16), one setting per base method, 3 seeds; beyond that, on "
+        "red and one seed, γ 0.1 and γ 0.1 with w_r 0.5: see resalign-world-ablations.md "
+        "(`scripts/resalign_world.py ablate`). Not tried yet: more outer steps or a higher lr, "
+        "LoRA as the trainable set, the SD-scale setting on a real model.",
         "",
     ]
 
@@ -296,7 +298,72 @@ def fill_log_stats(runs: list[dict], work: Path) -> None:
             r["resalign_logs"] = {k: log_stats(v) for k, v in folders.items() if log_stats(v)}
 
 
+# What else was tried (one concept and seed; `python scripts/resalign_world.py ablate`): a
+# smaller γ lets the fixed-point iteration contract at a larger α (a stronger resilience term);
+# a lighter retain weight lets ResAlign erase as far as SalUn before the attack.
+ABLATIONS = {
+    "resalign-salun, γ 0.1": ("resalign", [*ERASERS["resalign-salun"][1], "gamma=0.1"]),
+    "resalign-salun, γ 0.1, w_r 0.5": ("resalign", [*ERASERS["resalign-salun"][1], "gamma=0.1",
+                                                   "retain_weight=0.5",
+                                                   "retain_weight_late=0.5"]),
+}  # fmt: skip
+
+
+def ablate(concept_name: str = "red", seed: int = 0, work: Path = Path("/tmp/erasekit-resalign"),
+           out: str = "docs/results/resalign-world-ablations") -> None:  # fmt: skip
+    """Run ABLATIONS beside SalUn on one concept and seed: before / after full fine-tuning,
+    retain accuracy, hypergradient statistics; write OUT.json and OUT.md."""
+    quiet_libraries()
+    concept = load_concept(concept_name)
+    ERASERS.update(ABLATIONS)
+    labels = ["salun", "resalign-salun", *ABLATIONS]
+    models = {lb: erase(concept_name, lb, seed, work)[0] for lb in labels}
+    roles = {"audited": models["salun"], **{lb: models[lb] for lb in labels[1:]}}
+    sets = [f"finetune.{x}" for x in ["mode=full", "steps=200", "eval_every=200", f"seed={seed}",
+                                      f"images={benign_folder(concept, work)}"]]  # fmt: skip
+    configs = attack_configs(["finetune"], sets=sets, concept=concept)
+    root = work / f"ablate-{concept_name}-seed{seed}"
+    shutil.rmtree(root, ignore_errors=True)  # a re-run starts its attack and renders afresh
+    for stale in work.glob(f"retain-ablate-*-{seed}"):
+        shutil.rmtree(stale)
+    root.mkdir(parents=True)
+    judges = build_judges(concept, DetectorOptions())
+    settings = SamplerSettings.for_model(world_path("full"))
+    entries, _, _ = run_attacks(configs, roles, concept, concept.forget, judges, root, settings,
+                                AuditSettings(n_per_prompt=2, seed=seed), "cpu",
+                                progress=False)  # fmt: skip
+    detector = WorldDetector()
+    rows = {}
+    for lb in labels:
+        curve = entries["finetune"]["models"]["audited" if lb == "salun" else lb]["curve"]
+        retain = world_retain_accuracy(load_pipeline(models[lb]), concept.retain,
+                                       work / f"retain-ablate-{lb.replace(' ', '_')}-{seed}",
+                                       detector, model_path=models[lb], n_per_prompt=4,
+                                       seed=seed)  # fmt: skip
+        rows[lb] = {"before": curve[0], "after": curve[-1], "retain": retain,
+                    "log": log_stats(models[lb]),
+                    "settings": ERASERS[lb][1]}  # fmt: skip
+    Path(f"{out}.json").write_text(json.dumps({"concept": concept_name, "seed": seed,
+                                               "rows": rows}, indent=1) + "\n")  # fmt: skip
+    lines = [f"# ResAlign on ShapesWorld: what else was tried ({concept_name}, seed {seed})", "",
+             "Generated by `scripts/resalign_world.py ablate`; same metric, attack (finetune "
+             "full, 200 steps, lr 1e-4) and retain accuracy as resalign-world.md; one seed.", "",
+             "| model | settings | before | after full fine-tuning | retain | mean α "
+             "| ‖α·v_K‖/‖g_θ‖ |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for lb, r in rows.items():
+        log = r["log"] or {}
+        a = f"{log['mean_alpha']:.3f}" if log else "–"
+        q = f"{log['mean_resilience_over_g_theta']:.3f}" if log else "–"
+        lines.append(f"| {lb} | `{' '.join(r['settings'])}` | {_pct(r['before'])} | "
+                     f"{_pct(r['after'])} | {_pct(r['retain'])} | {a} | {q} |")  # fmt: skip
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}.md and .json")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["ablate"]:
+        ablate()
+        return
     evidence_main(__doc__, run, markdown, "/tmp/erasekit-resalign", "docs/results/resalign-world",
                   on_merge=fill_log_stats)  # fmt: skip
 
