@@ -52,7 +52,7 @@ ATTACKS = {"finetune-full": ["mode=full"], "finetune-lora": ["mode=lora"]}
 def erase(concept: str, label: str, seed: int, work: Path) -> tuple[Path, float]:
     out = work / f"{concept}-{label.replace(' ', '').replace(',', '-')}-seed{seed}"
     if (out / "erasekit.json").is_file():
-        return out, json.loads((out / "erasekit.json").read_text()).get("wall_seconds", 0.0)
+        return out, json.loads((out / "erasekit.json").read_text())["wall_time_s"]
     method, sets = ERASERS[label]
     cmd = [sys.executable, "-m", "erasekit", "erase", "--model", str(world_path("full")),
            "--concept", concept, "--method", method, "--out", str(out), "--cache-dir",
@@ -125,7 +125,8 @@ def run(concept_name: str, seed: int, work: Path) -> dict:
             pipe, concept.retain, work / f"retain-{concept_name}-{label}-{seed}", detector,
             model_path=path, n_per_prompt=4, seed=seed,
         )  # fmt: skip
-    out["resalign_logs"] = {k: log_stats(v) for k, v in models.items() if log_stats(v)}
+    stats = {k: log_stats(v) for k, v in models.items()}
+    out["resalign_logs"] = {k: v for k, v in stats.items() if v}
     print(f"{concept_name} seed {seed}: done", flush=True)
     return out
 
@@ -143,7 +144,9 @@ def markdown(runs: list[dict], version: str) -> str:
         "(n = 32 per cell); DDIM 25 steps, guidance 4.0. Retain accuracy = share of images "
         "whose classified attributes equal every attribute the retain prompt names (12 prompts "
         "x 4 images, n = 48). 95% Wilson intervals in brackets, percent. Each seed re-runs the "
-        "erasure AND the attack with that seed.",
+        "erasure AND the attack with that seed. 'erase s' = wall seconds of the `erasekit "
+        "erase` process (one thread, beside a second evidence process; for a model reused "
+        "from an earlier run, its manifest's wall_time_s).",
         "",
         "Erasure settings (beyond each method's world defaults):",
         "",
@@ -295,7 +298,8 @@ def fill_log_stats(runs: list[dict], work: Path) -> None:
     for r in runs:
         if "resalign_logs" not in r:
             folders = {lb: work / f"{r['concept']}-{lb}-seed{r['seed']}" for lb in ERASERS}
-            r["resalign_logs"] = {k: log_stats(v) for k, v in folders.items() if log_stats(v)}
+            stats = {k: log_stats(v) for k, v in folders.items()}
+            r["resalign_logs"] = {k: v for k, v in stats.items() if v}
 
 
 # What else was tried (one concept and seed; `python scripts/resalign_world.py ablate`): a
