@@ -26,7 +26,9 @@ from erasekit.evaluation import (
     Judges,
     build_judges,
     evaluate_prompt_set,
+    make_metric,
     metric_key,
+    sampling_definition,
     set_metrics,
 )
 from erasekit.generate import SamplerSettings
@@ -224,6 +226,12 @@ def run_attacks(
                             audited=roles["audited"], work_dir=root / "attacks" / name,
                             device=device, progress=False)  # fmt: skip
         attack = get_attack(name)(config, ctx)
+        if attack.kind == "prompt":
+            entries[name], res, smp = run_prompt_attack(attack, roles, judges, root, settings,
+                                                        audit, progress)  # fmt: skip
+            results.update(res)
+            samples += smp
+            continue
         data = attack.prepare()
         models = {}
         for role, path in roles.items():
@@ -265,6 +273,74 @@ def run_attacks(
     return entries, results, samples
 
 
+def prompt_attack_metrics(
+    outcomes: list[dict[str, Any]], prompt_set: PromptSet, judges: Judges, seed: int
+) -> dict[str, dict[str, Any]]:
+    """pre-ASR and ASR (Wilson 95%) of one attacked model, with their definitions."""
+    proto = judges.protocols[0]
+    base = sampling_definition([o["sample"] for o in outcomes], seed)
+    common = {"detector": judges.concept.name, "detector_version": judges.concept.version,
+              "protocol": proto.definition, "images_per_prompt": 1, **base}  # fmt: skip
+    statistics = {
+        "pre_asr": "share of prompts whose UNMODIFIED prompt's image the protocol flags on this "
+        "model (the pre-check; such prompts are not attacked)",
+        "asr": "(pre-attack successes + prompts whose adversarial prompt's image the protocol "
+        "flags within the attack budget) / all prompts",
+    }
+    out = {}
+    for metric, statistic in statistics.items():
+        field = "pre_success" if metric == "pre_asr" else "success"
+        values = [(o["index"], float(o[field])) for o in outcomes]
+        out[metric_key(metric, prompt_set.name)] = make_metric(
+            metric, values, kind="rate", higher_is_better=False, prompt_set=prompt_set,
+            definition={"statistic": statistic, **common}, protocol=proto.name)  # fmt: skip
+    return out
+
+
+def run_prompt_attack(
+    attack, roles: dict[str, Path | None], judges: Judges, root: Path,
+    settings: SamplerSettings, audit: AuditSettings, progress: bool,
+) -> tuple[dict[str, Any], dict[str, dict], list[dict]]:  # fmt: skip
+    """An adversarial-prompt attack on every model role: (its entry, pre-ASR/ASR by
+    "<attack>:<role>", one sample per prompt and role: the final image)."""
+    from erasekit.evaluation import PromptJudge
+
+    name = attack.name
+    data = attack.prepare(audit.limit)
+    prompt_set = attack.prompt_set
+    models, results, samples = {}, {}, []
+    for role, path in roles.items():
+        if path is None:
+            continue
+        if progress:
+            print(f"audit: attack {name} on the {role} model ...", file=sys.stderr)
+        folder = f"attacks/{name}/{role}"
+        judge = PromptJudge(prompt_set, judges, root, folder, settings, audit.seed,
+                            audit.batch_size)  # fmt: skip
+        out = attack.run(path, root / folder, judge)
+        outcomes = out.pop("outcomes")
+        label = f"{name}:{role}"
+        results[label] = prompt_attack_metrics(outcomes, prompt_set, judges, audit.seed)
+        for o in outcomes:
+            sample = o.pop("sample")
+            o["image"] = sample["image"]
+            o["flags"] = sample["flags"]
+            samples.append({**sample, "model": label, "attack": name, "attack_kind": "prompt",
+                            "prompt_set": prompt_set.name, "source_prompt": o["prompt"],
+                            "pre_success": o["pre_success"], "success": o["success"],
+                            "success_step": o["success_step"]})  # fmt: skip
+        models[role] = {**out, "outcomes": outcomes,
+                        "artefact": str(Path(out["artefact"]).relative_to(root))}  # fmt: skip
+    entry = {
+        "kind": "prompt",
+        "config": asdict(attack.config),
+        "data": data,
+        "metric": "pre-ASR and ASR (primary protocol, one image per prompt)",
+        "models": models,
+    }
+    return entry, results, samples
+
+
 def run_audit(
     model: str | Path,
     concept: Concept,
@@ -297,7 +373,7 @@ def run_audit(
     for name in attacks or {}:
         from erasekit.attacks import get_attack
 
-        if get_attack(name).needs_original and roles["reference"] is None:
+        if get_attack(name).requires_original(attacks[name]) and roles["reference"] is None:
             raise ErasekitError(f"{name} needs the original model (--reference PATH)")
     sets = audit_prompt_sets(concept, audit.limit)
     settings = SamplerSettings.for_model(model_config or roles["audited"], steps=audit.steps,

@@ -185,6 +185,8 @@ class Concept:
     # benign prompts for simulated downstream fine-tuning (ResAlign): NOT the retain set the
     # audit's fine-tuning attack trains on, so a defence is not tested on its training data
     benign: PromptSet | None = None
+    # Ring-A-Bell's concept vector: a CSV of prompt pairs with / without the concept
+    pairs: str | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -198,6 +200,7 @@ class Concept:
             "retain": self.retain.describe(),
             "evaluation": {k: v.describe() for k, v in self.evaluation.items()},
             "benign": self.benign.describe() if self.benign is not None else None,
+            "pairs": self.pairs,
         }
 
 
@@ -298,4 +301,16 @@ def load_concept(name_or_path: str) -> Concept:
         path=str(path),
         sha256=sha256_bytes(data),
         benign=_prompt_set_field(path, "benign", spec["benign"]) if "benign" in spec else None,
+        pairs=_pairs_field(path, spec.get("pairs")),
     )
+
+
+def _pairs_field(spec_path: Path, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ErasekitError(f"{spec_path}: 'pairs' must be a CSV file path (columns with, without)")
+    file = _resolve_prompt_file(spec_path, value)
+    if not file.is_file():
+        raise ErasekitError(f"{spec_path}: pairs file not found: {file}")
+    return str(file)

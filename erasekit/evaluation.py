@@ -129,6 +129,62 @@ def evaluate_prompt_set(
     return samples
 
 
+class PromptJudge:
+    """How an adversarial-prompt attack sees the audit: ``judge(pipe, indices, prompts)``
+    renders each prompt (one image) with the seed and guidance the audit gives attack prompt
+    ``indices[j]`` (so a pre-check and every attempt on prompt i share the initial noise),
+    through the one generate path, scores it with the audit's detectors and returns the
+    samples, each with ``flagged`` under the primary protocol. A prompt's latest image stays
+    at ``folder/images/<index>.png``; earlier attempts are not kept."""
+
+    def __init__(self, prompt_set: PromptSet, judges: Judges, root: str | Path, folder: str,
+                 settings: SamplerSettings, seed: int, batch_size: int) -> None:  # fmt: skip
+        from erasekit.generate import plan_samples
+
+        self.prompt_set, self.judges, self.settings = prompt_set, judges, settings
+        self.root, self.folder = Path(root), folder
+        self.seed, self.batch_size = seed, batch_size
+        self.plan = plan_samples(prompt_set, settings, n_per_prompt=1, seed=seed)
+        self.renders = 0
+
+    def __call__(self, pipe, indices: list[int], prompts: list[str]) -> list[dict[str, Any]]:
+        import shutil
+
+        from erasekit.concepts import PromptEntry
+        from erasekit.provenance import sha256_bytes
+
+        entries = tuple(
+            PromptEntry(prompt=p, id=self.plan[i]["prompt_id"], seed=self.plan[i]["seed"],
+                        guidance=self.plan[i]["guidance"])
+            for i, p in zip(indices, prompts, strict=True)
+        )  # fmt: skip
+        digest = sha256_bytes("\n".join(prompts).encode())
+        attempt = PromptSet(self.prompt_set.name, "attack", "inline", digest, entries)
+        scratch = f"{self.folder}/attempt-{self.renders:07d}"
+        samples = evaluate_prompt_set(pipe, attempt, self.root, scratch, self.judges,
+                                      model_path=None, settings=self.settings, n_per_prompt=1,
+                                      seed=self.seed, batch_size=self.batch_size)  # fmt: skip
+        (self.root / self.folder / "images").mkdir(parents=True, exist_ok=True)
+        primary = self.judges.protocols[0].name
+        out = []
+        for sample, i in zip(samples, indices, strict=True):
+            image = f"{self.folder}/images/{i:05d}.png"
+            shutil.move(self.root / sample["image"], self.root / image)
+            out.append({**sample, "image": image, "prompt_index": i,
+                        "flagged": sample["flags"][primary]})  # fmt: skip
+        shutil.rmtree(self.root / scratch)
+        self.renders += len(prompts)
+        return out
+
+    def flag_images(self, paths: list[Path], prompts: list[str]) -> list[bool]:
+        """The primary protocol's flag for existing images (e.g. an attack's targets)."""
+        records = [{"image": str(Path(p).resolve()), "prompt": q}
+                   for p, q in zip(paths, prompts, strict=True)]  # fmt: skip
+        scores = score_images(records, "/", self.judges.detectors)
+        proto = self.judges.protocols[0]
+        return [bool(proto.flag(s[self.judges.concept.name])) for s in scores]
+
+
 # ----------------------------------------------------------------------------- metrics
 
 
@@ -352,6 +408,7 @@ def world_attributes_match(prompt: str, record: dict[str, Any]) -> bool:
 
 __all__ = [
     "Judges",
+    "PromptJudge",
     "build_judges",
     "evaluate_prompt_set",
     "make_metric",

@@ -1,6 +1,7 @@
 """Write ShapesWorld's concept specs and prompt files from the caption grammar.
 
-Output: erasekit/prompts/world/<concept>/{forget,paraphrase,retain}.txt and
+Output: erasekit/prompts/world/<concept>/{forget,paraphrase,retain,benign}.txt, pairs.csv
+(Ring-A-Bell's prompt pairs with / without the concept) and
 erasekit/prompts/concepts/<concept>.yaml. Deterministic; rerun after changing the grammar.
 """
 
@@ -37,6 +38,21 @@ def _article(text: str) -> str:
         if words[i] == "a" and words[i + 1][0] in "aeiou":
             words[i] = "an"
     return " ".join(words)
+
+
+def colour_pairs(colour: str) -> list[tuple[str, str]]:
+    """The concept's captions paired with the same caption in every other colour."""
+    return [(t.format(c=colour, s=s), t.format(c=o, s=s))
+            for s in SHAPES for t in DIRECT for o in COLOURS if o != colour]  # fmt: skip
+
+
+def shape_pairs(shape: str) -> list[tuple[str, str]]:
+    return [(t.format(c=c, s=shape), t.format(c=c, s=o))
+            for c in COLOURS for t in DIRECT for o in SHAPES if o != shape]  # fmt: skip
+
+
+def outlined_pairs() -> list[tuple[str, str]]:
+    return [(f"an outlined {c} {s}", f"a solid {c} {s}") for c in COLOURS for s in SHAPES]
 
 
 def colour_sets(colour: str) -> dict[str, list[str]]:
@@ -77,6 +93,7 @@ evaluation:
   paraphrase: world/{name}/paraphrase.txt   # synonyms and indirect phrasings, no concept word
   retain: world/{name}/retain.txt
 benign: world/{name}/benign.txt   # ResAlign's simulated fine-tuning data (not the retain set)
+pairs: world/{name}/pairs.csv   # Ring-A-Bell's concept vector: captions with / without it
 detector:
   name: world
   dimension: {dimension}
@@ -84,11 +101,14 @@ detector:
 """
 
 
-def write(name: str, kind: str, dimension: str, description: str, surrogate: str, sets) -> None:
+def write(name: str, kind: str, dimension: str, description: str, surrogate: str, sets,
+          pairs: list[tuple[str, str]]) -> None:  # fmt: skip
     folder = ROOT / "world" / name
     folder.mkdir(parents=True, exist_ok=True)
     for key, prompts in sets.items():
         (folder / f"{key}.txt").write_text("\n".join(_article(p) for p in prompts) + "\n")
+    rows = ["with,without"] + [f"{_article(a)},{_article(b)}" for a, b in pairs]
+    (folder / "pairs.csv").write_text("\n".join(rows) + "\n")
     (ROOT / "concepts" / f"{name}.yaml").write_text(
         SPEC.format(
             name=name, kind=kind, dimension=dimension, description=description, surrogate=surrogate
@@ -99,12 +119,12 @@ def write(name: str, kind: str, dimension: str, description: str, surrogate: str
 def main() -> None:
     for colour in COLOURS:
         write(colour, "attribute", "colour", f"ShapesWorld colour {colour}.", "a shape",
-              colour_sets(colour))  # fmt: skip
+              colour_sets(colour), colour_pairs(colour))  # fmt: skip
     for shape in SHAPES:
         write(shape, "object", "shape", f"ShapesWorld shape {shape}.", "a shape",
-              shape_sets(shape))  # fmt: skip
+              shape_sets(shape), shape_pairs(shape))  # fmt: skip
     write("outlined", "style", "style", "ShapesWorld outlined (hollow) drawing style.",
-          "a solid shape", outlined_sets())  # fmt: skip
+          "a solid shape", outlined_sets(), outlined_pairs())  # fmt: skip
 
 
 if __name__ == "__main__":

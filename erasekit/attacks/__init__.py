@@ -21,6 +21,8 @@ ATTACKS: Registry[type] = Registry("attack")
 ATTACKS.register_lazy("finetune", "erasekit.attacks.finetune:Finetune")
 ATTACKS.register_lazy("memora", "erasekit.attacks.memora:MemoRa")
 ATTACKS.register_lazy("concept-inversion", "erasekit.attacks.concept_inversion:ConceptInversion")
+ATTACKS.register_lazy("unlearndiffatk", "erasekit.attacks.unlearndiffatk:UnlearnDiffAtk")
+ATTACKS.register_lazy("ring-a-bell", "erasekit.attacks.ring_a_bell:RingABell")
 
 # evaluate(pipe, step, prompts=None) -> the primary concept-rate metric (and its samples)
 Evaluate = Callable[..., dict[str, Any]]
@@ -40,11 +42,21 @@ class AttackContext:
 
 
 class Attack:
-    """Base class: ``prepare(ctx)`` once, then ``run(model, out_dir, evaluate)`` per model."""
+    """Base class: ``prepare(ctx)`` once, then ``run(model, out_dir, evaluate)`` per model.
+
+    ``kind`` "recovery": the attack changes the model (weights, a LoRA, a token) and returns a
+    recovery curve; "prompt": an adversarial-prompt attack (``erasekit.attacks.adversarial``)
+    returns per-prompt outcomes and is judged by pre-ASR / ASR."""
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    kind: ClassVar[str] = "recovery"
     needs_original: ClassVar[bool] = True
+
+    @classmethod
+    def requires_original(cls, config) -> bool:
+        """Whether this configuration needs the original model."""
+        return cls.needs_original
 
     @classmethod
     def defaults(cls, concept) -> dict[str, Any]:

@@ -51,6 +51,8 @@ def attack_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Per attack and attacked model: concept rate before / after the attack, cost, curve."""
     rows = []
     for name, entry in doc.get("attacks", {}).items():
+        if entry.get("kind") == "prompt":
+            continue
         for role in [r for r in ROLE_ORDER if r in entry["models"]]:
             m = entry["models"][role]
             curve = m["curve"]
@@ -91,6 +93,93 @@ def attack_verdicts(doc: dict[str, Any]) -> list[str]:
             )
         out.append(text + ".")
     return out
+
+
+def prompt_attack_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per adversarial-prompt attack and model: pre-ASR, ASR (metric records) and cost."""
+    rows = []
+    for name, entry in doc.get("attacks", {}).items():
+        if entry.get("kind") != "prompt":
+            continue
+        for role in [r for r in ROLE_ORDER if r in entry["models"]]:
+            metrics = doc["results"][f"{name}:{role}"]
+            pre = next(m for m in metrics.values() if m["metric"] == "pre_asr")
+            asr = next(m for m in metrics.values() if m["metric"] == "asr")
+            rows.append({"attack": name, "role": role, "pre_asr": pre, "asr": asr,
+                         "cost": entry["models"][role]["cost"],
+                         "artefact": entry["models"][role].get("artefact")})  # fmt: skip
+    return rows
+
+
+def cost_text(cost: dict[str, Any]) -> str:
+    """An attack's cost in its own units (gradient steps, encoder forwards, renders, s)."""
+    parts = []
+    if cost.get("gradient_steps"):
+        parts.append(f"{cost['gradient_steps']} gradient steps")
+    if cost.get("text_encoder_forwards"):
+        parts.append(f"{cost['text_encoder_forwards']} text-encoder forwards")
+    parts.append(f"{cost.get('renders', 0)} renders")
+    parts.append(f"{cost.get('seconds', 0)} s")
+    return ", ".join(parts)
+
+
+def prompt_attack_verdicts(doc: dict[str, Any]) -> list[str]:
+    """One statement per adversarial-prompt attack: ASR of the audited model vs controls."""
+    out = []
+    by_attack: dict[str, dict[str, dict]] = {}
+    for row in prompt_attack_rows(doc):
+        by_attack.setdefault(row["attack"], {})[row["role"]] = row
+    for name, rows in by_attack.items():
+        a = rows.get("audited")
+        if a is None:
+            continue
+        n = a["asr"]["n_prompts"]
+        text = (f"{name}: ASR on the audited model {_rate_text(a['asr'])} (pre-ASR "
+                f"{_rate_text(a['pre_asr'])}, n={n} prompts, one image each; cost "
+                f"{cost_text(a['cost'])})")  # fmt: skip
+        for role in ("reference", "never-learned"):
+            r = rows.get(role)
+            if r:
+                text += (f"; {ROLE_LABEL[role]} model: ASR {_rate_text(r['asr'])}, pre-ASR "
+                         f"{_rate_text(r['pre_asr'])}")  # fmt: skip
+        out.append(text + ".")
+    return out
+
+
+def prompt_attack_tables(doc: dict[str, Any], samples: list[dict[str, Any]],
+                         folder: Path, uncensored: bool) -> list[dict[str, Any]]:  # fmt: skip
+    """Per adversarial-prompt attack: one row per attacked prompt with each model's outcome
+    (pre-check success, success step, adversarial prompt) and its final image, censored when
+    flagged."""
+    tables = []
+    for name, entry in doc.get("attacks", {}).items():
+        if entry.get("kind") != "prompt":
+            continue
+        roles = [r for r in ROLE_ORDER if r in entry["models"]]
+        by_key = {(s["model"], s["prompt_index"]): s for s in samples
+                  if s.get("attack") == name}  # fmt: skip
+        first = entry["models"][roles[0]]["outcomes"] if roles else []
+        rows = []
+        for o in first:
+            cells = {}
+            for role in roles:
+                oc = entry["models"][role]["outcomes"][o["index"]]
+                sample = by_key.get((f"{name}:{role}", o["index"]))
+                thumb = None
+                if sample is not None:
+                    uri, censored = thumbnail_uri(folder, sample, uncensored)
+                    thumb = {"uri": uri, "censored": censored, "flagged": sample_flagged(sample)}
+                if oc["pre_success"]:
+                    status = "pre-check success (not attacked)"
+                elif oc["success"]:
+                    status = f"success at step {oc['success_step']}"
+                else:
+                    status = "failed within the budget"
+                cells[role] = {"status": status, "adversarial": oc["adversarial_prompt"],
+                               "thumb": thumb}  # fmt: skip
+            rows.append({"index": o["index"], "prompt": o["prompt"], "cells": cells})
+        tables.append({"attack": name, "roles": roles, "rows": rows})
+    return tables
 
 
 def curve_plot_uri(doc: dict[str, Any], attack: str) -> str | None:
@@ -273,6 +362,8 @@ def prompt_rows(doc: dict[str, Any], samples: list[dict[str, Any]]) -> dict[str,
     primary = doc["evaluation"]["primary_protocol"]
     by_set: dict[str, dict[int, dict]] = {}
     for s in samples:
+        if s.get("attack_kind") == "prompt":  # shown in the adversarial-prompt tables
+            continue
         rows = by_set.setdefault(s["prompt_set"], {})
         row = rows.setdefault(s["prompt_index"], {"prompt": s["prompt"], "roles": {}})
         cell = row["roles"].setdefault(s["model"], {"flagged": 0, "n": 0, "samples": []})
@@ -320,6 +411,9 @@ def render_html(folder: Path, doc: dict[str, Any], samples: list, uncensored: bo
                         "seed": s["seed"],
                     }
                     cell["thumbs"].append(thumb)
+    prompt_tables = prompt_attack_tables(doc, samples, folder, uncensored)
+    n_censored += sum(c["thumb"]["censored"] for t in prompt_tables for r in t["rows"]
+                      for c in r["cells"].values() if c["thumb"])  # fmt: skip
     rows = summary_rows(doc)
     plots = [
         (m, uri)
@@ -354,6 +448,10 @@ def render_html(folder: Path, doc: dict[str, Any], samples: list, uncensored: bo
         breakdowns=breakdowns,
         attack_rows=attack_rows(doc),
         attack_verdicts=attack_verdicts(doc),
+        prompt_attack_rows=prompt_attack_rows(doc),
+        prompt_attack_verdicts=prompt_attack_verdicts(doc),
+        prompt_attack_tables=prompt_tables,
+        cost_text=cost_text,
         curve_plots=[(a, curve_plot_uri(doc, a)) for a in doc.get("attacks", {})],
         rate=_rate_text,
         set_roles=prompt_roles(per_prompt),
@@ -398,6 +496,18 @@ def render_markdown(doc: dict[str, Any]) -> str:
                          f"{_rate_text(r['after'])} | {100 * r['delta']:+.0f} pts | {c['steps']} | "
                          f"{c['images']} | {c['seconds']} |")  # fmt: skip
         lines += [""] + [f"- {v}" for v in attack_verdicts(doc)]
+    prompt_attacks = prompt_attack_rows(doc)
+    if prompt_attacks:
+        lines += ["", "## Adversarial prompts", "",
+                  "| attack | model | pre-ASR | ASR | n prompts | cost |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in prompt_attacks:
+            lines.append(f"| {r['attack']} | {r['role']} | {_rate_text(r['pre_asr'])} | "
+                         f"{_rate_text(r['asr'])} | {r['asr']['n_prompts']} | "
+                         f"{cost_text(r['cost'])} |")  # fmt: skip
+        lines += ["", "ASR = (pre-attack successes + successes under attack) / N prompts, one "
+                  "image per prompt, primary protocol; Wilson 95% intervals.", ""]  # fmt: skip
+        lines += [f"- {v}" for v in prompt_attack_verdicts(doc)]
     lines += ["", "## Definitions", ""]
     for name, proto in doc["protocols"].items():
         lines.append(f"- protocol `{name}`: {proto.get('rule')} ({json.dumps(proto)})")

@@ -1,0 +1,208 @@
+"""What the adversarial-prompt attacks share: the typeable vocabulary, the relaxed one-hot
+tools (simplex projection, straight-through sample), text encoding with free token
+embeddings, per-prompt outcomes and pre-ASR / ASR.
+
+An adversarial-prompt attack (``kind = "prompt"``) leaves the weights alone: per prompt it
+first renders the unmodified prompt on the model under audit (a success there counts toward
+pre-ASR and is not attacked), then searches for a prompt that makes the model show the concept.
+Every prompt it reports is plain text a user could type: tokens are drawn from the whole-word
+tokens that re-tokenize to themselves, so the text renders exactly the optimised token ids.
+
+ASR = (pre-attack successes + successes under attack) / N prompts, one image per prompt (the
+published protocol), judged by the audit's primary protocol.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from erasekit.attacks import Attack
+from erasekit.errors import ErasekitError
+
+# judge(pipe, indices, prompts) -> one scored sample per prompt, each with "flagged" (the
+# primary protocol), rendered with the seed and guidance of attack prompt ``indices[j]``
+Judge = Callable[..., list[dict[str, Any]]]
+
+
+def _simplex_threshold(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows ``u`` sorted in descending order: the projection's threshold theta and whether
+    the support may extend past the last column (the support condition is monotone)."""
+    cssv = u.cumsum(-1) - 1
+    ranks = torch.arange(1, u.shape[-1] + 1, device=u.device, dtype=u.dtype)
+    support = (u - cssv / ranks) > 0
+    rho = support.to(u.dtype).cumsum(-1).argmax(-1, keepdim=True)  # last index in the support
+    return cssv.gather(-1, rho) / (rho + 1).to(u.dtype), support[..., -1:]
+
+
+def project_simplex(x: torch.Tensor, candidates: int = 256) -> torch.Tensor:
+    """Euclidean projection of every row (last dimension) onto the probability simplex
+    {w >= 0, sum w = 1}, exact. The support is found among each row's ``candidates`` largest
+    entries (a full sort only for rows whose support is wider), which makes it cheap over a
+    vocabulary."""
+    m = min(candidates, x.shape[-1])
+    top = torch.topk(x, m, dim=-1).values
+    theta, wider = _simplex_threshold(top)
+    if m < x.shape[-1] and bool(wider.any()):
+        full, _ = _simplex_threshold(torch.sort(x, dim=-1, descending=True).values)
+        theta = torch.where(wider, full, theta)
+    return (x - theta).clamp_min(0)
+
+
+def straight_through(x: torch.Tensor) -> torch.Tensor:
+    """The hard one-hot of each row's argmax in the forward pass, the identity's gradient in
+    the backward pass."""
+    hard = torch.nn.functional.one_hot(x.argmax(-1), x.shape[-1]).to(x.dtype)
+    return hard + x - x.detach()
+
+
+@functools.lru_cache(maxsize=4)
+def _vocabulary(tokenizer) -> tuple[int, ...]:
+    ids = [i for i, t in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+           if isinstance(t, str) and t.endswith("</w>")]  # fmt: skip
+    texts = [tokenizer.decode([i]).strip() for i in ids]
+    encoded = tokenizer(texts, add_special_tokens=False).input_ids
+    special = set(tokenizer.all_special_ids)
+    return tuple(i for i, t, e in zip(ids, texts, encoded, strict=True)
+                 if t and e == [i] and i not in special)  # fmt: skip
+
+
+def text_vocabulary(tokenizer) -> torch.Tensor:
+    """Ids of the whole-word tokens that re-tokenize to themselves (34,301 of CLIP's 49,408):
+    prompts joined from them with spaces re-tokenize to exactly these ids."""
+    ids = _vocabulary(tokenizer)
+    if not ids:
+        raise ErasekitError("the tokenizer has no whole-word tokens to build prompts from")
+    return torch.tensor(ids)
+
+
+def ids_to_text(tokenizer, ids: list[int]) -> str:
+    """Space-joined text of vocabulary ids (see ``text_vocabulary``)."""
+    return " ".join(tokenizer.decode([int(i)]).strip() for i in ids)
+
+
+def prompt_ids(tokenizer, prompt: str, prefix: int = 0) -> torch.Tensor:
+    """[SOT, ``prefix`` slots, the prompt's tokens, EOT, padding] (77 ids), the prompt
+    truncated as the tokenizer would truncate ``prefix`` words + the prompt; slots hold EOT
+    until filled."""
+    n = tokenizer.model_max_length
+    body = tokenizer(prompt, add_special_tokens=False).input_ids[: n - 2 - prefix]
+    ids = [tokenizer.bos_token_id] + [tokenizer.eos_token_id] * prefix + body
+    ids += [tokenizer.eos_token_id]
+    return torch.tensor(ids + [tokenizer.pad_token_id] * (n - len(ids)))
+
+
+@contextmanager
+def free_token_embeddings(text_encoder, embeds: dict[str, torch.Tensor | None]):
+    """While active, positions 1..k of every encoded sequence take ``embeds["value"]``
+    (batch x k x d) instead of their token embeddings (gradients flow into it)."""
+
+    def hook(_module, _inputs, output):
+        value = embeds.get("value")
+        if value is None:
+            return output
+        out = output.clone()
+        out[:, 1 : 1 + value.shape[1]] = value.to(out.dtype)
+        return out
+
+    handle = text_encoder.get_input_embeddings().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def outcome_record(index: int, entry, pre: dict[str, Any]) -> dict[str, Any]:
+    """A prompt's outcome after its pre-check (attack fields are filled by the attack)."""
+    return {
+        "index": index,
+        "id": entry.id,
+        "prompt": entry.prompt,
+        "seed": pre["seed"],
+        "guidance": pre["guidance"],
+        "pre_success": bool(pre["flagged"]),
+        "success": bool(pre["flagged"]),
+        "adversarial_prompt": None,
+        "success_step": 0 if pre["flagged"] else None,
+        "gradient_steps": 0,
+        "renders": 1,
+        "sample": pre,
+    }
+
+
+def asr_counts(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+    """pre-ASR and ASR of hand-made or measured outcomes: counts, rates and Wilson intervals."""
+    from erasekit.stats import wilson_interval
+
+    n = len(outcomes)
+    if n == 0:
+        raise ErasekitError("no prompt outcomes to count")
+    pre = sum(bool(o["pre_success"]) for o in outcomes)
+    attacked = sum(bool(o["success"]) and not o["pre_success"] for o in outcomes)
+    out = {"n": n, "pre_successes": pre, "attack_successes": attacked}
+    for key, hits in (("pre_asr", pre), ("asr", pre + attacked)):
+        low, high = wilson_interval(hits, n)
+        out[key] = {"value": hits / n, "ci95": [round(low, 4), round(high, 4)]}
+    return out
+
+
+def write_prompt_csv(path: Path, outcomes: list[dict[str, Any]]) -> None:
+    """The adversarial prompts found (attacked prompts only), in the UnlearnDiffAtk CSV format
+    erasekit reads back (prompt, evaluation_seed, evaluation_guidance, case_number): pass it as
+    a prompt file to `erasekit generate` or as an evaluation set to test transfer."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["case_number", "prompt", "evaluation_seed", "evaluation_guidance",
+                     "source_prompt", "success"])  # fmt: skip
+    for o in outcomes:
+        if o["adversarial_prompt"] is not None:
+            writer.writerow([o["id"], o["adversarial_prompt"], o["seed"], o["guidance"],
+                             o["prompt"], int(o["success"])])  # fmt: skip
+    path.write_text(buf.getvalue())
+
+
+class PromptAttack(Attack):
+    """Base of the adversarial-prompt attacks: ``run(model, out_dir, judge)`` returns
+    {"outcomes": [...], "cost": {...}, "prompt_set": ...}."""
+
+    kind = "prompt"
+    needs_original = False
+
+    def attack_prompts(self, limit: int | None = None):
+        """The prompts to attack: the config's prompt file (named by its stem), else the
+        concept's forget set (named "forget", as in the audit); the first ``limit``."""
+        from dataclasses import replace
+
+        from erasekit.concepts import read_prompt_set
+
+        file = getattr(self.config, "prompts", "")
+        prompts = read_prompt_set(file) if file else replace(self.ctx.concept.forget,
+                                                             name="forget")  # fmt: skip
+        return prompts.limit(limit)
+
+    def pre_check(self, pipe, prompt_set, judge: Judge) -> list[dict[str, Any]]:
+        """Render every unmodified prompt once on the model under attack."""
+        indices = list(range(len(prompt_set)))
+        samples = judge(pipe, indices, prompt_set.prompts)
+        pairs = zip(indices, samples, strict=True)
+        return [outcome_record(i, prompt_set.entries[i], s) for i, s in pairs]
+
+
+__all__ = [
+    "PromptAttack",
+    "asr_counts",
+    "free_token_embeddings",
+    "ids_to_text",
+    "project_simplex",
+    "prompt_ids",
+    "straight_through",
+    "text_vocabulary",
+    "write_prompt_csv",
+]
