@@ -233,8 +233,21 @@ def test_adversarial_attacks_in_the_world_audit(tmp_path):
     assert "| ring-a-bell | never-learned |" in md
 
 
-def test_ring_a_bell_without_pairs_is_a_clean_error(tmp_path):
+def test_bad_adversarial_settings_are_clean_errors(tmp_path):
+    """Missing / malformed pair files, an empty prompt file, a bad budget: one line, exit 2,
+    no output folder (checked before anything is rendered)."""
     from erasekit.world import world_path
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    for setting, fragment in ((f"unlearndiffatk.prompts={empty}", "prompt file is empty"),
+                              ("unlearndiffatk.k=0", "k, blocks"),
+                              (f"unlearndiffatk.images={tmp_path}", "no metadata")):  # fmt: skip
+        r = run_cli("audit", "--model", str(world_path("full")), "--concept", "red", "--out",
+                    str(tmp_path / "u"), "--limit", "1", "--attacks", "unlearndiffatk",
+                    "--attack-set", setting, "--no-progress")  # fmt: skip
+        assert_one_line_error(r, fragment)
+        assert not (tmp_path / "u").exists()
 
     r = run_cli("audit", "--model", str(world_path("full")), "--concept", "red", "--out",
                 str(tmp_path / "a"), "--limit", "1", "--attacks", "ring-a-bell",

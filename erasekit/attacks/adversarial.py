@@ -168,6 +168,14 @@ def write_prompt_csv(path: Path, outcomes: list[dict[str, Any]]) -> None:
     path.write_text(buf.getvalue())
 
 
+def check_prompt_file(file: str) -> None:
+    """A configured prompt file must read (one-line error otherwise); "" means the concept's."""
+    if file:
+        from erasekit.concepts import read_prompt_set
+
+        read_prompt_set(file)
+
+
 class PromptAttack(Attack):
     """Base of the adversarial-prompt attacks: ``run(model, out_dir, judge)`` returns
     {"outcomes": [...], "cost": {...}, "prompt_set": ...}."""
@@ -198,6 +206,7 @@ class PromptAttack(Attack):
 __all__ = [
     "PromptAttack",
     "asr_counts",
+    "check_prompt_file",
     "free_token_embeddings",
     "ids_to_text",
     "project_simplex",

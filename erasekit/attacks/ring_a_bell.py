@@ -28,6 +28,7 @@ from erasekit.attacks import is_world_concept
 from erasekit.attacks.adversarial import (
     Judge,
     PromptAttack,
+    check_prompt_file,
     ids_to_text,
     text_vocabulary,
     write_prompt_csv,
@@ -58,6 +59,9 @@ class RingABellConfig:
             raise ErasekitError("ring-a-bell: crossover and mutation are probabilities")
         if min(self.batch_size, self.encoder_batch) < 1:
             raise ErasekitError("ring-a-bell: batch_size and encoder_batch must be >= 1")
+        check_prompt_file(self.prompts)
+        if self.pairs:
+            read_pairs(self.pairs)  # a missing or malformed file fails before any rendering
 
 
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:

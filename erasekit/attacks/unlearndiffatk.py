@@ -28,6 +28,7 @@ from erasekit.attacks import is_world_concept
 from erasekit.attacks.adversarial import (
     Judge,
     PromptAttack,
+    check_prompt_file,
     free_token_embeddings,
     ids_to_text,
     project_simplex,
@@ -58,6 +59,11 @@ class UnlearnDiffAtkConfig:
             raise ErasekitError(f"unlearndiffatk: k must be at most 70, got {self.k}")
         if self.lr <= 0:
             raise ErasekitError(f"unlearndiffatk: lr must be positive, got {self.lr}")
+        check_prompt_file(self.prompts)
+        if self.images:
+            from erasekit.data import read_image_folder
+
+            read_image_folder(self.images)
 
 
 def block_timesteps(blocks: int, num_train_timesteps: int) -> list[int]:

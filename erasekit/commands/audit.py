@@ -116,10 +116,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_summary(doc: dict, out: str) -> None:
-    from erasekit.report import attack_verdicts, summary_rows, verdict
+    from erasekit.report import attack_verdicts, prompt_attack_verdicts, summary_rows, verdict
 
     for row in summary_rows(doc):
         print(verdict(row))
-    for line in attack_verdicts(doc):
+    for line in attack_verdicts(doc) + prompt_attack_verdicts(doc):
         print(line)
     print(f"report: {out}/report.html (results.json, report.md, samples.jsonl beside it)")
