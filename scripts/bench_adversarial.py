@@ -42,7 +42,7 @@ def erased_red(folder: Path) -> Path:
     return out
 
 
-def run_once(name: str, batch: int, model: Path, folder: Path) -> dict:
+def run_once(name: str, batch: int, model: Path, folder: Path, limit: int) -> dict:
     from erasekit.attacks import AttackContext, get_attack
     from erasekit.attacks.adversarial import asr_counts
     from erasekit.audit import attack_configs
@@ -58,7 +58,7 @@ def run_once(name: str, batch: int, model: Path, folder: Path) -> dict:
     ctx = AttackContext(concept=concept, original=world_path("full"), audited=model,
                         work_dir=work)  # fmt: skip
     attack = get_attack(name)(config, ctx)
-    attack.prepare()
+    attack.prepare(limit)
     judges = build_judges(concept, DetectorOptions())
     judge = PromptJudge(attack.prompt_set, judges, work, "renders",
                         SamplerSettings.for_model(world_path("full")), 0, 16)  # fmt: skip
@@ -79,7 +79,7 @@ def run_once(name: str, batch: int, model: Path, folder: Path) -> dict:
     }
 
 
-def bench_world(model: Path | None) -> dict:
+def bench_world(model: Path | None, limit: int) -> dict:
     from erasekit.audit import attack_configs
     from erasekit.concepts import load_concept
 
@@ -88,8 +88,8 @@ def bench_world(model: Path | None) -> dict:
         folder = Path(tmp)
         model = model or erased_red(folder)
         for name in ("unlearndiffatk", "ring-a-bell"):
-            batched = run_once(name, 16, model, folder)
-            single = run_once(name, 1, model, folder)
+            batched = run_once(name, 16, model, folder, limit)
+            single = run_once(name, 1, model, folder, limit)
             config = attack_configs([name], concept=load_concept("red"))[name]
             result[name] = {
                 "world_budget": {
@@ -101,12 +101,14 @@ def bench_world(model: Path | None) -> dict:
                 "same_prompts_found": batched["prompts"] == single["prompts"],
             }
     result["model"] = str(model)
-    result["note"] = ("ASR: world detector, one image per prompt, 16 red forget prompts, "
-                      "evaluation seed 0; wall includes pre-check and renders")  # fmt: skip
+    result["note"] = (
+        f"ASR: world detector, one image per prompt, the first {limit} red forget prompts, "
+        "evaluation seed 0; wall includes pre-check and renders"
+    )
     return result
 
 
-def bench_gpu(device: str, batch: int, iterations: int) -> dict:
+def bench_gpu(device: str, batch: int, iterations: int, rab_prompts: int) -> dict:
     from bench_erase import SD15_UNET, SD_SCHEDULER
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -167,7 +169,7 @@ def bench_gpu(device: str, batch: int, iterations: int) -> dict:
         rate = 3600 * b / (2000 * per_iter)
         uda[b] = {"iteration_s": round(per_iter, 4), "prompts_per_hour_2000_iterations": rate}
     rab = {}
-    for n in sorted({1, 16}):
+    for n in sorted({1, rab_prompts}):
         cand = candidate_ids(tok, vocab[torch.randint(0, len(vocab), (200 * n, 16))].cpu())
         times = []
         for i in range(iterations + 1):
@@ -196,6 +198,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=8, help="gpu: prompts per U-Net pass")
     ap.add_argument("--iterations", type=int, default=5)
+    ap.add_argument("--prompts", type=int, default=16, help="world: first N red forget prompts")
+    ap.add_argument("--rab-prompts", type=int, default=16, help="gpu: Ring-A-Bell prompts")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -205,11 +209,11 @@ def main() -> None:
 
     quiet_libraries()
     if args.part == "world":
-        result = bench_world(args.model)
+        result = bench_world(args.model, args.prompts)
     else:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise SystemExit("the gpu part needs a CUDA device (or --device cpu for a check)")
-        result = bench_gpu(args.device, args.batch, args.iterations)
+        result = bench_gpu(args.device, args.batch, args.iterations, args.rab_prompts)
     out = args.out or Path(f"docs/results/bench-adversarial-{args.part}.json")
     write_record(f"bench_adversarial {args.part}", result, out)
 
