@@ -226,6 +226,7 @@ class RingABell(PromptAttack):
             result = done[o["index"]]
             o.update(adversarial_prompt=text, renders=2, sample=sample, success=sample["flagged"],
                      success_step=cfg.generations if sample["flagged"] else None,
+                     step_unit="generations",
                      fitness_first=result["history"][0], fitness_last=result["fitness"],
                      generations=cfg.generations)  # fmt: skip
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -235,7 +235,7 @@ class UnlearnDiffAtk(PromptAttack):
                     o.update(adversarial_prompt=text, renders=o["renders"] + 1, sample=sample)
                     if sample["flagged"]:
                         o.update(success=True, success_step=o["gradient_steps"],
-                                 success_block=block + 1)  # fmt: skip
+                                 step_unit="gradient steps", success_block=block + 1)  # fmt: skip
                     else:
                         still.append(i)
                 active = still

@@ -172,7 +172,7 @@ def prompt_attack_tables(doc: dict[str, Any], samples: list[dict[str, Any]],
                 if oc["pre_success"]:
                     status = "pre-check success (not attacked)"
                 elif oc["success"]:
-                    status = f"success at step {oc['success_step']}"
+                    status = f"success after {oc['success_step']} {oc.get('step_unit', 'steps')}"
                 else:
                     status = "failed within the budget"
                 cells[role] = {"status": status, "adversarial": oc["adversarial_prompt"],
