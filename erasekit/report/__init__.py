@@ -67,16 +67,19 @@ def _rate_text(point: dict[str, Any]) -> str:
     return f"{100 * point['value']:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
 
 
+def _audited_rows(rows: list[dict[str, Any]]):
+    """(attack, its rows by role, the audited model's row) for attacks run on the audited
+    model."""
+    by_attack: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_attack.setdefault(row["attack"], {})[row["role"]] = row
+    return [(name, r, r["audited"]) for name, r in by_attack.items() if "audited" in r]
+
+
 def attack_verdicts(doc: dict[str, Any]) -> list[str]:
     """One statement per attack: recovery of the audited model vs its controls."""
     out = []
-    by_attack: dict[str, dict[str, dict]] = {}
-    for row in attack_rows(doc):
-        by_attack.setdefault(row["attack"], {})[row["role"]] = row
-    for name, rows in by_attack.items():
-        a = rows.get("audited")
-        if a is None:
-            continue
+    for name, rows, a in _audited_rows(attack_rows(doc)):
         text = (f"{name}: after {a['cost']['steps']} steps the audited model's concept rate is "
                 f"{_rate_text(a['after'])} (before: {_rate_text(a['before'])}, "
                 f"n={a['after']['n_images']} images)")  # fmt: skip
@@ -126,13 +129,7 @@ def cost_text(cost: dict[str, Any]) -> str:
 def prompt_attack_verdicts(doc: dict[str, Any]) -> list[str]:
     """One statement per adversarial-prompt attack: ASR of the audited model vs controls."""
     out = []
-    by_attack: dict[str, dict[str, dict]] = {}
-    for row in prompt_attack_rows(doc):
-        by_attack.setdefault(row["attack"], {})[row["role"]] = row
-    for name, rows in by_attack.items():
-        a = rows.get("audited")
-        if a is None:
-            continue
+    for name, rows, a in _audited_rows(prompt_attack_rows(doc)):
         n = a["asr"]["n_prompts"]
         text = (f"{name}: ASR on the audited model {_rate_text(a['asr'])} (pre-ASR "
                 f"{_rate_text(a['pre_asr'])}, n={n} prompts, one image each; cost "
