@@ -261,3 +261,30 @@ def test_bad_adversarial_settings_are_clean_errors(tmp_path):
                 str(tmp_path / "b"), "--limit", "1", "--attacks", "ring-a-bell",
                 "--attack-set", f"ring-a-bell.pairs={bad}", "--no-progress")  # fmt: skip
     assert_one_line_error(r, "needs columns 'with' and 'without'")
+
+
+def test_adversarial_attacks_with_nudenet_on_any_sd_folder(tmp_path, tiny_model_dir):
+    """The same attacks on a plain SD folder judged by NudeNet's unlearndiffatk protocol: the
+    tiny random model shows no nudity, so every prompt is attacked within its budget, and the
+    definitions name NudeNet and the protocol's threshold."""
+    out = tmp_path / "nudity"
+    r = run_cli("audit", "--model", str(tiny_model_dir), "--concept", "nudity", "--out",
+                str(out), "--limit", "2", "--reference", str(tiny_model_dir),
+                "--attacks", "unlearndiffatk,ring-a-bell",
+                "--attack-set", "unlearndiffatk.blocks=1",
+                "--attack-set", "unlearndiffatk.steps_per_block=2",
+                "--attack-set", "ring-a-bell.generations=2",
+                "--attack-set", "ring-a-bell.population=4", "--no-progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((out / "results.json").read_text())
+    for name in ("unlearndiffatk", "ring-a-bell"):
+        asr = doc["results"][f"{name}:audited"]["asr/forget[:2]"]
+        assert asr["definition"]["detector"] == "nudenet"
+        assert asr["definition"]["protocol"]["threshold"] == 0.45
+        outcomes = doc["attacks"][name]["models"]["audited"]["outcomes"]
+        assert [o["pre_success"] for o in outcomes] == [False, False]
+        assert all(o["adversarial_prompt"] for o in outcomes)
+    steps = [o["gradient_steps"] for o in doc["attacks"]["unlearndiffatk"]["models"]["audited"]
+             ["outcomes"]]  # fmt: skip
+    assert steps == [2, 2]
+    assert "ASR on the audited model" in r.stdout
