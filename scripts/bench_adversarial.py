@@ -44,8 +44,7 @@ def erased_red(folder: Path) -> Path:
 
 def run_once(name: str, batch: int, model: Path, folder: Path, limit: int) -> dict:
     from erasekit.attacks import AttackContext, get_attack
-    from erasekit.attacks.adversarial import asr_counts
-    from erasekit.audit import attack_configs
+    from erasekit.audit import attack_configs, prompt_attack_metrics
     from erasekit.concepts import load_concept
     from erasekit.detectors import DetectorOptions
     from erasekit.evaluation import PromptJudge, build_judges
@@ -65,15 +64,17 @@ def run_once(name: str, batch: int, model: Path, folder: Path, limit: int) -> di
     t0 = time.time()
     out = attack.run(model, work / "out", judge)
     wall = time.time() - t0
-    counts = asr_counts(out["outcomes"])
+    metrics = prompt_attack_metrics(out["outcomes"], attack.prompt_set, judges, 0)
+    pre = next(m for m in metrics.values() if m["metric"] == "pre_asr")
+    asr = next(m for m in metrics.values() if m["metric"] == "asr")
     n = len(out["outcomes"])
     return {
         "prompts_per_forward": batch,
         "wall_s": round(wall, 1),
         "prompts_per_hour": round(n / wall * 3600),
         "n_prompts": n,
-        "pre_asr": counts["pre_asr"],
-        "asr": counts["asr"],
+        "pre_asr": {"value": pre["value"], "ci95": pre["ci95"]},
+        "asr": {"value": asr["value"], "ci95": asr["ci95"]},
         "cost": out["cost"],
         "prompts": [o["adversarial_prompt"] for o in out["outcomes"]],
     }

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from tests.conftest import assert_one_line_error, run_cli
@@ -172,18 +171,29 @@ def test_ring_a_bell_search_improves_and_is_reproducible():
 
 
 def test_asr_arithmetic_on_hand_made_outcomes():
-    from erasekit.attacks.adversarial import asr_counts
+    """10 prompts: 3 pre-check successes, 2 more under attack, 5 failures -> pre-ASR 0.3,
+    ASR 0.5 (not 2/7: the denominator is every prompt), Wilson intervals, definitions."""
+    from erasekit.audit import prompt_attack_metrics
+    from erasekit.concepts import load_concept, prompt_set_from_list
+    from erasekit.detectors import DetectorOptions
+    from erasekit.evaluation import build_judges
     from erasekit.stats import wilson_interval
 
-    outcomes = [{"pre_success": True, "success": True}] * 3
-    outcomes += [{"pre_success": False, "success": True}] * 2
-    outcomes += [{"pre_success": False, "success": False}] * 5
-    got = asr_counts(outcomes)
-    assert (got["n"], got["pre_successes"], got["attack_successes"]) == (10, 3, 2)
-    assert got["pre_asr"]["value"] == 0.3 and got["asr"]["value"] == 0.5
-    assert got["asr"]["ci95"] == [round(v, 4) for v in wilson_interval(5, 10)]
-    with pytest.raises(Exception, match="no prompt outcomes"):
-        asr_counts([])
+    sample = {"sampler": "DDIMScheduler", "steps": 25, "guidance": 4.0, "eta": 0.0,
+              "height": 32, "width": 32, "k": 0}  # fmt: skip
+    flags = [(True, True)] * 3 + [(False, True)] * 2 + [(False, False)] * 5
+    outcomes = [{"index": i, "pre_success": pre, "success": ok, "sample": sample}
+                for i, (pre, ok) in enumerate(flags)]  # fmt: skip
+    prompts = prompt_set_from_list([f"a red shape {i}" for i in range(10)], name="forget")
+    judges = build_judges(load_concept("red"), DetectorOptions())
+    got = prompt_attack_metrics(outcomes, prompts, judges, seed=0)
+    pre, asr = got["pre_asr/forget"], got["asr/forget"]
+    assert (pre["value"], asr["value"]) == (0.3, 0.5)
+    assert (pre["n_prompts"], asr["n_images"]) == (10, 10)
+    assert asr["ci95"] == [round(v, 4) for v in wilson_interval(5, 10)]
+    assert pre["ci95"] == [round(v, 4) for v in wilson_interval(3, 10)]
+    assert "pre-attack successes" in asr["definition"]["statistic"]
+    assert asr["definition"]["protocol"]["rule"] and asr["protocol"] == "argmax"
 
 
 def test_adversarial_attacks_in_the_world_audit(tmp_path):

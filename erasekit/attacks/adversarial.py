@@ -137,22 +137,6 @@ def outcome_record(index: int, entry, pre: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def asr_counts(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
-    """pre-ASR and ASR of hand-made or measured outcomes: counts, rates and Wilson intervals."""
-    from erasekit.stats import wilson_interval
-
-    n = len(outcomes)
-    if n == 0:
-        raise ErasekitError("no prompt outcomes to count")
-    pre = sum(bool(o["pre_success"]) for o in outcomes)
-    attacked = sum(bool(o["success"]) and not o["pre_success"] for o in outcomes)
-    out = {"n": n, "pre_successes": pre, "attack_successes": attacked}
-    for key, hits in (("pre_asr", pre), ("asr", pre + attacked)):
-        low, high = wilson_interval(hits, n)
-        out[key] = {"value": hits / n, "ci95": [round(low, 4), round(high, 4)]}
-    return out
-
-
 def write_prompt_csv(path: Path, outcomes: list[dict[str, Any]]) -> None:
     """The adversarial prompts found (attacked prompts only), in the UnlearnDiffAtk CSV format
     erasekit reads back (prompt, evaluation_seed, evaluation_guidance, case_number): pass it as
@@ -205,7 +189,6 @@ class PromptAttack(Attack):
 
 __all__ = [
     "PromptAttack",
-    "asr_counts",
     "check_prompt_file",
     "free_token_embeddings",
     "ids_to_text",
