@@ -119,21 +119,34 @@ def _image_size(pipe, settings: SamplerSettings) -> tuple[int, int]:
 
 @torch.no_grad()
 def render_batch(pipe, batch: list[dict[str, Any]], height: int, width: int) -> list[Image.Image]:
-    """Render one batch; each image's initial noise comes from its own seeded CPU generator."""
+    """Render one batch; each image's initial noise comes from its own seeded CPU generator.
+    A model folder's guidance config (``erasekit.guidance``, set on load) applies here: its
+    negative prompt joins the record's, or SLD replaces plain classifier-free guidance."""
     first = batch[0]
+    guidance = getattr(pipe, "erasekit_guidance", None)
     negatives = [r["negative_prompt"] or "" for r in batch]
-    out = pipe(
-        prompt=[r["prompt"] for r in batch],
-        negative_prompt=negatives if any(negatives) else None,
-        num_inference_steps=first["steps"],
-        guidance_scale=first["guidance"],
-        height=height,
-        width=width,
-        eta=first["eta"],
-        generator=[torch.Generator("cpu").manual_seed(r["seed"]) for r in batch],
-        output_type="np",
-    )
-    arrays = np.clip(np.round(out.images * 255.0), 0, 255).astype(np.uint8)
+    if guidance is not None and guidance.mode == "negative-prompt":
+        negatives = [", ".join(filter(None, (n, guidance.concept))) for n in negatives]
+    generators = [torch.Generator("cpu").manual_seed(r["seed"]) for r in batch]
+    if guidance is not None and guidance.mode == "sld":
+        from erasekit.guidance import sld_images
+
+        prompts = [r["prompt"] for r in batch]
+        images = sld_images(pipe, guidance, prompts, negatives, generators, first["steps"],
+                            first["guidance"], height, width, first["eta"])  # fmt: skip
+    else:
+        images = pipe(
+            prompt=[r["prompt"] for r in batch],
+            negative_prompt=negatives if any(negatives) else None,
+            num_inference_steps=first["steps"],
+            guidance_scale=first["guidance"],
+            height=height,
+            width=width,
+            eta=first["eta"],
+            generator=generators,
+            output_type="np",
+        ).images
+    arrays = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
     return [Image.fromarray(a) for a in arrays]
 
 

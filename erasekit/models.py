@@ -201,7 +201,26 @@ def load_pipeline(
     else:
         pipe = _load_single_file(path, Path(config) if config else None, dtype, allow_pickle)
     pipe.set_progress_bar_config(disable=True)
+    if path.is_dir():
+        attach_guidance(pipe, path)
     return pipe.to(device)
+
+
+def attach_guidance(pipe, folder: Path) -> None:
+    """Load a folder's guidance config (and its textual-inversion embedding) onto ``pipe``:
+    the one generate path then renders with it."""
+    from erasekit.guidance import read_guidance
+
+    guidance = read_guidance(folder)
+    if guidance is None:
+        return
+    if guidance.embedding:
+        try:
+            pipe.load_textual_inversion(str(folder / guidance.embedding))
+        except (ValueError, OSError) as e:
+            raise ErasekitError(f"{folder / guidance.embedding}: not a textual-inversion "
+                                f"embedding ({str(e).splitlines()[0]})") from None  # fmt: skip
+    pipe.erasekit_guidance = guidance
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
