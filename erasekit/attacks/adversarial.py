@@ -1,6 +1,7 @@
 """What the adversarial-prompt attacks share: the typeable vocabulary, the relaxed one-hot
 tools (simplex projection, straight-through sample), text encoding with free token
-embeddings, per-prompt outcomes and pre-ASR / ASR.
+embeddings, the pre-check and per-prompt outcomes (the audit turns them into pre-ASR / ASR:
+``audit.prompt_attack_metrics``).
 
 An adversarial-prompt attack (``kind = "prompt"``) leaves the weights alone: per prompt it
 first renders the unmodified prompt on the model under audit (a success there counts toward
@@ -9,7 +10,7 @@ Every prompt it reports is plain text a user could type: tokens are drawn from t
 tokens that re-tokenize to themselves, so the text renders exactly the optimised token ids.
 
 ASR = (pre-attack successes + successes under attack) / N prompts, one image per prompt (the
-published protocol), judged by the audit's primary protocol.
+published protocol), judged by the audit's primary protocol; pre-ASR counts the pre-check only.
 """
 
 from __future__ import annotations
