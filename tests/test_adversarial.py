@@ -143,18 +143,17 @@ def test_ring_a_bell_search_improves_and_is_reproducible():
     from erasekit.attacks.ring_a_bell import (
         RingABellConfig,
         concept_vector,
-        encode_prompts_full,
         genetic_search,
         read_pairs,
     )
     from erasekit.concepts import load_concept
     from erasekit.models import load_pipeline
-    from erasekit.training import step_generator
+    from erasekit.training import encode_prompts, step_generator
     from erasekit.world import world_path
 
     pipe = load_pipeline(world_path("full"))
     c = concept_vector(pipe, read_pairs(load_concept("red").pairs))
-    target = encode_prompts_full(pipe, ["a red circle", "a blue square"]) + 3.0 * c
+    target = encode_prompts(pipe, ["a red circle", "a blue square"]) + 3.0 * c
     cfg = RingABellConfig(length=6, population=24, generations=25)
     vocab = text_vocabulary(pipe.tokenizer)
 

@@ -87,17 +87,12 @@ def encode(text_encoder, ids: torch.Tensor, batch: int = 2048) -> torch.Tensor:
     return torch.cat(out)
 
 
-def encode_prompts_full(pipe, prompts: list[str], batch: int = 2048) -> torch.Tensor:
-    tok = pipe.tokenizer
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids  # fmt: skip
-    return encode(pipe.text_encoder, ids, batch)
+def concept_vector(pipe, pairs: list[tuple[str, str]]) -> torch.Tensor:
+    """Mean of E(with) - E(without) over the pairs (77 x d, float32)."""
+    from erasekit.training import encode_prompts
 
-
-def concept_vector(pipe, pairs: list[tuple[str, str]], batch: int = 2048) -> torch.Tensor:
-    """Mean of E(with) - E(without) over the pairs (77 x d)."""
-    with_c = encode_prompts_full(pipe, [a for a, _ in pairs], batch)
-    without = encode_prompts_full(pipe, [b for _, b in pairs], batch)
+    with_c = encode_prompts(pipe, [a for a, _ in pairs]).float()
+    without = encode_prompts(pipe, [b for _, b in pairs]).float()
     return (with_c - without).mean(0)
 
 
@@ -197,7 +192,7 @@ class RingABell(PromptAttack):
 
     def run(self, model: Path, out_dir: Path, judge: Judge) -> dict[str, Any]:
         from erasekit.models import load_pipeline
-        from erasekit.training import step_generator
+        from erasekit.training import encode_prompts, step_generator
 
         cfg = self.config
         started = time.time()
@@ -210,10 +205,10 @@ class RingABell(PromptAttack):
         search_started, forwards = time.time(), 0
         if missing:
             vocab = text_vocabulary(pipe.tokenizer)
-            c = concept_vector(pipe, self.pairs, cfg.encoder_batch)
+            c = concept_vector(pipe, self.pairs)
             for start in range(0, len(missing), cfg.batch_size):
                 part = missing[start : start + cfg.batch_size]
-                source = encode_prompts_full(pipe, [o["prompt"] for o in part], cfg.encoder_batch)
+                source = encode_prompts(pipe, [o["prompt"] for o in part]).float()
                 gens = [step_generator(cfg.seed, o["index"]) for o in part]
                 found = genetic_search(pipe, source + cfg.eta * c, gens, cfg, vocab)
                 for o, result in zip(part, found, strict=True):
