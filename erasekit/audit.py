@@ -3,9 +3,12 @@ results.json (versioned schema), samples.jsonl, images/ and the report.
 
 Roles: ``audited`` (the model under audit), ``reference`` (the model before erasure: the base
 recorded in the audited model's manifest, or ``--reference``) and, for ShapesWorld concepts,
-``never-learned`` (the world model trained without the concept: the gold standard). Later
-issues add attacks: each writes its own entry under ``attacks`` and its attacked models' metrics
-under ``results`` with roles ``<attack>:<role>``.
+``never-learned`` (the world model trained without the concept: the gold standard). With
+guidance baselines, the audited weights are also rendered as ``baseline-unguided`` (without the
+folder's own guidance, when it has one), ``baseline-negative-prompt`` (the concept's words as a
+hand-written negative prompt) and ``baseline-sld`` (SLD with the concept's words as the safety
+concept). Later issues add attacks: each writes its own entry under ``attacks`` and its
+attacked models' metrics under ``results`` with roles ``<attack>:<role>``.
 """
 
 from __future__ import annotations
@@ -123,8 +126,24 @@ def resolve_models(
     return roles
 
 
+def guidance_baselines(concept: Concept, own=None) -> dict[str, Any]:
+    """Baseline role -> the guidance it renders the audited weights with (None: none).
+    SLD uses the folder's own SLD settings when it has them, else the medium preset."""
+    from erasekit.guidance import SLD_PRESETS, Guidance
+
+    words = concept.name.replace("-", " ").replace("_", " ")
+    sld = own.sld if own is not None and own.sld is not None else SLD_PRESETS["medium"]
+    out: dict[str, Any] = {"baseline-unguided": None} if own is not None else {}
+    out["baseline-negative-prompt"] = Guidance("negative-prompt", words)
+    out["baseline-sld"] = Guidance("sld", words, sld)
+    return out
+
+
 def describe_model(path: Path, manifest_base: dict | None = None) -> dict[str, Any]:
+    from erasekit.guidance import read_guidance
+
     manifest = read_manifest(path) if path.is_dir() else {}
+    guidance = read_guidance(path) if path.is_dir() else None
     info: dict[str, Any] = {
         "path": str(path.resolve()),
         "sha256": model_content_hash(path),
@@ -136,6 +155,7 @@ def describe_model(path: Path, manifest_base: dict | None = None) -> dict[str, A
         "base_model": manifest.get("base_model"),
         "created": manifest.get("created"),
         "erasekit_version": manifest.get("erasekit_version"),
+        "guidance": guidance.describe() if guidance is not None else None,
     }
     if manifest_base:
         info["matches_manifest_base"] = info["sha256"] == manifest_base.get("sha256")
@@ -214,29 +234,31 @@ def run_attacks(
     audit: AuditSettings,
     device: str,
     progress: bool,
+    targets: list[str] | None = None,
 ) -> tuple[dict[str, dict], dict[str, dict], list[dict]]:
     """Run every attack on every model role (the audited model, the original, the
-    never-learned one) with the same data and budget; evaluate with the audit's detectors.
-    Returns (attack entries, results by "<attack>:<role>", final-step samples)."""
+    never-learned one; or the ``targets`` roles only) with the same data and budget; evaluate
+    with the audit's detectors. Returns (attack entries, results by "<attack>:<role>",
+    final-step samples)."""
     from erasekit.attacks import AttackContext, get_attack
 
     entries, results, samples = {}, {}, []
     for name, config in configs.items():
         ctx = AttackContext(concept=concept, original=roles.get("reference"),
-                            audited=roles["audited"], work_dir=root / "attacks" / name,
+                            audited=roles.get("audited"), work_dir=root / "attacks" / name,
                             device=device, progress=False)  # fmt: skip
         attack = get_attack(name)(config, ctx)
+        attacked = {r: p for r, p in roles.items() if p is not None
+                    and (targets is None or r in targets)}  # fmt: skip
         if attack.kind == "prompt":
-            entries[name], res, smp = run_prompt_attack(attack, roles, judges, root, settings,
+            entries[name], res, smp = run_prompt_attack(attack, attacked, judges, root, settings,
                                                         audit, progress)  # fmt: skip
             results.update(res)
             samples += smp
             continue
         data = attack.prepare()
         models = {}
-        for role, path in roles.items():
-            if path is None:
-                continue
+        for role, path in attacked.items():
             if progress:
                 print(f"audit: attack {name} on the {role} model ...", file=sys.stderr)
             last: dict[str, Any] = {}
@@ -356,8 +378,10 @@ def run_audit(
     overwrite: bool = False,
     progress: bool = True,
     attacks: dict[str, Any] | None = None,
+    baselines: bool = False,
 ) -> dict[str, Any]:
-    """Run the audit and write ``out`` (all or nothing); return the results document."""
+    """Run the audit and write ``out`` (all or nothing); return the results document.
+    ``baselines``: also render the audited weights with the guidance baselines."""
     from erasekit.commands._options import resolve_device
     from erasekit.models import load_pipeline
     from erasekit.report import write_report
@@ -400,13 +424,23 @@ def run_audit(
                                  config=model_config if role == "audited" else None,
                                  allow_pickle=allow_pickle)  # fmt: skip
             s, m, b = evaluate_model(pipe, path, role, sets, judges, tmp, settings, audit)
-            del pipe
-            gc.collect()
             samples += s
             results[role] = m
             breakdowns[role] = b
             base = audited_manifest.get("base_model") if role == "reference" else None
             models_info[role] = describe_model(path, base)
+            if role == "audited" and baselines:
+                own = getattr(pipe, "erasekit_guidance", None)
+                for name, guidance in guidance_baselines(concept, own).items():
+                    pipe.erasekit_guidance = guidance
+                    s, m, b = evaluate_model(pipe, path, name, sets, judges, tmp, settings, audit)
+                    samples += s
+                    results[name] = m
+                    breakdowns[name] = b
+                    models_info[name] = {**models_info["audited"], "guidance":
+                                         guidance.describe() if guidance else None}  # fmt: skip
+            del pipe
+            gc.collect()
         attack_entries: dict[str, Any] = {}
         if attacks:
             forget = concept.forget

@@ -113,7 +113,7 @@ def render_image_set(
 ) -> ImageSet:
     """Render ``prompt_set`` with ``pipe`` (the original model at ``model_path``), or reuse the
     cached rendering of exactly the same inputs."""
-    from erasekit.generate import SamplerSettings, generate
+    from erasekit.generate import SamplerSettings
     from erasekit.provenance import model_content_hash
 
     settings = SamplerSettings.for_model(model_path)
@@ -122,9 +122,8 @@ def render_image_set(
     folder = Path(cache_dir or cache_root()) / "rendered" / key
     cached = (folder / "samples.jsonl").is_file()
     if not cached:
-        generate(pipe, prompt_set, folder, model_path=model_path, settings=settings,
-                 n_per_prompt=n_per_prompt, seed=seed, batch_size=batch_size,
-                 overwrite=True, progress=progress)  # fmt: skip
+        _render_into_cache(pipe, prompt_set, folder, model_path, settings, n_per_prompt, seed,
+                           batch_size, progress)  # fmt: skip
     records = read_jsonl(folder / "samples.jsonl")
     return ImageSet(
         name=prompt_set.name,
@@ -141,6 +140,35 @@ def render_image_set(
             "cache_hit": cached,
         },
     )
+
+
+def _render_into_cache(pipe, prompt_set, folder: Path, model_path, settings, n_per_prompt: int,
+                       seed: int, batch_size: int, progress: bool) -> None:  # fmt: skip
+    """Render into a folder of this run's own, then move it into place: two runs filling the
+    same cache entry at once each render whole, and the first to finish is kept."""
+    import shutil
+
+    from erasekit.distributed import process_state
+    from erasekit.generate import generate
+
+    state = process_state(str(pipe.device))
+    run_id = [os.getpid()]
+    if state.num_processes > 1:  # the processes of one launch share the folder
+        from accelerate.utils import broadcast_object_list
+
+        run_id = broadcast_object_list(run_id)
+    own = folder.with_name(f"{folder.name}.run-{run_id[0]}")
+    generate(pipe, prompt_set, own, model_path=model_path, settings=settings,
+             n_per_prompt=n_per_prompt, seed=seed, batch_size=batch_size, overwrite=True,
+             progress=progress)  # fmt: skip
+    if state.is_main_process:
+        if folder.is_dir() and not (folder / "samples.jsonl").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # left by an interrupted older version
+        try:
+            os.rename(own, folder)
+        except OSError:  # another run filled the entry first: its images are the same
+            shutil.rmtree(own, ignore_errors=True)
+    state.wait_for_everyone()
 
 
 def load_images(image_set: ImageSet, size: int) -> torch.Tensor:

@@ -294,6 +294,21 @@ def build_manifest(
     return manifest
 
 
+def _guidance_usage(manifest: dict[str, Any]) -> list[str]:
+    """Model-card lines for a folder whose defence is its guidance.json (negative-embedding):
+    without them plain diffusers renders the bare weights."""
+    outputs = (manifest.get("training") or {}).get("outputs") or {}
+    guidance = outputs.get("guidance")
+    if not guidance:
+        return []
+    lines = [f'pipe.load_textual_inversion("path/to/this/folder/{guidance["embedding"]}")']
+    if guidance["mode"] == "negative-prompt":
+        return lines + [f'image = pipe("a prompt", negative_prompt="{guidance["concept"]}")'
+                        ".images[0]  # the defence"]  # fmt: skip
+    return lines + ["# the defence is SLD (guidance.json): render with `erasekit generate` "
+                    "--model path/to/this/folder"]  # fmt: skip
+
+
 def model_card(manifest: dict[str, Any]) -> str:
     method = manifest.get("method") or {}
     concept = manifest.get("concept") or {}
@@ -317,6 +332,7 @@ def model_card(manifest: dict[str, Any]) -> str:
         "```python",
         "from diffusers import StableDiffusionPipeline",
         'pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")',
+        *_guidance_usage(manifest),
         "```",
         "",
         "Erasure is not a guarantee: audit the model (`erasekit audit`) against adversarial",

@@ -6,10 +6,12 @@ schedule, optional gradient checkpointing, ``save_state`` checkpoints with diffu
 hooks, a total limit and ``--resume latest``, a progress bar with the loss, a JSON-lines training
 log, and a stop with the last good checkpoint kept when the loss turns NaN/inf.
 
-A method (``erasekit.methods``) supplies its config dataclass (a ``TrainConfig``), the U-Net
-parameters it trains, and its loss on a ``{"forget": ..., "retain": ...}`` batch. Frozen parts
-(VAE, text encoder) are used once, up front, to encode the data; a frozen teacher U-Net, when a
-method needs one, stays out of ``prepare`` and is held in the weight dtype.
+A method (``erasekit.methods``) supplies its config dataclass (a ``TrainConfig``), the
+parameters it trains (of the U-Net, or of another module it names, e.g. a token embedding), and
+its loss on a ``{"forget": ..., "retain": ...}`` batch. Frozen parts (VAE, text encoder) are
+used once, up front, to encode the data, unless the method runs the text encoder itself; a
+frozen teacher U-Net, when a method needs one, stays out of ``prepare`` and is held in the
+weight dtype.
 
 Randomness (batch order, noise, timesteps) is a pure function of (seed, step, micro-step,
 process), so a resumed run continues exactly as an uninterrupted one would.
@@ -182,9 +184,10 @@ class Split:
     """One side of the training data, encoded once: text conditions and (optional) latents."""
 
     prompts: list[str]
-    cond: torch.Tensor  # (n, tokens, dim) text-encoder hidden states
+    cond: torch.Tensor | None  # (n, tokens, dim) text-encoder hidden states
     latents: torch.Tensor | None  # (n, c, h, w) scaled VAE latents; None for prompt-only sets
     anchor: torch.Tensor | None = None  # (n, tokens, dim) per-item surrogate conditions
+    ids: torch.Tensor | None = None  # (n, tokens) token ids, for methods that encode per step
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -264,7 +267,7 @@ class TrainContext:
     """What a method's loss sees: the model being trained, data, scheduler, devices."""
 
     accelerator: Any
-    unet: Any  # the prepared (possibly wrapped) U-Net being trained
+    unet: Any  # the U-Net: prepared (possibly wrapped) when it is what is trained
     pipe: Any
     config: TrainConfig
     data: dict[str, Split]
@@ -274,6 +277,7 @@ class TrainContext:
     device: torch.device
     work_dir: Path
     step: int = 0
+    trained: Any = None  # the prepared module being trained (the U-Net for most methods)
 
     def batch(self, split: str, micro: int) -> dict[str, torch.Tensor]:
         """This process's slice of the batch for (step, micro-step) from ``split``."""
@@ -284,12 +288,9 @@ class TrainContext:
         start = self.step * per_step + (micro * acc.num_processes + acc.process_index) * b
         salt = {"forget": 101, "retain": 202}.get(split, 303)
         idx = epoch_indices(len(data), self.config.seed + salt, start, b)
-        out = {"cond": data.cond[idx].to(self.device)}
-        if data.latents is not None:
-            out["latents"] = data.latents[idx].to(self.device)
-        if data.anchor is not None:
-            out["anchor"] = data.anchor[idx].to(self.device)
-        return out
+        fields = {"cond": data.cond, "latents": data.latents, "anchor": data.anchor,
+                  "ids": data.ids}  # fmt: skip
+        return {k: v[idx].to(self.device) for k, v in fields.items() if v is not None}
 
     def generator(self, micro: int, salt: int = 0) -> torch.Generator:
         return step_generator(
@@ -338,20 +339,27 @@ def _config_fingerprint(method_name: str, config: TrainConfig) -> str:
 
 
 def _register_unet_hooks(accelerator) -> None:
-    """Checkpoints hold the U-Net as a diffusers folder (save_pretrained / from_pretrained)."""
+    """Checkpoints hold a trained U-Net as a diffusers folder (save_pretrained /
+    from_pretrained); another trained module (e.g. a token embedding) is left to accelerate."""
+    from diffusers import UNet2DConditionModel
+
+    def is_unet(model) -> bool:
+        return isinstance(accelerator.unwrap_model(model), UNet2DConditionModel)
 
     def save_hook(models, weights, output_dir):
-        for model in models:
+        for i in reversed(range(len(models))):
+            if not is_unet(models[i]):
+                continue
             if accelerator.is_main_process:
-                accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / "unet")
+                accelerator.unwrap_model(models[i]).save_pretrained(Path(output_dir) / "unet")
             if weights:
-                weights.pop()
+                weights.pop(i)
 
     def load_hook(models, input_dir):
-        from diffusers import UNet2DConditionModel
-
-        while models:
-            model = accelerator.unwrap_model(models.pop())
+        for i in reversed(range(len(models))):
+            if not is_unet(models[i]):
+                continue
+            model = accelerator.unwrap_model(models.pop(i))
             saved = UNet2DConditionModel.from_pretrained(Path(input_dir) / "unet")
             model.load_state_dict(saved.state_dict())
             del saved
@@ -462,18 +470,22 @@ def _train(
     empty_cond = encode_prompts(pipe, [""])
     if accelerator.device.type == "cuda":
         pipe.vae.to("cpu")
-        pipe.text_encoder.to("cpu")
+        if not method.uses_text_encoder:
+            pipe.text_encoder.to("cpu")
 
     unet = pipe.unet
     unet.requires_grad_(False)
-    trainable = dict(method.trainable_parameters(unet))
+    pipe.text_encoder.requires_grad_(False)
+    module = method.trained_module(pipe)
+    trainable = dict(method.trainable_parameters(module))
     if not trainable:
         raise ErasekitError(f"{method.name}: no parameter is selected for training")
     for p in trainable.values():
         p.requires_grad_(True)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    unet.train()
+    unet.train(module is unet)
+    module.train()
 
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -491,6 +503,7 @@ def _train(
         work_dir=work_dir,
     )
     unet.to(accelerator.device)
+    module.to(accelerator.device)
     method.setup(ctx)  # frozen teachers, masks: before prepare, on the raw U-Net
     total = method.total_steps(data)
     optimizer = _make_optimizer(config, list(trainable.values()))
@@ -498,7 +511,9 @@ def _train(
                                 num_warmup_steps=config.lr_warmup_steps,
                                 num_training_steps=max(1, total))  # fmt: skip
     _register_unet_hooks(accelerator)
-    ctx.unet, optimizer = accelerator.prepare(unet, optimizer)
+    ctx.trained, optimizer = accelerator.prepare(module, optimizer)
+    if module is unet:
+        ctx.unet = ctx.trained
     unet = ctx.unet
     accelerator.register_for_checkpointing(lr_schedule)
     log_path = work_dir / TRAINING_LOG
@@ -518,7 +533,7 @@ def _train(
         losses: list[float] = []
         extra: dict[str, float] = {}
         for micro in range(config.gradient_accumulation_steps):
-            with accelerator.accumulate(unet):
+            with accelerator.accumulate(ctx.trained):
                 loss, logs = method.loss(ctx, micro)
                 bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=ctx.device)
                 if accelerator.gather(bad).sum() > 0:
@@ -530,7 +545,7 @@ def _train(
                     )
                 if not method.sets_gradients:
                     accelerator.backward(loss)
-                method.after_backward(unet)
+                method.after_backward(ctx.trained)
                 grad_norm = None
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)

@@ -40,7 +40,9 @@ def _cache(tmp_path_factory, monkeypatch):
 def erase(model_dir, out, method="salun", concept="circle", resume=None, **settings):
     cls = get_method(method)
     c = load_concept(concept)
-    values = {**cls.defaults(c), **FAST, **FAST_METHOD[method], **settings}
+    if method == "negative-embedding":  # the tiny model has no base model to render with
+        settings.setdefault("original", str(model_dir))
+    values = {**cls.defaults(c), **FAST, **FAST_METHOD.get(method, {}), **settings}
     config = cls.Config(**values)
     config.validate()
     pipe = load_pipeline(model_dir)
@@ -64,7 +66,11 @@ def test_every_method_trains_and_writes_a_loadable_model(method, tiny_model_dir,
     assert manifest["concept"]["name"] == "circle"
     assert manifest["base_model"]["sha256"]
     before, after = unet_weights(tiny_model_dir), unet_weights(out)
-    assert any(not torch.equal(before[k], after[k]) for k in before)
+    if method == "negative-embedding":  # trains a token embedding; the weights stay as given
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert load_pipeline(out).erasekit_guidance.concept == "<negative-concept>"
+    else:
+        assert any(not torch.equal(before[k], after[k]) for k in before)
     assert not (out / "checkpoints").exists()
     load_pipeline(out)  # loads back
 
@@ -119,30 +125,36 @@ def test_esd_variants_change_only_their_parameters(variant, trained, tiny_model_
     assert any(trained(k) for k in changed)
 
 
-def test_resume_after_interruption_equals_an_uninterrupted_run(
-    tiny_model_dir, tmp_path, monkeypatch
-):
-    from erasekit.methods.salun import SalUn
+def trained_tensors(folder) -> dict[str, torch.Tensor]:
+    """What a run trained: the U-Net, or the learned embedding of negative-embedding."""
+    embedding = Path(folder) / "learned_embeds.safetensors"
+    return load_file(str(embedding)) if embedding.is_file() else unet_weights(folder)
 
-    settings = {"steps": 4, "checkpointing_steps": 2, "lr": 1e-3}
+
+@pytest.mark.parametrize("method", ["salun", "negative-embedding"])
+def test_resume_after_interruption_equals_an_uninterrupted_run(
+    method, tiny_model_dir, tmp_path, monkeypatch
+):
+    cls = get_method(method)
+    settings = {"method": method, "steps": 4, "checkpointing_steps": 2, "lr": 1e-3}
     whole = erase(tiny_model_dir, tmp_path / "whole", **settings)
 
-    original = SalUn.loss
+    original = cls.loss
 
     def interrupted(self, ctx, micro):
         if ctx.step == 3:  # the 4th step, after checkpoint-2 was saved
             raise KeyboardInterrupt
         return original(self, ctx, micro)
 
-    monkeypatch.setattr(SalUn, "loss", interrupted)
+    monkeypatch.setattr(cls, "loss", interrupted)
     with pytest.raises(KeyboardInterrupt):
         erase(tiny_model_dir, tmp_path / "resumed", **settings)
     assert not (tmp_path / "resumed").exists()
     assert (tmp_path / ".resumed.partial" / "checkpoints" / "checkpoint-2").is_dir()
-    monkeypatch.setattr(SalUn, "loss", original)
+    monkeypatch.setattr(cls, "loss", original)
     resumed = erase(tiny_model_dir, tmp_path / "resumed", resume="latest", **settings)
-    a, b = unet_weights(whole), unet_weights(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = trained_tensors(whole), trained_tensors(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = [
         json.loads(ln)["step"] for ln in (resumed / "training_log.jsonl").read_text().splitlines()
     ]
@@ -219,6 +231,16 @@ def test_rendered_data_is_cached_and_image_folders_are_read(tiny_model_dir, tiny
     assert len(first) == 4 and not first.source["cache_hit"] and again.source["cache_hit"]
     assert again.paths == first.paths and other.paths[0].parent != first.paths[0].parent
     assert first.prompts == ["a red circle"] * 2 + ["a blue square"] * 2
+    # A run that finds the entry filled by another run when it finishes keeps the other's.
+    from erasekit.data import _render_into_cache
+    from erasekit.generate import SamplerSettings
+
+    entry = first.paths[0].parent.parent
+    stamp = (entry / "samples.jsonl").stat().st_mtime_ns
+    _render_into_cache(tiny_pipe, prompts, entry, tiny_model_dir,
+                       SamplerSettings.for_model(tiny_model_dir), 2, 0, 16, False)  # fmt: skip
+    assert (entry / "samples.jsonl").stat().st_mtime_ns == stamp
+    assert not list(entry.parent.glob("*.run-*"))  # the late run's own folder is gone
 
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -35,7 +35,7 @@ class AttackContext:
 
     concept: Any
     original: Path | None
-    audited: Path
+    audited: Path | None  # the audited model (None: attacks run on named roles only)
     work_dir: Path
     device: str = "cpu"
     progress: bool = False

@@ -61,6 +61,10 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
                    help="YAML mapping attack name -> settings")  # fmt: skip
     g.add_argument("--attack-set", action="append", default=[], metavar="ATTACK.KEY=VALUE",
                    help="override one attack setting (repeatable)")  # fmt: skip
+    p.add_argument("--guidance-baselines", action="store_true",
+                   help="also render the audited weights unguided (if the folder has guidance), "
+                   "with the concept's words as a negative prompt, and with SLD (same sets, "
+                   "seeds and detectors)")  # fmt: skip
     p.add_argument("--uncensored", action="store_true", help="report shows flagged images as is")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true")
@@ -109,17 +113,25 @@ def run(args: argparse.Namespace) -> int:
                     never_learned=args.never_learned, model_config=args.model_config,
                     allow_pickle=args.allow_pickle, uncensored=args.uncensored,
                     overwrite=args.overwrite, progress=not args.no_progress,
-                    attacks=configs)  # fmt: skip
+                    attacks=configs, baselines=args.guidance_baselines)  # fmt: skip
     if process_state().is_main_process:
         print_summary(doc, args.out)
     return 0
 
 
 def print_summary(doc: dict, out: str) -> None:
-    from erasekit.report import attack_verdicts, prompt_attack_verdicts, summary_rows, verdict
+    from erasekit.report import (
+        attack_verdicts,
+        guidance_verdicts,
+        prompt_attack_verdicts,
+        summary_rows,
+        verdict,
+    )
 
     for row in summary_rows(doc):
         print(verdict(row))
+    for line in guidance_verdicts(doc):
+        print(f"guidance: {line}")
     for line in attack_verdicts(doc) + prompt_attack_verdicts(doc):
         print(line)
     print(f"report: {out}/report.html (results.json, report.md, samples.jsonl beside it)")

@@ -11,18 +11,21 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
     p = subparsers.add_parser(
         "erase",
         parents=[parent],
-        help="erase a concept from a model (esd, salun, resalign)",
+        help="erase a concept from a model (esd, salun, resalign, negative-embedding)",
         description=(
             "Erase a concept with a method on the shared accelerate training loop and write the "
             "erased model (diffusers folder + erasekit.json + training_log.jsonl, and the SalUn "
-            "mask, the ResAlign LoRA). Settings: method defaults, then --config FILE.yaml, then "
+            "mask, the ResAlign LoRA; negative-embedding: the unchanged weights + the learned "
+            "embedding + guidance.json). Settings: method defaults, then --config FILE.yaml, then "
             "--set key=value. "
             "Several processes: accelerate launch -m erasekit erase ..."
         ),
     )
     add_model_options(p, config_flag="--model-config", dtype=False)
     p.add_argument("--concept", required=True, help="concept name or YAML spec")
-    p.add_argument("--method", required=True, help="erasure method (esd, salun, resalign)")
+    p.add_argument(
+        "--method", required=True, help="erasure method (esd, salun, resalign, negative-embedding)"
+    )
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--config", dest="method_config", metavar="FILE", help="YAML method settings")
     p.add_argument(

@@ -15,12 +15,14 @@ METHODS: Registry[type] = Registry("method")
 METHODS.register_lazy("esd", "erasekit.methods.esd:ESD")
 METHODS.register_lazy("salun", "erasekit.methods.salun:SalUn")
 METHODS.register_lazy("resalign", "erasekit.methods.resalign:ResAlign")
+METHODS.register_lazy("negative-embedding", "erasekit.methods.negative_embedding:NegativeEmbedding")
 
 
 class Method:
     """A gradient-based erasure method: config, trainable parameters, loss on a batch.
 
-    Hooks with defaults: ``defaults(concept)`` (config defaults that depend on the concept's
+    Hooks with defaults: ``trained_module`` (what is trained: the U-Net, or e.g. a token
+    embedding), ``defaults(concept)`` (config defaults that depend on the concept's
     kind), ``prepare_data`` (encode forget/retain sets), ``setup`` (teachers, masks; runs before
     ``accelerator.prepare``), ``after_backward`` (edit gradients), ``on_train_start`` /
     ``on_step_end`` (e.g. evaluation curves), ``finalize_unet`` (e.g. fuse a LoRA),
@@ -33,6 +35,8 @@ class Method:
     # True: ``loss`` also writes the parameters' gradients itself (e.g. a hypergradient) and
     # the loop does not backpropagate the returned (detached) loss.
     sets_gradients: ClassVar[bool] = False
+    # True: ``loss`` runs the (frozen) text encoder itself, so the loop keeps it on the device.
+    uses_text_encoder: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -91,8 +95,12 @@ class Method:
     def total_steps(self, data: dict[str, Split]) -> int:
         return self.config.steps
 
-    def trainable_parameters(self, unet) -> list[tuple[str, torch.nn.Parameter]]:
-        return list(unet.named_parameters())
+    def trained_module(self, pipe) -> torch.nn.Module:
+        """The module the loop prepares and trains (after ``prepare_data``)."""
+        return pipe.unet
+
+    def trainable_parameters(self, module) -> list[tuple[str, torch.nn.Parameter]]:
+        return list(module.named_parameters())
 
     def setup(self, ctx: TrainContext) -> None:
         """Runs before ``accelerator.prepare``: build frozen teachers, masks."""

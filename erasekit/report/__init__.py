@@ -126,6 +126,41 @@ def cost_text(cost: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def guidance_text(guidance: dict[str, Any] | None) -> str:
+    """'none', "negative prompt 'red'" or "SLD on 'red' (warm-up 10, s_S 1000, ...)"."""
+    if not guidance:
+        return "no guidance"
+    if guidance["mode"] == "negative-prompt":
+        return f"negative prompt '{guidance['concept']}'"
+    p = guidance["sld"]
+    settings = (f"warm-up {p['warmup']}, s_S {p['edit_scale']:g}, λ {p['threshold']:g}, "
+                f"s_m {p['momentum']:g}, β_m {p['momentum_beta']:g}")  # fmt: skip
+    return f"SLD on '{guidance['concept']}' ({settings})"
+
+
+def guidance_verdicts(doc: dict[str, Any]) -> list[str]:
+    """With guidance baselines: per concept-rate (primary protocol) and utility metric, the
+    audited weights as shipped vs the same weights under each baseline guidance."""
+    baselines = [r for r in roles_of(doc) if r.startswith("baseline-")]
+    if not baselines:
+        return []
+    primary = doc["evaluation"]["primary_protocol"]
+    out = []
+    for row in summary_rows(doc):
+        first = row["first"]
+        if first["metric"] == "concept_rate" and first.get("protocol") != primary:
+            continue
+        d = _digits(row)
+        parts = []
+        for role in ["audited", *baselines]:
+            m = row["roles"].get(role)
+            if m:
+                how = guidance_text(doc["models"][role].get("guidance"))
+                parts.append(f"{role} ({how}) {_fmt(m, d)}")
+        out.append(f"{metric_title(first)}: " + "; ".join(parts) + ".")
+    return out
+
+
 def prompt_attack_verdicts(doc: dict[str, Any]) -> list[str]:
     """One statement per adversarial-prompt attack: ASR of the audited model vs controls."""
     out = []
@@ -445,6 +480,7 @@ def render_html(folder: Path, doc: dict[str, Any], samples: list, uncensored: bo
         breakdowns=breakdowns,
         attack_rows=attack_rows(doc),
         attack_verdicts=attack_verdicts(doc),
+        guidance_verdicts=guidance_verdicts(doc),
         prompt_attack_rows=prompt_attack_rows(doc),
         prompt_attack_verdicts=prompt_attack_verdicts(doc),
         prompt_attack_tables=prompt_tables,
@@ -482,6 +518,11 @@ def render_markdown(doc: dict[str, Any]) -> str:
                      f" | {delta} | {n} |")  # fmt: skip
     lines += ["", "Values: mean [95% interval]. Rates: Wilson; means: bootstrap over prompts.", ""]
     lines += ["## Verdicts", ""] + [f"- {verdict(r)}" for r in summary_rows(doc)]
+    if guidance_verdicts(doc):
+        lines += ["", "## Guidance on the audited weights", "",
+                  "The audited weights rendered as shipped and with each baseline guidance "
+                  "(same prompts, seeds and detectors):", ""]  # fmt: skip
+        lines += [f"- {v}" for v in guidance_verdicts(doc)]
     attacks = attack_rows(doc)
     if attacks:
         lines += ["", "## Recovery attacks", "",
