@@ -95,6 +95,7 @@ def test_negative_embedding_defends_the_world_model_and_transfers(tmp_path):
         (["token=negative"], "token must look like <name>"),
         ([], "needs images of the concept"),
         (["original=/nonexistent/model"], "original model not found"),
+        (["embedding=/nonexistent/e.safetensors"], "embedding not found"),
     ],
 )
 def test_negative_embedding_bad_settings_are_clean_errors(tmp_path, tiny_model_dir, sets,

@@ -53,6 +53,8 @@ class NegativeEmbeddingConfig(TrainConfig):
         if not re.fullmatch(r"<[\w-]+>", self.token):
             raise ErasekitError(f"token must look like <name>, got {self.token!r}")
         guidance_config(self)  # raises on a bad mode or SLD setting
+        if self.embedding:
+            load_embedding(self.embedding)  # before any rendering
 
 
 def guidance_config(config: NegativeEmbeddingConfig) -> dict[str, Any]:
@@ -103,19 +105,16 @@ class TokenEmbedding(torch.nn.Module):
 
 
 def load_embedding(path: str | Path) -> torch.Tensor:
-    """The single vector of a diffusers textual-inversion file (.safetensors or .bin)."""
+    """The single vector of a diffusers textual-inversion ``.safetensors`` file."""
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise ErasekitError(f"embedding not found: {path}")
+    if path.suffix != ".safetensors":
+        raise ErasekitError(f"{path}: only .safetensors embeddings are read (no pickle)")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            data = load_file(str(path))
-        else:
-            raise ErasekitError(f"{path}: only .safetensors embeddings are read")
-    except ErasekitError:
-        raise
+        data = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types
         raise ErasekitError(f"{path}: not a safetensors file ({str(e).splitlines()[0]})") from None
     tensors = [t for t in data.values() if isinstance(t, torch.Tensor)]
