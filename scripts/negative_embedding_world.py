@@ -245,7 +245,10 @@ def markdown(runs: list[dict]) -> str:
         for defence, d in r["defences"].items():
             cells = [_rate(d[f]["hits"], d[f]["n"]) for f, _ in FIELDS]
             lines.append(f"| {r['model']} | {r['seed']} | {defence} | " + " | ".join(cells) + " |")
-    lines += ["", "## What the numbers say", ""] + findings(runs) + [""]
+    lines += ["", "## What the numbers say", "",
+              "Pooled over seeds; '(below none)': the defence's 95% interval lies entirely below "
+              "the undefended model's. Transfer (c* of the other erased model) is in the tables "
+              "above.", ""] + findings(runs) + [""]  # fmt: skip
     cost = [r["learn_seconds"] for r in runs]
     lines += [f"Cost of c*: {min(cost):.0f}–{max(cost):.0f} s per erased model (3000 steps, one "
               "CPU thread, including the cached renders of the concept images).", ""]  # fmt: skip
