@@ -27,12 +27,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from erasekit.attacks.concept_inversion import EMBEDDING_FILE, substitute
 from erasekit.errors import ErasekitError
 from erasekit.guidance import GUIDANCE_FILE, MODES, SLD_FIELDS, SLD_PRESETS, parse_guidance
 from erasekit.methods import Method
 from erasekit.training import Split, TrainConfig, TrainContext, encode_images
 
-EMBEDDING_FILE = "learned_embeds.safetensors"
+__all__ = ["EMBEDDING_FILE", "NegativeEmbedding", "TokenEmbedding", "load_embedding"]
 
 
 @dataclass
@@ -130,8 +131,6 @@ class NegativeEmbedding(Method):
     uses_text_encoder = True
 
     def prepare_data(self, pipe) -> dict[str, Split]:
-        from erasekit.attacks.concept_inversion import substitute
-
         cfg = self.config
         if getattr(pipe, "erasekit_guidance", None) is not None:
             raise ErasekitError(f"{self.model_path} already carries {GUIDANCE_FILE}; learn the "
