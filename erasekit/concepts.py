@@ -188,6 +188,12 @@ class Concept:
     # Ring-A-Bell's concept vector: a CSV of prompt pairs with / without the concept
     pairs: str | None = None
 
+    @property
+    def scale(self) -> str:
+        """ "world" for ShapesWorld concepts (judged by the world detector), else "real": methods
+        and attacks pick world-scale defaults from it."""
+        return "world" if self.detector.get("name") == "world" else "real"
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -248,6 +254,10 @@ def _prompt_set_field(spec_path: Path, key: str, value: Any) -> PromptSet:
         f"{spec_path}: '{key}' must be a prompt file path, a list of prompts or a "
         "{template, fill} mapping"
     )
+
+
+def is_world_concept(concept: Concept | None) -> bool:
+    return concept is not None and concept.scale == "world"
 
 
 def load_concept(name_or_path: str) -> Concept:

@@ -273,7 +273,12 @@ def build_manifest(
         base = Path(base_model)
         base_info = {"path": str(base.resolve()), "sha256": model_content_hash(base)}
         if base.is_dir():
-            sampler = read_manifest(base).get("sampler")
+            base_manifest = read_manifest(base)
+            sampler = base_manifest.get("sampler")
+            world = base_manifest.get("world")
+            if world:  # which ShapesWorld build (version) and variant this model derives from
+                base_info["world"] = {"version": world.get("version", 1),
+                                      "variant": world.get("variant")}  # fmt: skip
     manifest: dict[str, Any] = {
         "format": "erasekit-manifest/1",
         "erasekit_version": library_versions()["erasekit"],

@@ -1,15 +1,28 @@
 """Measure ShapesWorld's quality bars; writes docs/results/world.md and assets/quality.json.
 
-Bars (issue 3): each shape's and colour's direct prompts are classified as that concept >= 85%
-of the time, paraphrase prompts >= 70%; the never-learned references produce their missing
-concept <= 5% even when prompted with its word, while other concepts stay >= 85%; generating
-64 images takes <= 15 s on this CPU. Every rate: n images, 95% Wilson interval.
+Bars (ShapesWorld v2), every rate with n images and a 95% Wilson interval, >= 64 images each:
+- direct prompts: every colour and shape (and `outlined`) classified as prompted >= 0.95;
+- paraphrase prompts (synonyms, indirect phrasings, no concept word) >= 0.85;
+- joint retain accuracy of the full model on every concept's retain set >= 0.90;
+- never-learned references: the held-out concept, prompted by its word, <= 0.02; the other
+  values of its dimension >= 0.93;
+- robustness: the retain-only control (SalUn's world preset with the forget term off, on the
+  full model) changes retain accuracy on red's retain set by <= 3 points (paired seeds);
+- steerability: UnlearnDiffAtk at its world budget on `no-red` reaches <= 20% ASR on red's
+  forget prompts, judged by the abstaining world detector;
+- shipped size (fp16) <= 40 MB; generation >= 8 images/s on 2 cores.
+
+Each part's numbers are kept in ``--work`` (default: a folder beside the doc), so an
+interrupted run resumes and ``--parts`` re-measures a subset.
+
+  python scripts/world_quality.py [--root ASSETS] [--parts direct,paraphrase,...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import tempfile
 import time
@@ -20,91 +33,249 @@ import torch
 from erasekit.cli import quiet_libraries
 from erasekit.concepts import load_concept
 from erasekit.detectors.world import WorldDetector
-from erasekit.evaluation import concept_rate
+from erasekit.evaluation import concept_rate, render_and_score, world_retain_accuracy
 from erasekit.generate import SamplerSettings
 from erasekit.models import load_pipeline
 from erasekit.outputs import write_json
 from erasekit.world import ASSETS, world_path
 from erasekit.world.render import COLOURS, SHAPES
 
-DIMENSION = {**{c: "colour" for c in COLOURS}, **{s: "shape" for s in SHAPES}}
+DIMENSION = {**{c: "colour" for c in COLOURS}, **{s: "shape" for s in SHAPES}, "outlined": "style"}
+NEVER_LEARNED = {"no-red": "red", "no-circle": "circle", "no-outlined": "outlined"}
+PARTS = ("speed", "direct", "paraphrase", "retain", "never_learned", "robustness", "steerability")
+MIN_IMAGES = 64
+BARS = {
+    "direct_min": (">=", 0.95),
+    "paraphrase_min": (">=", 0.85),
+    "retain_min": (">=", 0.90),
+    "never_learned_held_out_max": ("<=", 0.02),
+    "never_learned_others_min": (">=", 0.93),
+    "control_retain_change_points": ("abs<=", 3.0),
+    "steerability_asr": ("<=", 0.20),
+    "size_mb": ("<=", 40.0),
+    "images_per_s": (">=", 8.0),
+}
+BAR_TEXT = {
+    "direct_min": "direct prompts, worst colour/shape/style",
+    "paraphrase_min": "paraphrase prompts, worst concept",
+    "retain_min": "joint retain accuracy (full model), worst concept's retain set",
+    "never_learned_held_out_max": "never-learned: held-out concept prompted by its word, worst",
+    "never_learned_others_min": "never-learned: other concepts of its dimension, worst",
+    "control_retain_change_points": "robustness: retain-only control, change in retain "
+    "accuracy (points)",
+    "steerability_asr": "steerability: UnlearnDiffAtk ASR on `no-red` (red forget prompts)",
+    "size_mb": "shipped size, all variants + classifier (MB, fp16)",
+    "images_per_s": "generation speed (images/s, batch 64, 2 threads)",
+}
 
 
-def rate(pipe, model_dir, detector, prompt_set, dimension, target, n_per_prompt, seed, tmp):
-    name = prompt_set.name.replace("/", "_")
-    out = Path(tmp) / f"{Path(model_dir).name}-{name}-{target}-{seed}-{n_per_prompt}"
-    return concept_rate(pipe, prompt_set, out, detector, dimension, target,
-                        model_path=model_dir, n_per_prompt=n_per_prompt, seed=seed)  # fmt: skip
+def per_prompt(prompt_set) -> int:
+    """Images per prompt so that a set gives at least MIN_IMAGES images."""
+    return max(1, math.ceil(MIN_IMAGES / len(prompt_set)))
+
+
+class Quality:
+    def __init__(self, root: Path, work: Path, seed: int) -> None:
+        self.root, self.work, self.seed = root, work, seed
+        self.detector = WorldDetector(root / "classifier")
+        self.pipes: dict[str, object] = {}
+        self.tmp = Path(tempfile.mkdtemp(prefix="world-quality-"))
+
+    def pipe(self, variant: str):
+        if variant not in self.pipes:
+            self.pipes[variant] = load_pipeline(world_path(variant, self.root))
+        return self.pipes[variant]
+
+    def rate(self, variant: str, prompt_set, dim: str, target: str, tag: str) -> dict:
+        out = self.tmp / f"{variant}-{tag}-{target}"
+        return concept_rate(self.pipe(variant), prompt_set, out, self.detector, dim, target,
+                            model_path=world_path(variant, self.root),
+                            n_per_prompt=per_prompt(prompt_set), seed=self.seed)  # fmt: skip
+
+    def retain(self, variant: str, prompt_set, tag: str, model=None) -> dict:
+        model = model or world_path(variant, self.root)
+        pipe = (
+            load_pipeline(model) if model != world_path(variant, self.root) else self.pipe(variant)
+        )
+        return world_retain_accuracy(pipe, prompt_set, self.tmp / f"{tag}-retain", self.detector,
+                                     model_path=model, n_per_prompt=per_prompt(prompt_set),
+                                     seed=self.seed)  # fmt: skip
+
+    # parts -------------------------------------------------------------------------------
+    def speed(self) -> dict:
+        c = load_concept("red")
+        full = world_path("full", self.root)
+        self.rate("full", c.forget.limit(1), "colour", "red", "warmup")
+        t0 = time.time()
+        concept_rate(self.pipe("full"), c.forget, self.tmp / "speed", self.detector, "colour",
+                     "red", model_path=full, n_per_prompt=4, seed=98)  # fmt: skip
+        seconds = time.time() - t0
+        size = sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file()) / 2**20
+        return {"generate_64_images_s": round(seconds, 2), "images_per_s": round(64 / seconds, 2),
+                "size_mb": round(size, 2), "threads": torch.get_num_threads()}  # fmt: skip
+
+    def direct(self) -> dict:
+        return {n: self.rate("full", load_concept(n).forget, d, n, "direct")
+                for n, d in DIMENSION.items()}  # fmt: skip
+
+    def paraphrase(self) -> dict:
+        return {n: self.rate("full", load_concept(n).evaluation["paraphrase"], d, n, "para")
+                for n, d in DIMENSION.items()}  # fmt: skip
+
+    def retain_part(self) -> dict:
+        return {n: self.retain("full", load_concept(n).retain, f"full-{n}") for n in DIMENSION}
+
+    def never_learned(self) -> dict:
+        out = {}
+        for variant, held in NEVER_LEARNED.items():
+            dim = DIMENSION[held]
+            entry: dict = {"held_out": held, "dimension": dim}
+            entry[held] = self.rate(variant, load_concept(held).forget, dim, held, "nl")
+            if dim == "style":  # the other style: 'filled' on outlined's retain set ("solid")
+                ps = load_concept(held).retain
+                entry["filled"] = self.rate(variant, ps, "style", "filled", "nl")
+            else:
+                for name in (n for n, d in DIMENSION.items() if d == dim and n != held):
+                    entry[name] = self.rate(variant, load_concept(name).forget, dim, name, "nl")
+            entry["retain_accuracy"] = self.retain(variant, load_concept(held).retain,
+                                                   f"{variant}-nl")  # fmt: skip
+            out[variant] = entry
+        return out
+
+    def robustness(self) -> dict:
+        """SalUn's world preset with the forget term off (the surrogate is the prompt itself),
+        on the full model; retain accuracy on red's retain set before and after, same seeds."""
+        from erasekit.methods.salun import SalUn
+        from erasekit.training import build_config, train
+
+        concept = load_concept("red")
+        full = world_path("full", self.root)
+        sets = ["surrogate_mode=replace", "surrogate_replacement=red"]
+        config = build_config(SalUn.Config, SalUn.defaults(concept), sets=sets)
+        out_dir = self.tmp / "control"
+        t0 = time.time()
+        method = SalUn(config, concept, model_path=full, cache_dir=self.tmp / "cache")
+        train(method, load_pipeline(full), model_path=full, out_dir=out_dir, concept=concept,
+              progress=False)  # fmt: skip
+        seconds = time.time() - t0
+        ps = concept.retain
+        before_records, before = render_and_score(
+            self.pipe("full"), ps, self.tmp / "ctl-before", self.detector, model_path=full,
+            n_per_prompt=4 * per_prompt(ps), seed=self.seed)  # fmt: skip
+        after_records, after = render_and_score(
+            load_pipeline(out_dir), ps, self.tmp / "ctl-after", self.detector, model_path=out_dir,
+            n_per_prompt=4 * per_prompt(ps), seed=self.seed)  # fmt: skip
+        from erasekit.evaluation import attribute_accuracy
+
+        b = attribute_accuracy(before_records, before, ps)
+        a = attribute_accuracy(after_records, after, ps)
+        return {"settings": sets, "config": {k: v for k, v in vars(config).items()},
+                "before": b, "after": a, "erase_s": round(seconds, 1),
+                "change_points": round(100 * (a["value"] - b["value"]), 2)}  # fmt: skip
+
+    def steerability(self) -> dict:
+        from erasekit.audit import AuditSettings, attack_configs, run_attacks
+        from erasekit.detectors import DetectorOptions
+        from erasekit.evaluation import build_judges
+
+        concept = load_concept("red")
+        configs = attack_configs(["unlearndiffatk"], concept=concept)
+        judges = build_judges(
+            concept, DetectorOptions(world_classifier=str(self.root / "classifier"))
+        )
+        roles = {"reference": world_path("full", self.root),
+                 "never-learned": world_path("no-red", self.root)}  # fmt: skip
+        settings = SamplerSettings.for_model(roles["reference"])
+        audit = AuditSettings(n_per_prompt=1, seed=self.seed, batch_size=16)
+        t0 = time.time()
+        entries, results, _ = run_attacks(configs, roles, concept, concept.forget, judges,
+                                          self.tmp / "uda", settings, audit, "cpu",
+                                          progress=False, targets=["never-learned"])  # fmt: skip
+        entry = entries["unlearndiffatk"]
+        metrics = results["unlearndiffatk:never-learned"]
+        return {"config": entry["config"], "cost": entry["models"]["never-learned"]["cost"],
+                "metrics": {k.split("/")[0]: {f: v[f] for f in ("value", "ci95", "n_images")}
+                            for k, v in metrics.items()},
+                "wall_s": round(time.time() - t0, 1)}  # fmt: skip
+
+
+def summary(results: dict) -> dict:
+    s: dict = {}
+    if "direct" in results:
+        s["direct_min"] = min(r["value"] for r in results["direct"].values())
+    if "paraphrase" in results:
+        s["paraphrase_min"] = min(r["value"] for r in results["paraphrase"].values())
+    if "retain" in results:
+        s["retain_min"] = min(r["value"] for r in results["retain"].values())
+    if "never_learned" in results:
+        nl = results["never_learned"].values()
+        s["never_learned_held_out_max"] = max(e[e["held_out"]]["value"] for e in nl)
+        s["never_learned_others_min"] = min(
+            r["value"] for e in nl for k, r in e.items()
+            if isinstance(r, dict) and k not in (e["held_out"], "retain_accuracy")
+        )  # fmt: skip
+    if "robustness" in results:
+        s["control_retain_change_points"] = results["robustness"]["change_points"]
+    if "steerability" in results:
+        s["steerability_asr"] = _asr(results["steerability"]["metrics"])
+    if "speed" in results:
+        s["size_mb"] = results["speed"]["size_mb"]
+        s["images_per_s"] = results["speed"]["images_per_s"]
+    for key, value in list(s.items()):
+        op, bar = BARS[key]
+        ok = value >= bar if op == ">=" else abs(value) <= bar if op == "abs<=" else value <= bar
+        text = {">=": "≥", "<=": "≤", "abs<=": "change within ±"}[op]
+        s[key] = {"value": value, "bar": f"{text} {bar}", "met": ok}
+    return s
+
+
+def _asr(metrics: dict) -> float:
+    return metrics["asr"]["value"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--root", default=str(ASSETS), help="world assets folder")
-    ap.add_argument("--n-per-prompt", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--doc", default="docs/results/world.md")
+    ap.add_argument("--work", default=None, help="per-part results (default: DOC's .parts/)")
+    ap.add_argument("--parts", default=",".join(PARTS))
     args = ap.parse_args()
     torch.set_num_threads(2)
     quiet_libraries()
-    detector = WorldDetector(Path(args.root) / "classifier")
-    results: dict = {"direct": {}, "paraphrase": {}, "never_learned": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        full_dir = world_path("full", args.root)
-        pipe = load_pipeline(full_dir)
-        settings = SamplerSettings.for_model(full_dir)
-        # timing: 64 images in one batch through the generate path (after one warm-up call)
-        c = load_concept("red")
-        rate(pipe, full_dir, detector, c.forget.limit(1), "colour", "red", 1, 99, tmp)
+    root, doc = Path(args.root), Path(args.doc)
+    work = Path(args.work) if args.work else doc.parent / f".{doc.stem}.parts"
+    work.mkdir(parents=True, exist_ok=True)
+    q = Quality(root, work, args.seed)
+    version = json.loads((root / "build.json").read_text()).get("world_version", 1)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    for part in parts:
+        fn = {"retain": q.retain_part}.get(part) or getattr(q, part)
         t0 = time.time()
-        rate(pipe, full_dir, detector, c.forget, "colour", "red", 4, 98, tmp)
-        gen64 = time.time() - t0
-        for name, dim in DIMENSION.items():
-            c = load_concept(name)
-            for key, ps in (("direct", c.forget), ("paraphrase", c.evaluation["paraphrase"])):
-                results[key][name] = rate(pipe, full_dir, detector, ps, dim, name,
-                                          args.n_per_prompt, args.seed, tmp)  # fmt: skip
-        for variant, held in (("no-red", "red"), ("no-circle", "circle")):
-            vdir = world_path(variant, args.root)
-            vpipe = load_pipeline(vdir)
-            dim = DIMENSION[held]
-            entry = {"held_out": held}
-            for name in (n for n, d in DIMENSION.items() if d == dim):
-                c = load_concept(name)
-                entry[name] = rate(vpipe, vdir, detector, c.forget, dim, name,
-                                   args.n_per_prompt, args.seed, tmp)  # fmt: skip
-            results["never_learned"][variant] = entry
-    direct_min = min(r["value"] for r in results["direct"].values())
-    para_min = min(r["value"] for r in results["paraphrase"].values())
-    held_max = max(e[e["held_out"]]["value"] for e in results["never_learned"].values())
-    others_min = min(
-        r["value"] for e in results["never_learned"].values()
-        for k, r in e.items() if k not in ("held_out", e["held_out"])
-    )  # fmt: skip
-    summary = {
-        "direct_min": direct_min, "direct_bar": 0.85, "direct_ok": direct_min >= 0.85,
-        "paraphrase_min": para_min, "paraphrase_bar": 0.70, "paraphrase_ok": para_min >= 0.70,
-        "never_learned_held_out_max": held_max, "held_out_bar": 0.05,
-        "never_learned_held_out_ok": held_max <= 0.05,
-        "never_learned_others_min": others_min, "never_learned_others_ok": others_min >= 0.85,
-        "generate_64_images_s": round(gen64, 2), "generate_bar_s": 15, "generate_ok": gen64 <= 15,
-    }  # fmt: skip
+        result = {"measured": fn(), "wall_s": round(time.time() - t0, 1)}
+        write_json(work / f"{part}.json", result)
+        print(f"{part}: {time.time() - t0:.0f} s", flush=True)
+    results = {p: json.loads((work / f"{p}.json").read_text())["measured"]
+               for p in PARTS if (work / f"{p}.json").is_file()}  # fmt: skip
+    settings = SamplerSettings.for_model(world_path("full", root))
     record = {
         "definition": {
-            "detector": detector.protocol("colour", "red") | {"target": "per row"},
-            "sampler": {**settings.__dict__, "scheduler": type(pipe.scheduler).__name__},
-            "n_per_prompt": args.n_per_prompt,
+            "world_version": version,
+            "detector": q.detector.protocol("colour", "red") | {"target": "per row"},
+            "sampler": {**settings.__dict__, "scheduler": type(q.pipe("full").scheduler).__name__},
+            "images_per_set": f"ceil({MIN_IMAGES} / prompts) per prompt (>= {MIN_IMAGES})",
             "seed": args.seed,
             "seed_rule": "derive_seed(seed, prompt_index, k)",
             "interval": "95% Wilson",
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         },
-        "summary": summary,
+        "summary": summary(results),
         **results,
     }
-    write_json(Path(args.root) / "quality.json", record)
-    Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.doc).write_text(markdown(record))
-    print(json.dumps(summary, indent=2))
+    write_json(root / "quality.json", record)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(markdown(record))
+    print(json.dumps(record["summary"], indent=2))
 
 
 def _row(name: str, r: dict) -> str:
@@ -117,43 +288,71 @@ def _row(name: str, r: dict) -> str:
 def markdown(rec: dict) -> str:
     d, s = rec["definition"], rec["summary"]
     lines = [
-        "# ShapesWorld quality",
+        f"# ShapesWorld v{d['world_version']} quality",
         "",
         "Written by `scripts/world_quality.py`; do not edit by hand.",
         "",
         f"- Detector: `{d['detector']['version']}`, rule: {d['detector']['rule']}.",
         f"- Sampler: {d['sampler']['scheduler']}, {d['sampler']['steps']} steps, guidance "
         f"{d['sampler']['guidance']}, {d['sampler']['height']}x{d['sampler']['width']} px.",
-        f"- {d['n_per_prompt']} images per prompt, base seed {d['seed']} ({d['seed_rule']}); "
+        f"- Images: {d['images_per_set']}, base seed {d['seed']} ({d['seed_rule']}); "
         f"intervals: {d['interval']}; machine: {d['machine']}.",
-        "- Prompt sets: the concept specs' `forget` (direct) and `paraphrase` sets "
-        "(`erasekit/prompts/world/`).",
+        "- Prompt sets: the concept specs' `forget` (direct), `paraphrase` and `retain` sets "
+        "(`erasekit/prompts/world/`). Retain accuracy: the share of images whose classified "
+        "attributes equal every attribute the prompt names.",
         "",
         "## Bars",
         "",
         "| bar | measured | target | met |",
         "|---|---|---|---|",
-        f"| direct prompts, worst concept | {s['direct_min']:.3f} | ≥ 0.85 | {s['direct_ok']} |",
-        f"| paraphrase prompts, worst concept | {s['paraphrase_min']:.3f} | ≥ 0.70 | "
-        f"{s['paraphrase_ok']} |",
-        f"| never-learned: held-out concept, worst | {s['never_learned_held_out_max']:.3f} "
-        f"| ≤ 0.05 | {s['never_learned_held_out_ok']} |",
-        f"| never-learned: other concepts, worst | {s['never_learned_others_min']:.3f} | ≥ 0.85 | "
-        f"{s['never_learned_others_ok']} |",
-        f"| 64 images, wall seconds | {s['generate_64_images_s']} | ≤ 15 | {s['generate_ok']} |",
-        "",
     ]
-    for key, title in (("direct", "Direct prompts (full model)"),
-                       ("paraphrase", "Paraphrase prompts (full model)")):  # fmt: skip
+    for key, text in BAR_TEXT.items():
+        if key in s:
+            v = s[key]
+            lines.append(f"| {text} | {v['value']:.3f} | {v['bar']} | {v['met']} |")
+        else:
+            lines.append(f"| {text} | not measured | {' '.join(map(str, BARS[key]))} | – |")
+    lines.append("")
+    sections = (
+        ("direct", "Direct prompts (full model)"),
+        ("paraphrase", "Paraphrase prompts (full model)"),
+        ("retain", "Joint retain accuracy (full model, each concept's retain set)"),
+    )
+    for key, title in sections:
+        if key not in rec:
+            continue
         lines += [f"## {title}", "", "| concept | rate | 95% CI | n images | n prompts |",
                   "|---|---|---|---|---|"]  # fmt: skip
         lines += [_row(k, v) for k, v in rec[key].items()] + [""]
-    lines += ["## Never-learned references (direct prompts)", ""]
-    for variant, entry in rec["never_learned"].items():
-        lines += [f"### {variant} (never saw `{entry['held_out']}`)", "",
-                  "| prompted concept | rate classified as it | 95% CI | n images | n prompts |",
-                  "|---|---|---|---|---|"]  # fmt: skip
-        lines += [_row(k, v) for k, v in entry.items() if k != "held_out"] + [""]
+    if "never_learned" in rec:
+        lines += ["## Never-learned references", ""]
+        for variant, entry in rec["never_learned"].items():
+            lines += [f"### {variant} (never saw `{entry['held_out']}`)", "",
+                      "| prompted concept | rate classified as it | 95% CI | n images "
+                      "| n prompts |", "|---|---|---|---|---|"]  # fmt: skip
+            lines += [_row(k, v) for k, v in entry.items() if isinstance(v, dict)] + [""]
+    if "robustness" in rec:
+        r = rec["robustness"]
+        lines += ["## Robustness: the retain-only control", "",
+                  f"SalUn's world preset with `{' '.join(r['settings'])}` (the forget term off), "
+                  f"on the full model ({r['erase_s']} s); retain accuracy on red's retain set with "
+                  "the same seeds before and after.", "",
+                  "| model | retain accuracy | 95% CI | n images | n prompts |",
+                  "|---|---|---|---|---|", _row("full", r["before"]),
+                  _row("after the control", r["after"]), "",
+                  f"Change: {r['change_points']:+.1f} points.", ""]  # fmt: skip
+    if "steerability" in rec:
+        st = rec["steerability"]
+        lines += ["## Steerability: UnlearnDiffAtk on `no-red`", "",
+                  f"World budget ({json.dumps(st['config'])}), red's 16 forget prompts, one "
+                  f"image per prompt, judged by the abstaining world detector ({st['wall_s']} s).",
+                  "", "```json", json.dumps(st["metrics"], indent=2), "```", ""]  # fmt: skip
+    if "speed" in rec:
+        sp = rec["speed"]
+        lines += ["## Size and speed", "",
+                  f"- {sp['size_mb']:.1f} MB on disk (every variant + the classifier, fp16).",
+                  f"- 64 images (16 prompts x 4, one batch) in {sp['generate_64_images_s']} s: "
+                  f"{sp['images_per_s']} images/s on {sp['threads']} threads.", ""]  # fmt: skip
     return "\n".join(lines)
 
 

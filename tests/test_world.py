@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import assert_one_line_error, run_cli
 
 from erasekit.concepts import load_concept
@@ -128,7 +129,7 @@ def test_shipped_models_load_in_plain_diffusers():
         [sys.executable, "-c", code, *paths], capture_output=True, text=True, timeout=300, cwd="/"
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["StableDiffusionPipeline"] * 3
+    assert out.stdout.split() == ["StableDiffusionPipeline"] * len(WORLD_VARIANTS)
 
 
 CASES = [
@@ -197,8 +198,14 @@ def test_world_build_runs_end_to_end(tmp_path: Path):
         "2",
         "--classifier-steps",
         "2",
+        "--text-encoder-steps",
+        "2",
+        "--base-steps",
+        "2",
         "--unet-steps",
         "2",
+        "--heldout-n",
+        "32",
         "--variants",
         "full,no-red",
         "--no-progress",
@@ -206,8 +213,9 @@ def test_world_build_runs_end_to_end(tmp_path: Path):
     assert result.returncode == 0, result.stderr[-2000:]
     build = json.loads((out / "build.json").read_text())
     assert build["variants"] == ["full", "no-red"] and build["recipe"]["unet_steps"] == 2
+    assert build["world_version"] == 2 and not (tmp_path / ".world.build").exists()
     manifest = json.loads((out / "no-red" / "erasekit.json").read_text())
-    assert manifest["world"]["held_out_concept"] == "red"
+    assert manifest["world"]["held_out_concept"] == "red" and manifest["world"]["version"] == 2
     assert "red" not in manifest["world"]["colours"]
     assert manifest["sampler"]["steps"] > 0
     assert (out / "classifier" / "model.safetensors").is_file()
@@ -224,3 +232,72 @@ def test_world_build_runs_end_to_end(tmp_path: Path):
         "--no-progress",
     )
     assert gen.returncode == 0, gen.stderr
+
+
+TINY_RECIPE = dict(n_images=64, vae_steps=2, vae_batch=8, classifier_steps=2, text_encoder_steps=2,
+                   text_encoder_batch=8, base_steps=3, unet_steps=5, unet_batch=8,
+                   checkpoint_every=2, warmup=2, heldout_n=32)  # fmt: skip
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_world_build_resumes_to_identical_weights(tmp_path: Path, monkeypatch):
+    """A build interrupted inside a U-Net stage resumes from its last checkpoint and ends with
+    the same weights as an uninterrupted build; without --resume the work folder is refused."""
+    from safetensors.torch import load_file
+
+    from erasekit.errors import ErasekitError
+    from erasekit.world import build as wb
+
+    recipe = wb.WorldRecipe(**TINY_RECIPE)
+    wb.build_world(tmp_path / "a", recipe, ("no-red",), progress=False)
+
+    real = wb.train_unet
+
+    def killed_at_step_3(*args, **kwargs):
+        def boom(step, ema):
+            raise _Killed
+
+        return real(*args, **kwargs, callback=boom, callback_every=3)
+
+    monkeypatch.setattr(wb, "train_unet", killed_at_step_3)
+    with pytest.raises(_Killed):
+        wb.build_world(tmp_path / "b", recipe, ("no-red",), progress=False)
+    work = wb.work_dir(tmp_path / "b")
+    assert [p.name for p in (work / "unet-base" / "checkpoints").iterdir()] == ["step-0000002"]
+    assert not (tmp_path / "b").exists()
+    monkeypatch.setattr(wb, "train_unet", real)
+    with pytest.raises(ErasekitError, match="--resume"):
+        wb.build_world(tmp_path / "b", recipe, ("no-red",), progress=False)
+    with pytest.raises(ErasekitError, match="another recipe"):
+        wb.build_world(tmp_path / "b", wb.WorldRecipe(**{**TINY_RECIPE, "unet_steps": 6}),
+                       ("no-red",), progress=False, resume=True)  # fmt: skip
+    wb.build_world(tmp_path / "b", recipe, ("no-red",), progress=False, resume=True)
+    assert not work.exists()
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a = load_file(str(tmp_path / "a" / "no-red" / part))
+        b = load_file(str(tmp_path / "b" / "no-red" / part))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_world_detector_abstains_on_off_world_renders():
+    """Blends and off-palette colours are "none", not the nearest colour; distractor shapes
+    are "none", not the nearest shape (rates measured on fresh renders, seeds unseen)."""
+    from erasekit.detectors.world import WorldDetector
+    from erasekit.world.classifier import abstention_rates, load_classifier
+    from erasekit.world.render import RGB, Scene, render
+
+    rates = abstention_rates(load_classifier(classifier_path()), n=300, seed=31337)
+    assert rates["off_colour_named_any"] <= 0.1, rates
+    assert rates["off_shape_named_any"] <= 0.1, rates
+    orange = tuple((a + b) // 2 for a, b in zip(RGB["red"], RGB["yellow"], strict=True))
+    scenes = [Scene("circle", "red", "filled", 16, 16, 11, 0.0, rgb, (250, 250, 250))
+              for rgb in (RGB["red"], orange)]  # fmt: skip
+    det = WorldDetector()
+    red, blend = det.score([render(s) for s in scenes])
+    assert det.flagged(red, "colour", "red") and red["pred"]["shape"] == "circle"
+    assert blend["pred"]["colour"] == "none" and not det.flagged(blend, "colour", "red")
+    assert det.protocol("colour", "red")["labels"][-1] == "none"

@@ -78,10 +78,6 @@ class Attack:
         raise NotImplementedError
 
 
-def is_world_concept(concept) -> bool:
-    return concept is not None and concept.detector.get("name") == "world"
-
-
 def get_attack(name: str) -> type[Attack]:
     return ATTACKS.get(name)
 

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from erasekit.attacks import Attack, Evaluate, is_world_concept
+from erasekit.attacks import Attack, Evaluate
+from erasekit.concepts import is_world_concept
 from erasekit.errors import ErasekitError
 
 EMBEDDING_FILE = "learned_embeds.safetensors"

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from erasekit.attacks import Attack, Evaluate, is_world_concept
+from erasekit.attacks import Attack, Evaluate
+from erasekit.concepts import is_world_concept
 from erasekit.errors import ErasekitError
 from erasekit.lora import LORA_FILE, add_lora, fuse_lora, save_lora
 from erasekit.methods import Method

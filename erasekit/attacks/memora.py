@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from erasekit.attacks import Attack, Evaluate, is_world_concept
+from erasekit.attacks import Attack, Evaluate
 from erasekit.attacks.finetune import FinetuneConfig, tune
+from erasekit.concepts import is_world_concept
 from erasekit.errors import ErasekitError
 
 
@@ -55,6 +56,7 @@ def slerp(v0: torch.Tensor, v1: torch.Tensor, alpha: float) -> torch.Tensor:
 
 @torch.no_grad()
 def _eps(pipe, x, t, cond, uncond, guidance: float) -> torch.Tensor:
+    """The guided U-Net output (ε, or v for a v-prediction model)."""
     both = pipe.unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample
     e_u, e_c = both.chunk(2)
     return e_u + guidance * (e_c - e_u)
@@ -81,6 +83,9 @@ def invert_and_regenerate(
         a_prev = torch.tensor(1.0)
         for t in asc[:depth]:
             eps = _eps(pipe, x, t, cond, uncond, guidance)
+            if sched.config.prediction_type == "v_prediction":  # v -> ε at the model's (x, t)
+                a_t = acp[int(t)]
+                eps = a_t.sqrt() * eps + (1 - a_t).sqrt() * x
             x0 = (x - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
             a_prev = acp[int(t)]
             x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from erasekit.attacks import is_world_concept
 from erasekit.attacks.adversarial import (
     Judge,
     PromptAttack,
@@ -37,6 +36,7 @@ from erasekit.attacks.adversarial import (
     text_vocabulary,
     write_prompt_csv,
 )
+from erasekit.concepts import is_world_concept
 from erasekit.errors import ErasekitError
 
 

@@ -12,16 +12,16 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
         parents=[parent],
         help="run the main job on the embedded ShapesWorld model",
         description=(
-            "Erase a concept from ShapesWorld with SalUn (lr 3e-5 for 10 epochs, otherwise "
-            "the method's defaults), then audit the erased model against the original and the "
-            "never-learned model (erasekit audit): concept rates on the direct, paraphrase and "
-            "retain prompts, retain accuracy, Wilson 95%% intervals, a benign fine-tuning attack "
-            "on each model with its recovery curve, and an HTML report."
+            "Erase a concept from ShapesWorld with SalUn (its ShapesWorld preset), then audit "
+            "the erased model against the original and the never-learned model (erasekit "
+            "audit): concept rates on the direct, paraphrase and retain prompts, retain "
+            "accuracy, Wilson 95%% intervals, a benign fine-tuning attack on each model with "
+            "its recovery curve, and an HTML report."
         ),
     )
-    p.add_argument("--concept", default="red", choices=["red", "circle"])
+    p.add_argument("--concept", default="red", choices=["red", "circle", "outlined"])
     p.add_argument("--out", default="demo-output", help="output folder")
-    p.add_argument("--n-per-prompt", type=int, default=2)
+    p.add_argument("--n-per-prompt", type=int, default=4)
     p.add_argument("--erase-steps", type=int, default=0, help="SalUn steps (0: its epochs)")
     p.add_argument("--attack-steps", type=int, default=100, help="benign fine-tuning steps")
     p.add_argument("--attack-eval-every", type=int, default=50, help="recovery-curve spacing")
@@ -42,14 +42,13 @@ def run(args: argparse.Namespace) -> int:
     concept = load_concept(args.concept)
     out = Path(args.out)
     with atomic_output_dir(out, overwrite=args.overwrite) as tmp:
-        sets = ["lr=3e-5", "epochs=10"]
-        if args.erase_steps:
-            sets.append(f"steps={args.erase_steps}")
+        sets = [f"steps={args.erase_steps}"] if args.erase_steps else []
         config = build_config(SalUn.Config, SalUn.defaults(concept), sets=sets)
         original = world_path("full")
         method = SalUn(config, concept, model_path=original, cache_dir=tmp / "cache")
         erased = tmp / "erased-salun"
-        print(f"erasing '{args.concept}' with SalUn ({' '.join(sets)}) ...")
+        preset = " ".join(f"{k}={v}" for k, v in {**SalUn.defaults(concept)}.items())
+        print(f"erasing '{args.concept}' with SalUn ({' '.join([preset, *sets])}) ...")
         train(method, load_pipeline(original), model_path=original, out_dir=erased,
               concept=concept)  # fmt: skip
         steps, every = args.attack_steps, args.attack_eval_every

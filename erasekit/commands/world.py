@@ -24,11 +24,17 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
     b.add_argument("--out", default=None, help="output folder (default: the package's assets)")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     defaults = WorldRecipe()
-    for name in ("seed", "n_images", "vae_steps", "classifier_steps", "unet_steps"):
+    for name in ("seed", "n_images", "vae_steps", "classifier_steps", "text_encoder_steps",
+                 "base_steps", "unet_steps", "checkpoint_every", "heldout_n"):  # fmt: skip
         kind = int if name == "seed" else positive_int
         b.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name))
     b.add_argument(
         "--variants", default=",".join(WORLD_VARIANTS), help="comma-separated subset to train"
+    )
+    b.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted build from its work folder (.OUT.build beside --out)",
     )
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=run_build)
@@ -64,13 +70,16 @@ def run_build(args: argparse.Namespace) -> int:
         n_images=args.n_images,
         vae_steps=args.vae_steps,
         classifier_steps=args.classifier_steps,
+        text_encoder_steps=args.text_encoder_steps,
+        base_steps=args.base_steps,
         unet_steps=args.unet_steps,
+        checkpoint_every=args.checkpoint_every,
+        heldout_n=args.heldout_n,
     )
     out = args.out or str(ASSETS)
     command = "erasekit " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
-    info = build_world(
-        out, recipe, variants, progress=not args.no_progress, device=args.device, command=command
-    )
+    info = build_world(out, recipe, variants, progress=not args.no_progress, device=args.device,
+                       command=command, resume=args.resume)  # fmt: skip
     print(f"wrote ShapesWorld ({', '.join(variants)}) to {out} in {info['timings_s']['total_s']} s")
     return 0
 
@@ -89,7 +98,7 @@ def run_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print("ShapesWorld — embedded text-to-image world (erasekit)")
+    print(f"ShapesWorld v{info['world_version']} — embedded text-to-image world (erasekit)")
     for dim, values in info["concepts"].items():
         print(f"  {dim:7s} {', '.join(values)}")
     for v in info["variants"]:
@@ -99,10 +108,19 @@ def run_info(args: argparse.Namespace) -> int:
     if acc:
         print("  classifier accuracy on 2000 fresh held-out renders (and on their VAE round "
               "trips): " + json.dumps(acc))  # fmt: skip
+    fp = info.get("classifier_off_world_false_positives") or {}
+    if fp:
+        rates = {
+            where: {k: v[k] for k in ("off_colour_named_any", "off_shape_named_any")}
+            for where, v in fp.items()
+        }
+        print("  classifier false positives (a world class named instead of 'none') on fresh "
+              "off-palette colours and distractor shapes: " + json.dumps(rates))  # fmt: skip
     q = info.get("quality")
     if q:
-        print("  quality (64 images a concept; per-concept rates with 95% Wilson CIs in "
-              "docs/results/world.md): " + json.dumps(q["summary"]))  # fmt: skip
+        bars = {k: v["value"] if isinstance(v, dict) else v for k, v in q["summary"].items()}
+        print("  quality (>= 64 images a concept; per-concept rates with 95% Wilson CIs in "
+              "docs/results/world.md): " + json.dumps(bars))  # fmt: skip
     else:
         print("  quality: not measured (python scripts/world_quality.py)")
     return 0

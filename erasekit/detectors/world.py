@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,14 @@ from PIL import Image
 from erasekit.detectors import DetectorOptions, Protocol
 from erasekit.errors import ErasekitError
 from erasekit.provenance import sha256_file
+from erasekit.world.classifier import LABELS
 from erasekit.world.render import DIMENSIONS, SIZE
 
 
 class WorldDetector:
     """Protocol: an image shows concept `target` of `dimension` when the classifier's argmax for
-    that dimension is `target` (no threshold: every image is one shape, colour and style)."""
+    that dimension is `target`. Shape and colour have an abstaining class "none" (trained on
+    shapes and colours outside the world), so a blend or a blob is not counted as a concept."""
 
     name = "world"
 
@@ -32,13 +35,17 @@ class WorldDetector:
         self.model = load_classifier(folder).to(device)
         self.device = device
         self.version = f"world-classifier sha256:{sha256_file(file)[:16]}"
+        config = folder / "config.json"
+        info = json.loads(config.read_text()) if config.is_file() else {}
+        self.world_version = info.get("world_version", 1)
 
     @classmethod
     def from_options(cls, options: DetectorOptions, spec: dict[str, Any]) -> WorldDetector:
         return cls(options.world_classifier, options.device)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "dimensions": dict(DIMENSIONS)}
+        return {"name": self.name, "version": self.version, "dimensions": dict(DIMENSIONS),
+                "labels": {d: list(v) for d, v in LABELS.items()}}  # fmt: skip
 
     def protocols(self, spec: dict[str, Any]) -> list[Protocol]:
         """The concept's one protocol: argmax of its dimension equals its target."""
@@ -53,10 +60,12 @@ class WorldDetector:
         return {
             "detector": self.name,
             "version": self.version,
+            "world_version": self.world_version,
             "dimension": dimension,
             "target": target,
-            "labels": list(DIMENSIONS[dimension]),
-            "rule": "argmax of the dimension's softmax equals target",
+            "labels": list(LABELS[dimension]),
+            "rule": "argmax of the dimension's softmax (world values + 'none' where the head "
+            "can abstain) equals target",
         }
 
     @torch.no_grad()
@@ -72,7 +81,7 @@ class WorldDetector:
         records = []
         for i in range(len(images)):
             rec: dict[str, Any] = {"probs": {}, "pred": {}}
-            for dim, values in DIMENSIONS.items():
+            for dim, values in LABELS.items():
                 p = probs[dim][i]
                 rec["probs"][dim] = {v: round(float(p[j]), 5) for j, v in enumerate(values)}
                 rec["pred"][dim] = values[int(p.argmax())]

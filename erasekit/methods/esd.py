@@ -29,6 +29,12 @@ from erasekit.training import TrainConfig, TrainContext
 VARIANTS = ("esd-x", "esd-u", "esd-x-strict")
 
 
+# ShapesWorld v2: the newer ESD code's short preset (200 iterations, lr 5e-5, η 2), with the
+# partial sample drawn on the world's own 25-step DDIM schedule (the teacher's sampling is what
+# an ESD step costs). Measured in docs/results/erase-world.md.
+WORLD_PRESET = {"steps": 200, "lr": 5e-5, "negative_guidance": 2.0, "ddim_steps": 25}
+
+
 @dataclass
 class ESDConfig(TrainConfig):
     steps: int = 1000
@@ -62,7 +68,10 @@ class ESD(Method):
 
     @classmethod
     def defaults(cls, concept) -> dict[str, Any]:
-        return {"variant": "esd-x" if concept.kind == "style" else "esd-u"}
+        variant = {"variant": "esd-x" if concept.kind == "style" else "esd-u"}
+        if concept.scale == "world":
+            return {**variant, **WORLD_PRESET}
+        return variant
 
     def trainable_parameters(self, unet):
         return [(n, p) for n, p in unet.named_parameters() if esd_selects(n, self.config.variant)]

@@ -320,7 +320,7 @@ class ResAlign(Method):
 
     @classmethod
     def defaults(cls, concept) -> dict[str, Any]:
-        from erasekit.attacks import is_world_concept
+        from erasekit.concepts import is_world_concept
 
         if is_world_concept(concept):
             # ShapesWorld was trained at lr 1e-3 on a CPU: world-scale lr and budget. Its
@@ -349,7 +349,7 @@ class ResAlign(Method):
         self.totals = {"fallbacks": 0, "retries": 0, "hvps": 0, "inner_steps": 0}
 
     def _world(self) -> bool:
-        from erasekit.attacks import is_world_concept
+        from erasekit.concepts import is_world_concept
 
         return is_world_concept(self.concept)
 

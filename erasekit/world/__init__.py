@@ -1,7 +1,8 @@
 """ShapesWorld: a tiny, genuine text-to-image world where concept presence is measured exactly.
 
 The trained assets ship inside the package (``assets/``): ``full`` (every concept), the
-never-learned references ``no-red`` and ``no-circle``, and the world classifier.
+never-learned references ``no-red``, ``no-circle`` and ``no-outlined``, and the world
+classifier.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 from erasekit.errors import ErasekitError
 
 ASSETS = Path(__file__).parent / "assets"
-WORLD_VARIANTS = ("full", "no-red", "no-circle")
+WORLD_VARIANTS = ("full", "no-red", "no-circle", "no-outlined")
 
 
 def world_path(variant: str = "full", root: str | Path | None = None) -> Path:

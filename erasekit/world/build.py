@@ -1,56 +1,93 @@
-"""Train ShapesWorld: VAE, world classifier, and text-to-image U-Nets (full + never-learned).
+"""Train ShapesWorld v2: VAE, world classifier, and per variant a text encoder and a U-Net.
 
-Recipe (chosen from timings on a 2-core CPU; see docs/world.md):
+Recipe (measured on a 2-core CPU; docs/world.md has the reasoning and docs/results/world.md the
+bars it meets):
 - 32x32 RGB renders -> AutoencoderKL with 4x downsampling -> 8x8x4 latents.
-- CLIPTextModel (hidden 32, 2 layers) at a fixed random initialisation, frozen: a frozen random
-  encoder learned colours sooner than a jointly trained one in our prototypes (notes).
-- UNet2DConditionModel (32, 64 channels, cross-attention in both levels), epsilon prediction,
-  SD's scaled-linear DDPM schedule, min-SNR-5 loss weights, 10% caption dropout, EMA.
-- DDIM sampling. The never-learned references use the same recipe on data with no image and
-  no caption of the held-out concept; the VAE and text encoder are shared (they encode, the
-  U-Net is what learns to draw).
+- CLIPTextModel (hidden 32, 2 layers), pre-trained per variant to name the colour, shape and
+  style of a caption from its pooled output (synonyms and indirect phrasings included), then
+  frozen: the U-Net gets conditioning that already separates the concepts.
+- UNet2DConditionModel, cross-attention in both levels, epsilon prediction, DDPM's linear betas
+  (1e-4..0.02; SD's scaled-linear schedule leaves so much signal at t=T on 8x8 latents that the
+  starting noise, not the prompt, picks the colour), min-SNR-5 loss weights, 10% caption
+  dropout, EMA.
+- DDIM sampling. A never-learned reference uses the same recipe on data with no image and no
+  caption of the held-out concept, for its text encoder as for its U-Net; the VAE is shared.
+
+The build is resumable: every stage writes into a work folder beside the output, U-Net training
+checkpoints every ``checkpoint_every`` steps, and the per-step randomness is a function of
+(seed, step), so a resumed build gives the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
+from erasekit.errors import ErasekitError
 from erasekit.world.render import COLOURS, SHAPES, STYLES, caption, render, sample_scene
 
+WORLD_VERSION = 2
 VARIANTS = {
     "full": {},
     "no-red": {"colours": tuple(c for c in COLOURS if c != "red")},
     "no-circle": {"shapes": tuple(s for s in SHAPES if s != "circle")},
+    "no-outlined": {"styles": tuple(s for s in STYLES if s != "outlined")},
 }
-HELD_OUT = {"full": None, "no-red": "red", "no-circle": "circle"}
+HELD_OUT = {"full": None, "no-red": "red", "no-circle": "circle", "no-outlined": "outlined"}
+# The shared starting point: data without any held-out concept (no red, no circle, no outlined),
+# so every variant, never-learned references included, continues from a model that never saw
+# what it must not know.
+BASE = {
+    "colours": tuple(c for c in COLOURS if c != "red"),
+    "shapes": tuple(s for s in SHAPES if s != "circle"),
+    "styles": tuple(s for s in STYLES if s != "outlined"),
+}
 
 
 @dataclass
 class WorldRecipe:
+    version: int = WORLD_VERSION
     seed: int = 0
     n_images: int = 30000
     vae_steps: int = 1000
     vae_batch: int = 64
     vae_lr: float = 1e-3
-    classifier_steps: int = 800
-    unet_steps: int = 4000
+    classifier_steps: int = 1500
+    text_encoder_steps: int = 400
+    text_encoder_batch: int = 128
+    text_encoder_lr: float = 1e-3
+    base_steps: int = 2400
+    unet_steps: int = 900
     unet_batch: int = 64
     unet_lr: float = 1e-3
+    unet_channels: tuple[int, int] = (32, 64)
     warmup: int = 100
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction_type: str = "v_prediction"
+    zero_terminal_snr: bool = True
+    checkpoint_every: int = 250
+    heldout_n: int = 2000  # fresh renders / captions for the classifier's and encoder's checks
     sampler: dict = field(
         default_factory=lambda: {"steps": 25, "guidance": 4.0, "height": 32, "width": 32}
     )
+
+    def scheduler(self):
+        return build_scheduler(self.beta_schedule, self.beta_start, self.beta_end,
+                               self.prediction_type, self.zero_terminal_snr)  # fmt: skip
 
 
 def build_text_encoder(seed: int):
@@ -91,7 +128,7 @@ def build_vae(seed: int):
     )
 
 
-def build_unet(seed: int):
+def build_unet(seed: int, channels: tuple[int, int] = (32, 64)):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -99,7 +136,7 @@ def build_unet(seed: int):
         sample_size=8,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=tuple(channels),
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -109,23 +146,39 @@ def build_unet(seed: int):
     )
 
 
-def build_scheduler():
+def build_scheduler(
+    beta_schedule: str = "scaled_linear",
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    prediction_type: str = "epsilon",
+    zero_terminal_snr: bool = False,
+):
+    """DDIM with SD-1's settings by default; ShapesWorld v2 passes its recipe's schedule
+    (v-prediction with zero terminal SNR and trailing timesteps, as SD-2.1-style models)."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
         num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
+        beta_start=beta_start,
+        beta_end=beta_end,
+        beta_schedule=beta_schedule,
         clip_sample=False,
         set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
+        steps_offset=1,  # ignored by trailing spacing; diffusers pipelines expect 1
+        prediction_type=prediction_type,
+        rescale_betas_zero_snr=zero_terminal_snr,
+        timestep_spacing="trailing" if zero_terminal_snr else "leading",
     )
 
 
 def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _step_seed(seed: int, stage: str, step: int) -> int:
+    """Per-step randomness as a function of (seed, stage, step): resuming needs no RNG state."""
+    salt = {"vae": 1, "text": 2, "unet": 3}[stage]
+    return (seed * 1_000_003 + salt) * 10_000_019 + step
 
 
 def train_vae(recipe: WorldRecipe, progress: bool = True, device: str = "cpu"):
@@ -151,6 +204,88 @@ def train_vae(recipe: WorldRecipe, progress: bool = True, device: str = "cpu"):
     return vae
 
 
+def variant_values(variant: str) -> dict[str, tuple[str, ...]]:
+    """The concept values a variant's data covers, per dimension."""
+    spec = VARIANTS[variant]
+    return {
+        "colour": spec.get("colours", COLOURS),
+        "shape": spec.get("shapes", SHAPES),
+        "style": spec.get("styles", STYLES),
+    }
+
+
+def _tokens(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(
+        captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def train_text_encoder(
+    recipe: WorldRecipe, tokenizer, variant: str = "full", progress: bool = True,
+    device: str = "cpu",
+) -> tuple[torch.nn.Module, dict]:  # fmt: skip
+    """Pre-train the text encoder to name a caption's colour, shape and style (linear heads on
+    the pooled output and on the mean over positions) over the variant's captions; returns it
+    frozen, with its held-out caption accuracy. No weight decay: rows of the vocabulary no
+    caption uses keep their initial values."""
+    from tqdm.auto import tqdm
+
+    values = variant_values(variant)
+    spec = VARIANTS[variant]
+    encoder = build_text_encoder(recipe.seed).requires_grad_(True).train().to(device)
+    hidden = encoder.config.hidden_size
+    heads = torch.nn.ModuleDict(
+        {d: torch.nn.Linear(hidden, len(v)) for d, v in values.items() if len(v) > 1}
+    ).to(device)
+    params = [*encoder.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=recipe.text_encoder_lr, weight_decay=0.0)
+    steps = recipe.text_encoder_steps
+
+    def batch(seed: int, n: int):
+        rng = random.Random(seed)
+        scenes = [sample_scene(rng, **spec) for _ in range(n)]
+        captions = [caption(s, rng) for s in scenes]
+        labels = {d: torch.tensor([values[d].index(s.labels[d]) for s in scenes]) for d in heads}
+        return _tokens(tokenizer, captions).to(device), labels
+
+    for step in tqdm(range(steps), desc=f"world text encoder ({variant})", disable=not progress):
+        for g in opt.param_groups:  # linear warm-up, cosine decay
+            g["lr"] = recipe.text_encoder_lr * _lr_factor(step, steps, recipe.warmup)
+        ids, labels = batch(_step_seed(recipe.seed, "text", step), recipe.text_encoder_batch)
+        out = encoder(ids)
+        # The pooled (EOS) output and the mean over all 77 positions: the U-Net's
+        # cross-attention starts out near-uniform over the positions, so the mean must already
+        # carry the caption's concepts for the conditioning to be learned quickly.
+        features = (out.pooler_output, out.last_hidden_state.mean(dim=1))
+        loss = sum(
+            F.cross_entropy(heads[d](f), labels[d].to(device)) for d in heads for f in features
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    encoder.eval().requires_grad_(False)
+    with torch.no_grad():
+        ids, labels = batch(recipe.seed + 987_654, recipe.heldout_n)
+        out = encoder(ids)
+        features = {"pooled": out.pooler_output, "mean": out.last_hidden_state.mean(dim=1)}
+        accuracy = {
+            f"{d}_{name}": round(
+                float((heads[d](f).argmax(-1).cpu() == labels[d]).float().mean()), 4
+            )
+            for d in heads
+            for name, f in features.items()
+        }
+    return encoder, {"heldout_caption_accuracy": accuracy, "n_heldout": recipe.heldout_n}
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + float(np.cos(np.pi * t)))
+
+
 @dataclass
 class LatentData:
     """Pre-encoded renders: posterior mean/std per image, and scenes to caption on the fly."""
@@ -174,6 +309,53 @@ def encode_dataset(vae, n: int, seed: int, device: str = "cpu", **concepts) -> L
     return LatentData(torch.cat(means), torch.cat(stds), scenes)
 
 
+CHECKPOINT_FILES = ("unet.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")
+
+
+def _save_checkpoint(folder: Path, step: int, unet, ema, opt, state: dict) -> None:
+    """Write checkpoint ``step`` aside and rename it into place; then drop older ones."""
+    from safetensors.torch import save_file
+
+    final = folder / f"step-{step:07d}"
+    tmp = folder / f".step-{step:07d}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(unet.state_dict(), str(tmp / "unet.safetensors"))
+    save_file(ema.state_dict(), str(tmp / "ema.safetensors"))
+    flat = {
+        f"{i}.{k}": v.detach().cpu().reshape(v.shape)
+        for i, s in opt.state_dict()["state"].items()
+        for k, v in s.items()
+    }
+    save_file(flat, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step, **state}) + "\n")
+    os.replace(tmp, final)
+    for old in folder.glob("step-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint (half-written ones are hidden ``.partial`` folders)."""
+    done = [p for p in folder.glob("step-*") if all((p / f).is_file() for f in CHECKPOINT_FILES)]
+    return max(done, key=lambda p: p.name) if done else None
+
+
+def _load_checkpoint(path: Path, unet, ema, opt) -> dict:
+    from safetensors.torch import load_file
+
+    device = next(unet.parameters()).device
+    unet.load_state_dict(load_file(str(path / "unet.safetensors"), device=str(device)))
+    ema.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(device)))
+    flat = load_file(str(path / "optimizer.safetensors"), device=str(device))
+    state: dict[int, dict] = {}
+    for key, value in flat.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = value.cpu() if name == "step" else value
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    return json.loads((path / "state.json").read_text())
+
+
 def train_unet(
     recipe: WorldRecipe,
     data: LatentData,
@@ -184,36 +366,50 @@ def train_unet(
     progress: bool = True,
     desc: str = "world unet",
     device: str = "cpu",
+    checkpoint_dir: str | Path | None = None,
+    init_dir: str | Path | None = None,
+    steps: int | None = None,
     callback=None,
     callback_every: int = 0,
 ):
     """Epsilon-prediction DDPM training with min-SNR weights, caption dropout and EMA.
 
-    ``callback(step, ema_unet)`` runs every ``callback_every`` steps (e.g. to sample and measure).
+    Starts from ``init_dir`` (a finished stage's ``unet``/``ema`` safetensors) when given.
+    With ``checkpoint_dir``, resumes from its newest complete checkpoint and writes one every
+    ``recipe.checkpoint_every`` steps. ``callback(step, ema_unet)`` runs every
+    ``callback_every`` steps (e.g. to sample and measure). Returns (U-Net, EMA U-Net, loss log,
+    training seconds).
     """
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
-    unet = build_unet(seed).to(device)
-    ema = build_unet(seed).requires_grad_(False).to(device)
+    unet = build_unet(seed, recipe.unet_channels).to(device)
+    ema = build_unet(seed, recipe.unet_channels).requires_grad_(False).to(device)
     ema.load_state_dict(unet.state_dict())
-    noise_sched = DDPMScheduler.from_config(build_scheduler().config)
+    if init_dir is not None:
+        from safetensors.torch import load_file
+
+        unet.load_state_dict(load_file(str(Path(init_dir) / "unet.safetensors")))
+        ema.load_state_dict(load_file(str(Path(init_dir) / "ema.safetensors")))
+    total = steps or recipe.unet_steps
+    noise_sched = DDPMScheduler.from_config(recipe.scheduler().config)
     alphas = noise_sched.alphas_cumprod
     snr = (alphas / (1 - alphas)).to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=1e-2)
-
-    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 10%
-        if step < recipe.warmup:
-            return (step + 1) / recipe.warmup
-        t = (step - recipe.warmup) / max(1, recipe.unet_steps - recipe.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * t))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
+    start, log, elapsed = 0, [], 0.0
+    folder = Path(checkpoint_dir) if checkpoint_dir else None
+    if folder is not None and (latest := latest_checkpoint(folder)) is not None:
+        state = _load_checkpoint(latest, unet, ema, opt)
+        start, log, elapsed = state["step"], state["log"], state["elapsed_s"]
+    cond_cache: dict[str, torch.Tensor] = {}  # the text encoder is frozen: encode each caption once
     n = len(data.scenes)
-    log = []
-    for step in tqdm(range(recipe.unet_steps), desc=desc, disable=not progress):
+    t0 = time.time()
+    bar = tqdm(range(start, total), desc=desc, disable=not progress, initial=start, total=total)
+    for step in bar:
+        gen = torch.Generator().manual_seed(_step_seed(seed, "unet", step))
+        rng = random.Random(_step_seed(seed, "unet", step))
+        for g in opt.param_groups:
+            g["lr"] = recipe.unet_lr * _lr_factor(step, total, recipe.warmup)
         idx = torch.randint(0, n, (recipe.unet_batch,), generator=gen)
         eps0 = torch.randn(data.mean[idx].shape, generator=gen)
         latents = (data.mean[idx] + data.std[idx] * eps0) * scaling_factor
@@ -221,37 +417,46 @@ def train_unet(
             "" if rng.random() < recipe.caption_dropout else caption(data.scenes[i], rng)
             for i in idx.tolist()
         ]
-        ids = tokenizer(
-            captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
-        ).input_ids
-        with torch.no_grad():
-            cond = text_encoder(ids.to(device))[0]
+        for text in sorted({c for c in captions if c not in cond_cache}):
+            with torch.no_grad():  # one at a time: the result cannot depend on the batch
+                cond_cache[text] = text_encoder(_tokens(tokenizer, [text]).to(device))[0][0]
+        cond = torch.stack([cond_cache[c] for c in captions])
         t = torch.randint(0, 1000, (recipe.unet_batch,), generator=gen)
         noise = torch.randn(latents.shape, generator=gen)
         noisy = noise_sched.add_noise(latents, noise, t)
         noisy, noise, t = noisy.to(device), noise.to(device), t.to(device)
         pred = unet(noisy, t, cond).sample
-        weight = torch.clamp(snr[t], max=recipe.min_snr_gamma) / snr[t]
-        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        if recipe.prediction_type == "v_prediction":
+            # v-loss = ε-loss + x0-loss: the high-noise steps, where the prompt decides the
+            # image, keep their weight (min-SNR's v form would zero them at SNR 0)
+            target = noise_sched.get_velocity(latents.to(device), noise, t)
+            weight = torch.ones_like(snr[t])
+        else:
+            target = noise
+            weight = torch.clamp(snr[t], max=recipe.min_snr_gamma) / snr[t]
+        loss = (weight * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         if not torch.isfinite(loss):
             raise RuntimeError(f"non-finite loss at step {step}")
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
-        sched.step()
         decay = min(recipe.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
                 pe.lerp_(p, 1 - decay)
         if step % 50 == 0:
             log.append({"step": step, "loss": round(loss.item(), 5)})
-        if callback is not None and callback_every and (step + 1) % callback_every == 0:
-            callback(step + 1, ema)
-    return ema.eval(), log
+        done = step + 1
+        if folder is not None and done % recipe.checkpoint_every == 0 and done < total:
+            state = {"log": log, "elapsed_s": elapsed + time.time() - t0}
+            _save_checkpoint(folder, done, unet, ema, opt, state)
+        if callback is not None and callback_every and done % callback_every == 0:
+            callback(done, ema)
+    return unet, ema.eval(), log, elapsed + time.time() - t0
 
 
-def assemble_pipeline(unet, vae, text_encoder, tokenizer):
+def assemble_pipeline(unet, vae, text_encoder, tokenizer, recipe: WorldRecipe | None = None):
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline(
@@ -259,7 +464,7 @@ def assemble_pipeline(unet, vae, text_encoder, tokenizer):
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=build_scheduler(),
+        scheduler=(recipe or WorldRecipe()).scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -278,6 +483,45 @@ def declare_float32(model_dir: str | Path) -> None:
     config.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def work_dir(out_dir: str | Path) -> Path:
+    """Where a build keeps its finished stages and checkpoints until the output is complete."""
+    out = Path(out_dir)
+    return out.parent / f".{out.name}.build"
+
+
+def _recipe_record(recipe: WorldRecipe) -> dict:
+    return json.loads(json.dumps(asdict(recipe)))  # tuples -> lists, as stored
+
+
+def recipe_from_dict(data: dict) -> WorldRecipe:
+    known = {f.name for f in fields(WorldRecipe)}
+    values = {k: v for k, v in data.items() if k in known}
+    if "unet_channels" in values:
+        values["unet_channels"] = tuple(values["unet_channels"])
+    return WorldRecipe(**values)
+
+
+class _Stages:
+    """Finished stages of a build in its work folder, with their cumulative wall times."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.timings_file = work / "timings.json"
+        self.timings = (
+            json.loads(self.timings_file.read_text()) if self.timings_file.is_file() else {}
+        )
+
+    def done(self, name: str) -> bool:
+        return (self.work / name / ".done").is_file()
+
+    def finish(self, name: str, seconds: float) -> None:
+        (self.work / name / ".done").write_text("")
+        self.timings[f"{name}_s"] = round(seconds, 1)
+        tmp = self.timings_file.with_suffix(".partial")
+        tmp.write_text(json.dumps(self.timings, indent=2) + "\n")
+        os.replace(tmp, self.timings_file)
+
+
 def build_world(
     out_dir: str | Path,
     recipe: WorldRecipe | None = None,
@@ -286,82 +530,171 @@ def build_world(
     fp16: bool = True,
     command: str | None = None,
     device: str = "cpu",
+    resume: bool = False,
 ) -> dict:
-    """Train everything into ``out_dir`` (written aside and renamed when complete)."""
+    """Train everything into ``out_dir``: stages and checkpoints go to ``work_dir(out_dir)``
+    (``resume=True`` continues from them), the output is assembled aside and renamed when
+    complete, then the work folder is removed."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
     from erasekit.models import build_manifest, save_model
     from erasekit.outputs import atomic_output_dir, write_json
     from erasekit.tokenizer import build_clip_tokenizer
-    from erasekit.world.classifier import heldout_accuracy, save_classifier, train_classifier
+    from erasekit.world.classifier import (
+        abstention_rates,
+        heldout_accuracy,
+        load_classifier,
+        save_classifier,
+        train_classifier,
+    )
 
     recipe = recipe or WorldRecipe()
-    timings: dict[str, float] = {}
+    work = work_dir(out_dir)
+    record = {"recipe": _recipe_record(recipe), "variants": list(variants)}
+    if work.exists():
+        if not resume:
+            raise ErasekitError(
+                f"an unfinished world build is in {work}: pass --resume to continue it, or "
+                "remove that folder to start over"
+            )
+        stored = json.loads((work / "recipe.json").read_text())
+        if stored != record:
+            raise ErasekitError(
+                f"the unfinished build in {work} used another recipe or variant list; remove "
+                "that folder to start over"
+            )
+    else:
+        work.mkdir(parents=True)
+        write_json(work / "recipe.json", record)
+    stages = _Stages(work)
     started = time.time()
-    with atomic_output_dir(out_dir, overwrite=True) as tmp:
-        tokenizer = build_clip_tokenizer()
-        text_encoder = build_text_encoder(recipe.seed).to(device)
+    tokenizer = build_clip_tokenizer()
+
+    if not stages.done("vae"):
         t0 = time.time()
         vae = train_vae(recipe, progress, device)
-        timings["vae_s"] = time.time() - t0
+        vae.save_pretrained(str(work / "vae"))
+        stages.finish("vae", time.time() - t0)
+    vae = AutoencoderKL.from_pretrained(str(work / "vae")).eval().requires_grad_(False).to(device)
+
+    if not stages.done("classifier"):
         t0 = time.time()
         classifier = train_classifier(vae.cpu(), recipe.classifier_steps, seed=recipe.seed,
                                       progress=progress)  # fmt: skip
+        n = recipe.heldout_n
         accuracy = {
-            "renders": heldout_accuracy(classifier),
-            "vae_round_trips": heldout_accuracy(classifier, vae=vae),
+            "renders": heldout_accuracy(classifier, n),
+            "vae_round_trips": heldout_accuracy(classifier, n, vae=vae),
         }
+        abstention = {
+            "renders": abstention_rates(classifier, n // 2),
+            "vae_round_trips": abstention_rates(classifier, n // 2, vae=vae),
+        }
+        save_classifier(classifier, work / "classifier",
+                        {"heldout_accuracy": accuracy, "n_heldout": n,
+                         "off_world_false_positives": abstention})  # fmt: skip
         vae.to(device)
-        timings["classifier_s"] = time.time() - t0
-        save_classifier(classifier, tmp / "classifier",
-                        {"heldout_accuracy": accuracy, "n_heldout": 2000})  # fmt: skip
-        # Latent scale: unit variance of the full data set's latents, as SD's 0.18215.
-        probe = encode_dataset(vae, 2048, seed=recipe.seed + 1, device=device)
-        scaling = float(1.0 / probe.mean.std())
-        vae.register_to_config(scaling_factor=scaling)
-        logs = {}
-        for i, variant in enumerate(variants):
-            t0 = time.time()
-            data = encode_dataset(vae, recipe.n_images, seed=recipe.seed + 100 + i,
-                                  device=device, **VARIANTS[variant])  # fmt: skip
-            unet, log = train_unet(recipe, data, text_encoder, tokenizer, scaling,
-                                   seed=recipe.seed, progress=progress,
-                                   desc=f"world unet ({variant})", device=device)  # fmt: skip
-            logs[variant] = log
-            timings[f"unet_{variant}_s"] = time.time() - t0
-            pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer).to("cpu")
+        stages.finish("classifier", time.time() - t0)
+    classifier_info = json.loads((work / "classifier" / "config.json").read_text())
+    load_classifier(work / "classifier")  # fail early on a damaged stage
+
+    # Latent scale: unit variance of the full data set's latents, as SD's 0.18215.
+    probe = encode_dataset(vae, min(2048, recipe.n_images), seed=recipe.seed + 1, device=device)
+    scaling = float(1.0 / probe.mean.std())
+    vae.register_to_config(scaling_factor=scaling)
+
+    if not stages.done("text_encoder"):
+        t0 = time.time()
+        encoder, info = train_text_encoder(recipe, tokenizer, "full", progress, device)
+        encoder.save_pretrained(str(work / "text_encoder"))
+        write_json(work / "text_encoder" / "training.json", info)
+        stages.finish("text_encoder", time.time() - t0)
+    text_info = json.loads((work / "text_encoder" / "training.json").read_text())
+    encoder = CLIPTextModel.from_pretrained(str(work / "text_encoder"))
+    encoder = encoder.eval().requires_grad_(False).to(device)
+
+    def unet_stage(name: str, concepts: dict, data_seed: int, steps: int, init=None) -> None:
+        if stages.done(name):
+            return
+        from safetensors.torch import save_file
+
+        data = encode_dataset(vae, recipe.n_images, seed=data_seed, device=device, **concepts)
+        unet, ema, log, seconds = train_unet(
+            recipe, data, encoder, tokenizer, scaling, seed=data_seed, progress=progress,
+            desc=f"world unet ({name})", device=device, steps=steps, init_dir=init,
+            checkpoint_dir=work / name / "checkpoints",
+        )  # fmt: skip
+        save_file(unet.state_dict(), str(work / name / "unet.safetensors"))
+        save_file(ema.state_dict(), str(work / name / "ema.safetensors"))
+        write_json(work / name / "training.json", {"training_log": log})
+        stages.finish(name, seconds)
+        shutil.rmtree(work / name / "checkpoints", ignore_errors=True)
+
+    unet_stage("unet-base", BASE, recipe.seed + 100, recipe.base_steps)
+    for variant in variants:
+        index = list(VARIANTS).index(variant)
+        unet_stage(f"unet-{variant}", VARIANTS[variant], recipe.seed + 101 + index,
+                   recipe.unet_steps, init=work / "unet-base")  # fmt: skip
+
+    with atomic_output_dir(out_dir, overwrite=True) as tmp:
+        shutil.copytree(work / "classifier", tmp / "classifier",
+                        ignore=shutil.ignore_patterns(".done"))  # fmt: skip
+        from safetensors.torch import load_file
+
+        encoder = encoder.cpu()
+        base_log = json.loads((work / "unet-base" / "training.json").read_text())
+        for variant in variants:
+            unet = build_unet(recipe.seed, recipe.unet_channels)
+            unet.load_state_dict(load_file(str(work / f"unet-{variant}" / "ema.safetensors")))
+            log = json.loads((work / f"unet-{variant}" / "training.json").read_text())
+            pipe = assemble_pipeline(unet, vae.cpu(), encoder, tokenizer, recipe)
             if fp16:
                 pipe = pipe.to(torch.float16)
+            values = variant_values(variant)
             manifest = build_manifest(
                 base_model=None,
                 method="shapesworld-build",
                 config=asdict(recipe),
                 seeds=[recipe.seed],
-                started=t0,
                 extra={
                     "world": {
+                        "version": WORLD_VERSION,
                         "variant": variant,
                         "held_out_concept": HELD_OUT[variant],
-                        "shapes": list(VARIANTS[variant].get("shapes", SHAPES)),
-                        "colours": list(VARIANTS[variant].get("colours", COLOURS)),
-                        "styles": list(STYLES),
+                        "shapes": list(values["shape"]),
+                        "colours": list(values["colour"]),
+                        "styles": list(values["style"]),
                         "weights_dtype": "float16" if fp16 else "float32",
                     },
                     "sampler": dict(recipe.sampler),
-                    "training_log": log,
+                    "training_log": {
+                        "base": base_log["training_log"],
+                        variant: log["training_log"],
+                    },  # fmt: skip
                 },
             )
             save_model(pipe, tmp / variant, manifest)
             if fp16:
                 declare_float32(tmp / variant)
-            pipe.to(device, torch.float32)  # the VAE and text encoder serve the next variant
-        timings["total_s"] = time.time() - started
+            vae.float()
+            encoder.float()
+        timings = dict(stages.timings)
+        timings["total_s"] = round(sum(timings.values()) + 0.0, 1)
         info = {
-            "recipe": asdict(recipe),
+            "world_version": WORLD_VERSION,
+            "recipe": _recipe_record(recipe),
             "variants": list(variants),
-            "timings_s": {k: round(v, 1) for k, v in timings.items()},
-            "classifier_heldout_accuracy": accuracy,
+            "timings_s": timings,
+            "timings_note": "training wall seconds per stage, summed over resumed runs; "
+            f"this run's assembly took {time.time() - started:.0f} s",
+            "classifier_heldout_accuracy": classifier_info.get("heldout_accuracy"),
+            "classifier": {k: v for k, v in classifier_info.items() if k != "heldout_accuracy"},
+            "text_encoder": text_info,
             "command": command,
             "device": device,
             "threads": torch.get_num_threads(),
         }
         write_json(tmp / "build.json", info)
+    shutil.rmtree(work, ignore_errors=True)
     return info

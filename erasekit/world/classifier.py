@@ -1,4 +1,9 @@
-"""The world classifier: a small CNN that names the shape, colour and style in a 32x32 image."""
+"""The world classifier: a small CNN that names the shape, colour and style in a 32x32 image.
+
+Shape and colour heads have a "none" class, trained on shapes outside the world (pentagons,
+stars, ellipses, bars, an empty canvas) and on colours far from the palette (blends of two
+palette colours, greys, browns, ...), so a blob or a blend is not forced into a world class.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,23 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from erasekit.world.render import DIMENSIONS, render_dataset
+from erasekit.world.render import (
+    COLOURS,
+    DIMENSIONS,
+    DISTRACTOR_SHAPES,
+    SHAPES,
+    STYLES,
+    Scene,
+    off_palette_rgb,
+    render,
+    render_dataset,
+    sample_scene,
+)
+
+NONE = "none"
+# The classes of each head: the world's values, plus an abstaining class for shape and colour.
+LABELS = {"shape": (*SHAPES, NONE), "colour": (*COLOURS, NONE), "style": STYLES}
+IGNORE = -100  # no style label on an empty canvas
 
 
 class WorldClassifier(nn.Module):
@@ -40,7 +61,7 @@ class WorldClassifier(nn.Module):
             nn.Flatten(),
         )
         self.heads = nn.ModuleDict(
-            {dim: nn.Linear(4 * width, len(values)) for dim, values in DIMENSIONS.items()}
+            {dim: nn.Linear(4 * width, len(values)) for dim, values in LABELS.items()}
         )
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -54,11 +75,38 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
 
 
+def _label(scene: Scene, dim: str) -> int:
+    value = scene.labels[dim]
+    if dim == "style" and scene.shape == "blank":
+        return IGNORE
+    if dim == "shape" and value in DISTRACTOR_SHAPES:
+        return LABELS[dim].index(NONE)
+    if dim == "colour" and (value not in COLOURS or scene.shape == "blank"):
+        return LABELS[dim].index(NONE)
+    return LABELS[dim].index(value)
+
+
 def _labels(scenes) -> dict[str, torch.Tensor]:
-    return {
-        dim: torch.tensor([values.index(s.labels[dim]) for s in scenes])
-        for dim, values in DIMENSIONS.items()
-    }
+    return {dim: torch.tensor([_label(s, dim) for s in scenes]) for dim in LABELS}
+
+
+def off_world_scene(rng: random.Random, kind: str) -> Scene:
+    """A scene the classifier must call "none": ``kind`` "colour" (a world shape in an
+    off-palette colour, labelled colour "off-palette") or "shape" (a distractor shape in a
+    palette colour; an empty canvas is "none" for both)."""
+    scene = sample_scene(rng)
+    if kind == "colour":
+        return Scene(scene.shape, "off-palette", scene.style, scene.cx, scene.cy, scene.radius,
+                     scene.angle, off_palette_rgb(rng), scene.background)  # fmt: skip
+    shape = rng.choice(DISTRACTOR_SHAPES)
+    return Scene(shape, scene.colour, scene.style, scene.cx, scene.cy, scene.radius,
+                 rng.uniform(-0.6, 0.6), scene.rgb, scene.background)  # fmt: skip
+
+
+def off_world_batch(n: int, seed: int, kind: str) -> tuple[np.ndarray, list[Scene]]:
+    rng = random.Random(seed)
+    scenes = [off_world_scene(rng, kind) for _ in range(n)]
+    return np.stack([np.asarray(render(s)) for s in scenes]), scenes
 
 
 @torch.no_grad()
@@ -90,7 +138,9 @@ def train_classifier(
     seed: int = 0,
     progress: bool = True,
 ) -> WorldClassifier:
-    """Train on fresh renders; half of each batch goes through a VAE round trip when given."""
+    """Train on fresh renders (a quarter of each batch off-world: off-palette colours and
+    distractor shapes, labelled "none"); half of each batch goes through a VAE round trip
+    when given."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -100,7 +150,15 @@ def train_classifier(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     model.train()
     for step in tqdm(range(steps), desc="world classifier", disable=not progress):
-        images, _, scenes = render_dataset(batch_size, seed=10_000_000 + seed * 100_003 + step)
+        base = 10_000_000 + seed * 100_003 + step
+        off = batch_size // 8
+        images, _, scenes = render_dataset(batch_size - 2 * off, seed=base)
+        colour_img, colour_scenes = off_world_batch(off, base + 50_000_000, "colour")
+        shape_img, shape_scenes = off_world_batch(off, base + 60_000_000, "shape")
+        images = np.concatenate([images, colour_img, shape_img])
+        scenes = [*scenes, *colour_scenes, *shape_scenes]
+        perm = torch.randperm(batch_size, generator=rng)
+        images, scenes = images[perm.numpy()], [scenes[i] for i in perm.tolist()]
         x = to_tensor(images)
         if vae is not None:
             half = batch_size // 2
@@ -108,7 +166,7 @@ def train_classifier(
         x = augment(x, rng)
         logits = model(x)
         labels = _labels(scenes)
-        loss = sum(F.cross_entropy(logits[d], labels[d]) for d in DIMENSIONS)
+        loss = sum(F.cross_entropy(logits[d], labels[d], ignore_index=IGNORE) for d in LABELS)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -123,17 +181,44 @@ def predict(model: WorldClassifier, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {d: v.softmax(-1) for d, v in model(x).items()}
 
 
-@torch.no_grad()
-def heldout_accuracy(model: WorldClassifier, n: int = 2000, seed: int = 777, vae=None) -> dict:
-    """Accuracy per dimension on fresh renders (seed never used in training)."""
-    random.seed(seed)
-    images, _, scenes = render_dataset(n, seed=seed)
+def _predictions(model: WorldClassifier, images: np.ndarray, vae=None) -> dict[str, torch.Tensor]:
     x = to_tensor(images)
     if vae is not None:
         x = torch.cat([vae_round_trip(vae, c) for c in x.split(256)])
-    probs = {d: torch.cat([predict(model, c)[d] for c in x.split(256)]) for d in DIMENSIONS}
+    return {d: torch.cat([predict(model, c)[d] for c in x.split(256)]).argmax(-1) for d in LABELS}
+
+
+@torch.no_grad()
+def heldout_accuracy(model: WorldClassifier, n: int = 2000, seed: int = 777, vae=None) -> dict:
+    """Accuracy per dimension on fresh world renders (seed never used in training); an
+    abstention ("none") counts as an error."""
+    images, _, scenes = render_dataset(n, seed=seed)
+    pred = _predictions(model, images, vae)
     labels = _labels(scenes)
-    return {d: float((probs[d].argmax(-1) == labels[d]).float().mean()) for d in DIMENSIONS}
+    return {d: float((pred[d] == labels[d]).float().mean()) for d in DIMENSIONS}
+
+
+@torch.no_grad()
+def abstention_rates(model: WorldClassifier, n: int = 1000, seed: int = 778, vae=None) -> dict:
+    """On fresh off-world renders: how often the classifier still names a world class (false
+    positives) instead of "none". Per colour: the share of off-palette renders called that
+    colour; per shape likewise for distractor shapes."""
+    out: dict = {}
+    for kind, dim in (("colour", "colour"), ("shape", "shape")):
+        images, scenes = off_world_batch(n, seed + (0 if kind == "colour" else 1), kind)
+        pred = _predictions(model, images, vae)[dim]
+        values = COLOURS if dim == "colour" else SHAPES
+        if kind == "shape":  # empty canvases aside: they carry no palette colour either
+            keep = torch.tensor([s.shape != "blank" for s in scenes])
+            pred = pred[keep]
+        out[f"off_{kind}_n"] = int(pred.numel())
+        out[f"off_{kind}_named_any"] = round(
+            float((pred != LABELS[dim].index(NONE)).float().mean()), 4
+        )
+        out[f"off_{kind}_named_as"] = {
+            v: round(float((pred == LABELS[dim].index(v)).float().mean()), 4) for v in values
+        }
+    return out
 
 
 def save_classifier(model: WorldClassifier, folder: str | Path, info: dict) -> None:
@@ -143,7 +228,14 @@ def save_classifier(model: WorldClassifier, folder: str | Path, info: dict) -> N
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               str(folder / "model.safetensors"))  # fmt: skip
-    config = {"dimensions": {d: list(v) for d, v in DIMENSIONS.items()}, **info}
+    from erasekit.world.build import WORLD_VERSION
+
+    config = {
+        "world_version": WORLD_VERSION,
+        "dimensions": {d: list(v) for d, v in DIMENSIONS.items()},
+        "labels": {d: list(v) for d, v in LABELS.items()},
+        **info,
+    }
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -55,7 +55,11 @@ def world_info(root: str | Path | None = None) -> dict[str, Any]:
     return {
         "concepts": {d: list(v) for d, v in DIMENSIONS.items()},
         "variants": variants,
+        "world_version": build_info.get("world_version", 1),
         "classifier_heldout_accuracy": build_info.get("classifier_heldout_accuracy"),
+        "classifier_off_world_false_positives": (build_info.get("classifier") or {}).get(
+            "off_world_false_positives"
+        ),
         "build": {k: build_info.get(k) for k in ("timings_s", "command", "device", "threads")},
         "quality": json.loads(quality.read_text()) if quality.is_file() else None,
     }

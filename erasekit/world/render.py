@@ -129,6 +129,33 @@ def sample_scene(
     )
 
 
+# Detector-only renders: shapes and colours outside the world, which the world classifier learns
+# to call "none" (it must be able to abstain, not force a blend or a blob into a class).
+DISTRACTOR_SHAPES = ("pentagon", "hexagon", "star", "ellipse", "bar", "blank")
+
+
+def off_palette_rgb(rng: random.Random, min_distance: float = 90.0) -> tuple[int, int, int]:
+    """A colour at least ``min_distance`` (RGB Euclidean) from every palette colour: half the
+    time a blend of two palette colours, otherwise uniform over the RGB cube (greys, browns,
+    purples, oranges, pastels...)."""
+    while True:
+        if rng.random() < 0.5:
+            a, b = rng.sample(COLOURS, 2)
+            t = rng.uniform(0.3, 0.7)
+            rgb = tuple(
+                int(round((1 - t) * x + t * y)) for x, y in zip(RGB[a], RGB[b], strict=True)
+            )
+        else:
+            rgb = tuple(rng.randint(0, 255) for _ in range(3))
+        if palette_distance(rgb) >= min_distance and min(rgb) < 225:  # not the background
+            return rgb  # type: ignore[return-value]
+
+
+def palette_distance(rgb) -> float:
+    """RGB Euclidean distance to the nearest palette colour."""
+    return min(math.dist(rgb, RGB[c]) for c in COLOURS)
+
+
 def _polygon(scene: Scene, s: float) -> list[tuple[float, float]]:
     cx, cy, r, a = scene.cx * s, scene.cy * s, scene.radius * s, scene.angle
     if scene.shape == "square":
@@ -137,6 +164,16 @@ def _polygon(scene: Scene, s: float) -> list[tuple[float, float]]:
     elif scene.shape == "triangle":
         pts = [(math.cos(t), math.sin(t)) for t in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
         pts = [(x, y + 0.15) for x, y in pts]
+    elif scene.shape in ("pentagon", "hexagon"):
+        k = 5 if scene.shape == "pentagon" else 6
+        angles = [2 * math.pi * i / k - math.pi / 2 for i in range(k)]
+        pts = [(math.cos(t), math.sin(t)) for t in angles]
+    elif scene.shape == "star":
+        radii = [1.0 if i % 2 == 0 else 0.45 for i in range(10)]
+        angles = [math.pi * i / 5 - math.pi / 2 for i in range(10)]
+        pts = [(r * math.cos(t), r * math.sin(t)) for r, t in zip(radii, angles, strict=True)]
+    elif scene.shape == "bar":
+        pts = [(-1, -0.22), (1, -0.22), (1, 0.22), (-1, 0.22)]
     else:  # cross: a plus sign, arms a third of the width
         w = 1 / 3
         pts = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w),
@@ -153,9 +190,12 @@ def render(scene: Scene) -> Image.Image:
     width = int(round(2.2 * s))
     fill = scene.rgb if scene.style == "filled" else None
     outline = scene.rgb
-    if scene.shape == "circle":
+    if scene.shape == "blank":
+        pass
+    elif scene.shape in ("circle", "ellipse"):
         r = scene.radius * s
-        box = (scene.cx * s - r, scene.cy * s - r, scene.cx * s + r, scene.cy * s + r)
+        ry = r if scene.shape == "circle" else r * 0.45
+        box = (scene.cx * s - r, scene.cy * s - ry, scene.cx * s + r, scene.cy * s + ry)
         draw.ellipse(box, fill=fill, outline=outline, width=width)
     else:
         pts = _polygon(scene, s)
