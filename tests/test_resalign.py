@@ -144,8 +144,15 @@ def test_lambda_zero_reduces_to_the_base_methods_gradient(base, tiny_model_dir, 
     common = {"steps": 1, "optimizer": "sgd", "lr": 1e-2, "max_grad_norm": 0.0, "seed": 3,
               "batch_size": 2, "images_per_prompt": 1}  # fmt: skip
     if base == "esd":
-        ref = _erase(tiny_model_dir, tmp_path / "base", "esd", variant="esd-u", ddim_steps=4,
-                     **common)  # fmt: skip
+        ref = _erase(
+            tiny_model_dir,
+            tmp_path / "base",
+            "esd",
+            variant="esd-u",
+            ddim_steps=4,
+            negative_guidance=1.0,  # η as ResAlign's default (the world preset of ESD uses 2)
+            **common,
+        )
         trainable = {"trainable": "esd-u", "ddim_steps": 4}
     else:
         ref = _erase(tiny_model_dir, tmp_path / "base", "salun", alpha=0.0, mask_fraction=1.0,

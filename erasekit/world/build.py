@@ -625,6 +625,7 @@ def build_world(
             desc=f"world unet ({name})", device=device, steps=steps, init_dir=init,
             checkpoint_dir=work / name / "checkpoints",
         )  # fmt: skip
+        (work / name).mkdir(parents=True, exist_ok=True)
         save_file(unet.state_dict(), str(work / name / "unet.safetensors"))
         save_file(ema.state_dict(), str(work / name / "ema.safetensors"))
         write_json(work / name / "training.json", {"training_log": log})
