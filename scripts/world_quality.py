@@ -33,7 +33,12 @@ import torch
 from erasekit.cli import quiet_libraries
 from erasekit.concepts import load_concept
 from erasekit.detectors.world import WorldDetector
-from erasekit.evaluation import concept_rate, render_and_score, world_retain_accuracy
+from erasekit.evaluation import (
+    attribute_accuracy,
+    concept_rate,
+    render_and_score,
+    world_retain_accuracy,
+)
 from erasekit.generate import SamplerSettings
 from erasekit.models import load_pipeline
 from erasekit.outputs import write_json
@@ -75,11 +80,10 @@ def per_prompt(prompt_set) -> int:
 
 
 class Quality:
-    def __init__(self, root: Path, work: Path, seed: int) -> None:
-        self.root, self.work, self.seed = root, work, seed
+    def __init__(self, root: Path, tmp: Path, seed: int) -> None:
+        self.root, self.tmp, self.seed = root, tmp, seed
         self.detector = WorldDetector(root / "classifier")
         self.pipes: dict[str, object] = {}
-        self.tmp = Path(tempfile.mkdtemp(prefix="world-quality-"))
 
     def pipe(self, variant: str):
         if variant not in self.pipes:
@@ -92,13 +96,11 @@ class Quality:
                             model_path=world_path(variant, self.root),
                             n_per_prompt=per_prompt(prompt_set), seed=self.seed)  # fmt: skip
 
-    def retain(self, variant: str, prompt_set, tag: str, model=None) -> dict:
-        model = model or world_path(variant, self.root)
-        pipe = (
-            load_pipeline(model) if model != world_path(variant, self.root) else self.pipe(variant)
-        )
-        return world_retain_accuracy(pipe, prompt_set, self.tmp / f"{tag}-retain", self.detector,
-                                     model_path=model, n_per_prompt=per_prompt(prompt_set),
+    def retain_accuracy(self, variant: str, prompt_set, tag: str) -> dict:
+        out = self.tmp / f"{tag}-retain"
+        n = per_prompt(prompt_set)
+        return world_retain_accuracy(self.pipe(variant), prompt_set, out, self.detector,
+                                     model_path=world_path(variant, self.root), n_per_prompt=n,
                                      seed=self.seed)  # fmt: skip
 
     # parts -------------------------------------------------------------------------------
@@ -122,8 +124,9 @@ class Quality:
         return {n: self.rate("full", load_concept(n).evaluation["paraphrase"], d, n, "para")
                 for n, d in DIMENSION.items()}  # fmt: skip
 
-    def retain_part(self) -> dict:
-        return {n: self.retain("full", load_concept(n).retain, f"full-{n}") for n in DIMENSION}
+    def retain(self) -> dict:
+        return {n: self.retain_accuracy("full", load_concept(n).retain, f"full-{n}")
+                for n in DIMENSION}  # fmt: skip
 
     def never_learned(self) -> dict:
         out = {}
@@ -137,8 +140,8 @@ class Quality:
             else:
                 for name in (n for n, d in DIMENSION.items() if d == dim and n != held):
                     entry[name] = self.rate(variant, load_concept(name).forget, dim, name, "nl")
-            entry["retain_accuracy"] = self.retain(variant, load_concept(held).retain,
-                                                   f"{variant}-nl")  # fmt: skip
+            entry["retain_accuracy"] = self.retain_accuracy(variant, load_concept(held).retain,
+                                                            f"{variant}-nl")  # fmt: skip
             out[variant] = entry
         return out
 
@@ -165,8 +168,6 @@ class Quality:
         after_records, after = render_and_score(
             load_pipeline(out_dir), ps, self.tmp / "ctl-after", self.detector, model_path=out_dir,
             n_per_prompt=4 * per_prompt(ps), seed=self.seed)  # fmt: skip
-        from erasekit.evaluation import attribute_accuracy
-
         b = attribute_accuracy(before_records, before, ps)
         a = attribute_accuracy(after_records, after, ps)
         return {"settings": sets, "config": {k: v for k, v in vars(config).items()},
@@ -246,11 +247,12 @@ def main() -> None:
     root, doc = Path(args.root), Path(args.doc)
     work = Path(args.work) if args.work else doc.parent / f".{doc.stem}.parts"
     work.mkdir(parents=True, exist_ok=True)
-    q = Quality(root, work, args.seed)
+    scratch = tempfile.TemporaryDirectory(prefix="world-quality-")
+    q = Quality(root, Path(scratch.name), args.seed)
     version = json.loads((root / "build.json").read_text()).get("world_version", 1)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     for part in parts:
-        fn = {"retain": q.retain_part}.get(part) or getattr(q, part)
+        fn = getattr(q, part)
         t0 = time.time()
         result = {"measured": fn(), "wall_s": round(time.time() - t0, 1)}
         write_json(work / f"{part}.json", result)

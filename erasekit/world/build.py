@@ -25,7 +25,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -392,6 +392,8 @@ def train_unet(
         unet.load_state_dict(load_file(str(Path(init_dir) / "unet.safetensors")))
         ema.load_state_dict(load_file(str(Path(init_dir) / "ema.safetensors")))
     total = steps or recipe.unet_steps
+    if recipe.zero_terminal_snr and recipe.prediction_type != "v_prediction":
+        raise ErasekitError("zero_terminal_snr needs prediction_type v_prediction (ε at SNR 0)")
     noise_sched = DDPMScheduler.from_config(recipe.scheduler().config)
     alphas = noise_sched.alphas_cumprod
     snr = (alphas / (1 - alphas)).to(device)
@@ -491,14 +493,6 @@ def work_dir(out_dir: str | Path) -> Path:
 
 def _recipe_record(recipe: WorldRecipe) -> dict:
     return json.loads(json.dumps(asdict(recipe)))  # tuples -> lists, as stored
-
-
-def recipe_from_dict(data: dict) -> WorldRecipe:
-    known = {f.name for f in fields(WorldRecipe)}
-    values = {k: v for k, v in data.items() if k in known}
-    if "unet_channels" in values:
-        values["unet_channels"] = tuple(values["unet_channels"])
-    return WorldRecipe(**values)
 
 
 class _Stages:
