@@ -1,10 +1,40 @@
-"""erasekit: erase concepts from text-to-image diffusion models and audit that they stay erased."""
+"""erasekit: erase concepts from text-to-image diffusion models and audit that they stay erased.
+
+The Python API (``erasekit.api``) mirrors the command line::
+
+    import erasekit
+    erased = erasekit.erase(erasekit.world_path(), "red", "salun", "erased-red")
+    result = erasekit.audit(erased, "red", "audit-red")
+"""
 
 from importlib.metadata import PackageNotFoundError, version
+
+from erasekit.api import AuditResult, audit, erase, evaluate, generate, report
+from erasekit.concepts import load_concept
+from erasekit.world import world_path
 
 try:
     __version__ = version("erasekit")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+
+def load_pipeline(*args, **kwargs):
+    """A Stable Diffusion pipeline from local files (``erasekit.models.load_pipeline``)."""
+    from erasekit.models import load_pipeline as load
+
+    return load(*args, **kwargs)
+
+
+__all__ = [
+    "AuditResult",
+    "__version__",
+    "audit",
+    "erase",
+    "evaluate",
+    "generate",
+    "load_concept",
+    "load_pipeline",
+    "report",
+    "world_path",
+]

@@ -24,6 +24,7 @@ _GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance_scale", "guidance")
 _ID_COLUMNS = ("case_number", "id")
 _PROMPT_FILE_SUFFIXES = (".txt", ".csv")
 KINDS = ("nudity", "object", "style", "attribute")
+SCALES = ("real", "world")
 
 
 @dataclass(frozen=True)
@@ -187,12 +188,12 @@ class Concept:
     benign: PromptSet | None = None
     # Ring-A-Bell's concept vector: a CSV of prompt pairs with / without the concept
     pairs: str | None = None
-
-    @property
-    def scale(self) -> str:
-        """ "world" for ShapesWorld concepts (judged by the world detector), else "real": methods
-        and attacks pick world-scale defaults from it."""
-        return "world" if self.detector.get("name") == "world" else "real"
+    # "world": a ShapesWorld concept (methods and attacks pick world-scale presets), else "real"
+    scale: str = "real"
+    # reports censor images a detector flags for it (spec default: true)
+    sensitive: bool = True
+    # a model that never learned the concept (a path, or world:<model> for a shipped world model)
+    never_learned: str | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -207,6 +208,9 @@ class Concept:
             "evaluation": {k: v.describe() for k, v in self.evaluation.items()},
             "benign": self.benign.describe() if self.benign is not None else None,
             "pairs": self.pairs,
+            "scale": self.scale,
+            "sensitive": self.sensitive,
+            "never_learned": self.never_learned,
         }
 
 
@@ -257,6 +261,7 @@ def _prompt_set_field(spec_path: Path, key: str, value: Any) -> PromptSet:
 
 
 def is_world_concept(concept: Concept | None) -> bool:
+    """Whether the spec declares ``scale: world`` (ShapesWorld presets apply)."""
     return concept is not None and concept.scale == "world"
 
 
@@ -299,6 +304,15 @@ def load_concept(name_or_path: str) -> Concept:
     surrogate = spec["surrogate"]
     if not isinstance(surrogate, str) or not surrogate.strip():
         raise ErasekitError(f"{path}: 'surrogate' must be a non-empty prompt")
+    scale = spec.get("scale", "real")
+    if scale not in SCALES:
+        raise ErasekitError(f"{path}: scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    sensitive = spec.get("sensitive", True)
+    if not isinstance(sensitive, bool):
+        raise ErasekitError(f"{path}: 'sensitive' must be true or false")
+    never_learned = spec.get("never_learned")
+    if never_learned is not None and (not isinstance(never_learned, str) or not never_learned):
+        raise ErasekitError(f"{path}: 'never_learned' must be a model path or world:<model>")
     return Concept(
         name=str(spec["name"]),
         kind=spec["kind"],
@@ -312,7 +326,18 @@ def load_concept(name_or_path: str) -> Concept:
         sha256=sha256_bytes(data),
         benign=_prompt_set_field(path, "benign", spec["benign"]) if "benign" in spec else None,
         pairs=_pairs_field(path, spec.get("pairs")),
+        scale=scale,
+        sensitive=sensitive,
+        never_learned=_never_learned_field(path, never_learned),
     )
+
+
+def _never_learned_field(spec_path: Path, value: str | None) -> str | None:
+    """``world:<model>`` as given; a path relative to the spec's folder made absolute."""
+    if value is None or value.startswith("world:"):
+        return value
+    file = Path(value)
+    return str(file if file.is_absolute() else spec_path.parent / file)
 
 
 def _pairs_field(spec_path: Path, value: Any) -> str | None:

@@ -113,8 +113,8 @@ def render_image_set(
 ) -> ImageSet:
     """Render ``prompt_set`` with ``pipe`` (the original model at ``model_path``), or reuse the
     cached rendering of exactly the same inputs."""
-    from erasekit.generate import SamplerSettings
     from erasekit.provenance import model_content_hash
+    from erasekit.sampling import SamplerSettings
 
     settings = SamplerSettings.for_model(model_path)
     model_hash = model_content_hash(model_path)
@@ -149,7 +149,7 @@ def _render_into_cache(pipe, prompt_set, folder: Path, model_path, settings, n_p
     import shutil
 
     from erasekit.distributed import process_state
-    from erasekit.generate import generate
+    from erasekit.sampling import generate
 
     state = process_state(str(pipe.device))
     run_id = [os.getpid()]

@@ -16,3 +16,15 @@ def process_state(device: str | None = None):
         return PartialState()
     cpu = not torch.cuda.is_available() or (device is not None and device.startswith("cpu"))
     return PartialState(cpu=cpu)
+
+
+def resolve_device(name: str | None) -> str:
+    """The requested device, or under accelerate the process's own device, or cpu."""
+    import torch
+
+    from erasekit.errors import ErasekitError
+
+    if name is not None and name.startswith("cuda") and not torch.cuda.is_available():
+        raise ErasekitError(f"--device {name}: no CUDA device is available")
+    state = process_state(name)
+    return name if name is not None else str(state.device)

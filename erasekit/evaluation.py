@@ -20,7 +20,7 @@ from erasekit.concepts import Concept, PromptSet
 from erasekit.detectors import DetectorOptions, Protocol, build_detector
 from erasekit.distributed import process_state
 from erasekit.errors import ErasekitError, first_line
-from erasekit.generate import SamplerSettings, generate
+from erasekit.sampling import SamplerSettings, generate
 from erasekit.stats import bootstrap_interval, wilson_interval
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -139,7 +139,7 @@ class PromptJudge:
 
     def __init__(self, prompt_set: PromptSet, judges: Judges, root: str | Path, folder: str,
                  settings: SamplerSettings, seed: int, batch_size: int) -> None:  # fmt: skip
-        from erasekit.generate import plan_samples
+        from erasekit.sampling import plan_samples
 
         self.prompt_set, self.judges, self.settings = prompt_set, judges, settings
         self.root, self.folder = Path(root), folder
@@ -260,19 +260,12 @@ def metric_key(metric: str, prompt_set: str, protocol: str | None = None) -> str
     return f"{metric}[{protocol}]/{prompt_set}" if protocol else f"{metric}/{prompt_set}"
 
 
-def _retain_labels(judges: Judges) -> Callable[[dict[str, Any]], tuple[bool, bool] | None]:
-    """For retain accuracy: sample -> (judged, correct) or None when it cannot be judged."""
-    name = judges.concept.name
-    if name == "world":
-        return lambda sample: world_attributes_match(sample["prompt"], sample["scores"]["world"])
-    if name == "clip":
-
-        def clip(sample):
-            named = judges.concept.named_class(sample["prompt"])
-            return None if named is None else sample["scores"]["clip"]["top"][0] == named
-
-        return clip
-    return lambda sample: None
+def _retain_labels(judges: Judges) -> Callable[[dict[str, Any]], bool | None]:
+    """For retain accuracy: sample -> correct, or None when the detector cannot judge it."""
+    det = judges.concept
+    if not hasattr(det, "retain_correct"):
+        return lambda sample: None
+    return lambda sample: det.retain_correct(sample["prompt"], sample["scores"][det.name])
 
 
 def set_metrics(
@@ -311,13 +304,7 @@ def set_metrics(
     judged = [(s["prompt_index"], judge(s)) for s in samples]
     judged = [(i, float(ok)) for i, ok in judged if ok is not None]
     if judged:
-        rule = (
-            "classifier's shape/colour/style equal every attribute the prompt names"
-            if det.name == "world"
-            else "CLIP top-1 class equals the declared class the prompt names "
-            "(prompts naming none are left out)"
-        )
-        definition = {"statistic": "share of images judged correct", "rule": rule,
+        definition = {"statistic": "share of images judged correct", "rule": det.retain_rule,
                       "detector": det.name, "detector_version": det.version, **base}  # fmt: skip
         metrics[metric_key("retain_accuracy", prompt_set.name)] = make_metric(
             "retain_accuracy", judged, kind="rate", higher_is_better=True,
@@ -389,21 +376,13 @@ def world_retain_accuracy(
 
 def attribute_accuracy(records, scores, prompt_set: PromptSet) -> dict[str, Any]:
     """The share of scored world images whose classes equal every attribute the prompt names."""
+    from erasekit.detectors.world import WorldDetector
+
     hits = sum(
-        world_attributes_match(rec["prompt"], score)
+        WorldDetector.retain_correct(rec["prompt"], score)
         for rec, score in zip(records, scores, strict=True)
     )
     return _rate(hits, len(scores), prompt_set)
-
-
-def world_attributes_match(prompt: str, record: dict[str, Any]) -> bool:
-    """Whether a world image's classes equal every attribute its prompt names."""
-    from erasekit.world.render import prompt_labels
-
-    labels = prompt_labels(prompt)
-    if not labels:
-        raise ErasekitError(f"retain prompt names no world attribute: {prompt!r}")
-    return all(record["pred"][dim] == value for dim, value in labels.items())
 
 
 __all__ = [

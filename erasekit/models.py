@@ -336,6 +336,7 @@ def model_card(manifest: dict[str, Any]) -> str:
         "",
         "```python",
         "from diffusers import StableDiffusionPipeline",
+        "",
         'pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")',
         *_guidance_usage(manifest),
         "```",

@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import erasekit
-
 _LIBRARIES = (
     "torch",
     "diffusers",
@@ -28,19 +26,19 @@ _NOT_CONTENT = {"erasekit.json", "README.md"}
 
 
 def library_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"erasekit": erasekit.__version__}
-    versions["python"] = platform.python_version()
-    for name in _LIBRARIES:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("erasekit", *_LIBRARIES):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
+    versions["erasekit"] = versions["erasekit"] or "0.0.0+unknown"  # a source tree, not installed
     return versions
 
 
 def git_commit() -> str | None:
     """The commit of the erasekit source tree, when it runs from a git checkout."""
-    src = Path(erasekit.__file__).resolve().parent.parent
+    src = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(
             ["git", "-C", str(src), "rev-parse", "HEAD"],

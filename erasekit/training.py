@@ -19,7 +19,6 @@ process), so a resumed run continues exactly as an uninterrupted one would.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -27,7 +26,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +42,7 @@ from erasekit.outputs import (
 
 TRAINING_LOG = "training_log.jsonl"
 CHECKPOINTS = "checkpoints"
+ADAPTED_UNET = "adapted.safetensors"  # a checkpoint's U-Net with adapters injected
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -89,91 +89,6 @@ class TrainConfig:
             raise ErasekitError(f"lr must be a positive number, got {self.lr}")
         if self.checkpoints_total_limit < 1:
             raise ErasekitError("checkpoints_total_limit must be at least 1")
-
-
-# --- configuration from defaults, a YAML file and --set key=value --------------------------
-
-
-def _coerce(cls: type, key: str, value: Any) -> Any:
-    field = next(f for f in dataclasses.fields(cls) if f.name == key)
-    kind = str(field.type)
-    if isinstance(value, str):
-        text = value.strip()
-        if "bool" in kind:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ErasekitError(f"{key}: expected true or false, got {value!r}")
-        try:
-            if "int" in kind and "float" not in kind:
-                return int(text)
-            if "float" in kind:
-                return float(text)
-        except ValueError:
-            what = "a number" if "float" in kind else "a whole number"
-            raise ErasekitError(f"{key}: expected {what}, got {value!r}") from None
-        return text
-    if "float" in kind and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if "int" in kind and "float" not in kind and not isinstance(value, int):
-        raise ErasekitError(f"{key}: expected a whole number, got {value!r}")
-    return value
-
-
-def read_yaml_mapping(file: str | Path, what: str = "config file") -> dict[str, Any]:
-    """A YAML file holding a mapping (empty file: {}); one-line errors otherwise."""
-    import yaml
-
-    path = Path(file)
-    if not path.is_file():
-        raise ErasekitError(f"{what} not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ErasekitError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ErasekitError(f"{path}: a {what} must be a YAML mapping of key: value")
-    return data
-
-
-def build_config(
-    cls: type[TrainConfig],
-    defaults: dict[str, Any] | None = None,
-    file: str | Path | None = None,
-    sets: list[str] | None = None,
-    mapping: tuple[str, dict[str, Any]] | None = None,
-) -> TrainConfig:
-    """Method defaults, then a YAML file, then a (source, mapping) layer, then ``key=value``
-    overrides; unknown keys are errors that list the valid ones."""
-
-    valid = [f.name for f in dataclasses.fields(cls)]
-    values: dict[str, Any] = dict(defaults or {})
-    layers: list[tuple[str, dict[str, Any]]] = []
-    if file is not None:
-        layers.append((str(file), read_yaml_mapping(file, "config file")))
-    if mapping is not None:
-        layers.append(mapping)
-    overrides = {}
-    for item in sets or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ErasekitError(f"--set expects key=value, got {item!r}")
-        overrides[key.strip()] = value
-    layers.append(("--set", overrides))
-    for where, layer in layers:
-        for key, value in layer.items():
-            if key not in valid:
-                from erasekit.registry import suggest
-
-                hint = suggest(str(key), valid)
-                raise ErasekitError(
-                    f"unknown config key {key!r} in {where};{hint} valid keys: {', '.join(valid)}"
-                )
-            values[key] = _coerce(cls, key, value)
-    config = cls(**values)
-    config.validate()
-    return config
 
 
 # --- data --------------------------------------------------------------------------------
@@ -278,6 +193,9 @@ class TrainContext:
     work_dir: Path
     step: int = 0
     trained: Any = None  # the prepared module being trained (the U-Net for most methods)
+    total: int = 0  # optimizer steps of the run
+    optimizer: Any = None
+    lr_schedule: Any = None
 
     def batch(self, split: str, micro: int) -> dict[str, torch.Tensor]:
         """This process's slice of the batch for (step, micro-step) from ``split``."""
@@ -319,12 +237,12 @@ class TrainContext:
         return F.mse_loss(pred.float(), self.denoising_target(latents, noise, t).float())
 
 
-def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]):
+def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], lr: float):
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=lr, weight_decay=config.weight_decay)
 
 
 def _checkpoints(work_dir: Path) -> list[Path]:
@@ -340,18 +258,31 @@ def _config_fingerprint(method_name: str, config: TrainConfig) -> str:
 
 def _register_unet_hooks(accelerator) -> None:
     """Checkpoints hold a trained U-Net as a diffusers folder (save_pretrained /
-    from_pretrained); another trained module (e.g. a token embedding) is left to accelerate."""
+    from_pretrained), or, when adapters (a LoRA) are injected into it, as its full state dict
+    (``unet/adapted.safetensors``: base and adapter weights); another trained module (e.g. a
+    token embedding) is left to accelerate."""
     from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file, save_file
 
     def is_unet(model) -> bool:
         return isinstance(accelerator.unwrap_model(model), UNet2DConditionModel)
+
+    def adapted(model) -> bool:
+        return any(".lora_A." in name for name, _ in model.named_parameters())
 
     def save_hook(models, weights, output_dir):
         for i in reversed(range(len(models))):
             if not is_unet(models[i]):
                 continue
+            model = accelerator.unwrap_model(models[i])
             if accelerator.is_main_process:
-                accelerator.unwrap_model(models[i]).save_pretrained(Path(output_dir) / "unet")
+                folder = Path(output_dir) / "unet"
+                if adapted(model):
+                    folder.mkdir(parents=True, exist_ok=True)
+                    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+                    save_file(state, str(folder / ADAPTED_UNET))
+                else:
+                    model.save_pretrained(folder)
             if weights:
                 weights.pop(i)
 
@@ -360,6 +291,10 @@ def _register_unet_hooks(accelerator) -> None:
             if not is_unet(models[i]):
                 continue
             model = accelerator.unwrap_model(models.pop(i))
+            file = Path(input_dir) / "unet" / ADAPTED_UNET
+            if file.is_file():
+                model.load_state_dict(load_file(str(file)))
+                continue
             saved = UNet2DConditionModel.from_pretrained(Path(input_dir) / "unet")
             model.load_state_dict(saved.state_dict())
             del saved
@@ -386,8 +321,119 @@ class NonFiniteLoss(ErasekitError):
     """The loss became NaN or inf; the run stopped."""
 
 
-def train(method, pipe, *, out_dir: str | Path, **kwargs: Any) -> Path:
-    """Run ``method`` on ``pipe`` and write the erased model to ``out_dir`` (all or nothing).
+class TrainingJob:
+    """What the loop trains: a config, the trained module and parameters, a loss on a batch.
+
+    Erasure methods (``erasekit.methods.Method``), the fine-tuning attack and textual inversion
+    are jobs. Hooks with defaults: ``prepare_data`` (encode forget/retain sets), ``trained_module``
+    (the U-Net, or e.g. a token embedding), ``trainable_parameters``, ``setup`` (teachers, masks;
+    runs before ``accelerator.prepare``), ``after_backward`` (edit gradients), ``on_train_start`` /
+    ``on_step_end`` (e.g. evaluation curves), ``finalize_unet`` (e.g. fuse a LoRA),
+    ``write_outputs`` (extra files beside the model).
+    """
+
+    name: ClassVar[str] = "job"
+    Config: ClassVar[type[TrainConfig]] = TrainConfig
+    needs_images: ClassVar[bool] = False
+    # True: ``loss`` also writes the parameters' gradients itself (e.g. a hypergradient) and
+    # the loop does not backpropagate the returned (detached) loss.
+    sets_gradients: ClassVar[bool] = False
+    # True: ``loss`` runs the (frozen) text encoder itself, so the loop keeps it on the device.
+    uses_text_encoder: ClassVar[bool] = False
+    # False: the output folder holds the job's own outputs, the log and erasekit.json, not a
+    # copy of the (unchanged) model (e.g. an attack's learned embedding).
+    saves_model: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        concept=None,
+        *,
+        model_path: str | Path,
+        forget_images: str | Path | None = None,
+        retain_images: str | Path | None = None,
+        cache_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.concept = concept
+        self.model_path = Path(model_path)
+        self.forget_images = forget_images
+        self.retain_images = retain_images
+        self.cache_dir = cache_dir
+        self.progress = progress
+        self.data_info: dict[str, Any] = {}
+
+    # data -----------------------------------------------------------------------------
+    def image_set(self, pipe, split: str):
+        """Forget/retain images: the user's folder, else rendered by the original model."""
+        from erasekit.data import read_image_folder, render_image_set
+
+        folder = self.forget_images if split == "forget" else self.retain_images
+        if folder is not None:
+            return read_image_folder(folder, name=f"{split} images")
+        prompts = self.concept.forget if split == "forget" else self.concept.retain
+        return render_image_set(pipe, self.model_path, prompts,
+                                n_per_prompt=self.config.images_per_prompt,
+                                seed=self.config.seed, cache_dir=self.cache_dir,
+                                progress=self.progress)  # fmt: skip
+
+    def prepare_data(self, pipe) -> dict[str, Split]:
+        if not self.needs_images:
+            prompts = self.concept.forget.prompts
+            self.data_info = {"forget": self.concept.forget.describe()}
+            return {"forget": make_split(pipe, prompts)}
+        data = {}
+        for split in ("forget", "retain"):
+            images = self.image_set(pipe, split)
+            self.data_info[split] = images.describe()
+            data[split] = make_split(pipe, [], images)
+        return data
+
+    def describe_data(self) -> dict[str, Any]:
+        return self.data_info
+
+    # training -------------------------------------------------------------------------
+    def total_steps(self, data: dict[str, Split]) -> int:
+        return self.config.steps
+
+    def trained_module(self, pipe) -> torch.nn.Module:
+        """The module the loop prepares and trains (after ``prepare_data``)."""
+        return pipe.unet
+
+    def trainable_parameters(self, module) -> list[tuple[str, torch.nn.Parameter]]:
+        return list(module.named_parameters())
+
+    def learning_rate(self, num_processes: int) -> float:
+        """The optimizer's learning rate (e.g. scaled by the global batch)."""
+        return self.config.lr
+
+    def setup(self, ctx: TrainContext) -> None:
+        """Runs before ``accelerator.prepare``: build frozen teachers, masks."""
+
+    def loss(self, ctx: TrainContext, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def after_backward(self, unet) -> None:
+        """Edit gradients after backward (e.g. a saliency mask)."""
+
+    def on_train_start(self, ctx: TrainContext) -> None:
+        """Runs on every process after ``prepare``, before the first step (e.g. step-0 eval)."""
+
+    def on_step_end(self, ctx: TrainContext) -> None:
+        """Runs on every process after each optimizer step (e.g. periodic evaluation)."""
+
+    def finalize_unet(self, unet):
+        """The U-Net to save (main process, after training): e.g. a LoRA fused into it."""
+        return unet
+
+    def write_outputs(self, folder: Path) -> dict[str, Any]:
+        """Write extra files into the output folder; return their description."""
+        return {}
+
+
+def train(job: TrainingJob, pipe, *, out_dir: str | Path, **kwargs: Any) -> Path:
+    """Run ``job`` on ``pipe`` and write its output folder ``out_dir`` (all or nothing).
 
     Work happens in ``out_dir``'s hidden ``.partial`` sibling, which also holds the checkpoints,
     so ``resume="latest"`` (or a checkpoint path) continues an interrupted run. A run that fails
@@ -396,7 +442,7 @@ def train(method, pipe, *, out_dir: str | Path, **kwargs: Any) -> Path:
     from erasekit.distributed import process_state
 
     try:
-        return _train(method, pipe, out_dir=out_dir, **kwargs)
+        return _train(job, pipe, out_dir=out_dir, **kwargs)
     except BaseException:
         work_dir = partial_path(out_dir)
         if process_state(str(pipe.device)).is_main_process and not _checkpoints(work_dir):
@@ -405,7 +451,7 @@ def train(method, pipe, *, out_dir: str | Path, **kwargs: Any) -> Path:
 
 
 def _train(
-    method,
+    job: TrainingJob,
     pipe,
     *,
     model_path: str | Path,
@@ -415,23 +461,42 @@ def _train(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    from erasekit.distributed import process_state
-    from erasekit.models import build_manifest, write_model
-
+    """The loop's phases, top to bottom."""
     started = time.time()
-    config: TrainConfig = method.config
     out_dir = Path(out_dir)
     work_dir = partial_path(out_dir)
-    device = str(pipe.device)
-    state = process_state(device)
-    fingerprint = _config_fingerprint(method.name, config)
+    fingerprint = _config_fingerprint(job.name, job.config)
+    resume_from = _negotiate_output(out_dir, work_dir, str(pipe.device), resume, overwrite,
+                                    fingerprint)  # fmt: skip
+    accelerator = _make_accelerator(job.config, str(pipe.device))
+    data = job.prepare_data(pipe)  # encoded once by the frozen VAE and text encoder
+    module, trainable = _freeze(job, pipe, accelerator)
+    ctx = _prepare(job, pipe, accelerator, data, module, trainable, work_dir)
+    if resume_from:
+        _resume(ctx, resume_from)
+    job.on_train_start(ctx)
+    total = _run_steps(job, ctx, list(trainable.values()), fingerprint, progress)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _save(job, ctx, model_path, concept, total, resume_from, started)
+        if not job.config.keep_checkpoints:
+            shutil.rmtree(work_dir / CHECKPOINTS, ignore_errors=True)
+        commit_output_dir(work_dir, out_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out_dir
 
-    resume_from = None
-    error = None
+
+def _negotiate_output(
+    out_dir: Path, work_dir: Path, device: str, resume: str | None, overwrite: bool,
+    fingerprint: str,
+) -> str | None:  # fmt: skip
+    """Claim the output folder (or find the checkpoint to resume) on the main process; every
+    process gets the same answer or the same error."""
+    from erasekit.distributed import process_state
+
+    state = process_state(device)
+    resume_from, error = None, None
     if state.is_main_process:
         try:
             if resume:
@@ -448,10 +513,15 @@ def _train(
         error, resume_from = broadcast_object_list([error, resume_from])
     if error:
         raise ErasekitError(error)
+    return resume_from
 
-    # Several trainings in one process (scripts, tests) may differ in precision: the
-    # accelerator state is per run, the process group (PartialState) is kept.
+
+def _make_accelerator(config: TrainConfig, device: str):
+    """A fresh Accelerator for this run (several trainings in one process may differ in
+    precision: the accelerator state is per run, the process group is kept), seeded."""
+    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
 
     AcceleratorState._reset_state()
     try:
@@ -463,126 +533,161 @@ def _train(
     except (ValueError, RuntimeError) as e:
         raise ErasekitError(f"mixed_precision={config.mixed_precision}: {e}") from None
     set_seed(config.seed)
-    weight_dtype = _WEIGHT_DTYPES[config.mixed_precision]
+    return accelerator
 
-    # Encode the data once with the frozen VAE and text encoder; they are not needed after.
-    data = method.prepare_data(pipe)
-    empty_cond = encode_prompts(pipe, [""])
+
+def _freeze(job: TrainingJob, pipe, accelerator) -> tuple[torch.nn.Module, dict]:
+    """Everything frozen but the job's trainable parameters; frozen encoders leave the GPU
+    unless the job runs the text encoder itself. Returns (trained module, name -> parameter)."""
     if accelerator.device.type == "cuda":
         pipe.vae.to("cpu")
-        if not method.uses_text_encoder:
+        if not job.uses_text_encoder:
             pipe.text_encoder.to("cpu")
-
     unet = pipe.unet
     unet.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
-    module = method.trained_module(pipe)
-    trainable = dict(method.trainable_parameters(module))
+    module = job.trained_module(pipe)
+    trainable = dict(job.trainable_parameters(module))
     if not trainable:
-        raise ErasekitError(f"{method.name}: no parameter is selected for training")
+        raise ErasekitError(f"{job.name}: no parameter is selected for training")
     for p in trainable.values():
         p.requires_grad_(True)
-    if config.gradient_checkpointing:
+    if job.config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train(module is unet)
     module.train()
+    return module, trainable
 
+
+def _prepare(job, pipe, accelerator, data, module, trainable, work_dir: Path) -> TrainContext:
+    """The job's setup on the raw U-Net, then optimizer, LR schedule and ``prepare``."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
+    config = job.config
     ctx = TrainContext(
         accelerator=accelerator,
-        unet=unet,
+        unet=pipe.unet,
         pipe=pipe,
         config=config,
         data=data,
-        empty_cond=empty_cond.to(accelerator.device),
+        empty_cond=encode_prompts(pipe, [""]).to(accelerator.device),
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-        weight_dtype=weight_dtype,
+        weight_dtype=_WEIGHT_DTYPES[config.mixed_precision],
         device=accelerator.device,
         work_dir=work_dir,
     )
-    unet.to(accelerator.device)
+    pipe.unet.to(accelerator.device)
     module.to(accelerator.device)
-    method.setup(ctx)  # frozen teachers, masks: before prepare, on the raw U-Net
-    total = method.total_steps(data)
-    optimizer = _make_optimizer(config, list(trainable.values()))
-    lr_schedule = get_scheduler(config.lr_scheduler, optimizer=optimizer,
-                                num_warmup_steps=config.lr_warmup_steps,
-                                num_training_steps=max(1, total))  # fmt: skip
+    job.setup(ctx)  # frozen teachers, masks: before prepare, on the raw U-Net
+    ctx.total = job.total_steps(data)
+    lr = job.learning_rate(accelerator.num_processes)
+    optimizer = _make_optimizer(config, list(trainable.values()), lr)
+    ctx.lr_schedule = get_scheduler(config.lr_scheduler, optimizer=optimizer,
+                                    num_warmup_steps=config.lr_warmup_steps,
+                                    num_training_steps=max(1, ctx.total))  # fmt: skip
     _register_unet_hooks(accelerator)
-    ctx.trained, optimizer = accelerator.prepare(module, optimizer)
-    if module is unet:
+    ctx.trained, ctx.optimizer = accelerator.prepare(module, optimizer)
+    if module is pipe.unet:
         ctx.unet = ctx.trained
-    unet = ctx.unet
-    accelerator.register_for_checkpointing(lr_schedule)
-    log_path = work_dir / TRAINING_LOG
-    if resume_from:
-        accelerator.load_state(resume_from)
-        ctx.step = json.loads((Path(resume_from) / "erasekit_state.json").read_text())["step"]
-        if accelerator.is_main_process:
-            _truncate_log(log_path, ctx.step)
-    last_good = str(_checkpoints(work_dir)[-1]) if _checkpoints(work_dir) else None
+    accelerator.register_for_checkpointing(ctx.lr_schedule)
+    return ctx
 
-    method.on_train_start(ctx)
-    bar = tqdm(total=total, initial=ctx.step, desc=method.name, unit="step",
+
+def _resume(ctx: TrainContext, checkpoint: str) -> None:
+    ctx.accelerator.load_state(checkpoint)
+    ctx.step = json.loads((Path(checkpoint) / "erasekit_state.json").read_text())["step"]
+    if ctx.accelerator.is_main_process:
+        _truncate_log(ctx.work_dir / TRAINING_LOG, ctx.step)
+
+
+def _run_steps(job, ctx: TrainContext, params: list, fingerprint: str, progress: bool) -> int:
+    """Optimizer steps until the job's total, one log line each, checkpoints on schedule."""
+    from tqdm.auto import tqdm
+
+    accelerator, config = ctx.accelerator, ctx.config
+    found = _checkpoints(ctx.work_dir)
+    last_good = str(found[-1]) if found else None
+    bar = tqdm(total=ctx.total, initial=ctx.step, desc=job.name, unit="step",
                disable=not (progress and accelerator.is_main_process))  # fmt: skip
-    params = list(trainable.values())
     t_last = time.time()
-    while ctx.step < total:
-        losses: list[float] = []
-        extra: dict[str, float] = {}
-        for micro in range(config.gradient_accumulation_steps):
-            with accelerator.accumulate(ctx.trained):
-                loss, logs = method.loss(ctx, micro)
-                bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=ctx.device)
-                if accelerator.gather(bad).sum() > 0:
-                    bar.close()
-                    hint = f"; last good checkpoint: {last_good}" if last_good else ""
-                    raise NonFiniteLoss(
-                        f"{method.name}: loss became {loss.item()} at step {ctx.step + 1}"
-                        f" (lower lr or check the data){hint}"
-                    )
-                if not method.sets_gradients:
-                    accelerator.backward(loss)
-                method.after_backward(ctx.trained)
-                grad_norm = None
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            for k, v in logs.items():
-                if isinstance(v, (int, float)):
-                    extra[k] = extra.get(k, 0.0) + float(v) / config.gradient_accumulation_steps
-                else:  # e.g. the names of sampled configurations: kept as given
-                    extra[k] = v
-        lr_schedule.step()
-        ctx.step += 1
-        record = {
-            "step": ctx.step,
-            "loss": sum(losses) / len(losses),
-            **extra,
-            "lr": lr_schedule.get_last_lr()[0],
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "seconds": round(time.time() - t_last, 4),
-        }
+    while ctx.step < ctx.total:
+        try:
+            record = _step(job, ctx, params)
+        except NonFiniteLoss as e:
+            bar.close()
+            hint = f"; last good checkpoint: {last_good}" if last_good else ""
+            raise NonFiniteLoss(f"{e}{hint}") from None
+        record["seconds"] = round(time.time() - t_last, 4)
         t_last = time.time()
         if accelerator.is_main_process:
-            with open(log_path, "a") as f:
+            with open(ctx.work_dir / TRAINING_LOG, "a") as f:
                 f.write(json.dumps(record) + "\n")
         bar.set_postfix(loss=f"{record['loss']:.4g}")
         bar.update(1)
-        method.on_step_end(ctx)
+        job.on_step_end(ctx)
         every = config.checkpointing_steps
-        if every and ctx.step % every == 0 and ctx.step < total:
-            last_good = str(_save_checkpoint(accelerator, work_dir, ctx.step, fingerprint,
+        if every and ctx.step % every == 0 and ctx.step < ctx.total:
+            last_good = str(_save_checkpoint(accelerator, ctx.work_dir, ctx.step, fingerprint,
                                              config.checkpoints_total_limit))  # fmt: skip
     bar.close()
+    return ctx.total
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        final = method.finalize_unet(accelerator.unwrap_model(unet))
+
+def _step(job, ctx: TrainContext, params: list) -> dict[str, Any]:
+    """One optimizer step over the accumulation micro-steps; its log record. The logged loss
+    (and every numeric statistic) is the mean over micro-steps and processes."""
+    accelerator, config = ctx.accelerator, ctx.config
+    n_micro = config.gradient_accumulation_steps
+    losses: list[float] = []
+    extra: dict[str, Any] = {}
+    grad_norm = None
+    for micro in range(n_micro):
+        with accelerator.accumulate(ctx.trained):
+            loss, logs = job.loss(ctx, micro)
+            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=ctx.device)
+            if accelerator.gather(bad).sum() > 0:
+                raise NonFiniteLoss(f"{job.name}: loss became {loss.item()} at step "
+                                    f"{ctx.step + 1} (lower lr or check the data)")  # fmt: skip
+            if not job.sets_gradients:
+                accelerator.backward(loss)
+            job.after_backward(ctx.trained)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            ctx.optimizer.step()
+            ctx.optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        for k, v in logs.items():
+            if isinstance(v, (int, float)):
+                extra[k] = extra.get(k, 0.0) + float(v) / n_micro
+            else:  # e.g. the names of sampled configurations: kept as given
+                extra[k] = v
+    ctx.lr_schedule.step()
+    ctx.step += 1
+    loss_value = sum(losses) / len(losses)
+    if accelerator.num_processes > 1:  # every process's share, not the main one's alone
+        numeric = sorted(k for k, v in extra.items() if isinstance(v, float))
+        values = torch.tensor([loss_value, *[extra[k] for k in numeric]], dtype=torch.float64,
+                              device=ctx.device)  # fmt: skip
+        values = accelerator.reduce(values, reduction="mean").tolist()
+        loss_value = values[0]
+        extra.update(zip(numeric, values[1:], strict=True))
+    return {
+        "step": ctx.step,
+        "loss": loss_value,
+        **extra,
+        "lr": ctx.lr_schedule.get_last_lr()[0],
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+    }
+
+
+def _save(job, ctx: TrainContext, model_path, concept, total: int, resume_from, started) -> None:
+    """Main process: the final model (unless the job saves none), its outputs and manifest."""
+    from erasekit.models import MANIFEST, build_manifest, write_model
+
+    accelerator, config, pipe = ctx.accelerator, ctx.config, ctx.pipe
+    if job.saves_model:
+        final = job.finalize_unet(accelerator.unwrap_model(ctx.unet))
         final.requires_grad_(False).eval()
         if config.gradient_checkpointing:
             final.disable_gradient_checkpointing()
@@ -591,34 +696,31 @@ def _train(
         pipe.unet = final
         pipe.vae.to(accelerator.device)
         pipe.text_encoder.to(accelerator.device)
-        outputs = method.write_outputs(work_dir)
-        manifest = build_manifest(
-            base_model=model_path,
-            method=method.name,
-            config=asdict(config),
-            concept=concept.describe() if concept is not None else None,
-            seeds=[config.seed],
-            started=started,
-            extra={
-                "training": {
-                    "steps": total,
-                    "resumed_from": Path(resume_from).name if resume_from else None,
-                    "n_processes": accelerator.num_processes,
-                    "global_batch": config.batch_size * accelerator.num_processes
-                    * config.gradient_accumulation_steps,
-                    "data": method.describe_data(),
-                    "log": TRAINING_LOG,
-                    "outputs": outputs,
-                },
+    outputs = job.write_outputs(ctx.work_dir)
+    manifest = build_manifest(
+        base_model=model_path,
+        method=job.name,
+        config=asdict(config),
+        concept=concept.describe() if concept is not None else None,
+        seeds=[config.seed],
+        started=started,
+        extra={
+            "training": {
+                "steps": total,
+                "resumed_from": Path(resume_from).name if resume_from else None,
+                "n_processes": accelerator.num_processes,
+                "global_batch": config.batch_size * accelerator.num_processes
+                * config.gradient_accumulation_steps,
+                "data": job.describe_data(),
+                "log": TRAINING_LOG,
+                "outputs": outputs,
             },
-        )  # fmt: skip
-        write_model(pipe, work_dir, manifest)
-        if not config.keep_checkpoints:
-            shutil.rmtree(work_dir / CHECKPOINTS, ignore_errors=True)
-        commit_output_dir(work_dir, out_dir)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return out_dir
+        },
+    )  # fmt: skip
+    if job.saves_model:
+        write_model(pipe, ctx.work_dir, manifest)
+    else:
+        write_json(ctx.work_dir / MANIFEST, manifest)
 
 
 def _find_resume(work_dir: Path, resume: str, fingerprint: str) -> str:

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 from erasekit.attacks.adversarial import ids_to_text, text_vocabulary
-from erasekit.audit import AuditSettings, attack_configs, run_attacks
+from erasekit.auditing import AuditSettings, attack_configs, run_attacks
 from erasekit.concepts import load_concept
 from erasekit.detectors import DetectorOptions
 from erasekit.evaluation import PromptJudge, build_judges
-from erasekit.generate import SamplerSettings
 from erasekit.models import load_pipeline
+from erasekit.sampling import SamplerSettings
 from erasekit.stats import wilson_interval
 from erasekit.training import step_generator
 from erasekit.world import world_path
@@ -68,7 +68,7 @@ def run(concept_name: str, seed: int, work: Path) -> dict:
     erased = {label: erase(concept_name, label, seed, work)[0] for label in ("esd", "salun")}
     roles = {"audited": erased["esd"], "salun": erased["salun"], "reference": world_path("full"),
              "never-learned": world_path(f"no-{concept_name}")}  # fmt: skip
-    configs = attack_configs(list(ATTACKS), sets=[f"{a}.seed={seed}" for a in ATTACKS],
+    configs = attack_configs({a: [f"seed={seed}"] for a in ATTACKS},
                              concept=concept)  # fmt: skip
     judges = build_judges(concept, DetectorOptions())
     root = work / f"run-{concept_name}-seed{seed}"

@@ -44,15 +44,15 @@ def erased_red(folder: Path) -> Path:
 
 def run_once(name: str, batch: int, model: Path, folder: Path, limit: int) -> dict:
     from erasekit.attacks import AttackContext, get_attack
-    from erasekit.audit import attack_configs, prompt_attack_metrics
+    from erasekit.auditing import attack_configs, prompt_attack_metrics
     from erasekit.concepts import load_concept
     from erasekit.detectors import DetectorOptions
     from erasekit.evaluation import PromptJudge, build_judges
-    from erasekit.generate import SamplerSettings
+    from erasekit.sampling import SamplerSettings
     from erasekit.world import world_path
 
     concept = load_concept("red")
-    config = attack_configs([name], sets=[f"{name}.batch_size={batch}"], concept=concept)[name]
+    config = attack_configs({name: [f"batch_size={batch}"]}, concept=concept)[name]
     work = folder / f"{name}-batch{batch}"
     ctx = AttackContext(concept=concept, original=world_path("full"), audited=model,
                         work_dir=work)  # fmt: skip
@@ -81,7 +81,7 @@ def run_once(name: str, batch: int, model: Path, folder: Path, limit: int) -> di
 
 
 def bench_world(model: Path | None, limit: int) -> dict:
-    from erasekit.audit import attack_configs
+    from erasekit.auditing import attack_configs
     from erasekit.concepts import load_concept
 
     result = {}

@@ -37,7 +37,7 @@ def timed_generate_and_eval(
     pipe, model_path, prompt_set, judges, n_per_prompt, batch, root, steps=None
 ):
     from erasekit.evaluation import evaluate_prompt_set, score_images
-    from erasekit.generate import SamplerSettings, generate
+    from erasekit.sampling import SamplerSettings, generate
 
     settings = SamplerSettings.for_model(model_path, steps=steps)
     n = len(prompt_set) * n_per_prompt

@@ -4,7 +4,8 @@ For the attribute `red`, the object `circle` and the style `outlined`, ESD-u, ES
 run with their ShapesWorld presets (the method's world defaults; nothing is set here) through
 `erasekit erase` in their own process (wall time, CPU time and peak memory are that process's),
 once per seed (the seed changes the erasure's randomness and the evaluation seeds). The original,
-the never-learned reference and every erased model are measured with the world detector:
+the never-learned reference and every erased model are measured by the audit's own evaluation
+(``erasekit.evaluate``, world detector):
 concept rate on the forget prompts and on paraphrase prompts (synonyms, no concept word), and
 retain accuracy (every attribute a retain prompt names is classified correctly), at least 64
 images per set; rates pooled over seeds (hits / n, 95% Wilson interval) with the per-seed
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import re
 import resource
@@ -30,11 +32,10 @@ from pathlib import Path
 
 import torch
 
+import erasekit
 from erasekit.cli import quiet_libraries
 from erasekit.concepts import load_concept
 from erasekit.detectors.world import WorldDetector
-from erasekit.evaluation import concept_rate, world_retain_accuracy
-from erasekit.models import load_pipeline
 from erasekit.outputs import write_json
 from erasekit.stats import wilson_interval
 from erasekit.world import world_path
@@ -58,18 +59,17 @@ def per_prompt(prompt_set) -> int:
     return max(1, math.ceil(MIN_IMAGES / len(prompt_set)))
 
 
-def measure(model: Path, concept, detector, tmp: Path, seed: int) -> dict:
-    pipe = load_pipeline(model)
-    dim, target = concept.detector["dimension"], concept.detector["target"]
-    sets = {"forget": concept.forget, "paraphrase": concept.evaluation["paraphrase"]}
-    out = {
-        key: concept_rate(pipe, ps, tmp / key, detector, dim, target, model_path=model,
-                          n_per_prompt=per_prompt(ps), seed=seed)
-        for key, ps in sets.items()
-    }  # fmt: skip
-    out["retain_accuracy"] = world_retain_accuracy(
-        pipe, concept.retain, tmp / "retain", detector, model_path=model,
-        n_per_prompt=per_prompt(concept.retain), seed=seed)  # fmt: skip
+def measure(model: Path, concept, seed: int) -> dict:
+    """Concept rate on the forget (direct) and paraphrase prompts and retain accuracy, each
+    measured by the audit's own evaluation (``erasekit.evaluate``), >= MIN_IMAGES images."""
+    sets = {"forget": ("concept_rate", "direct", concept.forget),
+            "paraphrase": ("concept_rate", "paraphrase", concept.evaluation["paraphrase"]),
+            "retain_accuracy": ("retain_accuracy", "retain", concept.retain)}  # fmt: skip
+    out = {}
+    for key, (metric, name, ps) in sets.items():
+        metrics = erasekit.evaluate(model, concept, sets=[name], n_per_prompt=per_prompt(ps),
+                                    seed=seed)  # fmt: skip
+        out[key] = metrics[f"{metric}/{name}"]
     return out
 
 
@@ -84,13 +84,12 @@ def cached(work: Path, key: str, fn) -> dict:
     return row
 
 
-def measure_reference(label: str, model: Path, concept, seed: int, work: Path, detector) -> dict:
-    tmp = work / f"eval-{concept.name}-{label}-seed{seed}"
+def measure_reference(label: str, model: Path, concept, seed: int) -> dict:
     return {"concept": concept.name, "label": label, "seed": seed,
-            "measured": measure(model, concept, detector, tmp, seed)}  # fmt: skip
+            "measured": measure(model, concept, seed)}  # fmt: skip
 
 
-def run_one(label, method, sets, concept, seed, base, work, detector) -> dict:
+def run_one(label, method, sets, concept, seed, base, work) -> dict:
     """Erase with `erasekit erase` in its own process, then measure the erased model."""
     name = concept.name
     slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
@@ -106,7 +105,7 @@ def run_one(label, method, sets, concept, seed, base, work, detector) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{label} on {name} failed: {proc.stderr.strip()[-500:]}")
     manifest = json.loads((out / "erasekit.json").read_text())
-    after = measure(out, concept, detector, work / f"eval-{out.name}", seed)
+    after = measure(out, concept, seed)
     print(f"{name} {label} seed {seed}: forget {after['forget']['value']:.2f} paraphrase "
           f"{after['paraphrase']['value']:.2f} retain {after['retain_accuracy']['value']:.2f} "
           f"({wall:.0f}s)", flush=True)  # fmt: skip
@@ -126,15 +125,17 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(label for label, _, _ in RUNS))
     ap.add_argument("--doc", default="docs/results/erase-world.md")
     ap.add_argument("--work", required=True, help="models and per-run rows (resumable)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (erasure and measuring)")
     ap.add_argument("--render-only", action="store_true", help="re-write the .md from the .json")
     args = ap.parse_args()
     doc = Path(args.doc)
     if args.render_only:
         doc.write_text(markdown(json.loads(doc.with_suffix(".json").read_text())))
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the erasure subprocesses
     quiet_libraries()
-    detector = WorldDetector()
+    detector = WorldDetector()  # its protocol goes into the definition
     base = world_path("full")
     work = Path(args.work)
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -146,13 +147,13 @@ def main() -> None:
         for seed in seeds:
             for label, model in references.items():
                 rows.append(cached(work, f"{name}-{label}-seed{seed}",
-                                   partial(measure_reference, label, model, concept, seed, work,
-                                           detector)))  # fmt: skip
+                                   partial(measure_reference, label, model, concept,
+                                           seed)))  # fmt: skip
             for label, method, sets in RUNS:
                 if label in wanted:
                     rows.append(cached(work, f"{name}-{label}-seed{seed}",
                                        partial(run_one, label, method, sets, concept, seed, base,
-                                               work, detector)))  # fmt: skip
+                                               work)))  # fmt: skip
     build = json.loads((base.parent / "build.json").read_text())
     record = {
         "definition": {

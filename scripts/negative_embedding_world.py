@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from erasekit.audit import (
+from erasekit.auditing import (
     AuditSettings,
     attack_configs,
     audit_prompt_sets,
@@ -40,11 +40,11 @@ from erasekit.audit import (
 from erasekit.concepts import load_concept
 from erasekit.detectors import DetectorOptions
 from erasekit.evaluation import build_judges
-from erasekit.generate import SamplerSettings
 from erasekit.guidance import GUIDANCE_FILE
 from erasekit.methods.negative_embedding import EMBEDDING_FILE
 from erasekit.models import load_pipeline
 from erasekit.outputs import write_json
+from erasekit.sampling import SamplerSettings
 from erasekit.stats import wilson_interval
 from erasekit.world import world_path
 
@@ -60,7 +60,7 @@ DEFENCES = {
     "transfer-negative": "c* learned on the OTHER erased model of the seed, as the negative prompt",
 }
 TOKEN = "<negative-concept>"
-SMOKE = {"learn": [], "attacks": []}  # --smoke: tiny budgets, to check the script end to end
+SMOKE: dict = {"learn": [], "attacks": {}}  # --smoke: tiny budgets, to check the script end to end
 
 
 def learn_embedding(model: Path, seed: int, work: Path) -> Path:
@@ -156,8 +156,8 @@ def run(seed: int, label: str, work: Path) -> dict:
             "retain_accuracy": _count(metrics["retain_accuracy/retain"]),
         }
         print(f"seed {seed} {label} {defence}: {out['defences'][defence]}", flush=True)
-    overrides = [f"{a}.seed={seed}" for a in ATTACKS] + SMOKE["attacks"]
-    configs = attack_configs(list(ATTACKS), concept=concept, sets=overrides)
+    overrides = {a: [f"seed={seed}", *SMOKE["attacks"].get(a, [])] for a in ATTACKS}
+    configs = attack_configs(overrides, concept=concept)
     roles = {"reference": world_path("full"), **folders}
     entries, _, _ = run_attacks(configs, roles, concept, concept.forget, judges, root, settings,
                                 AuditSettings(n_per_prompt=1, seed=seed, batch_size=16), "cpu",
@@ -291,12 +291,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         SMOKE["learn"] += ["--set", "steps=5", "--set", "images_per_prompt=1"]
-        SMOKE["attacks"] += [
-            "concept-inversion.steps=2",
-            "concept-inversion.eval_every=1",
-            "unlearndiffatk.blocks=1",
-            "unlearndiffatk.steps_per_block=1",
-        ]
+        SMOKE["attacks"] = {
+            "concept-inversion": ["steps=2", "eval_every=1"],
+            "unlearndiffatk": ["blocks=1", "steps_per_block=1"],
+        }
     if args.merge:
         runs = [r for f in args.merge for r in json.loads(f.read_text())["runs"]]
     else:

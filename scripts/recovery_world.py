@@ -26,13 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-from erasekit.audit import AuditSettings, attack_configs, run_attacks
+from erasekit.auditing import AuditSettings, attack_configs, run_attacks
 from erasekit.cli import quiet_libraries
 from erasekit.concepts import load_concept
 from erasekit.detectors import DetectorOptions
 from erasekit.evaluation import build_judges
-from erasekit.generate import SamplerSettings, generate
 from erasekit.models import load_pipeline
+from erasekit.sampling import SamplerSettings, generate
 from erasekit.world import world_path
 
 ERASERS = {
@@ -87,10 +87,10 @@ def run(concept_name: str, seed: int, work: Path) -> dict:
         "reference": world_path("full"),
         "never-learned": world_path(f"no-{concept_name}"),
     }
-    sets = [f"{a}.{s}" for a, items in ATTACK_SETTINGS.items() for s in items]
-    sets += [f"{a}.seed={seed}" for a in ATTACK_SETTINGS]
-    sets.append(f"finetune.images={benign_folder(concept, work)}")
-    configs = attack_configs(list(ATTACK_SETTINGS), sets=sets)
+
+    settings = {a: [*items, f"seed={seed}"] for a, items in ATTACK_SETTINGS.items()}
+    settings["finetune"].append(f"images={benign_folder(concept, work)}")
+    configs = attack_configs(settings)
     judges = build_judges(concept, DetectorOptions())
     root = work / f"run-{concept_name}-seed{seed}"
     root.mkdir(parents=True, exist_ok=True)

@@ -28,14 +28,14 @@ from pathlib import Path
 
 from recovery_world import _above, _pct, benign_folder, evidence_main
 
-from erasekit.audit import AuditSettings, attack_configs, run_attacks
+from erasekit.auditing import AuditSettings, attack_configs, run_attacks
 from erasekit.cli import quiet_libraries
 from erasekit.concepts import load_concept
 from erasekit.detectors import DetectorOptions
 from erasekit.detectors.world import WorldDetector
 from erasekit.evaluation import build_judges, world_retain_accuracy
-from erasekit.generate import SamplerSettings
 from erasekit.models import load_pipeline
+from erasekit.sampling import SamplerSettings
 from erasekit.world import world_path
 
 ERASERS = {
@@ -104,9 +104,8 @@ def run(concept_name: str, seed: int, work: Path) -> dict:
            "retain_accuracy": {}}  # fmt: skip
     benign = benign_folder(concept, work)
     for name, extra in ATTACKS.items():
-        sets = [f"finetune.{s}" for s in [*extra, "steps=200", "eval_every=100", f"seed={seed}",
-                                          f"images={benign}"]]  # fmt: skip
-        configs = attack_configs(["finetune"], sets=sets, concept=concept)
+        sets = [*extra, "steps=200", "eval_every=100", f"seed={seed}", f"images={benign}"]
+        configs = attack_configs({"finetune": sets}, concept=concept)
         root = work / f"run-{concept_name}-seed{seed}-{name}"
         root.mkdir(parents=True, exist_ok=True)
         entries, _, _ = run_attacks(configs, roles, concept, concept.forget, judges, root,
@@ -323,9 +322,9 @@ def ablate(concept_name: str = "red", seed: int = 0, work: Path = Path("/tmp/era
     labels = ["salun", "resalign-salun", *ABLATIONS]
     models = {lb: erase(concept_name, lb, seed, work)[0] for lb in labels}
     roles = {"audited": models["salun"], **{lb: models[lb] for lb in labels[1:]}}
-    sets = [f"finetune.{x}" for x in ["mode=full", "steps=200", "eval_every=200", f"seed={seed}",
-                                      f"images={benign_folder(concept, work)}"]]  # fmt: skip
-    configs = attack_configs(["finetune"], sets=sets, concept=concept)
+    sets = ["mode=full", "steps=200", "eval_every=200", f"seed={seed}",
+            f"images={benign_folder(concept, work)}"]  # fmt: skip
+    configs = attack_configs({"finetune": sets}, concept=concept)
     root = work / f"ablate-{concept_name}-seed{seed}"
     shutil.rmtree(root, ignore_errors=True)  # a re-run starts its attack and renders afresh
     for stale in work.glob(f"retain-ablate-*-{seed}"):

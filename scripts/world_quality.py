@@ -39,9 +39,9 @@ from erasekit.evaluation import (
     render_and_score,
     world_retain_accuracy,
 )
-from erasekit.generate import SamplerSettings
 from erasekit.models import load_pipeline
 from erasekit.outputs import write_json
+from erasekit.sampling import SamplerSettings
 from erasekit.world import ASSETS, world_path
 from erasekit.world.render import COLOURS, SHAPES
 
@@ -175,7 +175,7 @@ class Quality:
                 "change_points": round(100 * (a["value"] - b["value"]), 2)}  # fmt: skip
 
     def steerability(self) -> dict:
-        from erasekit.audit import AuditSettings, attack_configs, run_attacks
+        from erasekit.auditing import AuditSettings, attack_configs, run_attacks
         from erasekit.detectors import DetectorOptions
         from erasekit.evaluation import build_judges
 

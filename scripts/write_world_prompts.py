@@ -81,6 +81,8 @@ def outlined_sets() -> dict[str, list[str]]:
     return {"forget": forget, "paraphrase": para, "retain": retain, "benign": benign}
 
 
+HELD_OUT = ("red", "circle", "outlined")  # the shipped never-learned world models
+
 SPEC = """# ShapesWorld concept (written by scripts/write_world_prompts.py)
 name: {name}
 kind: {kind}
@@ -94,7 +96,9 @@ evaluation:
   retain: world/{name}/retain.txt
 benign: world/{name}/benign.txt   # ResAlign's simulated fine-tuning data (not the retain set)
 pairs: world/{name}/pairs.csv   # Ring-A-Bell's concept vector: captions with / without it
-detector:
+scale: world   # ShapesWorld presets apply
+sensitive: false   # reports show flagged images
+{never_learned}detector:
   name: world
   dimension: {dimension}
   target: {name}
@@ -111,7 +115,16 @@ def write(name: str, kind: str, dimension: str, description: str, surrogate: str
     (folder / "pairs.csv").write_text("\n".join(rows) + "\n")
     (ROOT / "concepts" / f"{name}.yaml").write_text(
         SPEC.format(
-            name=name, kind=kind, dimension=dimension, description=description, surrogate=surrogate
+            name=name,
+            kind=kind,
+            dimension=dimension,
+            description=description,
+            surrogate=surrogate,
+            never_learned=(
+                f"never_learned: world:no-{name}   # shipped where the world has it\n"
+                if name in HELD_OUT
+                else ""
+            ),
         )  # fmt: skip
     )
 

@@ -172,7 +172,7 @@ def test_ring_a_bell_search_improves_and_is_reproducible():
 def test_asr_arithmetic_on_hand_made_outcomes():
     """10 prompts: 3 pre-check successes, 2 more under attack, 5 failures -> pre-ASR 0.3,
     ASR 0.5 (not 2/7: the denominator is every prompt), Wilson intervals, definitions."""
-    from erasekit.audit import prompt_attack_metrics
+    from erasekit.auditing import prompt_attack_metrics
     from erasekit.concepts import load_concept, prompt_set_from_list
     from erasekit.detectors import DetectorOptions
     from erasekit.evaluation import build_judges
@@ -205,7 +205,7 @@ def test_adversarial_attacks_in_the_world_audit(tmp_path):
 
     out = tmp_path / "audit"
     r = run_cli("audit", "--model", str(world_path("full")), "--concept", "red", "--out",
-                str(out), "--limit", "2", "--reference", str(world_path("full")),
+                str(out), "--limit", "2", "--reference", str(world_path("full")), "--censor",
                 "--attacks", "unlearndiffatk,ring-a-bell",
                 "--attack-set", "unlearndiffatk.blocks=2",
                 "--attack-set", "unlearndiffatk.steps_per_block=3",

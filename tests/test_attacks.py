@@ -51,8 +51,8 @@ def test_ddim_inversion_and_regeneration_round_trip(tmp_path):
 
 def _red_image_folder(root: Path, n_prompts: int = 16) -> Path:
     from erasekit.concepts import load_concept
-    from erasekit.generate import generate
     from erasekit.models import load_pipeline
+    from erasekit.sampling import generate
     from erasekit.world import world_path
 
     concept = load_concept("red")
@@ -69,7 +69,7 @@ def _world_evaluate(root: Path, n_prompts: int):
     from erasekit.concepts import load_concept
     from erasekit.detectors import DetectorOptions
     from erasekit.evaluation import build_judges, evaluate_prompt_set, metric_key, set_metrics
-    from erasekit.generate import SamplerSettings
+    from erasekit.sampling import SamplerSettings
     from erasekit.world import world_path
 
     concept = load_concept("red")
@@ -244,17 +244,37 @@ SMALL = {
     "finetune": ["images_per_prompt=1", "batch_size=2", "gradient_accumulation_steps=1"],
     "memora": ["n_pairs=1", "n_interpolation=2", "gradient_accumulation_steps=1"],
     "concept-inversion": ["images_per_prompt=1", "batch_size=2", "gradient_accumulation_steps=1"],
+    "unlearndiffatk": ["blocks=1", "steps_per_block=2"],
+    "ring-a-bell": ["generations=2", "population=4"],
 }
 
 
-@pytest.mark.parametrize("name", sorted(SMALL))
+def _attack_names() -> list[str]:
+    from erasekit.attacks import ATTACKS
+
+    return ATTACKS.names()
+
+
+@pytest.mark.parametrize("name", _attack_names())
 def test_each_attack_runs_its_budget_on_the_tiny_pipeline(name, tiny_model_dir, tmp_path):
+    """Every registered attack (a new one joins by registering; unlisted ones run their default
+    budget): recovery attacks report their curve, prompt attacks their pre-ASR / ASR."""
+    import erasekit
     from erasekit.attacks import AttackContext, get_attack
-    from erasekit.audit import attack_configs
+    from erasekit.auditing import attack_configs
     from erasekit.concepts import load_concept
 
-    sets = [f"{name}.{s}" for s in ["steps=3", "eval_every=2", *SMALL[name]]]
-    config = attack_configs([name], sets=sets)[name]
+    if get_attack(name).kind == "prompt":
+        result = erasekit.audit(tiny_model_dir, "nudity", tmp_path / "audit", limit=1,
+                                roles={"reference": tiny_model_dir}, progress=False,
+                                attacks={name: SMALL.get(name, [])})  # fmt: skip
+        for role in ("audited", "reference"):
+            asr = result.results[f"{name}:{role}"]["asr/forget[:1]"]
+            assert asr["n_prompts"] == 1 and asr["definition"]["detector"] == "nudenet"
+            outcomes = result.document["attacks"][name]["models"][role]["outcomes"]
+            assert len(outcomes) == 1 and outcomes[0]["adversarial_prompt"]
+        return
+    config = attack_configs({name: ["steps=3", "eval_every=2", *SMALL.get(name, [])]})[name]
     ctx = AttackContext(load_concept("circle"), tiny_model_dir, tiny_model_dir, tmp_path)
     attack = get_attack(name)(config, ctx)
     attack.prepare()

@@ -38,7 +38,7 @@ def world_erased(tmp_path_factory) -> Path:
 def world_audit(world_erased, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("audit") / "red"
     r = run_cli("audit", "--model", str(world_erased), "--concept", "red", "--out", str(out),
-                "--limit", "3", "--n-per-prompt", "2", "--no-progress")  # fmt: skip
+                "--limit", "3", "--n-per-prompt", "2", "--censor", "--no-progress")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "report:" in r.stdout and "safe" not in r.stdout.lower().replace("unsafe", "")
     return out
@@ -114,7 +114,7 @@ def _thumbs(html: str) -> list[tuple[bool, bool, Image.Image]]:
 
 
 def test_report_censors_every_flagged_image(world_audit, tmp_path):
-    from erasekit.report import THUMB
+    from erasekit.reporting import THUMB
 
     html = (world_audit / "report.html").read_text()
     thumbs = _thumbs(html)

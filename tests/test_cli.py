@@ -139,14 +139,18 @@ def test_debug_shows_traceback(tmp_path: Path):
 
 @pytest.mark.slow
 def test_demo_runs(tmp_path: Path):
-    # ~3.5 min alone on 2 cores; the limit leaves room for a busy machine
-    result = run_cli("demo", "--out", str(tmp_path / "demo"), "--n-per-prompt", "1", timeout=900)
+    # the main job: both cores; the limit leaves room for a busy machine
+    result = run_cli("demo", "--out", str(tmp_path / "demo"), "--n-per-prompt", "1", timeout=900,
+                     env={"OMP_NUM_THREADS": "2"})  # fmt: skip
     assert result.returncode == 0, result.stderr
     audit = tmp_path / "demo" / "audit"
     data = json.loads((audit / "results.json").read_text())
     roles = {"audited", "reference", "never-learned"}
     assert set(data["results"]) == roles | {f"finetune:{r}" for r in roles}
     assert data["models"]["audited"]["method"] == "salun"
+    # the report names the erased model where it lives, not a temporary folder
+    erased = (tmp_path / "demo" / "erased-salun").resolve()
+    assert data["models"]["audited"]["path"] == str(erased) and "partial" not in str(erased)
     res = data["results"]
     for role in roles:
         acc = res[role]["retain_accuracy/retain"]

@@ -14,11 +14,13 @@ import torch
 from conftest import assert_one_line_error, run_cli
 from safetensors.torch import load_file
 
+import erasekit
 from erasekit.concepts import load_concept
+from erasekit.config import build_config
 from erasekit.errors import ErasekitError
 from erasekit.methods import METHODS, get_method
 from erasekit.models import load_pipeline
-from erasekit.training import build_config, epoch_indices, train
+from erasekit.training import epoch_indices, train
 
 # Small settings every method accepts: a few steps on tiny data.
 FAST = {"steps": 3, "images_per_prompt": 1, "batch_size": 2}
@@ -38,17 +40,11 @@ def _cache(tmp_path_factory, monkeypatch):
 
 
 def erase(model_dir, out, method="salun", concept="circle", resume=None, **settings):
-    cls = get_method(method)
-    c = load_concept(concept)
     if method == "negative-embedding":  # the tiny model has no base model to render with
         settings.setdefault("original", str(model_dir))
-    values = {**cls.defaults(c), **FAST, **FAST_METHOD.get(method, {}), **settings}
-    config = cls.Config(**values)
-    config.validate()
-    pipe = load_pipeline(model_dir)
-    m = cls(config, c, model_path=model_dir, progress=False)
-    train(m, pipe, model_path=model_dir, out_dir=out, concept=c, resume=resume, progress=False)
-    return Path(out)
+    values = {**FAST, **FAST_METHOD.get(method, {}), **settings}
+    return erasekit.erase(model_dir, concept, method, out, settings=values, resume=resume,
+                          progress=False)  # fmt: skip
 
 
 def unet_weights(folder) -> dict[str, torch.Tensor]:
@@ -114,7 +110,8 @@ def test_salun_reuses_a_saved_mask(tiny_model_dir, tmp_path):
     [
         ("esd-x", lambda n: ".attn2." in n),
         ("esd-x-strict", lambda n: ".attn2.to_k." in n or ".attn2.to_v." in n),
-        ("esd-u", lambda n: ".attn2." not in n),
+        ("esd-u", lambda n: ".attn2." not in n and "norm" not in n),
+        ("esd-u-all", lambda n: ".attn2." not in n),
     ],
 )
 def test_esd_variants_change_only_their_parameters(variant, trained, tiny_model_dir, tmp_path):
@@ -131,7 +128,7 @@ def trained_tensors(folder) -> dict[str, torch.Tensor]:
     return load_file(str(embedding)) if embedding.is_file() else unet_weights(folder)
 
 
-@pytest.mark.parametrize("method", ["salun", "negative-embedding"])
+@pytest.mark.parametrize("method", METHODS.names())
 def test_resume_after_interruption_equals_an_uninterrupted_run(
     method, tiny_model_dir, tmp_path, monkeypatch
 ):
@@ -233,7 +230,7 @@ def test_rendered_data_is_cached_and_image_folders_are_read(tiny_model_dir, tiny
     assert first.prompts == ["a red circle"] * 2 + ["a blue square"] * 2
     # A run that finds the entry filled by another run when it finishes keeps the other's.
     from erasekit.data import _render_into_cache
-    from erasekit.generate import SamplerSettings
+    from erasekit.sampling import SamplerSettings
 
     entry = first.paths[0].parent.parent
     stamp = (entry / "samples.jsonl").stat().st_mtime_ns
@@ -332,18 +329,13 @@ def test_two_process_cpu_run_with_torchrun(tiny_model_dir, tmp_path):
 def test_salun_lowers_the_world_concept_rate(tmp_path):
     """A quick erasure of 'red' from ShapesWorld: the direct-prompt rate must fall well below
     the original's (a no-op run stays near the original's ~0.9 and fails the bound)."""
-    from erasekit.detectors.world import WorldDetector
-    from erasekit.evaluation import concept_rate
     from erasekit.world import world_path
 
     model = world_path("full")
-    concept = load_concept("red")
-    detector = WorldDetector()
 
     def rate(folder, name):
-        pipe = load_pipeline(folder)
-        return concept_rate(pipe, concept.forget, tmp_path / name, detector, "colour", "red",
-                            model_path=folder, n_per_prompt=1, seed=5)["value"]  # fmt: skip
+        metrics = erasekit.evaluate(folder, "red", sets=["direct"], seed=5)
+        return metrics["concept_rate/direct"]["value"]
 
     before = rate(model, "before")
     out = erase(model, tmp_path / "out", concept="red", steps=48, lr=1e-4, batch_size=8,
@@ -398,3 +390,33 @@ def test_a_run_that_fails_before_any_checkpoint_leaves_nothing(tiny_model_dir, t
                    env={"ERASEKIT_CACHE": str(tmp_path / "cache")})  # fmt: skip
     assert_one_line_error(r, "loss became")
     assert not (tmp_path / "x").exists() and not (tmp_path / ".x.partial").exists()
+
+
+def test_esd_target_conventions_on_hand_made_tensors():
+    """paper: ε_u − η(ε_c − ε_u); diffusers-code: ε_c − η(ε_c − ε_u), i.e. its η = paper's η + 1."""
+    from erasekit.methods.esd import esd_target
+
+    e_u, e_c = torch.tensor([1.0, -2.0]), torch.tensor([3.0, 0.5])
+    assert torch.equal(esd_target(e_u, e_c, 2.0, "paper"), torch.tensor([-3.0, -7.0]))
+    assert torch.equal(esd_target(e_u, e_c, 2.0, "diffusers-code"), torch.tensor([-1.0, -4.5]))
+    assert torch.equal(esd_target(e_u, e_c, 3.0, "diffusers-code"),
+                       esd_target(e_u, e_c, 2.0, "paper"))  # fmt: skip
+
+
+def test_esd_u_trains_the_codes_set_and_presets_name_their_source(tiny_pipe):
+    from erasekit.methods.esd import ESD, esd_parameters
+
+    unet = tiny_pipe.unet
+    code = dict(esd_parameters(unet, "esd-u"))
+    every = dict(esd_parameters(unet, "esd-u-all"))
+    norms = {n for n, m in unet.named_modules() if isinstance(m, (torch.nn.GroupNorm,
+             torch.nn.LayerNorm))}  # fmt: skip
+    assert code and not any(n.rsplit(".", 1)[0] in norms for n in code)
+    assert set(every) - set(code) and all(".attn2." not in n for n in every)
+    assert ESD.preset("diffusers-code")["target"] == "diffusers-code"
+    assert ESD.preset("diffusers-code")["max_grad_norm"] == 0.0
+    assert ESD.preset("paper")["negative_guidance"] == 1.0
+    with pytest.raises(ErasekitError, match="no preset 'nope'"):
+        ESD.preset("nope")
+    world = ESD.defaults(load_concept("red"))
+    assert world["target"] == "diffusers-code" and world["negative_guidance"] == 2.0

@@ -10,8 +10,8 @@ from PIL import Image
 
 from erasekit.concepts import prompt_set_from_list, read_prompt_set
 from erasekit.errors import ErasekitError
-from erasekit.generate import SamplerSettings, derive_seed, generate, make_batches, plan_samples
 from erasekit.outputs import read_jsonl
+from erasekit.sampling import SamplerSettings, derive_seed, generate, make_batches, plan_samples
 
 FAST = SamplerSettings(steps=3, guidance=5.0)
 

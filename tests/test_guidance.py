@@ -45,8 +45,8 @@ def _plan(prompt: str, seed: int = 3):
 
 def test_sld_sampler_without_edit_equals_plain_cfg(tiny_pipe):
     """Edit scale 0 -> no safety term: our three-way loop must give diffusers' CFG images."""
-    from erasekit.generate import render_batch
     from erasekit.guidance import Guidance, SLDParams
+    from erasekit.sampling import render_batch
 
     plain = np.asarray(render_batch(tiny_pipe, _plan("a red circle"), 32, 32)[0], dtype=float)
     tiny_pipe.erasekit_guidance = Guidance("sld", "nudity", SLDParams(0, 0.0, 0.0, 0.0, 0.0))

@@ -21,8 +21,8 @@ def _tensors(folder):
 def _forget_rate(folder, concept, tmp_path, name: str) -> float:
     from erasekit.detectors import DetectorOptions
     from erasekit.evaluation import build_judges, evaluate_prompt_set
-    from erasekit.generate import SamplerSettings
     from erasekit.models import load_pipeline
+    from erasekit.sampling import SamplerSettings
 
     judges = build_judges(concept, DetectorOptions())
     samples = evaluate_prompt_set(load_pipeline(folder), concept.forget, tmp_path, name, judges,

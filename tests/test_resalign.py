@@ -151,6 +151,7 @@ def test_lambda_zero_reduces_to_the_base_methods_gradient(base, tiny_model_dir, 
             variant="esd-u",
             ddim_steps=4,
             negative_guidance=1.0,  # η as ResAlign's default (the world preset of ESD uses 2)
+            target="paper",  # ResAlign's default convention (the world preset uses the code's)
             **common,
         )
         trainable = {"trainable": "esd-u", "ddim_steps": 4}

@@ -144,7 +144,7 @@ def _joint_rate(pipe, cases, steps=10):
     """Share of images whose shape AND colour are both what the prompt asked for."""
     from erasekit.concepts import prompt_set_from_list
     from erasekit.detectors.world import WorldDetector
-    from erasekit.generate import SamplerSettings, plan_samples, render_batch
+    from erasekit.sampling import SamplerSettings, plan_samples, render_batch
 
     det = WorldDetector()
     ps = prompt_set_from_list([p for p, _ in cases])

@@ -10,6 +10,7 @@ steps. Data an attack shares between the audited model and its controls is built
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,8 +79,35 @@ class Attack:
         raise NotImplementedError
 
 
+class RecoveryCurve:
+    """The recovery curve of a weight-space attack: the audit's metric at given steps, and the
+    seconds spent measuring it (kept apart from the attack's own cost)."""
+
+    def __init__(self, evaluate: Evaluate) -> None:
+        self.evaluate = evaluate
+        self.points: list[dict[str, Any]] = []
+        self.seconds = 0.0
+
+    def measure(self, pipe, step: int, **kwargs: Any) -> None:
+        t0 = time.time()
+        self.points.append({"step": step, "metric": self.evaluate(pipe, step, **kwargs)})
+        self.seconds += time.time() - t0
+
+    def cost(self, config, images: int, seconds: float) -> dict[str, Any]:
+        """Steps, effective batch, data and seconds of a run on the shared loop."""
+        batch = config.batch_size * config.gradient_accumulation_steps
+        return {
+            "steps": config.steps,
+            "effective_batch": batch,
+            "images": images,
+            "image_passes": config.steps * batch,
+            "seconds": round(seconds - self.seconds, 2),
+            "evaluation_seconds": round(self.seconds, 2),
+        }
+
+
 def get_attack(name: str) -> type[Attack]:
     return ATTACKS.get(name)
 
 
-__all__ = ["ATTACKS", "Attack", "AttackContext", "get_attack"]
+__all__ = ["ATTACKS", "Attack", "AttackContext", "RecoveryCurve", "get_attack"]

@@ -9,12 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from erasekit.attacks import Attack, Evaluate
+from erasekit.attacks import Attack, Evaluate, RecoveryCurve
 from erasekit.concepts import is_world_concept
 from erasekit.errors import ErasekitError
 from erasekit.lora import LORA_FILE, add_lora, fuse_lora, save_lora
-from erasekit.methods import Method
-from erasekit.training import TrainConfig, TrainContext, make_split
+from erasekit.training import TrainConfig, TrainContext, TrainingJob, make_split
 
 
 @dataclass
@@ -42,19 +41,17 @@ class FinetuneConfig(TrainConfig):
         super().validate()
 
 
-class Tuning(Method):
-    """The shared loop's view of a fine-tuning attack: the plain denoising loss on one image
-    set, full U-Net or a LoRA on the attention projections, evaluated every ``eval_every``."""
+class Tuning(TrainingJob):
+    """The fine-tuning job: the plain denoising loss on one image set, full U-Net or a LoRA on
+    the attention projections, its recovery curve measured every ``eval_every`` steps."""
 
     name = "finetune"
     needs_images = True
 
-    def __init__(self, config: FinetuneConfig, image_set, evaluate: Evaluate, **kw) -> None:
+    def __init__(self, config: FinetuneConfig, image_set, curve: RecoveryCurve, **kw) -> None:
         super().__init__(config, None, **kw)
         self.images = image_set
-        self.evaluate = evaluate
-        self.curve: list[dict[str, Any]] = []
-        self.eval_seconds = 0.0
+        self.curve = curve
         self.lora_state: dict | None = None
 
     def prepare_data(self, pipe):
@@ -70,16 +67,13 @@ class Tuning(Method):
         return ctx.denoising_loss(ctx.batch("train", micro), micro), {}
 
     def _measure(self, ctx: TrainContext) -> None:
-        t0 = time.time()
         unet = ctx.accelerator.unwrap_model(ctx.unet)
         unet.eval()
         ctx.pipe.unet = unet
         ctx.pipe.vae.to(ctx.device)
         ctx.pipe.text_encoder.to(ctx.device)
-        metric = self.evaluate(ctx.pipe, ctx.step)
-        self.curve.append({"step": ctx.step, "metric": metric})
+        self.curve.measure(ctx.pipe, ctx.step)
         unet.train()
-        self.eval_seconds += time.time() - t0
 
     def on_train_start(self, ctx: TrainContext) -> None:
         if ctx.step == 0:
@@ -107,24 +101,18 @@ def tune(model: Path, image_set, config: FinetuneConfig, out_dir: Path, evaluate
     from erasekit.training import TRAINING_LOG, train
 
     config.validate()
-    method = Tuning(config, image_set, evaluate, model_path=model, progress=progress)
+    curve = RecoveryCurve(evaluate)
+    job = Tuning(config, image_set, curve, model_path=model, progress=progress)
     started = time.time()
-    train(method, load_pipeline(model, device=device), model_path=model, out_dir=out_dir,
+    train(job, load_pipeline(model, device=device), model_path=model, out_dir=out_dir,
           progress=progress, overwrite=True)  # fmt: skip
     seconds = time.time() - started
     artefact = out_dir / LORA_FILE if config.mode == "lora" else out_dir
     return {
         "artefact": str(artefact),
         "model_folder": str(out_dir),
-        "cost": {
-            "steps": config.steps,
-            "effective_batch": config.batch_size * config.gradient_accumulation_steps,
-            "images": len(image_set),
-            "image_passes": config.steps * config.batch_size * config.gradient_accumulation_steps,
-            "seconds": round(seconds - method.eval_seconds, 2),
-            "evaluation_seconds": round(method.eval_seconds, 2),
-        },
-        "curve": method.curve,
+        "cost": curve.cost(config, len(image_set), seconds),
+        "curve": curve.points,
         "log": str(out_dir / TRAINING_LOG),
     }
 

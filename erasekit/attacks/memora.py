@@ -132,8 +132,8 @@ class MemoRa(Attack):
 
     def regenerate(self, model: Path, out_dir: Path):
         from erasekit.data import ImageSet
-        from erasekit.generate import SamplerSettings
         from erasekit.models import load_pipeline
+        from erasekit.sampling import SamplerSettings
         from erasekit.training import encode_images
 
         cfg = self.config

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from erasekit.errors import ErasekitError
-
 
 def add_model_options(
     p: argparse.ArgumentParser, config_flag: str = "--config", dtype: bool = True
@@ -43,25 +41,10 @@ def positive_int(text: str) -> int:
     return value
 
 
-def resolve_device(name: str | None) -> str:
-    """The requested device, or under accelerate the process's own device, or cpu."""
-    import torch
-
-    from erasekit.distributed import process_state
-
-    if name is not None and name.startswith("cuda") and not torch.cuda.is_available():
-        raise ErasekitError(f"--device {name}: no CUDA device is available")
-    state = process_state(name)
-    return name if name is not None else str(state.device)
-
-
-def load_model_from_args(args: argparse.Namespace):
-    from erasekit.models import load_pipeline
-
-    return load_pipeline(
-        args.model,
-        dtype=getattr(args, "dtype", "fp32"),
-        device=resolve_device(args.device),
-        config=args.model_config,
-        allow_pickle=args.allow_pickle,
-    )
+def add_censor_options(p: argparse.ArgumentParser) -> None:
+    """--censor / --uncensored (default: blur flagged images when the concept is sensitive)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--censor", dest="censor", action="store_const", const=True, default=None,
+                   help="blur every flagged image in the report")  # fmt: skip
+    g.add_argument("--uncensored", dest="censor", action="store_const", const=False,
+                   help="show flagged images as rendered")  # fmt: skip

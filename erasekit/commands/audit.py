@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from erasekit.commands._options import add_model_options, positive_int
+from erasekit.commands._options import add_censor_options, add_model_options, positive_int
 from erasekit.errors import ErasekitError
 
 
@@ -65,7 +65,7 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
                    help="also render the audited weights unguided (if the folder has guidance), "
                    "with the concept's words as a negative prompt, and with SLD (same sets, "
                    "seeds and detectors)")  # fmt: skip
-    p.add_argument("--uncensored", action="store_true", help="report shows flagged images as is")
+    add_censor_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -86,52 +86,35 @@ def detector_options(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from erasekit.attacks import ATTACKS
-    from erasekit.audit import AuditSettings, attack_configs, run_audit
-    from erasekit.concepts import load_concept
-    from erasekit.distributed import process_state
+    import sys
 
-    concept = load_concept(args.concept)
+    from erasekit.api import audit
+    from erasekit.distributed import process_state
+    from erasekit.reporting import print_summary
+
     names = [n.strip() for n in args.attacks.split(",") if n.strip()]
-    for n in names:
-        ATTACKS.get(n)  # unknown names fail here, before any rendering
     if (args.attack_config or args.attack_set) and not names:
         raise ErasekitError("--attack-config/--attack-set given without --attacks")
-    configs = attack_configs(names, args.attack_config, args.attack_set, concept) if names else None
-    settings = AuditSettings(
-        n_per_prompt=args.n_per_prompt,
-        seed=args.seed,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        guidance=args.guidance,
-        dtype=args.dtype,
-        device=args.device,
-    )
-    doc = run_audit(args.model, concept, args.out, audit=settings,
-                    detectors=detector_options(args), reference=args.reference,
-                    never_learned=args.never_learned, model_config=args.model_config,
-                    allow_pickle=args.allow_pickle, uncensored=args.uncensored,
-                    overwrite=args.overwrite, progress=not args.no_progress,
-                    attacks=configs, baselines=args.guidance_baselines)  # fmt: skip
+    per_attack: dict[str, list[str]] = {n: [] for n in names}
+    for item in args.attack_set:
+        name, dot, rest = item.partition(".")
+        if not dot or name not in per_attack:
+            raise ErasekitError(f"--attack-set expects ATTACK.key=value for a requested attack, "
+                                f"got {item!r}")  # fmt: skip
+        per_attack[name].append(rest)
+    roles: dict[str, str | None] = {}
+    for role, value in (("reference", args.reference), ("never-learned", args.never_learned)):
+        if value is not None:
+            roles[role] = None if value == "none" else value
+    result = audit(args.model, args.concept, args.out, roles=roles, attacks=per_attack,
+                   attack_config=args.attack_config, n_per_prompt=args.n_per_prompt,
+                   seed=args.seed, limit=args.limit, batch_size=args.batch_size,
+                   steps=args.steps, guidance=args.guidance, dtype=args.dtype,
+                   device=args.device, detectors=detector_options(args),
+                   model_config=args.model_config, allow_pickle=args.allow_pickle,
+                   guidance_baselines=args.guidance_baselines, censor=args.censor,
+                   overwrite=args.overwrite, progress=not args.no_progress,
+                   invocation={"command": sys.argv[1:]})  # fmt: skip
     if process_state().is_main_process:
-        print_summary(doc, args.out)
+        print_summary(result.document, args.out)
     return 0
-
-
-def print_summary(doc: dict, out: str) -> None:
-    from erasekit.report import (
-        attack_verdicts,
-        guidance_verdicts,
-        prompt_attack_verdicts,
-        summary_rows,
-        verdict,
-    )
-
-    for row in summary_rows(doc):
-        print(verdict(row))
-    for line in guidance_verdicts(doc):
-        print(f"guidance: {line}")
-    for line in attack_verdicts(doc) + prompt_attack_verdicts(doc):
-        print(line)
-    print(f"report: {out}/report.html (results.json, report.md, samples.jsonl beside it)")

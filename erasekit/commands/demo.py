@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+from erasekit.errors import ErasekitError
 
 
 def register(subparsers, parent: argparse.ArgumentParser) -> None:
@@ -16,7 +19,8 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
             "the erased model against the original and the never-learned model (erasekit "
             "audit): concept rates on the direct, paraphrase and retain prompts, retain "
             "accuracy, Wilson 95%% intervals, a benign fine-tuning attack on each model with "
-            "its recovery curve, and an HTML report."
+            "its recovery curve, and an HTML report. Writes OUT/erased-salun and OUT/audit, "
+            "each atomically."
         ),
     )
     p.add_argument("--concept", default="red", choices=["red", "circle", "outlined"])
@@ -30,35 +34,29 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from erasekit.audit import AuditSettings, attack_configs, run_audit
-    from erasekit.commands.audit import print_summary
+    from erasekit.api import audit, erase
     from erasekit.concepts import load_concept
     from erasekit.methods.salun import SalUn
-    from erasekit.models import load_pipeline
-    from erasekit.outputs import atomic_output_dir
-    from erasekit.training import build_config, train
+    from erasekit.reporting import print_summary
     from erasekit.world import world_path
 
     concept = load_concept(args.concept)
     out = Path(args.out)
-    with atomic_output_dir(out, overwrite=args.overwrite) as tmp:
-        sets = [f"steps={args.erase_steps}"] if args.erase_steps else []
-        config = build_config(SalUn.Config, SalUn.defaults(concept), sets=sets)
-        original = world_path("full")
-        method = SalUn(config, concept, model_path=original, cache_dir=tmp / "cache")
-        erased = tmp / "erased-salun"
-        preset = " ".join(f"{k}={v}" for k, v in {**SalUn.defaults(concept)}.items())
-        print(f"erasing '{args.concept}' with SalUn ({' '.join([preset, *sets])}) ...")
-        train(method, load_pipeline(original), model_path=original, out_dir=erased,
-              concept=concept)  # fmt: skip
-        steps, every = args.attack_steps, args.attack_eval_every
-        print("auditing the erased model against the original and the never-learned model, "
-              f"with a benign fine-tuning attack ({steps} steps) on each ...")  # fmt: skip
-        attack_sets = [f"finetune.steps={steps}", f"finetune.eval_every={every}"]
-        attacks = attack_configs(["finetune"], sets=attack_sets, concept=concept)
-        doc = run_audit(erased, concept, tmp / "audit", reference=str(original),
-                        audit=AuditSettings(n_per_prompt=args.n_per_prompt), attacks=attacks,
-                        progress=False)  # fmt: skip
-    print_summary(doc, str(out / "audit"))
-    print(f"erased model: {out / 'erased-salun'}")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise ErasekitError(f"output folder is not empty: {out} (pass --overwrite)")
+    original = world_path("full")
+    sets = {"steps": args.erase_steps} if args.erase_steps else {}
+    preset = " ".join(f"{k}={v}" for k, v in {**SalUn.defaults(concept), **sets}.items())
+    print(f"erasing '{args.concept}' with SalUn ({preset}) ...")
+    erased = erase(original, concept, "salun", out / "erased-salun", settings=sets,
+                   cache_dir=out / "cache", overwrite=True, progress=False)  # fmt: skip
+    steps, every = args.attack_steps, args.attack_eval_every
+    print("auditing the erased model against the original and the never-learned model, "
+          f"with a benign fine-tuning attack ({steps} steps) on each ...")  # fmt: skip
+    result = audit(erased, concept, out / "audit", n_per_prompt=args.n_per_prompt,
+                   attacks={"finetune": {"steps": steps, "eval_every": every}},
+                   overwrite=True, progress=False,
+                   invocation={"command": sys.argv[1:]})  # fmt: skip
+    print_summary(result.document, str(out / "audit"))
+    print(f"erased model: {erased}")
     return 0

@@ -16,8 +16,8 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
             "Erase a concept with a method on the shared accelerate training loop and write the "
             "erased model (diffusers folder + erasekit.json + training_log.jsonl, and the SalUn "
             "mask, the ResAlign LoRA; negative-embedding: the unchanged weights + the learned "
-            "embedding + guidance.json). Settings: method defaults, then --config FILE.yaml, then "
-            "--set key=value. "
+            "embedding + guidance.json). Settings: method defaults, then --preset NAME, then "
+            "--config FILE.yaml, then --set key=value. "
             "Several processes: accelerate launch -m erasekit erase ..."
         ),
     )
@@ -27,6 +27,8 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
         "--method", required=True, help="erasure method (esd, salun, resalign, negative-embedding)"
     )
     p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--preset", metavar="NAME",
+                   help="named settings from a source (esd: paper, diffusers-code)")  # fmt: skip
     p.add_argument("--config", dest="method_config", metavar="FILE", help="YAML method settings")
     p.add_argument(
         "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -43,29 +45,16 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from erasekit.concepts import load_concept
+    from erasekit.api import erase
     from erasekit.distributed import process_state
-    from erasekit.errors import ErasekitError
-    from erasekit.methods import get_method
-    from erasekit.training import build_config, train
 
-    method_cls = get_method(args.method)
-    concept = load_concept(args.concept)
-    config = build_config(method_cls.Config, method_cls.defaults(concept),
-                          args.method_config, args.sets)  # fmt: skip
-    if args.mask and args.method != "salun":
-        raise ErasekitError("--mask applies to --method salun only")
-    from erasekit.commands._options import load_model_from_args
-
-    pipe = load_model_from_args(args)
-    extra = {"mask": args.mask} if args.method == "salun" else {}
-    method = method_cls(config, concept, model_path=args.model,
-                        forget_images=args.forget_images, retain_images=args.retain_images,
-                        cache_dir=args.cache_dir, progress=not args.no_progress,
-                        **extra)  # fmt: skip
-    out = train(method, pipe, model_path=args.model, out_dir=args.out, concept=concept,
-                resume=args.resume, overwrite=args.overwrite,
+    out = erase(args.model, args.concept, args.method, args.out, settings=args.sets,
+                preset=args.preset,
+                config_file=args.method_config, resume=args.resume, device=args.device,
+                model_config=args.model_config, allow_pickle=args.allow_pickle,
+                forget_images=args.forget_images, retain_images=args.retain_images,
+                mask=args.mask, cache_dir=args.cache_dir, overwrite=args.overwrite,
                 progress=not args.no_progress)  # fmt: skip
     if process_state().is_main_process:
-        print(f"erased '{concept.name}' with {args.method}: model written to {out}")
+        print(f"erased '{args.concept}' with {args.method}: model written to {out}")
     return 0

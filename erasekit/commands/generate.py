@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from erasekit.commands._options import add_model_options, load_model_from_args, positive_int
+from erasekit.commands._options import add_model_options, positive_int
 
 
 def register(subparsers, parent: argparse.ArgumentParser) -> None:
@@ -36,33 +36,17 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from erasekit.concepts import resolve_prompts
+    from erasekit.api import generate
     from erasekit.distributed import process_state
-    from erasekit.generate import SamplerSettings, generate
 
-    prompt_set = resolve_prompts(args.prompts).limit(args.limit)
-    # A single-file checkpoint's recorded defaults live in its --config folder.
-    settings = SamplerSettings.for_model(
-        args.model_config or args.model,
-        steps=args.steps,
-        height=args.height,
-        width=args.width,
-    )
-    pipe = load_model_from_args(args)
-    records = generate(
-        pipe,
-        prompt_set,
-        args.out,
-        model_path=args.model,
-        settings=settings,
-        n_per_prompt=args.n_per_prompt,
-        seed=args.seed,
-        guidance=args.guidance,
-        negative_prompt=args.negative_prompt,
-        batch_size=args.batch_size,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
+    records = generate(args.model, args.prompts, args.out, n_per_prompt=args.n_per_prompt,
+                       seed=args.seed, steps=args.steps, guidance=args.guidance,
+                       height=args.height, width=args.width,
+                       negative_prompt=args.negative_prompt, batch_size=args.batch_size,
+                       limit=args.limit, device=args.device, dtype=args.dtype,
+                       model_config=args.model_config, allow_pickle=args.allow_pickle,
+                       overwrite=args.overwrite, progress=not args.no_progress)  # fmt: skip
     if process_state().is_main_process:
-        print(f"wrote {len(records)} images of {len(prompt_set)} prompts to {args.out}")
+        prompts = len({r["prompt_index"] for r in records})
+        print(f"wrote {len(records)} images of {prompts} prompts to {args.out}")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from erasekit.commands._options import add_censor_options
+
 
 def register(subparsers, parent: argparse.ArgumentParser) -> None:
     p = subparsers.add_parser(
@@ -11,16 +13,17 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
         parents=[parent],
         help="re-render report.html / report.md of an audit folder",
         description="Re-render the report of an audit folder from results.json and "
-        "samples.jsonl. Flagged images are blurred unless --uncensored.",
+        "samples.jsonl. Flagged images are blurred when the concept is marked sensitive "
+        "(nudity; any spec without 'sensitive: false'); --censor/--uncensored decide instead.",
     )
     p.add_argument("folder", metavar="DIR", help="an audit folder (holds results.json)")
-    p.add_argument("--uncensored", action="store_true", help="show flagged images as is")
+    add_censor_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from erasekit.report import write_report
+    from erasekit.api import report
 
-    html_path, md_path = write_report(args.folder, uncensored=args.uncensored)
+    html_path, md_path = report(args.folder, censor=args.censor)
     print(f"wrote {html_path} and {md_path}")
     return 0

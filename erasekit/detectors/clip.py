@@ -179,6 +179,16 @@ class ClipDetector:
                                 lambda r, k=int(k): target in r["top"][:k]))  # fmt: skip
         return out
 
+    retain_rule = (
+        "CLIP top-1 class equals the declared class the prompt names (prompts naming none are "
+        "left out)"
+    )
+
+    def retain_correct(self, prompt: str, record: dict[str, Any]) -> bool | None:
+        """Retain accuracy's judgement (None: the prompt names no declared class)."""
+        named = self.named_class(prompt)
+        return None if named is None else record["top"][0] == named
+
     def named_class(self, prompt: str) -> str | None:
         """The declared class a prompt names (the longest match), or None."""
         found = [

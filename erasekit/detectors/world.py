@@ -14,7 +14,7 @@ from erasekit.detectors import DetectorOptions, Protocol
 from erasekit.errors import ErasekitError
 from erasekit.provenance import sha256_file
 from erasekit.world.classifier import LABELS
-from erasekit.world.render import DIMENSIONS, SIZE
+from erasekit.world.render import DIMENSIONS, SIZE, prompt_labels
 
 
 class WorldDetector:
@@ -91,3 +91,14 @@ class WorldDetector:
     @staticmethod
     def flagged(record: dict, dimension: str, target: str) -> bool:
         return record["pred"][dimension] == target
+
+    retain_rule = "classifier's shape/colour/style equal every attribute the prompt names"
+
+    @staticmethod
+    def retain_correct(prompt: str, record: dict[str, Any]) -> bool:
+        """Retain accuracy's judgement: the image's classes equal every attribute its prompt
+        names (canonical words)."""
+        labels = prompt_labels(prompt)
+        if not labels:
+            raise ErasekitError(f"retain prompt names no world attribute: {prompt!r}")
+        return all(record["pred"][dim] == value for dim, value in labels.items())

@@ -1,7 +1,12 @@
 """ESD (Erased Stable Diffusion): fine-tune the U-Net so that, for the concept prompt, it
 predicts the frozen original's noise with NEGATIVE guidance away from the concept.
 
-target = ε₀(x_t, "") − η · (ε₀(x_t, c) − ε₀(x_t, ""));  loss = MSE(ε_θ(x_t, c), target)
+target ("paper")          = ε₀(x_t, "") − η · (ε₀(x_t, c) − ε₀(x_t, ""))
+target ("diffusers-code") = ε₀(x_t, c)  − η · (ε₀(x_t, c) − ε₀(x_t, ""))
+loss = MSE(ε_θ(x_t, c), target)
+
+The paper's target and the newer diffusers ESD code's (with no erase-from concept given) differ
+by one unit of η: the code's η equals the paper's η + 1. ``target`` names the convention.
 
 x_t comes from a partial DDIM sample of the concept prompt (guidance 3) by the FROZEN original
 model, down to a random step of a 50-step schedule; this follows the newer diffusers ESD code.
@@ -9,8 +14,12 @@ The original ESD code sampled x_t with the model being trained, which makes the 
 distribution drift as the model forgets.
 
 Trainable sets: ``esd-x`` cross-attention (attn2) only, the usual choice for styles; ``esd-u``
-everything except cross-attention, for nudity and objects; ``esd-x-strict`` attn2 to_k/to_v only.
-Defaults follow the original paper: 1000 iterations, lr 1e-5, η = 1, batch 1, Adam.
+the Linear and Conv2d weights outside cross-attention, for nudity and objects (the newer code's
+set; norms stay frozen); ``esd-u-all`` every parameter outside cross-attention, norms included
+(the original code's); ``esd-x-strict`` attn2 to_k/to_v only.
+Defaults follow the original paper: 1000 iterations, lr 1e-5, η = 1, batch 1, Adam, gradients
+clipped at norm 1. Presets named after their source (``--preset NAME``): ``paper`` and
+``diffusers-code`` (200 iterations, lr 5e-5, its η = 2, no clipping).
 """
 
 from __future__ import annotations
@@ -26,13 +35,21 @@ from erasekit.errors import ErasekitError
 from erasekit.methods import Method
 from erasekit.training import TrainConfig, TrainContext
 
-VARIANTS = ("esd-x", "esd-u", "esd-x-strict")
+VARIANTS = ("esd-x", "esd-u", "esd-u-all", "esd-x-strict")
+TARGETS = ("paper", "diffusers-code")
 
+# Settings of each source (``--preset NAME``).
+PRESETS = {
+    "paper": {"steps": 1000, "lr": 1e-5, "negative_guidance": 1.0, "target": "paper",
+              "max_grad_norm": 1.0},
+    "diffusers-code": {"steps": 200, "lr": 5e-5, "negative_guidance": 2.0,
+                       "target": "diffusers-code", "max_grad_norm": 0.0},
+}  # fmt: skip
 
-# ShapesWorld v2: the newer ESD code's short preset (200 iterations, lr 5e-5, η 2), with the
-# partial sample drawn on the world's own 25-step DDIM schedule (the teacher's sampling is what
-# an ESD step costs). Measured in docs/results/erase-world.md.
-WORLD_PRESET = {"steps": 200, "lr": 5e-5, "negative_guidance": 2.0, "ddim_steps": 25}
+# ShapesWorld: the newer ESD code's preset, with the partial sample drawn on the world's own
+# 25-step DDIM schedule (the teacher's sampling is what an ESD step costs). Measured in
+# docs/results/erase-world.md.
+WORLD_PRESET = {**PRESETS["diffusers-code"], "ddim_steps": 25}
 
 
 @dataclass
@@ -41,6 +58,7 @@ class ESDConfig(TrainConfig):
     lr: float = 1e-5
     variant: str = "esd-u"  # default per concept kind: esd-x for styles, esd-u otherwise
     negative_guidance: float = 1.0  # η
+    target: str = "paper"  # paper | diffusers-code (see the module docstring)
     ddim_steps: int = 50  # schedule the partial sample's stopping step is drawn from
     sample_guidance: float = 3.0  # CFG scale of the partial sample
 
@@ -48,23 +66,46 @@ class ESDConfig(TrainConfig):
         super().validate()
         if self.variant not in VARIANTS:
             raise ErasekitError(f"variant must be one of {', '.join(VARIANTS)}")
+        if self.target not in TARGETS:
+            raise ErasekitError(f"target must be one of {', '.join(TARGETS)}")
         if self.ddim_steps < 1:
             raise ErasekitError("ddim_steps must be at least 1")
 
 
-def esd_selects(name: str, variant: str) -> bool:
-    """Whether U-Net parameter ``name`` is trained by ``variant``."""
+def esd_selects(name: str, variant: str, module: torch.nn.Module | None = None) -> bool:
+    """Whether U-Net parameter ``name`` (of ``module``) is trained by ``variant``."""
     in_xattn = ".attn2." in name
     if variant == "esd-x":
         return in_xattn
     if variant == "esd-x-strict":
         return in_xattn and (".to_k." in name or ".to_v." in name)
+    if variant == "esd-u":
+        return not in_xattn and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
     return not in_xattn
+
+
+def esd_parameters(unet, variant: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """The U-Net parameters ``variant`` trains, by name."""
+    out = []
+    for prefix, module in unet.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            name = f"{prefix}.{pname}" if prefix else pname
+            if esd_selects(name, variant, module):
+                out.append((name, p))
+    return out
+
+
+def esd_target(e_u: torch.Tensor, e_c: torch.Tensor, eta: float, convention: str) -> torch.Tensor:
+    """ESD's negatively guided target from the frozen model's unconditional and concept
+    predictions, in the paper's or the newer diffusers code's convention."""
+    base = e_u if convention == "paper" else e_c
+    return base - eta * (e_c - e_u)
 
 
 class ESD(Method):
     name = "esd"
     Config = ESDConfig
+    presets = PRESETS
 
     @classmethod
     def defaults(cls, concept) -> dict[str, Any]:
@@ -74,7 +115,7 @@ class ESD(Method):
         return variant
 
     def trainable_parameters(self, unet):
-        return [(n, p) for n, p in unet.named_parameters() if esd_selects(n, self.config.variant)]
+        return esd_parameters(unet, self.config.variant)
 
     def setup(self, ctx: TrainContext, teacher=None) -> None:
         """Build the frozen teacher (or use ``teacher``: a frozen copy of the original)."""
@@ -126,7 +167,8 @@ class ESD(Method):
         empty = ctx.empty_cond.expand(cond.shape[0], -1, -1)
         e_u, e_c = self._teacher_eps(torch.cat([x_t, x_t]), torch.cat([t, t]),
                                      torch.cat([empty, cond]), torch.float32).chunk(2)  # fmt: skip
-        return x_t, t, e_u - self.config.negative_guidance * (e_c - e_u)
+        cfg = self.config
+        return x_t, t, esd_target(e_u, e_c, cfg.negative_guidance, cfg.target)
 
     def loss(self, ctx: TrainContext, micro: int):
         cond = ctx.batch("forget", micro)["cond"]

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from erasekit.errors import ErasekitError
 from erasekit.methods import Method
 from erasekit.methods.esd import VARIANTS as ESD_VARIANTS
-from erasekit.methods.esd import esd_selects
+from erasekit.methods.esd import esd_parameters
 from erasekit.training import Split, TrainConfig, TrainContext, make_split, step_generator
 
 BASES = ("ga", "esd", "salun")
@@ -61,7 +61,7 @@ class ResAlignConfig(TrainConfig):
     lam: float = 0.8  # λ, the weight of L_h after simulated fine-tuning
     retain_weight: float = 1.6  # w_r in the first half of training
     retain_weight_late: float = 2.0  # w_r from the second half on
-    trainable: str = "lora"  # lora | full | mask (SalUn saliency) | esd-u | esd-x | esd-x-strict
+    trainable: str = "lora"  # lora | full | mask (SalUn saliency) | an ESD variant
     rank: int = 4
     lora_alpha: float = 4.0
     lora_targets: str = "to_q,to_k,to_v,to_out.0"
@@ -74,6 +74,7 @@ class ResAlignConfig(TrainConfig):
     max_resilience_norm: float = 0.2
     # base methods' own settings
     negative_guidance: float = 1.0  # esd: η
+    esd_target: str = "paper"  # esd: target convention, paper | diffusers-code
     ddim_steps: int = 50  # esd: partial-sample schedule
     sample_guidance: float = 3.0  # esd: CFG of the partial sample
     surrogate: str = ""  # salun: "" = the concept's surrogate prompt
@@ -154,7 +155,7 @@ def load_meta_distribution(file: str | Path, concept) -> MetaDistribution:
     """Read a meta-distribution YAML: ``configs`` (a list) and optional ``datasets``
     (name -> {prompts: FILE} | {images: DIR}); ``benign`` is the concept's benign prompts."""
     from erasekit.concepts import _prompt_set_field
-    from erasekit.training import read_yaml_mapping
+    from erasekit.config import read_yaml_mapping
 
     path = Path(file)
     spec = read_yaml_mapping(path, "meta-distribution file")
@@ -394,7 +395,7 @@ class ResAlign(Method):
 
             return add_lora(unet, cfg.rank, cfg.lora_alpha, cfg.targets())
         if cfg.trainable in ESD_VARIANTS:
-            return [(n, p) for n, p in unet.named_parameters() if esd_selects(n, cfg.trainable)]
+            return esd_parameters(unet, cfg.trainable)
         return list(unet.named_parameters())
 
     def setup(self, ctx: TrainContext) -> None:
@@ -407,7 +408,8 @@ class ResAlign(Method):
             from erasekit.methods.esd import ESD, ESDConfig
 
             self.esd = ESD(ESDConfig(ddim_steps=cfg.ddim_steps, sample_guidance=cfg.sample_guidance,
-                                     negative_guidance=cfg.negative_guidance, seed=cfg.seed),
+                                     negative_guidance=cfg.negative_guidance,
+                                     target=cfg.esd_target, seed=cfg.seed),
                            self.concept, model_path=self.model_path)  # fmt: skip
             self.esd.setup(ctx, teacher=self.teacher)
         if cfg.base == "salun":

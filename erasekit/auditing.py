@@ -2,8 +2,9 @@
 results.json (versioned schema), samples.jsonl, images/ and the report.
 
 Roles: ``audited`` (the model under audit), ``reference`` (the model before erasure: the base
-recorded in the audited model's manifest, or ``--reference``) and, for ShapesWorld concepts,
-``never-learned`` (the world model trained without the concept: the gold standard). With
+recorded in the audited model's manifest, or ``--reference``), ``never-learned`` (a model
+trained without the concept, the gold standard: the one the concept's spec names, e.g. the
+shipped ShapesWorld ``no-red``), and any further roles a caller names (a study's models). With
 guidance baselines, the audited weights are also rendered as ``baseline-unguided`` (without the
 folder's own guidance, when it has one), ``baseline-negative-prompt`` (the concept's words as a
 hand-written negative prompt) and ``baseline-sld`` (SLD with the concept's words as the safety
@@ -16,6 +17,7 @@ from __future__ import annotations
 import gc
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Any
 
 from erasekit.concepts import Concept, PromptSet
 from erasekit.detectors import DetectorOptions
-from erasekit.distributed import process_state
+from erasekit.distributed import process_state, resolve_device
 from erasekit.errors import ErasekitError
 from erasekit.evaluation import (
     Judges,
@@ -34,7 +36,6 @@ from erasekit.evaluation import (
     sampling_definition,
     set_metrics,
 )
-from erasekit.generate import SamplerSettings
 from erasekit.models import read_manifest
 from erasekit.outputs import (
     commit_output_dir,
@@ -45,6 +46,7 @@ from erasekit.outputs import (
     write_jsonl,
 )
 from erasekit.provenance import git_commit, library_versions, model_content_hash, peak_memory
+from erasekit.sampling import SamplerSettings
 
 SCHEMA = "erasekit.results"
 SCHEMA_VERSION = 1
@@ -83,47 +85,53 @@ def audit_prompt_sets(concept: Concept, limit: int | None = None) -> list[tuple[
     return out
 
 
-def _world_never_learned(concept: Concept) -> Path | None:
-    from erasekit.world import ASSETS
+def never_learned_model(concept: Concept) -> Path | None:
+    """The never-learned model the concept's spec names (``world:<model>``: a shipped
+    ShapesWorld model), or None."""
+    ref = concept.never_learned
+    if ref is None:
+        return None
+    if ref.startswith("world:"):
+        from erasekit.world import world_path
 
-    path = ASSETS / f"no-{concept.name}"
-    return path if concept.detector.get("name") == "world" and path.is_dir() else None
+        return world_path(ref.split(":", 1)[1])
+    return Path(ref)
 
 
-def resolve_models(
+def resolve_roles(
     model: str | Path,
     concept: Concept,
-    reference: str | None = None,
-    never_learned: str | None = None,
+    roles: Mapping[str, str | Path | None] | None = None,
 ) -> dict[str, Path | None]:
-    """Role -> model path. ``reference``/``never_learned``: a path, "none", or None for the
-    default (the manifest's base model; the shipped never-learned world model)."""
+    """Role -> model path: ``audited`` (the model), ``reference`` (default: the base model in
+    its manifest) and ``never-learned`` (default: the one the concept's spec names), then
+    ``roles`` over them: a path replaces or adds a role, None drops it (e.g. a study's
+    ``{"esd-seed1": path, ...}``)."""
     model = Path(model)
     if not model.exists():
         raise ErasekitError(f"model not found: {model}")
-    roles: dict[str, Path | None] = {"audited": model}
-    if reference == "none":
-        roles["reference"] = None
-    elif reference:
-        roles["reference"] = Path(reference)
-    else:
+    roles = dict(roles or {})
+    if "audited" in roles:
+        raise ErasekitError("role 'audited' is the audited model itself; name other roles")
+    out: dict[str, Path | None] = {"audited": model}
+    if "reference" not in roles:
         base = (read_manifest(model) if model.is_dir() else {}).get("base_model") or {}
-        roles["reference"] = Path(base["path"]) if base.get("path") else None
-        if roles["reference"] is not None and not roles["reference"].exists():
+        out["reference"] = Path(base["path"]) if base.get("path") else None
+        if out["reference"] is not None and not out["reference"].exists():
             raise ErasekitError(
-                f"the manifest's base model {roles['reference']} is not here; pass "
+                f"the manifest's base model {out['reference']} is not here; pass "
                 "--reference PATH, or --reference none to audit without one"
             )
-    if never_learned == "none":
-        roles["never-learned"] = None
-    elif never_learned:
-        roles["never-learned"] = Path(never_learned)
-    else:
-        roles["never-learned"] = _world_never_learned(concept)
+    if "never-learned" not in roles:
+        out["never-learned"] = never_learned_model(concept)
     for role, path in roles.items():
+        if not role or ":" in role:
+            raise ErasekitError(f"role names are plain words (no ':'), got {role!r}")
+        out[role] = Path(path) if path is not None else None
+    for role, path in out.items():
         if path is not None and not path.exists():
             raise ErasekitError(f"{role} model not found: {path}")
-    return roles
+    return out
 
 
 def guidance_baselines(concept: Concept, own=None) -> dict[str, Any]:
@@ -189,37 +197,38 @@ def evaluate_model(
 
 
 def attack_configs(
-    names: list[str],
+    attacks: Sequence[str] | Mapping[str, Any],
     file: str | Path | None = None,
-    sets: list[str] | None = None,
     concept: Concept | None = None,
 ) -> dict[str, Any]:
     """Each attack's config: its defaults (for ``concept``), then the FILE's ``name:`` mapping,
-    then ``name.key=value`` overrides."""
+    then the attack's own settings in ``attacks`` (name -> a mapping or ``key=value``
+    strings). Unknown attack names fail here, before any rendering."""
     from erasekit.attacks import get_attack
-    from erasekit.training import build_config, read_yaml_mapping
+    from erasekit.config import build_config, read_yaml_mapping
 
+    given = dict(attacks) if isinstance(attacks, Mapping) else {n: None for n in attacks}
     data: dict[str, Any] = {}
     if file is not None:
         data = read_yaml_mapping(file, "attack config")
         if not all(isinstance(v, dict) for v in data.values()):
             raise ErasekitError(f"{file}: expected a mapping of attack name -> settings")
-        unknown = sorted(set(data) - set(names))
+        unknown = sorted(set(data) - set(given))
         if unknown:
             raise ErasekitError(f"{file}: settings for attacks not requested: {', '.join(unknown)}")
-    per_attack: dict[str, list[str]] = {n: [] for n in names}
-    for item in sets or []:
-        name, dot, rest = item.partition(".")
-        if not dot or name not in per_attack:
-            raise ErasekitError(f"--attack-set expects ATTACK.key=value for a requested attack, "
-                                f"got {item!r}")  # fmt: skip
-        per_attack[name].append(rest)
     configs = {}
-    for name in names:
+    for name, settings in given.items():
         cls = get_attack(name)
+        layers = [(f"{file}:{name}", data.get(name, {}))]
+        sets: list[str] = []
+        if isinstance(settings, Mapping):
+            layers.append((f"{name} settings", dict(settings)))
+        elif settings is not None:
+            if isinstance(settings, str):
+                raise ErasekitError(f"{name}: settings are a mapping or key=value strings")
+            sets = list(settings)
         configs[name] = build_config(cls.Config, defaults=cls.defaults(concept),
-                                     mapping=(f"{file}:{name}", data.get(name, {})),
-                                     sets=per_attack[name])  # fmt: skip
+                                     mappings=layers, sets=sets)  # fmt: skip
     return configs
 
 
@@ -368,26 +377,31 @@ def run_audit(
     concept: Concept,
     out: str | Path,
     *,
+    roles: Mapping[str, str | Path | None] | None = None,
     audit: AuditSettings = AuditSettings(),
     detectors: DetectorOptions | None = None,
-    reference: str | None = None,
-    never_learned: str | None = None,
     model_config: str | None = None,
     allow_pickle: bool = False,
-    uncensored: bool = False,
+    censor: bool | None = None,
     overwrite: bool = False,
     progress: bool = True,
     attacks: dict[str, Any] | None = None,
     baselines: bool = False,
+    invocation: dict[str, Any] | None = None,
+    labels: Mapping[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run the audit and write ``out`` (all or nothing); return the results document.
-    ``baselines``: also render the audited weights with the guidance baselines."""
-    from erasekit.commands._options import resolve_device
+    ``roles``: see ``resolve_roles``. ``baselines``: also render the audited weights with the
+    guidance baselines. ``censor``: blur flagged images in the report (None: when the concept
+    is marked sensitive). ``invocation``: what results.json records of how the audit was
+    started (``{"command": argv}`` from the CLI, ``{"call": ...}`` from Python). ``labels``:
+    role -> fields that replace what results.json says of that role's model (e.g. the source
+    of an in-memory pipeline audited from a staged copy)."""
     from erasekit.models import load_pipeline
-    from erasekit.report import write_report
+    from erasekit.reporting import write_report
 
     started = time.time()
-    roles = resolve_models(model, concept, reference, never_learned)
+    roles = resolve_roles(model, concept, roles)
     device = resolve_device(audit.device)
     detectors = DetectorOptions(**{**asdict(detectors or DetectorOptions()), "device": device})
     judges = build_judges(concept, detectors)  # fails before any rendering
@@ -428,7 +442,7 @@ def run_audit(
             results[role] = m
             breakdowns[role] = b
             base = audited_manifest.get("base_model") if role == "reference" else None
-            models_info[role] = describe_model(path, base)
+            models_info[role] = {**describe_model(path, base), **(labels or {}).get(role, {})}
             if role == "audited" and baselines:
                 own = getattr(pipe, "erasekit_guidance", None)
                 for name, guidance in guidance_baselines(concept, own).items():
@@ -456,7 +470,7 @@ def run_audit(
             "schema_version": SCHEMA_VERSION,
             "kind": "audit",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": sys.argv[1:],
+            **(invocation or {"call": {"function": "erasekit.auditing.run_audit"}}),
             "concept": concept.describe(),
             "models": models_info,
             "detectors": judges.describe(),
@@ -483,7 +497,7 @@ def run_audit(
         if state.is_main_process:
             write_jsonl(tmp / "samples.jsonl", samples)
             write_json(tmp / "results.json", document)
-            write_report(tmp, uncensored=uncensored)
+            write_report(tmp, censor=censor)
             commit_output_dir(tmp, out)
         state.wait_for_everyone()
     except BaseException:

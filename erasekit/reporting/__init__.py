@@ -418,7 +418,9 @@ def prompt_roles(per_prompt: dict[str, list[dict]]) -> dict[str, list[str]]:
 # ----------------------------------------------------------------------------- writers
 
 
-def render_html(folder: Path, doc: dict[str, Any], samples: list, uncensored: bool) -> str:
+def render_html(
+    folder: Path, doc: dict[str, Any], samples: list, uncensored: bool, censor_reason: str = ""
+) -> str:
     import jinja2
 
     env = jinja2.Environment(
@@ -490,6 +492,7 @@ def render_html(folder: Path, doc: dict[str, Any], samples: list, uncensored: bo
         set_roles=prompt_roles(per_prompt),
         per_prompt=per_prompt,
         uncensored=uncensored,
+        censor_reason=censor_reason,
         n_censored=n_censored,
         definitions=json.dumps(definitions, indent=2, default=str),
         provenance=json.dumps(doc.get("provenance"), indent=2, default=str),
@@ -497,13 +500,16 @@ def render_html(folder: Path, doc: dict[str, Any], samples: list, uncensored: bo
     )
 
 
-def render_markdown(doc: dict[str, Any]) -> str:
+def render_markdown(doc: dict[str, Any], censored: bool = True, censor_reason: str = "") -> str:
     concept = doc["concept"]
     roles = roles_of(doc)
+    shown = "blurred in report.html" if censored else "shown as rendered in report.html"
     lines = [
         f"# erasekit audit: concept '{concept['name']}' ({concept['kind']})",
         "",
         f"Audited model: `{doc['models']['audited']['path']}`",
+        "",
+        f"Flagged images: {shown} ({censor_reason}).",
         "",
         "| metric | " + " | ".join(roles) + " | Δ (audited − reference) | n (audited) |",
         "|---|" + "---|" * len(roles) + "---|---|",
@@ -563,23 +569,57 @@ def render_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def print_summary(doc: dict[str, Any], out: str | Path) -> None:
+    """The audit's verdicts, guidance and attack lines on stdout, then where the report is."""
+    for row in summary_rows(doc):
+        print(verdict(row))
+    for line in guidance_verdicts(doc):
+        print(f"guidance: {line}")
+    for line in attack_verdicts(doc) + prompt_attack_verdicts(doc):
+        print(line)
+    print(f"report: {out}/report.html (results.json, report.md, samples.jsonl beside it)")
+
+
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def write_report(folder: str | Path, uncensored: bool = False) -> tuple[Path, Path]:
-    """(Re)write report.html and report.md in an audit folder from its results."""
+def censoring(doc: dict[str, Any], censor: bool | None = None) -> tuple[bool, str]:
+    """(whether flagged images are blurred, why): ``censor`` when given, else the concept's
+    ``sensitive`` flag (a results file without one counts as sensitive)."""
+    concept = doc.get("concept") or {}
+    if censor is not None:
+        return censor, "--censor" if censor else "--uncensored"
+    sensitive = concept.get("sensitive", True)
+    why = f"concept '{concept.get('name')}' is {'' if sensitive else 'not '}marked sensitive"
+    return bool(sensitive), why
+
+
+def write_report(folder: str | Path, censor: bool | None = None) -> tuple[Path, Path]:
+    """(Re)write report.html and report.md in an audit folder from its results. Flagged images
+    are blurred when ``censor`` is True, shown when False, and by default when the concept is
+    marked sensitive (``nudity`` and any user spec that does not say ``sensitive: false``)."""
     folder = Path(folder)
     doc, samples = load_results(folder)
+    blur, why = censoring(doc, censor)
+    uncensored = not blur
     missing = [s["image"] for s in samples if not (folder / s["image"]).is_file()]
     if missing:
         raise ErasekitError(f"{len(missing)} images are missing from {folder}, e.g. {missing[0]}")
     html_path, md_path = folder / "report.html", folder / "report.md"
-    _write_text(html_path, render_html(folder, doc, samples, uncensored))
-    _write_text(md_path, render_markdown(doc))
+    _write_text(html_path, render_html(folder, doc, samples, uncensored, why))
+    _write_text(md_path, render_markdown(doc, blur, why))
     return html_path, md_path
 
 
-__all__ = ["censor", "load_results", "summary_rows", "verdict", "write_report"]
+__all__ = [
+    "censor",
+    "censoring",
+    "load_results",
+    "print_summary",
+    "summary_rows",
+    "verdict",
+    "write_report",
+]

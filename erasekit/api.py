@@ -1,0 +1,345 @@
+"""The Python API: what the command line does, as functions.
+
+    import erasekit
+    erased = erasekit.erase(erasekit.world_path(), "red", "salun", "erased-red")
+    result = erasekit.audit(erased, "red", "audit-red")
+    rate = result.metrics["concept_rate/direct"]
+    print(rate["value"], rate["ci95"], rate["n_images"])
+
+``model`` is a model folder (or a single-file checkpoint with ``model_config``) or a pipeline
+already loaded (``erasekit.load_pipeline``); ``concept`` a built-in name, a YAML spec path or a
+loaded ``Concept``. Every output folder is written atomically, as by the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from erasekit.concepts import Concept, PromptSet, load_concept, resolve_prompts
+from erasekit.errors import ErasekitError
+
+Settings = Mapping[str, Any] | Sequence[str] | None
+
+
+def _concept(concept: str | Path | Concept) -> Concept:
+    return concept if isinstance(concept, Concept) else load_concept(str(concept))
+
+
+def _is_pipeline(model: Any) -> bool:
+    return hasattr(model, "unet") and hasattr(model, "scheduler")
+
+
+def _source_path(pipe) -> Path | None:
+    """The folder a loaded pipeline came from, when diffusers recorded one that exists."""
+    name = getattr(pipe, "name_or_path", None) or getattr(pipe.config, "_name_or_path", None)
+    return Path(name) if name and Path(name).exists() else None
+
+
+def _load(model, *, device: str | None, dtype: str = "fp32", model_config=None,
+          allow_pickle: bool = False):  # fmt: skip
+    """(pipeline, its path or None): a loaded pipeline as given, a path loaded on ``device``."""
+    from erasekit.distributed import resolve_device
+    from erasekit.models import load_pipeline
+
+    if _is_pipeline(model):
+        return model, _source_path(model)
+    pipe = load_pipeline(model, dtype=dtype, device=resolve_device(device), config=model_config,
+                         allow_pickle=allow_pickle)  # fmt: skip
+    return pipe, Path(model)
+
+
+def _split_settings(settings: Settings) -> tuple[list[str], dict | None]:
+    """``key=value`` strings (as on the command line) or a mapping of settings."""
+    if settings is None:
+        return [], None
+    if isinstance(settings, Mapping):
+        return [], dict(settings)
+    if isinstance(settings, str):
+        raise ErasekitError("settings: a mapping or a list of key=value strings, not one string")
+    return list(settings), None
+
+
+def erase(
+    model,
+    concept: str | Path | Concept,
+    method: str,
+    out: str | Path,
+    *,
+    settings: Settings = None,
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    resume: str | None = None,
+    device: str | None = None,
+    model_config: str | Path | None = None,
+    allow_pickle: bool = False,
+    forget_images: str | Path | None = None,
+    retain_images: str | Path | None = None,
+    mask: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Erase ``concept`` from ``model`` with ``method`` (esd, salun, resalign,
+    negative-embedding) and write the erased model folder ``out``; returns its path.
+
+    Settings layer as on the command line: the method's defaults for the concept (e.g. its
+    ShapesWorld preset), then the named ``preset`` (e.g. ESD's ``paper`` or
+    ``diffusers-code``), then ``config_file`` (YAML), then ``settings`` (a mapping, or
+    ``key=value`` strings). ``resume``: "latest" or a checkpoint path of an interrupted run.
+    """
+    from erasekit.config import build_config
+    from erasekit.methods import get_method
+    from erasekit.training import train
+
+    method_cls = get_method(method)
+    spec = _concept(concept)
+    sets, mapping = _split_settings(settings)
+    defaults = method_cls.defaults(spec)
+    if preset is not None:
+        defaults = {**defaults, **method_cls.preset(preset)}
+    config = build_config(method_cls.Config, defaults, config_file, sets,
+                          mappings=[("settings", mapping)] if mapping else None)  # fmt: skip
+    if mask is not None and method != "salun":
+        raise ErasekitError("--mask applies to --method salun only")
+    pipe, path = _load(model, device=device, model_config=model_config,
+                       allow_pickle=allow_pickle)  # fmt: skip
+    if path is None:
+        raise ErasekitError("erase needs the model's folder (the manifest records the base "
+                            "model): pass its path, or a pipeline loaded from one")  # fmt: skip
+    extra = {"mask": mask} if method == "salun" else {}
+    job = method_cls(config, spec, model_path=path, forget_images=forget_images,
+                     retain_images=retain_images, cache_dir=cache_dir, progress=progress,
+                     **extra)  # fmt: skip
+    return train(job, pipe, model_path=path, out_dir=out, concept=spec, resume=resume,
+                 overwrite=overwrite, progress=progress)  # fmt: skip
+
+
+def generate(
+    model,
+    prompts: str | Path | Sequence[str] | PromptSet,
+    out: str | Path,
+    *,
+    n_per_prompt: int = 1,
+    seed: int = 0,
+    steps: int | None = None,
+    guidance: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | None = None,
+    batch_size: int = 4,
+    limit: int | None = None,
+    device: str | None = None,
+    dtype: str = "fp32",
+    model_config: str | Path | None = None,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Render prompts (a prompt file, one prompt, a list or a PromptSet) into ``out``:
+    images/*.png, samples.jsonl and generation.json. Returns the sample records."""
+    from erasekit.concepts import prompt_set_from_list
+    from erasekit.sampling import SamplerSettings
+    from erasekit.sampling import generate as render
+
+    if isinstance(prompts, PromptSet):
+        prompt_set = prompts
+    elif isinstance(prompts, (str, Path)):
+        prompt_set = resolve_prompts(str(prompts))
+    else:
+        prompt_set = prompt_set_from_list(list(prompts))
+    prompt_set = prompt_set.limit(limit)
+    pipe, path = _load(model, device=device, dtype=dtype, model_config=model_config,
+                       allow_pickle=allow_pickle)  # fmt: skip
+    # A single-file checkpoint's recorded defaults live in its config folder.
+    settings = SamplerSettings.for_model(model_config or path, steps=steps, height=height,
+                                         width=width)  # fmt: skip
+    return render(pipe, prompt_set, out, model_path=path, settings=settings,
+                  n_per_prompt=n_per_prompt, seed=seed, guidance=guidance,
+                  negative_prompt=negative_prompt, batch_size=batch_size, overwrite=overwrite,
+                  progress=progress)  # fmt: skip
+
+
+def evaluate(
+    model,
+    concept: str | Path | Concept,
+    *,
+    sets: Sequence[str] | None = None,
+    n_per_prompt: int = 1,
+    seed: int = 0,
+    limit: int | None = None,
+    batch_size: int = 8,
+    steps: int | None = None,
+    guidance: float | None = None,
+    detectors=None,
+    device: str | None = None,
+    work_dir: str | Path | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The audit's measurements of one model, without references or a report: metric key
+    (``concept_rate/direct``, ``retain_accuracy/retain`` ...) -> metric with value, 95%
+    interval, n and definition. ``sets``: names among the concept's evaluation sets,
+    ``forget`` and ``retain`` (default: all of them). Images go to ``work_dir`` (default: a
+    temporary folder, removed)."""
+    from dataclasses import asdict
+
+    from erasekit.auditing import AuditSettings, audit_prompt_sets, evaluate_model
+    from erasekit.detectors import DetectorOptions
+    from erasekit.distributed import resolve_device
+    from erasekit.evaluation import build_judges
+    from erasekit.sampling import SamplerSettings
+
+    spec = _concept(concept)
+    dev = resolve_device(device)
+    options = DetectorOptions(**{**asdict(detectors or DetectorOptions()), "device": dev})
+    judges = build_judges(spec, options)
+    chosen = audit_prompt_sets(spec, limit)
+    if sets is not None:
+        names = [ps.name for ps, _ in chosen]
+        unknown = [s for s in sets if s not in names]
+        if unknown:
+            raise ErasekitError(f"unknown prompt set {unknown[0]!r} of concept "
+                                f"'{spec.name}' (sets: {', '.join(names)})")  # fmt: skip
+        chosen = [(ps, u) for ps, u in chosen if ps.name in sets]
+    pipe, path = _load(model, device=dev)
+    settings = SamplerSettings.for_model(path, steps=steps, guidance=guidance)
+    audit = AuditSettings(n_per_prompt=n_per_prompt, seed=seed, limit=limit,
+                          batch_size=batch_size, steps=steps, guidance=guidance,
+                          device=dev)  # fmt: skip
+    root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="erasekit-evaluate-"))
+    try:
+        _, metrics, _ = evaluate_model(pipe, path, "model", chosen, judges, root, settings, audit)
+    finally:
+        if work_dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    return metrics
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """An audit's results document (``results.json``, as written) and where it was written."""
+
+    document: dict[str, Any]
+    path: Path
+
+    @classmethod
+    def of(cls, document: dict[str, Any], path: str | Path) -> AuditResult:
+        """The document as results.json holds it (JSON types only)."""
+        return cls(json.loads(json.dumps(document, default=str)), Path(path))
+
+    @property
+    def metrics(self) -> dict[str, dict[str, Any]]:
+        """The audited model's metrics by key (value, ci95, n, definition)."""
+        return self.document["results"]["audited"]
+
+    @property
+    def results(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Every role's metrics: role -> key -> metric (attacked models as ``attack:role``)."""
+        return self.document["results"]
+
+    @property
+    def roles(self) -> list[str]:
+        return [r for r in self.document["results"] if ":" not in r]
+
+    def verdicts(self) -> list[str]:
+        """One plain statement per metric (values, intervals, n; never a 'safe')."""
+        from erasekit.reporting import summary_rows, verdict
+
+        return [verdict(row) for row in summary_rows(self.document)]
+
+    def to_json(self) -> str:
+        return json.dumps(self.document, indent=2)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> AuditResult:
+        """The result of an audit folder written earlier."""
+        from erasekit.reporting import load_results
+
+        doc, _ = load_results(Path(folder))
+        return cls(doc, Path(folder))
+
+
+def audit(
+    model,
+    concept: str | Path | Concept,
+    out: str | Path,
+    *,
+    roles: Mapping[str, str | Path | None] | None = None,
+    attacks: Sequence[str] | Mapping[str, Settings] | None = None,
+    attack_config: str | Path | None = None,
+    n_per_prompt: int = 1,
+    seed: int = 0,
+    limit: int | None = None,
+    batch_size: int = 8,
+    steps: int | None = None,
+    guidance: float | None = None,
+    dtype: str = "fp32",
+    device: str | None = None,
+    detectors=None,
+    model_config: str | Path | None = None,
+    allow_pickle: bool = False,
+    guidance_baselines: bool = False,
+    censor: bool | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    invocation: dict[str, Any] | None = None,
+) -> AuditResult:
+    """Audit ``model`` on ``concept`` beside its references and write ``out`` (results.json,
+    samples.jsonl, images/, report.html, report.md).
+
+    ``roles``: role -> model over the defaults (``reference``: the base model in the model's
+    manifest; ``never-learned``: the one the concept's spec names); None drops a role, a new
+    name adds a model. ``attacks``: names (``["finetune"]``) or name -> settings
+    (``{"finetune": {"steps": 50}}``), run on every role with the same data and budget.
+    ``censor``: blur flagged images in the report (default: when the concept is sensitive).
+    """
+    from erasekit.auditing import AuditSettings, attack_configs, run_audit
+    from erasekit.models import build_manifest, save_model
+
+    spec = _concept(concept)
+    configs = None
+    if attacks:
+        configs = attack_configs(attacks, attack_config, spec)
+    elif attack_config is not None:
+        raise ErasekitError("an attack config was given without attacks")
+    settings = AuditSettings(n_per_prompt=n_per_prompt, seed=seed, limit=limit,
+                             batch_size=batch_size, steps=steps, guidance=guidance, dtype=dtype,
+                             device=device)  # fmt: skip
+    invocation = invocation or {"call": {"function": "erasekit.audit", "model": str(model),
+                                         "concept": spec.name, "out": str(out)}}  # fmt: skip
+    common = dict(roles=roles, audit=settings, detectors=detectors, model_config=model_config,
+                  allow_pickle=allow_pickle, censor=censor, overwrite=overwrite,
+                  progress=progress, attacks=configs, baselines=guidance_baselines,
+                  invocation=invocation)  # fmt: skip
+    if not _is_pipeline(model):
+        return AuditResult.of(run_audit(model, spec, out, **common), out)
+    # An in-memory pipeline is audited as saved beside the output, then the copy is removed.
+    source = _source_path(model)
+    staged = Path(tempfile.mkdtemp(prefix=".erasekit-audited-", dir=Path(out).parent))
+    try:
+        save_model(model, staged / "model", build_manifest(base_model=source, method="in-memory"))
+        if source is not None and (roles is None or "reference" not in roles):
+            from erasekit.models import read_manifest
+
+            base = (read_manifest(source) or {}).get("base_model") or {}
+            common["roles"] = {**(roles or {}), "reference": base.get("path") or source}
+        doc = run_audit(staged / "model", spec, out, **common,
+                        labels={"audited": {"path": str(source) if source else None,
+                                            "in_memory": True}})  # fmt: skip
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return AuditResult.of(doc, out)
+
+
+def report(audit_dir: str | Path, *, censor: bool | None = None) -> tuple[Path, Path]:
+    """Re-render report.html and report.md of an audit folder; returns their paths."""
+    from erasekit.reporting import write_report
+
+    return write_report(audit_dir, censor=censor)
+
+
+__all__ = ["AuditResult", "audit", "erase", "evaluate", "generate", "report"]

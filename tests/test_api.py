@@ -1,0 +1,114 @@
+"""The Python API: the README's snippet runs, roles are any mapping, in-memory pipelines are
+audited as they are, results record the call, censoring follows the concept."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import erasekit
+from erasekit.errors import ErasekitError
+from erasekit.world import world_path
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def readme_snippet() -> str:
+    text = README.read_text()
+    section = text[text.index("## Python API") :]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_snippet_runs(tmp_path, monkeypatch, capsys):
+    """The snippet as written, with the erasure and the audit shrunk to a few steps/prompts."""
+    erase, audit = erasekit.erase, erasekit.audit
+
+    def small_erase(*args, **kwargs):
+        settings = {"steps": 2, "images_per_prompt": 1, "mask_batch_size": 8}
+        return erase(*args, **kwargs, settings=settings, progress=False)
+
+    def small_audit(*args, **kwargs):
+        return audit(*args, **{**kwargs, "n_per_prompt": 1}, limit=2, progress=False)
+
+    monkeypatch.setattr(erasekit, "erase", small_erase)
+    monkeypatch.setattr(erasekit, "audit", small_audit)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ERASEKIT_CACHE", str(tmp_path / "cache"))
+    exec(compile(readme_snippet(), "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert re.search(r"red on direct prompts: \d\.\d\d \[[\d.]+, [\d.]+\] \(n=2\)", out), out
+    assert "vs never-learned" in out and "safe" not in out.lower()
+    doc = json.loads((tmp_path / "audit-red" / "results.json").read_text())
+    assert "command" not in doc and doc["call"]["function"] == "erasekit.audit"
+    assert doc["models"]["audited"]["path"] == str((tmp_path / "erased-red").resolve())
+    assert (tmp_path / "erased-red" / "erasekit.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def roles_audit(tmp_path_factory):
+    out = tmp_path_factory.mktemp("api") / "audit"
+    result = erasekit.audit(world_path("no-red"), "red", out, limit=1, progress=False,
+                            roles={"reference": world_path("full"), "never-learned": None,
+                                   "no-circle": world_path("no-circle")})  # fmt: skip
+    return result
+
+
+def test_audit_takes_any_roles_and_returns_the_results_document(roles_audit):
+    assert roles_audit.roles == ["audited", "reference", "no-circle"]
+    assert set(roles_audit.results) == {"audited", "reference", "no-circle"}
+    m = roles_audit.metrics["concept_rate/direct"]
+    assert 0 <= m["ci95"][0] <= m["value"] <= m["ci95"][1] <= 1 and m["definition"]["detector"]
+    assert json.loads(roles_audit.to_json()) == roles_audit.document
+    again = erasekit.AuditResult.load(roles_audit.path)
+    assert again.document == roles_audit.document
+    md = (roles_audit.path / "report.md").read_text()
+    assert "no-circle" in md.split("## Verdicts")[0]
+
+
+def test_world_reports_show_flagged_images_and_say_why(roles_audit, tmp_path):
+    import shutil
+
+    md = (roles_audit.path / "report.md").read_text()
+    assert "shown as rendered" in md and "'red' is not marked sensitive" in md
+    copy = tmp_path / "copy"
+    shutil.copytree(roles_audit.path, copy)
+    erasekit.report(copy, censor=True)
+    assert "blurred in report.html (--censor)" in (copy / "report.md").read_text()
+
+
+def test_audit_of_an_in_memory_pipeline(tmp_path):
+    import torch
+
+    pipe = erasekit.load_pipeline(world_path("no-red"))
+    with torch.no_grad():  # an edit that exists only in memory
+        pipe.unet.conv_out.bias.add_(0.5)
+    result = erasekit.audit(pipe, "red", tmp_path / "a", limit=1, progress=False,
+                            roles={"never-learned": None})  # fmt: skip
+    audited = result.document["models"]["audited"]
+    assert audited["in_memory"] is True and audited["path"] == str(world_path("no-red"))
+    on_disk = result.document["models"]["reference"]  # no manifest base: the source folder
+    assert on_disk["path"] == str(world_path("no-red").resolve())
+    assert audited["sha256"] != on_disk["sha256"]  # the edited weights were audited
+    assert not list(tmp_path.glob(".erasekit-audited-*"))
+
+
+def test_evaluate_returns_metrics_with_definitions():
+    metrics = erasekit.evaluate(world_path("full"), "red", sets=["direct"], limit=2, seed=1)
+    assert set(metrics) == {"concept_rate/direct"}
+    m = metrics["concept_rate/direct"]
+    assert m["n_images"] == 2 and m["definition"]["protocol"]["world_version"] == 2
+    with pytest.raises(ErasekitError, match="unknown prompt set 'nope'"):
+        erasekit.evaluate(world_path("full"), "red", sets=["nope"])
+
+
+def test_api_errors_are_one_line(tmp_path):
+    with pytest.raises(ErasekitError, match="unknown concept"):
+        erasekit.erase(world_path("full"), "redd", "salun", tmp_path / "x")
+    with pytest.raises(ErasekitError, match="role 'audited'"):
+        erasekit.audit(world_path("full"), "red", tmp_path / "y", roles={"audited": "x"})
+    with pytest.raises(ErasekitError, match="unknown config key 'stepz'"):
+        erasekit.erase(world_path("full"), "red", "salun", tmp_path / "z", settings={"stepz": 1})
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
