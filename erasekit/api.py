@@ -319,6 +319,7 @@ def audit(
         return AuditResult.of(run_audit(model, spec, out, **common), out)
     # An in-memory pipeline is audited as saved beside the output, then the copy is removed.
     source = _source_path(model)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=".erasekit-audited-", dir=Path(out).parent))
     try:
         save_model(model, staged / "model", build_manifest(base_model=source, method="in-memory"))

@@ -43,6 +43,22 @@ def run_cli(
     )
 
 
+def run_main(capsys, *args: str):
+    """The `erasekit` entry point in this process (no interpreter start-up): exit code, stdout
+    and stderr, as ``run_cli`` reports them."""
+    import subprocess as sp
+
+    from erasekit.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse: --help, usage errors
+        code = e.code if isinstance(e.code, int) else 2
+    out = capsys.readouterr()
+    return sp.CompletedProcess(["erasekit", *args], code, out.out, out.err)
+
+
 def assert_one_line_error(result, *fragments: str) -> None:
     """Exit code 2, one stderr line starting 'erasekit: error:', no traceback."""
     assert result.returncode == 2, (result.returncode, result.stderr)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, run_main
 
 import erasekit
 from erasekit.cli import build_parser
@@ -17,12 +17,12 @@ def test_version():
     assert result.returncode == 0 and result.stdout.strip() == f"erasekit {erasekit.__version__}"
 
 
-def test_help_for_every_subcommand():
+def test_help_for_every_subcommand(capsys):
     parser = build_parser()
     subcommands = parser._subparsers._group_actions[0].choices  # noqa: SLF001
     assert {"generate", "concepts", "demo"} <= set(subcommands)
     for name in subcommands:
-        result = run_cli(name, "--help")
+        result = run_main(capsys, name, "--help")
         assert result.returncode == 0 and "usage: erasekit " + name in result.stdout
 
 
@@ -44,7 +44,7 @@ def test_generate_end_to_end(tiny_model_dir: Path, tmp_path: Path):
     assert "wrote 2 images of 1 prompts" in result.stdout
 
 
-def test_bad_inputs_one_line_exit_2(tiny_model_dir: Path, tmp_path: Path):
+def test_bad_inputs_one_line_exit_2(tiny_model_dir: Path, tmp_path: Path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     gen = ["generate", "--prompts", "x", "--out", str(tmp_path / "o")]
@@ -92,7 +92,7 @@ def test_bad_inputs_one_line_exit_2(tiny_model_dir: Path, tmp_path: Path):
         (["no-such-command"], "invalid choice"),
     ]
     for args, fragment in cases:
-        assert_one_line_error(run_cli(*args), fragment)
+        assert_one_line_error(run_main(capsys, *args), fragment)
     assert not (tmp_path / "o").exists(), "no output is left behind on errors"
 
 

@@ -419,4 +419,4 @@ def test_esd_u_trains_the_codes_set_and_presets_name_their_source(tiny_pipe):
     with pytest.raises(ErasekitError, match="no preset 'nope'"):
         ESD.preset("nope")
     world = ESD.defaults(load_concept("red"))
-    assert world["target"] == "diffusers-code" and world["negative_guidance"] == 2.0
+    assert world["target"] == "diffusers-code" and world["negative_guidance"] == 3.0
