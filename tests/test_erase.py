@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, run_main
 from safetensors.torch import load_file
 
 import erasekit
@@ -289,22 +289,26 @@ def _erase_cli(model, out, *extra, env=None):
                    "--no-progress", *extra, env=env)  # fmt: skip
 
 
-def test_cli_erases_and_bad_inputs_exit_2_without_output(tiny_model_dir, tmp_path):
+def test_cli_erases_and_bad_inputs_exit_2_without_output(tiny_model_dir, tmp_path, capsys):
     env = {"ERASEKIT_CACHE": str(tmp_path / "cache")}
     ok = _erase_cli(tiny_model_dir, tmp_path / "ok", "--method", "salun", "--set", "steps=2",
                     "--set", "images_per_prompt=1", env=env)  # fmt: skip
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert (tmp_path / "ok" / "salun_mask.safetensors").is_file()
 
-    r = _erase_cli(tiny_model_dir, tmp_path / "a", "--method", "esdd", env=env)
+    def cli(model, out, *extra):  # the same entry point, in this process
+        return run_main(capsys, "erase", "--model", str(model), "--concept", "circle", "--out",
+                        str(out), "--no-progress", *extra)  # fmt: skip
+
+    r = cli(tiny_model_dir, tmp_path / "a", "--method", "esdd")
     assert_one_line_error(r, "unknown method 'esdd'", "esd")
-    r = _erase_cli(tiny_model_dir, tmp_path / "b", "--method", "esd", "--set", "etaa=2", env=env)
+    r = cli(tiny_model_dir, tmp_path / "b", "--method", "esd", "--set", "etaa=2")
     assert_one_line_error(r, "unknown config key 'etaa'", "negative_guidance")
-    r = _erase_cli(tiny_model_dir, tmp_path / "c", "--method", "esd", "--set", "steps=3",
-                   "--set", "ddim_steps=2", "--set", "lr=1e30", "--set", "max_grad_norm=0",
-                   "--set", "checkpointing_steps=1", env=env)  # fmt: skip
+    r = cli(tiny_model_dir, tmp_path / "c", "--method", "esd", "--set", "steps=3",
+            "--set", "ddim_steps=2", "--set", "lr=1e30", "--set", "max_grad_norm=0",
+            "--set", "checkpointing_steps=1")  # fmt: skip
     assert_one_line_error(r, "loss became", "last good checkpoint", "checkpoint-1")
-    r = _erase_cli(tmp_path / "missing", tmp_path / "d", "--method", "esd", env=env)
+    r = cli(tmp_path / "missing", tmp_path / "d", "--method", "esd")
     assert_one_line_error(r, "model path not found")
     for name in "abcd":
         assert not (tmp_path / name).exists()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, run_cli, run_main
 
 
 def test_sld_update_matches_the_equations():
@@ -101,11 +101,12 @@ def test_guided_folder_renders_through_generate(tmp_path, tiny_model_dir):
         ({"mode": "sld", "concept": "x", "embedding": "missing.safetensors"}, "not found"),
     ],
 )
-def test_bad_guidance_configs_are_clean_errors(tmp_path, tiny_model_dir, config, fragment):
+def test_bad_guidance_configs_are_clean_errors(tmp_path, tiny_model_dir, config, fragment,
+                                               capsys):  # fmt: skip
     folder = tmp_path / "bad"
     shutil.copytree(tiny_model_dir, folder)
     (folder / "guidance.json").write_text(json.dumps(config))
-    r = run_cli("generate", "--model", str(folder), "--prompts", "a red circle", "--out",
-                str(tmp_path / "out"), "--no-progress")  # fmt: skip
+    r = run_main(capsys, "generate", "--model", str(folder), "--prompts", "a red circle",
+                 "--out", str(tmp_path / "out"), "--no-progress")  # fmt: skip
     assert_one_line_error(r, fragment)
     assert not (tmp_path / "out").exists()
