@@ -320,7 +320,8 @@ def set_metrics(
     return metrics, breakdown
 
 
-# ------------------------------------------------------- world helpers (demo, scripts, tests)
+# ------------------ world helpers (scripts/world_quality.py, scripts/resalign_world.py; new code:
+# erasekit.evaluate)
 
 
 def render_and_score(
