@@ -23,6 +23,7 @@ from typing import Any
 
 from erasekit.concepts import Concept, PromptSet, load_concept, resolve_prompts
 from erasekit.errors import ErasekitError
+from erasekit.outputs import check_not_input, output_lock
 
 Settings = Mapping[str, Any] | Sequence[str] | None
 
@@ -109,6 +110,7 @@ def erase(
         raise ErasekitError("--mask applies to --method salun only")
     pipe, path = _load(model, device=device, model_config=model_config,
                        allow_pickle=allow_pickle)  # fmt: skip
+    check_not_input(out, [model, model_config, config_file, forget_images, retain_images, mask])
     if path is None:
         raise ErasekitError("erase needs the model's folder (the manifest records the base "
                             "model): pass its path, or a pipeline loaded from one")  # fmt: skip
@@ -156,6 +158,8 @@ def generate(
     prompt_set = prompt_set.limit(limit)
     pipe, path = _load(model, device=device, dtype=dtype, model_config=model_config,
                        allow_pickle=allow_pickle)  # fmt: skip
+    source = Path(prompt_set.source)
+    check_not_input(out, [model, model_config, source if source.is_file() else None])
     # A single-file checkpoint's recorded defaults live in its config folder.
     settings = SamplerSettings.for_model(model_config or path, steps=steps, height=height,
                                          width=width)  # fmt: skip
@@ -340,7 +344,8 @@ def report(audit_dir: str | Path, *, censor: bool | None = None) -> tuple[Path, 
     """Re-render report.html and report.md of an audit folder; returns their paths."""
     from erasekit.reporting import write_report
 
-    return write_report(audit_dir, censor=censor)
+    with output_lock(audit_dir):
+        return write_report(audit_dir, censor=censor)
 
 
 __all__ = ["AuditResult", "audit", "erase", "evaluate", "generate", "report"]

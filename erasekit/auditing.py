@@ -26,7 +26,7 @@ from typing import Any
 from erasekit.concepts import Concept, PromptSet
 from erasekit.detectors import DetectorOptions
 from erasekit.distributed import process_state, resolve_device
-from erasekit.errors import ErasekitError
+from erasekit.errors import DegenerateOutput, ErasekitError
 from erasekit.evaluation import (
     Judges,
     build_judges,
@@ -38,6 +38,7 @@ from erasekit.evaluation import (
 )
 from erasekit.models import read_manifest
 from erasekit.outputs import (
+    check_not_input,
     commit_output_dir,
     discard_output_dir,
     partial_path,
@@ -47,9 +48,6 @@ from erasekit.outputs import (
 )
 from erasekit.provenance import git_commit, library_versions, model_content_hash, peak_memory
 from erasekit.sampling import SamplerSettings
-
-SCHEMA = "erasekit.results"
-SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -398,10 +396,11 @@ def run_audit(
     role -> fields that replace what results.json says of that role's model (e.g. the source
     of an in-memory pipeline audited from a staged copy)."""
     from erasekit.models import load_pipeline
-    from erasekit.reporting import write_report
+    from erasekit.reporting import SCHEMA, SCHEMA_VERSION, write_report
 
     started = time.time()
     roles = resolve_roles(model, concept, roles)
+    check_not_input(out, [*roles.values(), model_config])
     device = resolve_device(audit.device)
     detectors = DetectorOptions(**{**asdict(detectors or DetectorOptions()), "device": device})
     judges = build_judges(concept, detectors)  # fails before any rendering
@@ -437,7 +436,10 @@ def run_audit(
             pipe = load_pipeline(path, dtype=audit.dtype, device=device,
                                  config=model_config if role == "audited" else None,
                                  allow_pickle=allow_pickle)  # fmt: skip
-            s, m, b = evaluate_model(pipe, path, role, sets, judges, tmp, settings, audit)
+            try:
+                s, m, b = evaluate_model(pipe, path, role, sets, judges, tmp, settings, audit)
+            except DegenerateOutput as e:
+                raise DegenerateOutput(f"the {role} model {path}: {e}") from None
             samples += s
             results[role] = m
             breakdowns[role] = b

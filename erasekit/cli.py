@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from erasekit import __version__
 from erasekit.errors import ErasekitError, first_line
+from erasekit.outputs import os_error_line
 
 EXIT_USAGE = 2
 
@@ -91,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
+        line = os_error_line(e) if isinstance(e, OSError) else None
+        if line is not None:  # a full disk or read-only folder met outside the writers
+            sys.stderr.write(f"erasekit: error: {line}\n")
+            return EXIT_USAGE
         first = first_line(e, default="")
         sys.stderr.write(
             f"erasekit: internal error: {type(e).__name__}: {first} (rerun with --debug)\n"

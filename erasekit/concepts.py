@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,31 @@ def _first(row: dict[str, str], columns: tuple[str, ...]) -> tuple[str | None, s
     return None, None
 
 
+MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes without wrapping
+
+
+def check_seed(seed: Any, what: str = "seed") -> int:
+    """A seed in [0, MAX_SEED], else one clear line."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ErasekitError(f"{what} must be an integer in [0, 2^63-1], got {seed!r}")
+    return seed
+
+
+def _csv_seed(text: str, where: str) -> int:
+    """A CSV seed: an integer, or a float with an integral value ("42.0"), in range."""
+    try:
+        return check_seed(int(text), where)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise ErasekitError(f"{where} is not a number: {text!r}") from None
+    if not math.isfinite(value) or value != int(value):
+        raise ErasekitError(f"{where} must be an integer in [0, 2^63-1], got {text!r}")
+    return check_seed(int(value), where)
+
+
 def _read_csv(path: Path, text: str) -> tuple[str, list[PromptEntry]]:
     reader = csv.DictReader(io.StringIO(text))
     columns = [c.strip() for c in (reader.fieldnames or [])]
@@ -111,13 +137,16 @@ def _read_csv(path: Path, text: str) -> tuple[str, list[PromptEntry]]:
         seed_col, seed = _first(row, _SEED_COLUMNS)
         guid_col, guidance = _first(row, _GUIDANCE_COLUMNS)
         _, ident = _first(row, _ID_COLUMNS)
-        try:
-            seed_value = int(float(seed)) if seed is not None else None
-            guidance_value = float(guidance) if guidance is not None else None
-        except ValueError:
-            raise ErasekitError(
-                f"{path}:{line}: {seed_col or guid_col} is not a number: {seed or guidance!r}"
-            ) from None
+        where = f"{path}:{line}"
+        seed_value = _csv_seed(seed, f"{where}: {seed_col}") if seed is not None else None
+        guidance_value = None
+        if guidance is not None:
+            try:
+                guidance_value = float(guidance)
+            except ValueError:
+                raise ErasekitError(f"{where}: {guid_col} is not a number: {guidance!r}") from None
+            if not math.isfinite(guidance_value):
+                raise ErasekitError(f"{where}: {guid_col} must be finite, got {guidance!r}")
         cats = tuple(c.strip() for c in row.get("categories", "").split(",") if c.strip())
         used = {"prompt", "categories", *_SEED_COLUMNS, *_GUIDANCE_COLUMNS, *_ID_COLUMNS}
         extra = {k: v for k, v in row.items() if k and k not in used}
@@ -144,6 +173,8 @@ def read_prompt_set(path: str | Path, name: str | None = None) -> PromptSet:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ErasekitError(f"{path}: not UTF-8 text") from None
+    if "\x00" in text:
+        raise ErasekitError(f"{path}: not a text file (it contains NUL bytes)")
     if path.suffix.lower() == ".csv":
         fmt, entries = _read_csv(path, text)
     else:

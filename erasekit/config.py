@@ -5,6 +5,7 @@ errors that list the valid ones."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,6 +15,14 @@ C = TypeVar("C")
 
 
 def _coerce(cls: type, key: str, value: Any) -> Any:
+    """``value`` as the field's type; every float finite (no NaN or inf setting is ever useful)."""
+    value = _as_type(cls, key, value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ErasekitError(f"{key}: expected a finite number, got {value}")
+    return value
+
+
+def _as_type(cls: type, key: str, value: Any) -> Any:
     field = next(f for f in dataclasses.fields(cls) if f.name == key)
     kind = str(field.type)
     if isinstance(value, str):

@@ -18,3 +18,7 @@ def first_line(e: BaseException, default: str | None = None) -> str:
     if text:
         return text.splitlines()[0]
     return type(e).__name__ if default is None else default
+
+
+class DegenerateOutput(ErasekitError):
+    """A model rendered non-finite or constant images: broken weights, not evidence."""

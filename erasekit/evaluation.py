@@ -50,6 +50,13 @@ def build_judges(concept: Concept, options: DetectorOptions) -> Judges:
     spec = concept.detector
     detector = build_detector(spec["name"], options, spec)
     protocols = detector.protocols(spec)
+    asked = spec.get("protocol")
+    names = [p.name for p in protocols]
+    if asked is not None and asked not in names:
+        raise ErasekitError(f"{concept.name}: unknown {spec['name']} protocol {asked!r} (this"
+                            f" concept's: {', '.join(names)})")  # fmt: skip
+    if asked is not None:  # the asked protocol is the primary one
+        protocols = sorted(protocols, key=lambda p: p.name != asked)
     clip = None
     if spec["name"] == "clip":
         clip = detector

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from erasekit.errors import ErasekitError, first_line
-from erasekit.outputs import atomic_output_dir, write_json
+from erasekit.outputs import atomic_file, atomic_output_dir, write_json
 from erasekit.provenance import git_commit, library_versions, model_content_hash, peak_memory
 
 MANIFEST = "erasekit.json"
@@ -99,7 +99,7 @@ def _load_folder(path: Path, dtype: torch.dtype, allow_pickle: bool):
 
     _check_diffusers_folder(path, allow_pickle)
     try:
-        return StableDiffusionPipeline.from_pretrained(
+        pipe = StableDiffusionPipeline.from_pretrained(
             str(path),
             dtype=dtype,
             use_safetensors=None if allow_pickle else True,
@@ -110,6 +110,20 @@ def _load_folder(path: Path, dtype: torch.dtype, allow_pickle: bool):
         )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise _wrap_load_error(path, e) from e
+    check_complete(pipe, path)
+    return pipe
+
+
+def check_complete(pipe, path: Path) -> None:
+    """Every weight loaded: a file that lacks a tensor leaves it on the meta device."""
+    for component in WEIGHTED:
+        module = getattr(pipe, component)
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor.is_meta:
+                raise ErasekitError(
+                    f"could not load model {path}: {component} lacks the weight {name!r}"
+                    " (an incomplete or mismatched weights file)"
+                )
 
 
 def _read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -229,9 +243,12 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         return {}
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise ErasekitError(f"corrupt {MANIFEST} in {path}") from None
+    if not isinstance(manifest, dict):
+        raise ErasekitError(f"corrupt {MANIFEST} in {path}: not a JSON object")
+    return manifest
 
 
 def export_single_file(pipe, path: str | Path) -> Path:
@@ -245,11 +262,9 @@ def export_single_file(pipe, path: str | Path) -> Path:
     for component in WEIGHTED:
         for k, v in getattr(pipe, component).state_dict().items():
             state[f"{component}.{k}"] = v.detach().contiguous().cpu()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    save_file(state, str(tmp))
-    tmp.replace(path)
-    return path
+    with atomic_file(path) as tmp:
+        save_file(state, str(tmp))
+    return Path(path)
 
 
 def build_manifest(

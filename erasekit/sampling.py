@@ -8,6 +8,8 @@ processes compute exactly the same batches and give identical images.
 from __future__ import annotations
 
 import hashlib
+import math
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -17,12 +19,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from erasekit.concepts import PromptSet
+from erasekit.concepts import PromptSet, check_seed
 from erasekit.distributed import process_state
-from erasekit.errors import ErasekitError
+from erasekit.errors import DegenerateOutput, ErasekitError
 from erasekit.models import read_manifest
 from erasekit.outputs import (
     commit_output_dir,
+    discard_output_dir,
+    disk_errors,
     partial_path,
     prepare_output_dir,
     write_json,
@@ -45,12 +49,30 @@ class SamplerSettings:
     def for_model(cls, model_path: str | Path | None, **overrides: Any) -> SamplerSettings:
         """The model's recorded defaults (else the SD defaults), then non-None overrides."""
         recorded = read_manifest(model_path).get("sampler", {}) if model_path else {}
+        if not isinstance(recorded, dict):
+            raise ErasekitError(f"{model_path}: erasekit.json 'sampler' is not an object")
         known = {k: v for k, v in recorded.items() if k in cls.__dataclass_fields__}
         settings = replace(cls(), **known)
         settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
-        if settings.steps < 1:
-            raise ErasekitError(f"--steps must be at least 1, got {settings.steps}")
+        settings.check(f"{model_path}: erasekit.json 'sampler'" if known else "sampler")
         return settings
+
+    def check(self, where: str = "sampler") -> None:
+        """Types and ranges a sampler can run with (one clear line otherwise)."""
+        for name in ("steps", "height", "width"):
+            value = getattr(self, name)
+            if value is None and name != "steps":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ErasekitError(f"{where}: {name} must be a positive integer, got {value!r}")
+        for name in ("guidance", "eta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ErasekitError(f"{where}: {name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ErasekitError(f"{where}: {name} must be finite, got {value!r}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ErasekitError(f"{where}: eta must be in [0, 1], got {self.eta}")
 
 
 def derive_seed(base_seed: int, prompt_index: int, k: int) -> int:
@@ -72,12 +94,16 @@ def plan_samples(
     derived from ``seed``. Guidance: explicit ``guidance`` > the prompt set's > ``settings``."""
     if n_per_prompt < 1:
         raise ErasekitError(f"--n-per-prompt must be at least 1, got {n_per_prompt}")
+    check_seed(seed, "--seed")
+    if guidance is not None and not math.isfinite(guidance):
+        raise ErasekitError(f"--guidance must be finite, got {guidance}")
     plan = []
     for i, entry in enumerate(prompt_set.entries):
         g = guidance if guidance is not None else entry.guidance
         g = settings.guidance if g is None else g
         for k in range(n_per_prompt):
             s = entry.seed + k if entry.seed is not None else derive_seed(seed, i, k)
+            check_seed(s, f"seed of prompt {i + 1} (image {k})")
             plan.append(
                 {
                     "index": len(plan),
@@ -113,8 +139,16 @@ def make_batches(plan: list[dict[str, Any]], batch_size: int) -> list[list[dict[
 
 
 def _image_size(pipe, settings: SamplerSettings) -> tuple[int, int]:
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return settings.height or native, settings.width or native
+    """(height, width): the settings' or the U-Net's native size; each a multiple of the VAE
+    factor (the latent grid) that the model can sample."""
+    factor = pipe.vae_scale_factor
+    native = pipe.unet.config.sample_size * factor
+    size = settings.height or native, settings.width or native
+    for name, value in zip(("height", "width"), size, strict=True):
+        if value % factor or value > 16384:
+            raise ErasekitError(f"--{name} {value}: must be a multiple of {factor} (the VAE factor)"
+                                " and at most 16384")  # fmt: skip
+    return size
 
 
 @torch.no_grad()
@@ -146,8 +180,39 @@ def render_batch(pipe, batch: list[dict[str, Any]], height: int, width: int) -> 
             generator=generators,
             output_type="np",
         ).images
+    check_images(images, batch)
     arrays = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
     return [Image.fromarray(a) for a in arrays]
+
+
+def check_images(images: np.ndarray, batch: list[dict[str, Any]]) -> None:
+    """Stop on a degenerate render: non-finite pixels (NaN/inf weights or latents) or an image
+    with no variation at all (a collapsed model); such images would read as "no concept"."""
+    for image, rec in zip(images, batch, strict=True):
+        where = f"prompt {rec['prompt'][:80]!r} (seed {rec['seed']})"
+        if not np.isfinite(image).all():
+            raise DegenerateOutput(f"non-finite pixel values rendering {where}: broken weights")
+        if float(image.max() - image.min()) < 1.0 / 255.0:
+            raise DegenerateOutput(f"a constant image (no variation) rendering {where}: the"
+                                   " model has collapsed")  # fmt: skip
+
+
+def warn_truncated(pipe, prompts: list[str]) -> int:
+    """Warn once (on stderr, with the count) when prompts exceed the tokenizer's limit and the
+    text encoder will see only their start; return how many do."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        return 0
+    limit = tokenizer.model_max_length
+    unique = list(dict.fromkeys(prompts))
+    long = [
+        p for p, ids in zip(unique, tokenizer(unique).input_ids, strict=True) if len(ids) > limit
+    ]
+    if long:
+        print(f"erasekit: warning: {len(long)} of {len(unique)} prompts exceed the tokenizer's"
+              f" {limit} tokens and are cut there (first: {long[0][:60]!r}...)",
+              file=sys.stderr)  # fmt: skip
+    return len(long)
 
 
 def generate_images(
@@ -170,6 +235,8 @@ def generate_images(
     height, width = _image_size(pipe, settings)
     sampler = type(pipe.scheduler).__name__
     batches = make_batches(plan, batch_size)
+    if state.is_main_process:
+        warn_truncated(pipe, [r["prompt"] for r in plan])
     mine = batches[state.process_index :: state.num_processes]
     records = []
     bar = tqdm(
@@ -236,31 +303,38 @@ def generate(
         error = broadcast_object_list([error])[0]
     if error:
         raise ErasekitError(error)
-    state.wait_for_everyone()
-    records = generate_images(pipe, plan, tmp, settings, batch_size=batch_size, progress=progress)
-    if state.is_main_process:
-        write_jsonl(tmp / "samples.jsonl", records)
-        write_json(
-            tmp / "generation.json",
-            {
-                "model": {
-                    "path": str(Path(model_path).resolve()) if model_path else None,
-                    "sha256": model_content_hash(model_path) if model_path else None,
+    try:
+        state.wait_for_everyone()
+        with disk_errors(tmp):
+            records = generate_images(pipe, plan, tmp, settings, batch_size=batch_size,
+                                      progress=progress)  # fmt: skip
+        if state.is_main_process:
+            write_jsonl(tmp / "samples.jsonl", records)
+            write_json(
+                tmp / "generation.json",
+                {
+                    "model": {
+                        "path": str(Path(model_path).resolve()) if model_path else None,
+                        "sha256": model_content_hash(model_path) if model_path else None,
+                    },
+                    "prompt_set": prompt_set.describe(),
+                    "sampler": {**asdict(settings), "scheduler": type(pipe.scheduler).__name__},
+                    "n_per_prompt": n_per_prompt,
+                    "seed": seed,
+                    "seed_rule": "prompt set's seed + k, else derive_seed(seed, prompt_index, k)",
+                    "guidance_override": guidance,
+                    "negative_prompt": negative_prompt,
+                    "n_images": len(records),
+                    "n_processes": state.num_processes,
+                    "wall_time_s": round(time.time() - started, 3),
+                    "git_commit": git_commit(),
+                    "versions": library_versions(),
                 },
-                "prompt_set": prompt_set.describe(),
-                "sampler": {**asdict(settings), "scheduler": type(pipe.scheduler).__name__},
-                "n_per_prompt": n_per_prompt,
-                "seed": seed,
-                "seed_rule": "prompt set's seed + k, else derive_seed(seed, prompt_index, k)",
-                "guidance_override": guidance,
-                "negative_prompt": negative_prompt,
-                "n_images": len(records),
-                "n_processes": state.num_processes,
-                "wall_time_s": round(time.time() - started, 3),
-                "git_commit": git_commit(),
-                "versions": library_versions(),
-            },
-        )
-        commit_output_dir(tmp, out_dir)
+            )
+            commit_output_dir(tmp, out_dir)
+    except BaseException:
+        if state.is_main_process:
+            discard_output_dir(tmp)
+        raise
     state.wait_for_everyone()
     return records

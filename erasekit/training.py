@@ -22,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,17 +33,23 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from erasekit.concepts import check_seed
 from erasekit.errors import ErasekitError
 from erasekit.outputs import (
+    claim_output,
     commit_output_dir,
     discard_output_dir,
+    disk_errors,
+    holds_output,
     partial_path,
     prepare_output_dir,
+    release_output,
     write_json,
 )
 
 TRAINING_LOG = "training_log.jsonl"
 CHECKPOINTS = "checkpoints"
+STATE_FILE = "erasekit_state.json"  # a checkpoint's step and config; written last
 ADAPTED_UNET = "adapted.safetensors"  # a checkpoint's U-Net with adapters injected
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -89,6 +97,13 @@ class TrainConfig:
             raise ErasekitError(f"lr must be a positive number, got {self.lr}")
         if self.checkpoints_total_limit < 1:
             raise ErasekitError("checkpoints_total_limit must be at least 1")
+        if self.checkpointing_steps < 0:
+            raise ErasekitError(f"checkpointing_steps must be 0 (none) or positive, got"
+                                f" {self.checkpointing_steps}")  # fmt: skip
+        if self.max_grad_norm < 0:
+            raise ErasekitError(f"max_grad_norm must be 0 (no clipping) or positive, got"
+                                f" {self.max_grad_norm}")  # fmt: skip
+        check_seed(self.seed, "seed")
 
 
 # --- data --------------------------------------------------------------------------------
@@ -246,13 +261,21 @@ def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], lr: f
 
 
 def _checkpoints(work_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (one being written is a hidden ``.partial`` folder;
+    one without its state file is not complete)."""
     folder = work_dir / CHECKPOINTS
-    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    found = [p for p in folder.glob("checkpoint-*")
+             if p.name.split("-")[-1].isdigit() and (p / STATE_FILE).is_file()]  # fmt: skip
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
+def _fingerprinted(config: TrainConfig) -> dict[str, Any]:
+    """The settings a checkpoint must share with the run that resumes it."""
+    return {k: v for k, v in asdict(config).items() if k not in ("keep_checkpoints",)}
+
+
 def _config_fingerprint(method_name: str, config: TrainConfig) -> str:
-    settings = {k: v for k, v in asdict(config).items() if k not in ("keep_checkpoints",)}
+    settings = _fingerprinted(config)
     return hashlib.sha256(json.dumps([method_name, settings], sort_keys=True).encode()).hexdigest()
 
 
@@ -303,16 +326,28 @@ def _register_unet_hooks(accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def _save_checkpoint(accelerator, work_dir: Path, step: int, fingerprint: str, limit: int) -> Path:
-    if accelerator.is_main_process:
-        old = _checkpoints(work_dir)
-        for stale in old[: max(0, len(old) + 1 - limit)]:
-            shutil.rmtree(stale)
+def _save_checkpoint(accelerator, work_dir: Path, step: int, fingerprint: str, config) -> Path:
+    """Write checkpoint-STEP under a hidden name, rename it when complete, and only then drop
+    the oldest beyond ``checkpoints_total_limit``: a kill at any moment leaves the last
+    complete one."""
+    folder = work_dir / CHECKPOINTS
+    target = folder / f"checkpoint-{step}"
+    tmp = folder / f".checkpoint-{step}.partial"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    target = work_dir / CHECKPOINTS / f"checkpoint-{step}"
-    accelerator.save_state(str(target))
+    with disk_errors(tmp):
+        accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json(target / "erasekit_state.json", {"step": step, "config": fingerprint})
+        write_json(tmp / STATE_FILE, {"step": step, "config": fingerprint,
+                                      "settings": _fingerprinted(config)})  # fmt: skip
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        old = _checkpoints(work_dir)
+        for stale in old[: max(0, len(old) - config.checkpoints_total_limit)]:
+            shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     return target
 
@@ -437,17 +472,22 @@ def train(job: TrainingJob, pipe, *, out_dir: str | Path, **kwargs: Any) -> Path
 
     Work happens in ``out_dir``'s hidden ``.partial`` sibling, which also holds the checkpoints,
     so ``resume="latest"`` (or a checkpoint path) continues an interrupted run. A run that fails
-    before its first checkpoint leaves nothing behind. Keyword arguments: see ``_train``.
+    before its first checkpoint leaves nothing behind. The main process holds the output's lock
+    (``erasekit.outputs.claim_output``) for the whole run. Keyword arguments: see ``_train``.
     """
     from erasekit.distributed import process_state
 
+    main = process_state(str(pipe.device)).is_main_process
     try:
         return _train(job, pipe, out_dir=out_dir, **kwargs)
     except BaseException:
         work_dir = partial_path(out_dir)
-        if process_state(str(pipe.device)).is_main_process and not _checkpoints(work_dir):
+        if main and holds_output(out_dir) and not _checkpoints(work_dir):
             discard_output_dir(work_dir)
         raise
+    finally:
+        if main:
+            release_output(out_dir)
 
 
 def _train(
@@ -467,7 +507,7 @@ def _train(
     work_dir = partial_path(out_dir)
     fingerprint = _config_fingerprint(job.name, job.config)
     resume_from = _negotiate_output(out_dir, work_dir, str(pipe.device), resume, overwrite,
-                                    fingerprint)  # fmt: skip
+                                    fingerprint, job.config)  # fmt: skip
     accelerator = _make_accelerator(job.config, str(pipe.device))
     data = job.prepare_data(pipe)  # encoded once by the frozen VAE and text encoder
     module, trainable = _freeze(job, pipe, accelerator)
@@ -489,7 +529,7 @@ def _train(
 
 def _negotiate_output(
     out_dir: Path, work_dir: Path, device: str, resume: str | None, overwrite: bool,
-    fingerprint: str,
+    fingerprint: str, config: TrainConfig,
 ) -> str | None:  # fmt: skip
     """Claim the output folder (or find the checkpoint to resume) on the main process; every
     process gets the same answer or the same error."""
@@ -500,7 +540,8 @@ def _negotiate_output(
     if state.is_main_process:
         try:
             if resume:
-                resume_from = _find_resume(work_dir, resume, fingerprint)
+                claim_output(out_dir)
+                resume_from = _find_resume(work_dir, resume, fingerprint, config)
                 if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
                     raise ErasekitError(f"output folder is not empty: {out_dir}")
             else:
@@ -596,7 +637,7 @@ def _prepare(job, pipe, accelerator, data, module, trainable, work_dir: Path) ->
 
 def _resume(ctx: TrainContext, checkpoint: str) -> None:
     ctx.accelerator.load_state(checkpoint)
-    ctx.step = json.loads((Path(checkpoint) / "erasekit_state.json").read_text())["step"]
+    ctx.step = json.loads((Path(checkpoint) / STATE_FILE).read_text())["step"]
     if ctx.accelerator.is_main_process:
         _truncate_log(ctx.work_dir / TRAINING_LOG, ctx.step)
 
@@ -616,7 +657,10 @@ def _run_steps(job, ctx: TrainContext, params: list, fingerprint: str, progress:
             record = _step(job, ctx, params)
         except NonFiniteLoss as e:
             bar.close()
-            hint = f"; last good checkpoint: {last_good}" if last_good else ""
+            hint = ""
+            if last_good:
+                hint = (f"; the last good checkpoint ({last_good}) resumes only with the same"
+                        " settings, so start a new run with a lower lr (--set lr=...)")  # fmt: skip
             raise NonFiniteLoss(f"{e}{hint}") from None
         record["seconds"] = round(time.time() - t_last, 4)
         t_last = time.time()
@@ -629,7 +673,7 @@ def _run_steps(job, ctx: TrainContext, params: list, fingerprint: str, progress:
         every = config.checkpointing_steps
         if every and ctx.step % every == 0 and ctx.step < ctx.total:
             last_good = str(_save_checkpoint(accelerator, ctx.work_dir, ctx.step, fingerprint,
-                                             config.checkpoints_total_limit))  # fmt: skip
+                                             config))  # fmt: skip
     bar.close()
     return ctx.total
 
@@ -723,24 +767,34 @@ def _save(job, ctx: TrainContext, model_path, concept, total: int, resume_from, 
         write_json(ctx.work_dir / MANIFEST, manifest)
 
 
-def _find_resume(work_dir: Path, resume: str, fingerprint: str) -> str:
+def _find_resume(work_dir: Path, resume: str, fingerprint: str, config: TrainConfig) -> str:
+    """The checkpoint to resume: the newest complete one for ``latest`` (named on stderr)."""
     if resume == "latest":
         found = _checkpoints(work_dir)
         if not found:
-            raise ErasekitError(f"--resume latest: no checkpoint in {work_dir / CHECKPOINTS}")
+            raise ErasekitError(
+                f"--resume latest: no complete checkpoint in {work_dir / CHECKPOINTS}"
+            )
         path = found[-1]
     else:
         path = Path(resume)
-        if not (path / "erasekit_state.json").is_file():
-            raise ErasekitError(f"--resume: not an erasekit checkpoint: {path}")
+        if not (path / STATE_FILE).is_file():
+            raise ErasekitError(f"--resume: not a complete erasekit checkpoint: {path}")
         if path.resolve().parent.parent != work_dir.resolve():
             raise ErasekitError(f"--resume: {path} is not a checkpoint of this output folder")
-    saved = json.loads((path / "erasekit_state.json").read_text())
+    saved = json.loads((path / STATE_FILE).read_text())
     if saved.get("config") != fingerprint:
+        recorded, now = saved.get("settings") or {}, _fingerprinted(config)
+        changed = [f"{k}={recorded.get(k)!r} (now {now.get(k)!r})" for k in sorted(now)
+                   if k in recorded and recorded[k] != now[k]]  # fmt: skip
+        what = "; ".join(changed) if changed else "another method or config"
         raise ErasekitError(
-            f"--resume: {path.name} was made with another method or config; resume with the same"
-            " settings"
+            f"--resume: {path.name} was made with {what}; a checkpoint resumes only with its own"
+            " settings: resume without changing them, or start a new run (another --out, or"
+            " --overwrite) with the new ones"
         )
+    if resume == "latest":
+        print(f"erasekit: resuming from {path.name} (newest complete checkpoint)", file=sys.stderr)
     return str(path)
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from erasekit.errors import ErasekitError
 from erasekit.methods import Method
+from erasekit.outputs import atomic_file
 from erasekit.training import (
     TrainConfig,
     TrainContext,
@@ -153,11 +154,9 @@ def save_mask(path: str | Path, masks: dict[str, torch.Tensor], info: dict[str, 
     packed = {n: torch.from_numpy(np.packbits(m.cpu().numpy().ravel())) for n, m in masks.items()}
     shapes = {n: list(m.shape) for n, m in masks.items()}
     meta = {"format": MASK_FORMAT, "shapes": json.dumps(shapes), "info": json.dumps(info)}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    save_file(packed, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    with atomic_file(path) as tmp:
+        save_file(packed, str(tmp), metadata=meta)
+    return Path(path)
 
 
 def load_mask(path: str | Path, unet=None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

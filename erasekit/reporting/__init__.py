@@ -6,18 +6,19 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFilter
 
 from erasekit.errors import ErasekitError
-from erasekit.outputs import read_jsonl
+from erasekit.outputs import atomic_file, read_jsonl
 
 ROLE_ORDER = ("reference", "audited", "never-learned")
 ROLE_LABEL = {"reference": "reference", "audited": "audited", "never-learned": "never-learned"}
 THUMB = 128
+SCHEMA = "erasekit.results"
+SCHEMA_VERSION = 1
 MAX_IMAGES_PER_CELL = 4
 
 
@@ -34,11 +35,30 @@ def load_results(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, Any
         doc = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ErasekitError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or doc.get("schema") != "erasekit.results":
-        raise ErasekitError(f"{file}: not an erasekit results document")
+    check_results(doc, file)
     samples_file = folder / "samples.jsonl"
     samples = read_jsonl(samples_file) if samples_file.is_file() else []
     return doc, samples
+
+
+def check_results(doc: Any, file: str | Path) -> None:
+    """One clear line when ``doc`` is not a results document this version can read."""
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise ErasekitError(f"{file}: not an erasekit results document")
+    version = doc.get("schema_version")
+    if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
+        raise ErasekitError(f"{file}: schema_version {version!r} is not one this erasekit reads"
+                            f" (1..{SCHEMA_VERSION}); upgrade erasekit")  # fmt: skip
+    for key, kind in (("results", dict), ("concept", dict), ("evaluation", dict),
+                      ("protocols", dict), ("detectors", dict), ("provenance", dict)):  # fmt: skip
+        if not isinstance(doc.get(key), kind):
+            raise ErasekitError(f"{file}: malformed results document (no '{key}' object)")
+    for role, metrics in doc["results"].items():
+        if not isinstance(metrics, dict) or not all(
+            isinstance(m, dict) and {"metric", "value", "ci95"} <= m.keys()
+            for m in metrics.values()
+        ):
+            raise ErasekitError(f"{file}: malformed results document (role '{role}')")
 
 
 def roles_of(doc: dict[str, Any]) -> list[str]:
@@ -244,8 +264,38 @@ def curve_plot_uri(doc: dict[str, Any], attack: str) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+# A concept-rate drop is not read as erasure when the audited model's retain utility fell
+# below this fraction of the reference's: a broken model also "shows no concept".
+UTILITY_FLOOR = 0.8
+UTILITY_METRICS = ("retain_accuracy", "clip_score")
+
+
+def utility_warning(doc: dict[str, Any]) -> str | None:
+    """Why the audited model's concept rates cannot be read as erasure, if they cannot: its
+    retain utility collapsed (below ``UTILITY_FLOOR`` x the reference's), or there is neither a
+    reference nor a retain measurement to tell erasure from a broken model."""
+    results = doc.get("results", {})
+    audited, ref = results.get("audited") or {}, results.get("reference")
+    utility = {k: m for k, m in audited.items() if m.get("metric") in UTILITY_METRICS}
+    if not ref and not utility:
+        return ("no reference model and no retain set were measured, so a low concept rate"
+                " cannot be told from a broken model")  # fmt: skip
+    collapsed = [
+        f"{metric_title(m)} {m['value']:.2f} vs reference {ref[k]['value']:.2f}"
+        for k, m in utility.items()
+        if ref and k in ref and m["value"] < UTILITY_FLOOR * ref[k]["value"]
+    ]
+    if collapsed:
+        return (f"the audited model's retain utility collapsed ({'; '.join(collapsed)}: below"
+                f" {UTILITY_FLOOR:.0%} of the reference's), so a lower concept rate is not"
+                " evidence of erasure")  # fmt: skip
+    return None
+
+
 def summary_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per metric key: the metric of every role and Δ = audited - reference."""
+    """One row per metric key: the metric of every role and Δ = audited - reference; concept
+    rate rows carry ``utility_warning`` when it applies."""
+    warning = utility_warning(doc)
     keys: list[str] = []
     for role in roles_of(doc):
         keys += [k for k in doc["results"][role] if k not in keys]
@@ -255,7 +305,9 @@ def summary_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
         first = next(m for m in per_role.values() if m)
         audited, ref = per_role.get("audited"), per_role.get("reference")
         delta = audited["value"] - ref["value"] if audited and ref else None
-        rows.append({"key": key, "first": first, "roles": per_role, "delta": delta})
+        note = warning if first["metric"] == "concept_rate" and audited else None
+        rows.append({"key": key, "first": first, "roles": per_role, "delta": delta,
+                     "warning": note})  # fmt: skip
     return rows
 
 
@@ -303,6 +355,8 @@ def verdict(row: dict[str, Any]) -> str:
     if audited and first["metric"] == "concept_rate":
         hits = round(audited["value"] * audited["n_images"])
         text += f"; the detector flags {hits} of {audited['n_images']} audited images"
+    if row.get("warning"):
+        text += f"; NOT evidence of erasure: {row['warning']}"
     return text + "."
 
 
@@ -581,9 +635,8 @@ def print_summary(doc: dict[str, Any], out: str | Path) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def censoring(doc: dict[str, Any], censor: bool | None = None) -> tuple[bool, str]:

@@ -27,6 +27,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -516,7 +517,18 @@ class _Stages:
         os.replace(tmp, self.timings_file)
 
 
-def build_world(
+def build_world(out_dir: str | Path, *args: Any, **kwargs: Any) -> dict:
+    """Train everything into ``out_dir``: stages and checkpoints go to ``work_dir(out_dir)``
+    (``resume=True`` continues from them), the output is assembled aside and renamed when
+    complete, then the work folder is removed. The output's lock is held throughout (a second
+    build into the same folder stops at once). Arguments: see ``_build_world``."""
+    from erasekit.outputs import output_lock
+
+    with output_lock(out_dir):
+        return _build_world(out_dir, *args, **kwargs)
+
+
+def _build_world(
     out_dir: str | Path,
     recipe: WorldRecipe | None = None,
     variants: tuple[str, ...] = tuple(VARIANTS),
@@ -526,9 +538,7 @@ def build_world(
     device: str = "cpu",
     resume: bool = False,
 ) -> dict:
-    """Train everything into ``out_dir``: stages and checkpoints go to ``work_dir(out_dir)``
-    (``resume=True`` continues from them), the output is assembled aside and renamed when
-    complete, then the work folder is removed."""
+    """The build's stages (see ``build_world``)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
 
