@@ -142,6 +142,55 @@ def render_image_set(
     )
 
 
+def world_image_set(
+    prompt_set: PromptSet,
+    *,
+    n_per_prompt: int,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+) -> ImageSet:
+    """Ground-truth ShapesWorld images of ``prompt_set``: n scenes per prompt drawn by the
+    world's own renderer with exactly the attributes the prompt names (the world's training
+    distribution), cached by prompts, n and seed."""
+    import random
+    import shutil
+
+    from erasekit.world.render import prompt_scene, render
+
+    spec = {"renderer": "shapesworld", "prompts": list(prompt_set.prompts),
+            "n_per_prompt": n_per_prompt, "seed": seed}  # fmt: skip
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+    folder = Path(cache_dir or cache_root()) / "world" / key
+    cached = (folder / "metadata.csv").is_file()
+    if not cached:
+        own = folder.with_name(f"{key}.run-{os.getpid()}")
+        own.mkdir(parents=True, exist_ok=True)
+        rng = random.Random(seed)
+        rows = []
+        for i, prompt in enumerate(prompt_set.prompts):
+            for k in range(n_per_prompt):
+                try:
+                    scene = prompt_scene(prompt, rng)
+                except ValueError as e:
+                    raise ErasekitError(f"{prompt_set.name}: images=world: {e}") from None
+                name = f"{i:05d}_{k:03d}.png"
+                render(scene).save(own / name)
+                rows.append({"file_name": name, "prompt": prompt, **scene.labels})
+        with open(own / "metadata.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        try:
+            os.rename(own, folder)
+        except OSError:  # another run filled the entry first: its images are the same
+            shutil.rmtree(own, ignore_errors=True)
+    images = read_image_folder(folder, name=prompt_set.name)
+    images.source = {"origin": "ShapesWorld renderer (ground truth of each prompt)",
+                     "prompt_set": prompt_set.describe(), "n_per_prompt": n_per_prompt,
+                     "seed": seed, "cache": str(folder), "cache_hit": cached}  # fmt: skip
+    return images
+
+
 def _render_into_cache(pipe, prompt_set, folder: Path, model_path, settings, n_per_prompt: int,
                        seed: int, batch_size: int, progress: bool) -> None:  # fmt: skip
     """Render into a folder of this run's own, then move it into place: two runs filling the

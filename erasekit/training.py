@@ -53,6 +53,7 @@ STATE_FILE = "erasekit_state.json"  # a checkpoint's step and config; written la
 ADAPTED_UNET = "adapted.safetensors"  # a checkpoint's U-Net with adapters injected
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+IMAGE_SOURCES = ("original", "world")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 _WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -77,6 +78,9 @@ class TrainConfig:
     keep_checkpoints: bool = False  # keep checkpoints/ in the output folder
     seed: int = 0
     images_per_prompt: int = 8  # rendered forget/retain data: images per prompt
+    # forget/retain images: "original" (rendered by the original model) or "world" (ShapesWorld
+    # concepts: ground-truth renders of each prompt by the world's renderer)
+    images: str = "original"
     save_dtype: str = "fp32"
 
     def validate(self) -> None:
@@ -86,6 +90,7 @@ class TrainConfig:
             "lr_scheduler": LR_SCHEDULES,
             "mixed_precision": MIXED_PRECISION,
             "save_dtype": ("fp32", "fp16", "bf16"),
+            "images": IMAGE_SOURCES,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -230,12 +235,25 @@ class TrainContext:
             self.config.seed, self.step, micro, self.accelerator.process_index, salt
         )
 
-    def noisy(self, latents: torch.Tensor, gen: torch.Generator):
-        """(x_t, t, noise) with t ~ U{0..T-1} and Gaussian noise, drawn from ``gen``."""
+    def item_generators(self, micro: int, salt: int = 0) -> list[torch.Generator]:
+        """One generator per item of this process's micro-batch, keyed by the item's position
+        in the step's global batch: a batch of 8, 2 x 4 with gradient accumulation and 2
+        processes x 4 draw the same noise and timesteps for the same items."""
+        b, acc = self.config.batch_size, self.accelerator
+        first = (micro * acc.num_processes + acc.process_index) * b
+        return [step_generator(self.config.seed, self.step, first + i, salt, 1) for i in range(b)]
+
+    def noisy(self, latents: torch.Tensor, gen: torch.Generator | list[torch.Generator]):
+        """(x_t, t, noise) with t ~ U{0..T-1} and Gaussian noise, drawn from ``gen`` (or item i
+        from ``gen[i]``, see ``item_generators``)."""
         n_train = self.noise_scheduler.config.num_train_timesteps
-        t = torch.randint(0, n_train, (latents.shape[0],), generator=gen)
-        noise = torch.randn(latents.shape, generator=gen).to(latents)
-        t = t.to(latents.device)
+        if isinstance(gen, list):
+            t = torch.cat([torch.randint(0, n_train, (1,), generator=g) for g in gen])
+            noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gen])
+        else:
+            t = torch.randint(0, n_train, (latents.shape[0],), generator=gen)
+            noise = torch.randn(latents.shape, generator=gen)
+        noise, t = noise.to(latents), t.to(latents.device)
         return self.noise_scheduler.add_noise(latents, noise, t), t, noise
 
     def denoising_target(self, latents, noise, t) -> torch.Tensor:
@@ -247,7 +265,7 @@ class TrainContext:
     def denoising_loss(self, batch: dict[str, torch.Tensor], micro: int) -> torch.Tensor:
         """The standard diffusion loss on a batch with latents (used for retain data)."""
         latents = batch["latents"]
-        x_t, t, noise = self.noisy(latents, self.generator(micro, salt=1))
+        x_t, t, noise = self.noisy(latents, self.item_generators(micro, salt=1))
         pred = self.unet(x_t, t, batch["cond"]).sample
         return F.mse_loss(pred.float(), self.denoising_target(latents, noise, t).float())
 
@@ -401,13 +419,22 @@ class TrainingJob:
 
     # data -----------------------------------------------------------------------------
     def image_set(self, pipe, split: str):
-        """Forget/retain images: the user's folder, else rendered by the original model."""
-        from erasekit.data import read_image_folder, render_image_set
+        """Forget/retain images: the user's folder, else (``images``) rendered by the original
+        model or, for a ShapesWorld concept, by the world's renderer."""
+        from erasekit.data import read_image_folder, render_image_set, world_image_set
 
         folder = self.forget_images if split == "forget" else self.retain_images
         if folder is not None:
             return read_image_folder(folder, name=f"{split} images")
         prompts = self.concept.forget if split == "forget" else self.concept.retain
+        if self.config.images == "world":
+            if self.concept.scale != "world":
+                raise ErasekitError(
+                    f"images=world needs a ShapesWorld concept ('{self.concept.name}' is not"
+                    " one): use images=original, or --forget-images/--retain-images"
+                )
+            return world_image_set(prompts, n_per_prompt=self.config.images_per_prompt,
+                                   seed=self.config.seed, cache_dir=self.cache_dir)  # fmt: skip
         return render_image_set(pipe, self.model_path, prompts,
                                 n_per_prompt=self.config.images_per_prompt,
                                 seed=self.config.seed, cache_dir=self.cache_dir,

@@ -160,6 +160,21 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(
     assert manifest["training"]["resumed_from"] == "checkpoint-2"
 
 
+def test_gradient_accumulation_equals_the_larger_batch(tiny_model_dir, tmp_path):
+    """SalUn: 2 accumulated micro-batches of 4 give the weights of one batch of 8 (the same
+    items, and per-item noise and timesteps). SGD, so float rounding is not amplified as
+    Adam's first step (≈ lr · sign(g)) would."""
+    common = {"steps": 2, "images_per_prompt": 2, "lr": 0.5, "optimizer": "sgd"}
+    big = erase(tiny_model_dir, tmp_path / "b8", batch_size=8, **common)
+    acc = erase(tiny_model_dir, tmp_path / "b4x2", batch_size=4, gradient_accumulation_steps=2,
+                **common)  # fmt: skip
+    before, a, b = unet_weights(tiny_model_dir), unet_weights(big), unet_weights(acc)
+    assert any(not torch.equal(a[k], before[k]) for k in a), "the runs trained"
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    moved = max(float((a[k] - before[k]).abs().max()) for k in a)
+    assert worst < 1e-5 * max(1.0, moved), (worst, moved)
+
+
 def test_checkpoint_total_limit_keeps_the_newest(tiny_model_dir, tmp_path):
     out = erase(tiny_model_dir, tmp_path / "out", method="esd", steps=5, checkpointing_steps=1,
                 checkpoints_total_limit=2, keep_checkpoints=True)  # fmt: skip
@@ -424,3 +439,15 @@ def test_esd_u_trains_the_codes_set_and_presets_name_their_source(tiny_pipe):
         ESD.preset("nope")
     world = ESD.defaults(load_concept("red"))
     assert world["target"] == "diffusers-code" and world["negative_guidance"] == 3.0
+
+
+def test_world_images_for_training_data(tiny_model_dir, tmp_path):
+    """images=world trains on the world renderer's images of the concept's prompts (recorded in
+    the manifest); a concept outside ShapesWorld is refused before any work."""
+    out = erase(tiny_model_dir, tmp_path / "w", images="world", steps=1)
+    data = json.loads((out / "erasekit.json").read_text())["training"]["data"]
+    assert data["forget"]["origin"].startswith("ShapesWorld renderer")
+    assert data["retain"]["n_images"] == len(load_concept("circle").retain.prompts)
+    with pytest.raises(ErasekitError, match="images=world needs a ShapesWorld concept"):
+        erase(tiny_model_dir, tmp_path / "n", concept="nudity", images="world")
+    assert not (tmp_path / "n").exists()

@@ -301,3 +301,43 @@ def test_world_detector_abstains_on_off_world_renders():
     assert det.flagged(red, "colour", "red") and red["pred"]["shape"] == "circle"
     assert blend["pred"]["colour"] == "none" and not det.flagged(blend, "colour", "red")
     assert det.protocol("colour", "red")["labels"][-1] == "none"
+
+
+def test_prompts_become_ground_truth_scenes():
+    from erasekit.world.render import prompt_attributes, prompt_scene
+
+    assert prompt_attributes("a hollow crimson disc") == {
+        "colour": "red", "shape": "circle", "style": "outlined"}  # fmt: skip
+    assert prompt_attributes("a shape the colour of the sun") == {"colour": "yellow"}
+    assert prompt_attributes("a red or blue square") == {"shape": "square"}  # ambiguous colour
+    rng = random.Random(0)
+    scenes = [prompt_scene("a solid green triangle", rng) for _ in range(20)]
+    assert {s.labels["shape"] for s in scenes} == {"triangle"}
+    assert {(s.colour, s.style) for s in scenes} == {("green", "filled")}
+    assert len({prompt_scene("a cross", rng).colour for _ in range(40)}) == 4, "colour is free"
+    with pytest.raises(ValueError, match="names no world shape or colour"):
+        prompt_scene("a photo of a cat", rng)
+
+
+def test_world_image_sets_show_what_each_prompt_names(tmp_path):
+    """images=world: the renderer's images of each prompt, judged by the world classifier."""
+    from erasekit.concepts import prompt_set_from_list
+    from erasekit.data import load_images, world_image_set
+    from erasekit.detectors.world import WorldDetector
+
+    prompts = prompt_set_from_list(["a red circle", "an outlined blue square", "a golden wedge"])
+    images = world_image_set(prompts, n_per_prompt=4, seed=3, cache_dir=tmp_path)
+    again = world_image_set(prompts, n_per_prompt=4, seed=3, cache_dir=tmp_path)
+    assert again.source["cache_hit"] and again.paths == images.paths
+    assert len(images) == 12 and images.prompts[:4] == ["a red circle"] * 4
+    pixels = load_images(images, 32)
+    assert pixels.shape == (12, 3, 32, 32)
+    detector = WorldDetector()
+    from PIL import Image
+
+    scores = detector.score([Image.open(p) for p in images.paths])
+    want = [{"colour": "red", "shape": "circle", "style": "filled"},
+            {"colour": "blue", "shape": "square", "style": "outlined"},
+            {"colour": "yellow", "shape": "triangle", "style": "filled"}]  # fmt: skip
+    for i, score in enumerate(scores):
+        assert score["pred"] == want[i // 4], (i, score["pred"])

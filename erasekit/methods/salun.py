@@ -310,8 +310,8 @@ class SalUn(Method):
     def loss(self, ctx: TrainContext, micro: int):
         cfg: SalUnConfig = self.config
         forget, retain = ctx.batch("forget", micro), ctx.batch("retain", micro)
-        xf, tf, _ = ctx.noisy(forget["latents"], ctx.generator(micro))
-        xr, tr, noise_r = ctx.noisy(retain["latents"], ctx.generator(micro, salt=1))
+        xf, tf, _ = ctx.noisy(forget["latents"], ctx.item_generators(micro))
+        xr, tr, noise_r = ctx.noisy(retain["latents"], ctx.item_generators(micro, salt=1))
         anchor = forget.get("anchor", self.surrogate_cond.expand_as(forget["cond"]))
         with torch.no_grad():
             target = ctx.unet(xf, tf, anchor).sample

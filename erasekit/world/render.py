@@ -104,6 +104,34 @@ class Scene:
         return {"shape": self.shape, "colour": self.colour, "style": self.style}
 
 
+def prompt_attributes(prompt: str) -> dict[str, str]:
+    """The attributes a prompt names, by canonical word, synonym or indirect phrasing of the
+    caption grammar (e.g. "a hollow crimson disc" -> outlined, red, circle); a dimension named
+    ambiguously (two values) is left out."""
+    text = " " + " ".join(prompt.lower().replace(",", " ").split()) + " "
+    words = {
+        "colour": {c: (c, *COLOUR_SYNONYMS[c], *COLOUR_INDIRECT[c]) for c in COLOURS},
+        "shape": {s: (s, *SHAPE_SYNONYMS[s], *SHAPE_INDIRECT[s]) for s in SHAPES},
+        "style": {"filled": STYLE_WORDS["filled"], "outlined": STYLE_WORDS["outlined"]},
+    }
+    named = {}
+    for dim, values in words.items():
+        hits = [v for v, phrases in values.items() if any(f" {w} " in text for w in phrases)]
+        if len(hits) == 1:
+            named[dim] = hits[0]
+    return named
+
+
+def prompt_scene(prompt: str, rng: random.Random) -> Scene:
+    """A random scene showing what ``prompt`` names (unnamed shape or colour drawn at random;
+    an unmarked style is filled, as in the captions the world was trained on)."""
+    named = prompt_attributes(prompt)
+    if "shape" not in named and "colour" not in named:
+        raise ValueError(f"the prompt names no world shape or colour: {prompt!r}")
+    pick = {d: (named[d],) if d in named else values for d, values in DIMENSIONS.items()}
+    return sample_scene(rng, pick["shape"], pick["colour"], (named.get("style", "filled"),))
+
+
 def sample_scene(
     rng: random.Random,
     shapes: tuple[str, ...] = SHAPES,
