@@ -115,7 +115,8 @@ def bench_world(steps: int) -> dict:
 def bench_mask(saliency_dtype: str) -> dict:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from erasekit.methods.salun import SalUn, SalUnConfig, masks_from_saliency, save_mask
+    from erasekit.methods.salun import SalUnConfig, masks_from_saliency, save_mask
+    from erasekit.methods.salun import saliency as salun_saliency
     from erasekit.training import Split, TrainContext
 
     torch.manual_seed(0)
@@ -134,9 +135,9 @@ def bench_mask(saliency_dtype: str) -> dict:
                                          if k not in ("set_alpha_to_one", "steps_offset")}),
         weight_dtype=torch.float32, device=torch.device("cpu"), work_dir=Path("."),
     )  # fmt: skip
-    method = SalUn(cfg, None, model_path=".")
     t0 = time.time()
-    saliency = method.saliency(ctx)
+    saliency = salun_saliency(ctx, guidance=cfg.mask_guidance, batch_size=cfg.mask_batch_size,
+                              seed=cfg.seed, dtype=cfg.saliency_dtype)  # fmt: skip
     t_saliency = time.time() - t0
     after_saliency = rss_now()
     peak_before_build = rss_peak()
@@ -180,28 +181,14 @@ def _flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def _esd_at_mean_depth():
-    from erasekit.methods.esd import ESD
-
-    class ESDAtMeanDepth(ESD):
-        """ESD whose partial sample always stops at the schedule's mean depth, so that every
-        timed step costs the same and FLOPs and time describe the same work."""
-
-        def stop_index(self, gen):
-            return self.config.ddim_steps // 2
-
-    return ESDAtMeanDepth
-
-
 def bench_gpu(batch: int, steps: int) -> dict:
     from accelerate import Accelerator
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
-    from erasekit.methods.esd import ESDConfig
-    from erasekit.methods.salun import SalUn, SalUnConfig, masks_from_saliency
+    from erasekit.methods.esd import ESD, ESDConfig
+    from erasekit.methods.salun import SalUn, SalUnConfig, masks_from_saliency, saliency
     from erasekit.training import Split, TrainContext
 
-    _ESDAtMeanDepth = _esd_at_mean_depth()
     acc = Accelerator(mixed_precision="bf16")
     dev = acc.device
     g = torch.Generator().manual_seed(0)
@@ -226,17 +213,22 @@ def bench_gpu(batch: int, steps: int) -> dict:
             weight_dtype=torch.bfloat16, device=dev, work_dir=Path("."),
         )  # fmt: skip
         if label == "esd-u":
-            method = _ESDAtMeanDepth(cfg, None, model_path=".")
+            method = ESD(cfg, None, model_path=".")
             params = [p for _, p in method.trainable_parameters(unet)]
             unet.requires_grad_(False)
             for p in params:
                 p.requires_grad_(True)
             method.setup(ctx)
+            # Every partial sample stops at the schedule's mean depth, so that every timed step
+            # costs the same and FLOPs and time describe the same work.
+            method.teacher.fixed_stop = cfg.ddim_steps // 2
         elif label == "salun":
             method = SalUn(cfg, None, model_path=".")
             params = list(unet.parameters())
             t0 = time.time()
-            masks, _ = masks_from_saliency(method.saliency(ctx), cfg.mask_fraction)
+            scores = saliency(ctx, guidance=cfg.mask_guidance, batch_size=cfg.mask_batch_size,
+                              seed=cfg.seed)  # fmt: skip
+            masks, _ = masks_from_saliency(scores, cfg.mask_fraction)
             torch.cuda.synchronize()
             mask_s = time.time() - t0
             method.masks = masks

@@ -104,6 +104,71 @@ def esd_target(e_u: torch.Tensor, e_c: torch.Tensor, eta: float, convention: str
     return base - eta * (e_c - e_u)
 
 
+class ESDTeacher:
+    """ESD's training pairs from a frozen copy of the original U-Net: a partial DDIM sample x_t
+    of the concept prompt and the negatively guided target at x_t. Used by ESD and by ResAlign's
+    ``base: esd``."""
+
+    def __init__(self, teacher, *, ddim_steps: int, sample_guidance: float,
+                 negative_guidance: float, convention: str) -> None:  # fmt: skip
+        self.unet = teacher
+        self.ddim_steps = ddim_steps
+        self.sample_guidance = sample_guidance
+        self.negative_guidance = negative_guidance
+        self.convention = convention
+        self.sampler = None  # built lazily from the training context's scheduler config
+        self.fixed_stop: int | None = None  # benchmarks: every partial sample stops here
+
+    @classmethod
+    def from_config(cls, teacher, config) -> ESDTeacher:
+        """From any config with ESD's ``ddim_steps``, ``sample_guidance``, ``negative_guidance``
+        and ``target`` (or ResAlign's ``esd_target``)."""
+        convention = getattr(config, "esd_target", None) or config.target
+        return cls(teacher, ddim_steps=config.ddim_steps, sample_guidance=config.sample_guidance,
+                   negative_guidance=config.negative_guidance, convention=convention)  # fmt: skip
+
+    @torch.no_grad()
+    def eps(self, x, t, cond, dtype):
+        unet = self.unet
+        return unet(x.to(unet.dtype), t, cond.to(unet.dtype)).sample.to(dtype)
+
+    def stop_index(self, gen: torch.Generator) -> int:
+        """How many DDIM steps the partial sample takes: uniform over the schedule."""
+        stop = int(torch.randint(0, self.ddim_steps, (1,), generator=gen))
+        return stop if self.fixed_stop is None else self.fixed_stop
+
+    @torch.no_grad()
+    def partial_sample(self, ctx: TrainContext, cond, gen) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t for a random stop index of the DDIM schedule, sampled by the frozen teacher."""
+        from diffusers import DDIMScheduler
+
+        if self.sampler is None:
+            self.sampler = DDIMScheduler.from_config(ctx.pipe.scheduler.config)
+            self.sampler.set_timesteps(self.ddim_steps)
+        unet_cfg = ctx.pipe.unet.config
+        shape = (cond.shape[0], unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size)
+        stop = self.stop_index(gen)
+        x = torch.randn(shape, generator=gen).to(ctx.device) * self.sampler.init_noise_sigma
+        empty = ctx.empty_cond.expand(cond.shape[0], -1, -1)
+        timesteps = self.sampler.timesteps
+        for t in timesteps[:stop]:
+            both = self.eps(torch.cat([x, x]), t.to(ctx.device), torch.cat([empty, cond]),
+                            x.dtype)  # fmt: skip
+            e_u, e_c = both.chunk(2)
+            eps = e_u + self.sample_guidance * (e_c - e_u)
+            x = self.sampler.step(eps, t, x).prev_sample
+        return x, timesteps[stop].to(ctx.device).expand(cond.shape[0])
+
+    @torch.no_grad()
+    def forget_target(self, ctx: TrainContext, cond, gen):
+        """(x_t, t, target): the partial sample and the negatively guided teacher target."""
+        x_t, t = self.partial_sample(ctx, cond, gen)
+        empty = ctx.empty_cond.expand(cond.shape[0], -1, -1)
+        e_u, e_c = self.eps(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([empty, cond]),
+                            torch.float32).chunk(2)  # fmt: skip
+        return x_t, t, esd_target(e_u, e_c, self.negative_guidance, self.convention)
+
+
 class ESD(Method):
     name = "esd"
     Config = ESDConfig
@@ -119,62 +184,15 @@ class ESD(Method):
     def trainable_parameters(self, unet):
         return esd_parameters(unet, self.config.variant)
 
-    def setup(self, ctx: TrainContext, teacher=None) -> None:
-        """Build the frozen teacher (or use ``teacher``: a frozen copy of the original)."""
-        from diffusers import DDIMScheduler
-
-        # The frozen teacher: never prepared, held in the weight dtype.
-        if teacher is None:
-            teacher = copy.deepcopy(ctx.unet).requires_grad_(False).eval()
-            teacher.to(ctx.device, dtype=ctx.weight_dtype)
-        self.teacher = teacher
-        self.sampler = None  # built lazily from the training context's scheduler config
-        self._ddim_cls = DDIMScheduler
-
-    @torch.no_grad()
-    def _teacher_eps(self, x, t, cond, dtype):
-        return self.teacher(x.to(self.teacher.dtype), t, cond.to(self.teacher.dtype)).sample.to(
-            dtype
-        )
-
-    def stop_index(self, gen: torch.Generator) -> int:
-        """How many DDIM steps the partial sample takes: uniform over the schedule."""
-        return int(torch.randint(0, self.config.ddim_steps, (1,), generator=gen))
-
-    @torch.no_grad()
-    def partial_sample(self, ctx: TrainContext, cond, gen) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_t for a random stop index of the DDIM schedule, sampled by the frozen teacher."""
-        cfg: ESDConfig = self.config
-        if self.sampler is None:
-            self.sampler = self._ddim_cls.from_config(ctx.pipe.scheduler.config)
-            self.sampler.set_timesteps(cfg.ddim_steps)
-        unet_cfg = ctx.pipe.unet.config
-        shape = (cond.shape[0], unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size)
-        stop = self.stop_index(gen)
-        x = torch.randn(shape, generator=gen).to(ctx.device) * self.sampler.init_noise_sigma
-        empty = ctx.empty_cond.expand(cond.shape[0], -1, -1)
-        timesteps = self.sampler.timesteps
-        for t in timesteps[:stop]:
-            both = self._teacher_eps(torch.cat([x, x]), t.to(ctx.device),
-                                     torch.cat([empty, cond]), x.dtype)  # fmt: skip
-            e_u, e_c = both.chunk(2)
-            eps = e_u + cfg.sample_guidance * (e_c - e_u)
-            x = self.sampler.step(eps, t, x).prev_sample
-        return x, timesteps[stop].to(ctx.device).expand(cond.shape[0])
-
-    @torch.no_grad()
-    def forget_target(self, ctx: TrainContext, cond, gen):
-        """(x_t, t, target): the partial sample and the negatively guided teacher target."""
-        x_t, t = self.partial_sample(ctx, cond, gen)
-        empty = ctx.empty_cond.expand(cond.shape[0], -1, -1)
-        e_u, e_c = self._teacher_eps(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                     torch.cat([empty, cond]), torch.float32).chunk(2)  # fmt: skip
-        cfg = self.config
-        return x_t, t, esd_target(e_u, e_c, cfg.negative_guidance, cfg.target)
+    def setup(self, ctx: TrainContext) -> None:
+        """The frozen teacher (never prepared, held in the weight dtype) and its targets."""
+        teacher = copy.deepcopy(ctx.unet).requires_grad_(False).eval()
+        teacher.to(ctx.device, dtype=ctx.weight_dtype)
+        self.teacher = ESDTeacher.from_config(teacher, self.config)
 
     def loss(self, ctx: TrainContext, micro: int):
         cond = ctx.batch("forget", micro)["cond"]
-        x_t, t, target = self.forget_target(ctx, cond, ctx.generator(micro))
+        x_t, t, target = self.teacher.forget_target(ctx, cond, ctx.generator(micro))
         pred = ctx.unet(x_t, t, cond).sample
         loss = F.mse_loss(pred.float(), target)
         return loss, {"t": float(t[0])}

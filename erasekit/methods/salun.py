@@ -191,6 +191,52 @@ def load_mask(path: str | Path, unet=None) -> tuple[dict[str, torch.Tensor], dic
 # --- the method ------------------------------------------------------------------------------
 
 
+def saliency(
+    ctx: TrainContext, *, guidance: float, batch_size: int, seed: int, dtype: str = "fp32"
+) -> dict[str, torch.Tensor]:
+    """SalUn's weight saliency on the context's forget split:
+    |Σ_batches ∇ -MSE(ε, (1+w)ε_θ(x_t,c_f) - wε_θ(x_t,""))| with w = ``guidance``.
+
+    Each parameter's gradient is added into an accumulator of ``dtype`` (fp32 or bf16) as soon
+    as backward produces it and then freed, so the pass holds one accumulator per weight
+    (4 bytes in fp32, 2 in bf16) and never a full set of gradients besides.
+    """
+    acc, unet, split = ctx.accelerator, ctx.unet, ctx.data["forget"]
+    accumulator = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    params = dict(unet.named_parameters())
+    sums = {n: torch.zeros_like(p, dtype=accumulator) for n, p in params.items()}
+
+    def make_hook(name):
+        def hook(p):
+            sums[name].add_(p.grad.to(accumulator))
+            p.grad = None
+
+        return hook
+
+    handles = [p.register_post_accumulate_grad_hook(make_hook(n)) for n, p in params.items()]
+    try:
+        starts = list(range(0, len(split), batch_size))
+        for start in starts[acc.process_index :: acc.num_processes]:
+            latents = split.latents[start : start + batch_size].to(ctx.device)
+            cond = split.cond[start : start + batch_size].to(ctx.device)
+            x_t, t, noise = ctx.noisy(latents, step_generator(seed, -1, start))
+            empty = ctx.empty_cond.expand_as(cond)
+            with acc.autocast():
+                out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, empty]))
+            e_c, e_u = out.sample.float().chunk(2)
+            guided = (1 + guidance) * e_c - guidance * e_u
+            loss = -F.mse_loss(guided, ctx.denoising_target(latents, noise, t).float())
+            loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    for name in sums:
+        if acc.num_processes > 1:
+            sums[name] = acc.reduce(sums[name], reduction="sum")
+        sums[name].abs_()
+    return sums
+
+
 class SalUn(Method):
     name = "salun"
     Config = SalUnConfig
@@ -242,49 +288,6 @@ class SalUn(Method):
         )
         return cfg.epochs * math.ceil(len(data["forget"]) / global_batch)
 
-    def saliency(self, ctx: TrainContext) -> dict[str, torch.Tensor]:
-        """|Σ_batches ∇ -MSE(ε, (1+w)ε_θ(x_t,c_f) - wε_θ(x_t,""))| over the forget set.
-
-        Each parameter's gradient is added into an accumulator of ``saliency_dtype`` as soon
-        as backward produces it and then freed, so the pass holds one accumulator per weight
-        (4 bytes in fp32, 2 in bf16) and never a full set of gradients besides.
-        """
-        cfg: SalUnConfig = self.config
-        acc, unet, split = ctx.accelerator, ctx.unet, ctx.data["forget"]
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.saliency_dtype]
-        params = dict(unet.named_parameters())
-        sums = {n: torch.zeros_like(p, dtype=dtype) for n, p in params.items()}
-
-        def make_hook(name):
-            def hook(p):
-                sums[name].add_(p.grad.to(dtype))
-                p.grad = None
-
-            return hook
-
-        handles = [p.register_post_accumulate_grad_hook(make_hook(n)) for n, p in params.items()]
-        try:
-            starts = list(range(0, len(split), cfg.mask_batch_size))
-            for start in starts[acc.process_index :: acc.num_processes]:
-                latents = split.latents[start : start + cfg.mask_batch_size].to(ctx.device)
-                cond = split.cond[start : start + cfg.mask_batch_size].to(ctx.device)
-                x_t, t, noise = ctx.noisy(latents, step_generator(cfg.seed, -1, start))
-                empty = ctx.empty_cond.expand_as(cond)
-                with acc.autocast():
-                    out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, empty]))
-                e_c, e_u = out.sample.float().chunk(2)
-                guided = (1 + cfg.mask_guidance) * e_c - cfg.mask_guidance * e_u
-                loss = -F.mse_loss(guided, ctx.denoising_target(latents, noise, t).float())
-                loss.backward()
-        finally:
-            for h in handles:
-                h.remove()
-        for name in sums:
-            if acc.num_processes > 1:
-                sums[name] = acc.reduce(sums[name], reduction="sum")
-            sums[name].abs_()
-        return sums
-
     def setup(self, ctx: TrainContext) -> None:
         cfg: SalUnConfig = self.config
         surrogate = cfg.surrogate or self.concept.surrogate
@@ -295,7 +298,9 @@ class SalUn(Method):
             masks, info = load_mask(self.mask_path, unet)
             self.mask_info = {**info, "reused_from": str(Path(self.mask_path).resolve())}
         else:
-            masks, info = masks_from_saliency(self.saliency(ctx), cfg.mask_fraction)
+            scores = saliency(ctx, guidance=cfg.mask_guidance, batch_size=cfg.mask_batch_size,
+                              seed=cfg.seed, dtype=cfg.saliency_dtype)  # fmt: skip
+            masks, info = masks_from_saliency(scores, cfg.mask_fraction)
             self.mask_info = {**info, "fraction": cfg.mask_fraction, "w": cfg.mask_guidance,
                               "forget_images": len(ctx.data["forget"]),
                               "batch_size": cfg.mask_batch_size}  # fmt: skip
