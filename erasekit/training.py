@@ -393,6 +393,8 @@ class TrainingJob:
     sets_gradients: ClassVar[bool] = False
     # True: ``loss`` runs the (frozen) text encoder itself, so the loop keeps it on the device.
     uses_text_encoder: ClassVar[bool] = False
+    # True: a closed-form edit (in ``on_train_start``); the loop runs no optimizer step.
+    closed_form: ClassVar[bool] = False
     # False: the output folder holds the job's own outputs, the log and erasekit.json, not a
     # copy of the (unchanged) model (e.g. an attack's learned embedding).
     saves_model: ClassVar[bool] = True
@@ -783,7 +785,7 @@ def _save(job, ctx: TrainContext, model_path, concept, total: int, resume_from, 
                 "global_batch": config.batch_size * accelerator.num_processes
                 * config.gradient_accumulation_steps,
                 "data": job.describe_data(),
-                "log": TRAINING_LOG,
+                "log": TRAINING_LOG if (ctx.work_dir / TRAINING_LOG).is_file() else None,
                 "outputs": outputs,
             },
         },

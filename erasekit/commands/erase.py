@@ -11,7 +11,7 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
     p = subparsers.add_parser(
         "erase",
         parents=[parent],
-        help="erase a concept from a model (esd, salun, resalign, negative-embedding)",
+        help="erase a concept from a model (esd, salun, uce, resalign, negative-embedding)",
         description=(
             "Erase a concept with a method on the shared accelerate training loop and write the "
             "erased model (diffusers folder + erasekit.json + training_log.jsonl, and the SalUn "
@@ -24,7 +24,9 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
     add_model_options(p, config_flag="--model-config", dtype=False)
     p.add_argument("--concept", required=True, help="concept name or YAML spec")
     p.add_argument(
-        "--method", required=True, help="erasure method (esd, salun, resalign, negative-embedding)"
+        "--method",
+        required=True,
+        help="erasure method (esd, salun, uce, resalign, negative-embedding)",
     )
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--preset", metavar="NAME",

@@ -14,6 +14,7 @@ METHODS.register_lazy("esd", "erasekit.methods.esd:ESD")
 METHODS.register_lazy("salun", "erasekit.methods.salun:SalUn")
 METHODS.register_lazy("resalign", "erasekit.methods.resalign:ResAlign")
 METHODS.register_lazy("negative-embedding", "erasekit.methods.negative_embedding:NegativeEmbedding")
+METHODS.register_lazy("uce", "erasekit.methods.uce:UCE")
 
 
 class Method(TrainingJob):
