@@ -172,7 +172,7 @@ def world_image_set(
                 try:
                     scene = prompt_scene(prompt, rng)
                 except ValueError as e:
-                    raise ErasekitError(f"{prompt_set.name}: images=world: {e}") from None
+                    raise ErasekitError(f"{prompt_set.name}: image_source=world: {e}") from None
                 name = f"{i:05d}_{k:03d}.png"
                 render(scene).save(own / name)
                 rows.append({"file_name": name, "prompt": prompt, **scene.labels})

@@ -80,7 +80,7 @@ class TrainConfig:
     images_per_prompt: int = 8  # rendered forget/retain data: images per prompt
     # forget/retain images: "original" (rendered by the original model) or "world" (ShapesWorld
     # concepts: ground-truth renders of each prompt by the world's renderer)
-    images: str = "original"
+    image_source: str = "original"
     save_dtype: str = "fp32"
 
     def validate(self) -> None:
@@ -90,7 +90,7 @@ class TrainConfig:
             "lr_scheduler": LR_SCHEDULES,
             "mixed_precision": MIXED_PRECISION,
             "save_dtype": ("fp32", "fp16", "bf16"),
-            "images": IMAGE_SOURCES,
+            "image_source": IMAGE_SOURCES,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -429,10 +429,10 @@ class TrainingJob:
         if folder is not None:
             return read_image_folder(folder, name=f"{split} images")
         prompts = self.concept.forget if split == "forget" else self.concept.retain
-        if self.config.images == "world":
+        if self.config.image_source == "world":
             if self.concept.scale != "world":
                 raise ErasekitError(
-                    f"images=world needs a ShapesWorld concept ('{self.concept.name}' is not"
+                    f"image_source=world needs a ShapesWorld concept ('{self.concept.name}' is not"
                     " one): use images=original, or --forget-images/--retain-images"
                 )
             return world_image_set(prompts, n_per_prompt=self.config.images_per_prompt,

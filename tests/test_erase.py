@@ -449,12 +449,27 @@ def test_esd_u_trains_the_codes_set_and_presets_name_their_source(tiny_pipe):
 
 
 def test_world_images_for_training_data(tiny_model_dir, tmp_path):
-    """images=world trains on the world renderer's images of the concept's prompts (recorded in
-    the manifest); a concept outside ShapesWorld is refused before any work."""
-    out = erase(tiny_model_dir, tmp_path / "w", images="world", steps=1)
+    """image_source=world trains on the world renderer's images of the concept's prompts
+    (recorded in the manifest); a concept outside ShapesWorld is refused before any work."""
+    out = erase(tiny_model_dir, tmp_path / "w", image_source="world", steps=1)
     data = json.loads((out / "erasekit.json").read_text())["training"]["data"]
     assert data["forget"]["origin"].startswith("ShapesWorld renderer")
     assert data["retain"]["n_images"] == len(load_concept("circle").retain.prompts)
-    with pytest.raises(ErasekitError, match="images=world needs a ShapesWorld concept"):
-        erase(tiny_model_dir, tmp_path / "n", concept="nudity", images="world")
+    with pytest.raises(ErasekitError, match="image_source=world needs a ShapesWorld concept"):
+        erase(tiny_model_dir, tmp_path / "n", concept="nudity", image_source="world")
     assert not (tmp_path / "n").exists()
+
+
+def test_no_job_config_redefines_a_loop_setting():
+    """A job's config may change a shared loop setting's default, never its meaning (type)."""
+    import dataclasses
+
+    from erasekit.attacks.finetune import FinetuneConfig
+    from erasekit.inversion import InversionConfig
+    from erasekit.training import TrainConfig
+
+    loop = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    configs = [get_method(n).Config for n in METHODS.names()] + [FinetuneConfig, InversionConfig]
+    for config in configs:
+        for f in dataclasses.fields(config):
+            assert f.name not in loop or f.type == loop[f.name], (config.__name__, f.name)

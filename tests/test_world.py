@@ -320,7 +320,7 @@ def test_prompts_become_ground_truth_scenes():
 
 
 def test_world_image_sets_show_what_each_prompt_names(tmp_path):
-    """images=world: the renderer's images of each prompt, judged by the world classifier."""
+    """image_source=world: the renderer's images of each prompt, judged by the world classifier."""
     from erasekit.concepts import prompt_set_from_list
     from erasekit.data import load_images, world_image_set
     from erasekit.detectors.world import WorldDetector
