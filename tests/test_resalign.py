@@ -156,8 +156,10 @@ def test_lambda_zero_reduces_to_the_base_methods_gradient(base, tiny_model_dir, 
         )
         trainable = {"trainable": "esd-u", "ddim_steps": 4}
     else:
+        # SalUn as ResAlign's base uses it: the concept's fixed surrogate and the original's
+        # renders (SalUn's world preset relabels, on the world renderer's images)
         ref = _erase(tiny_model_dir, tmp_path / "base", "salun", alpha=0.0, mask_fraction=1.0,
-                     **common)  # fmt: skip
+                     surrogate_mode="fixed", image_source="original", **common)  # fmt: skip
         trainable = {"trainable": "full"}
     ours = _erase(tiny_model_dir, tmp_path / "resalign", "resalign", base=base, lam=0.0,
                   retain_weight=0.0, retain_weight_late=0.0, weight_decay=0.0,
