@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, run_cli, run_main
 
 
 def test_simplex_projection_on_known_vectors():
@@ -242,7 +242,7 @@ def test_adversarial_attacks_in_the_world_audit(tmp_path):
     assert "| ring-a-bell | never-learned |" in md
 
 
-def test_bad_adversarial_settings_are_clean_errors(tmp_path):
+def test_bad_adversarial_settings_are_clean_errors(tmp_path, capsys):
     """Missing / malformed pair files, an empty prompt file, a bad budget: one line, exit 2,
     no output folder (checked before anything is rendered)."""
     from erasekit.world import world_path
@@ -252,13 +252,13 @@ def test_bad_adversarial_settings_are_clean_errors(tmp_path):
     for setting, fragment in ((f"unlearndiffatk.prompts={empty}", "prompt file is empty"),
                               ("unlearndiffatk.k=0", "k, blocks"),
                               (f"unlearndiffatk.images={tmp_path}", "no metadata")):  # fmt: skip
-        r = run_cli("audit", "--model", str(world_path("full")), "--concept", "red", "--out",
-                    str(tmp_path / "u"), "--limit", "1", "--attacks", "unlearndiffatk",
-                    "--attack-set", setting, "--no-progress")  # fmt: skip
+        r = run_main(capsys, "audit", "--model", str(world_path("full")), "--concept", "red",
+                     "--out", str(tmp_path / "u"), "--limit", "1", "--attacks", "unlearndiffatk",
+                     "--attack-set", setting, "--no-progress")  # fmt: skip
         assert_one_line_error(r, fragment)
         assert not (tmp_path / "u").exists()
 
-    r = run_cli("audit", "--model", str(world_path("full")), "--concept", "red", "--out",
+    r = run_main(capsys, "audit", "--model", str(world_path("full")), "--concept", "red", "--out",
                 str(tmp_path / "a"), "--limit", "1", "--attacks", "ring-a-bell",
                 "--attack-set", f"ring-a-bell.pairs={tmp_path / 'missing.csv'}",
                 "--no-progress")  # fmt: skip
@@ -266,7 +266,7 @@ def test_bad_adversarial_settings_are_clean_errors(tmp_path):
     assert not (tmp_path / "a").exists()
     bad = tmp_path / "pairs.csv"
     bad.write_text("prompt\na red circle\n")
-    r = run_cli("audit", "--model", str(world_path("full")), "--concept", "red", "--out",
+    r = run_main(capsys, "audit", "--model", str(world_path("full")), "--concept", "red", "--out",
                 str(tmp_path / "b"), "--limit", "1", "--attacks", "ring-a-bell",
                 "--attack-set", f"ring-a-bell.pairs={bad}", "--no-progress")  # fmt: skip
     assert_one_line_error(r, "needs columns 'with' and 'without'")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import assert_one_line_error, run_cli, run_main
+from tests.conftest import assert_one_line_error, run_main
 
 
 def test_sld_update_matches_the_equations():
@@ -64,7 +64,7 @@ def test_sld_sampler_without_edit_equals_plain_cfg(tiny_pipe):
     assert np.abs(plain - negative).mean() > 1.0
 
 
-def test_guided_folder_renders_through_generate(tmp_path, tiny_model_dir):
+def test_guided_folder_renders_through_generate(tmp_path, tiny_model_dir, capsys):
     """A folder with guidance.json (+ an embedding) loads with it and `erasekit generate`
     renders differently from the plain folder; the embedding loads in plain diffusers too."""
     from safetensors.torch import save_file
@@ -83,8 +83,8 @@ def test_guided_folder_renders_through_generate(tmp_path, tiny_model_dir):
     assert "<neg>" in pipe.tokenizer.get_vocab()
     outs = {}
     for name, folder in (("plain", tiny_model_dir), ("guided", guided)):
-        r = run_cli("generate", "--model", str(folder), "--prompts", "a red circle", "--out",
-                    str(tmp_path / f"out-{name}"), "--no-progress")  # fmt: skip
+        r = run_main(capsys, "generate", "--model", str(folder), "--prompts", "a red circle",
+                     "--out", str(tmp_path / f"out-{name}"), "--no-progress")  # fmt: skip
         assert r.returncode == 0, r.stderr
         image = next((tmp_path / f"out-{name}" / "images").glob("*.png"))
         outs[name] = np.asarray(Image.open(image), dtype=float)

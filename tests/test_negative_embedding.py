@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, run_cli, run_main
 
 
 def _tensors(folder):
@@ -99,10 +99,10 @@ def test_negative_embedding_defends_the_world_model_and_transfers(tmp_path):
     ],
 )
 def test_negative_embedding_bad_settings_are_clean_errors(tmp_path, tiny_model_dir, sets,
-                                                          fragment):  # fmt: skip
+                                                          fragment, capsys):  # fmt: skip
     args = [a for s in sets for a in ("--set", s)]
     out = tmp_path / "out"
-    r = run_cli("erase", "--model", str(tiny_model_dir), "--concept", "red", "--method",
+    r = run_main(capsys, "erase", "--model", str(tiny_model_dir), "--concept", "red", "--method",
                 "negative-embedding", "--out", str(out), "--no-progress", *args)  # fmt: skip
     assert_one_line_error(r, fragment)
     assert not out.exists() and not list(tmp_path.glob(".out*"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_main
 from safetensors.torch import load_file
 
 from erasekit.concepts import load_concept
@@ -244,12 +244,12 @@ def test_meta_distribution_checks(tmp_path):
             ResAlignConfig(**{key: value}).validate()
 
 
-def test_cli_bad_resalign_settings_exit_2_without_output(tiny_model_dir, tmp_path):
+def test_cli_bad_resalign_settings_exit_2_without_output(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    r = run_cli("erase", "--model", str(tiny_model_dir), "--concept", "circle", "--method",
+    r = run_main(capsys, "erase", "--model", str(tiny_model_dir), "--concept", "circle", "--method",
                 "resalign", "--out", str(out), "--set", "base=kl")  # fmt: skip
     assert_one_line_error(r, "base must be one of")
-    r = run_cli("erase", "--model", str(tiny_model_dir), "--concept", "circle", "--method",
+    r = run_main(capsys, "erase", "--model", str(tiny_model_dir), "--concept", "circle", "--method",
                 "resalign", "--out", str(out), "--set", "meta_distribution=/nope.yaml")  # fmt: skip
     assert_one_line_error(r, "not found")
     assert not out.exists() and not list(tmp_path.glob(".out*"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, run_main
 
 from erasekit.concepts import load_concept
 from erasekit.world import WORLD_VARIANTS, classifier_path, world_path
@@ -171,11 +171,12 @@ def test_shipped_full_model_draws_what_it_is_asked():
     assert untrained < 0.2, untrained  # chance for shape AND colour is 1/16
 
 
-def test_world_path_and_info_commands():
-    result = run_cli("world", "path", "--variant", "no-red")
+def test_world_path_and_info_commands(capsys):
+    result = run_main(capsys, "world", "path", "--variant", "no-red")
     assert result.returncode == 0 and Path(result.stdout.strip()) == world_path("no-red")
-    assert_one_line_error(run_cli("world", "path", "--variant", "no-blue"), "invalid choice")
-    info = run_cli("world", "info", "--json")
+    assert_one_line_error(run_main(capsys, "world", "path", "--variant", "no-blue"),
+                          "invalid choice")  # fmt: skip
+    info = run_main(capsys, "world", "info", "--json")
     assert info.returncode == 0, info.stderr
     data = json.loads(info.stdout)
     assert [v["variant"] for v in data["variants"]] == list(WORLD_VARIANTS)
