@@ -86,7 +86,7 @@ def erase(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Erase ``concept`` from ``model`` with ``method`` (esd, salun, uce, resalign,
+    """Erase ``concept`` from ``model`` with ``method`` (esd, salun, uce, negmerge, resalign,
     negative-embedding) and write the erased model folder ``out``; returns its path.
 
     Settings layer as on the command line: the method's defaults for the concept (e.g. its

@@ -393,7 +393,9 @@ class TrainingJob:
     sets_gradients: ClassVar[bool] = False
     # True: ``loss`` runs the (frozen) text encoder itself, so the loop keeps it on the device.
     uses_text_encoder: ClassVar[bool] = False
-    # True: a closed-form edit (in ``on_train_start``); the loop runs no optimizer step.
+    # True: the job's result is computed, not trained (UCE's closed form, NegMerge's merge of
+    # copies it trained in ``prepare_data``), and applied in ``on_train_start``; the loop runs
+    # no optimizer step.
     closed_form: ClassVar[bool] = False
     # False: the output folder holds the job's own outputs, the log and erasekit.json, not a
     # copy of the (unchanged) model (e.g. an attack's learned embedding).
@@ -537,8 +539,10 @@ def _train(
     fingerprint = _config_fingerprint(job.name, job.config)
     resume_from = _negotiate_output(out_dir, work_dir, str(pipe.device), resume, overwrite,
                                     fingerprint, job.config)  # fmt: skip
+    # Data first: encoded once by the frozen VAE and text encoder (a job may also run trainings
+    # of its own here, e.g. NegMerge's fine-tuned copies, each with its own accelerator).
+    data = job.prepare_data(pipe)
     accelerator = _make_accelerator(job.config, str(pipe.device))
-    data = job.prepare_data(pipe)  # encoded once by the frozen VAE and text encoder
     module, trainable = _freeze(job, pipe, accelerator)
     ctx = _prepare(job, pipe, accelerator, data, module, trainable, work_dir)
     if resume_from:
@@ -833,3 +837,60 @@ def _truncate_log(log_path: Path, step: int) -> None:
         return
     kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
     log_path.write_text("".join(ln + "\n" for ln in kept))
+
+
+@dataclass
+class DenoisingConfig(TrainConfig):
+    """Plain fine-tuning: the full U-Net or a LoRA on the attention projections."""
+
+    mode: str = "full"  # full | lora
+    rank: int = 4
+    lora_alpha: float = 4.0
+
+    def validate(self) -> None:
+        if self.mode not in ("full", "lora"):
+            raise ErasekitError(f"mode must be full or lora, got {self.mode!r}")
+        super().validate()
+
+
+class DenoisingJob(TrainingJob):
+    """The plain denoising loss on one image set, the full U-Net or a LoRA (fused into the
+    saved weights; its factors written beside them). The fine-tuning attack and NegMerge's
+    copies are this job."""
+
+    name = "denoising"
+    Config = DenoisingConfig
+    needs_images = True
+
+    def __init__(self, config: DenoisingConfig, image_set, **kwargs: Any) -> None:
+        super().__init__(config, None, **kwargs)
+        self.images = image_set
+        self.lora_state: dict | None = None
+
+    def prepare_data(self, pipe) -> dict[str, Split]:
+        self.data_info = {"train": self.images.describe()}
+        return {"train": make_split(pipe, [], self.images)}
+
+    def trainable_parameters(self, unet):
+        if self.config.mode == "full":
+            return list(unet.named_parameters())
+        from erasekit.lora import add_lora
+
+        return add_lora(unet, self.config.rank, self.config.lora_alpha)
+
+    def loss(self, ctx: TrainContext, micro: int):
+        return ctx.denoising_loss(ctx.batch("train", micro), micro), {}
+
+    def finalize_unet(self, unet):
+        if self.config.mode == "lora":
+            from erasekit.lora import fuse_lora
+
+            self.lora_state = fuse_lora(unet)
+        return unet
+
+    def write_outputs(self, folder: Path) -> dict[str, Any]:
+        if self.lora_state is None:
+            return {}
+        from erasekit.lora import save_lora
+
+        return save_lora(folder, self.lora_state, self.config.rank)

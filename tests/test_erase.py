@@ -27,6 +27,7 @@ FAST = {"steps": 3, "images_per_prompt": 1, "batch_size": 2}
 FAST_METHOD = {
     "esd": {"ddim_steps": 4},
     "salun": {"mask_batch_size": 4},
+    "negmerge": {"grid": "lr=1e-3;lr=2e-3,seed=1", "copy_steps": 2, "alpha": 1.0},
     "resalign": {
         "configs_per_step": 1,
         "meta_distribution": str(Path(__file__).parent / "data" / "resalign-tiny-meta.yaml"),
@@ -57,7 +58,7 @@ def unet_weights(folder) -> dict[str, torch.Tensor]:
 def test_every_method_trains_and_writes_a_loadable_model(method, tiny_model_dir, tmp_path):
     out = erase(tiny_model_dir, tmp_path / "out", method=method)
     manifest = json.loads((out / "erasekit.json").read_text())
-    if get_method(method).closed_form:  # an edit, no optimizer step and no log
+    if get_method(method).closed_form:  # an edit: no optimizer step of its own, no log
         assert manifest["training"]["steps"] == 0 and manifest["training"]["log"] is None
     else:
         log = [json.loads(ln) for ln in (out / "training_log.jsonl").read_text().splitlines()]
@@ -139,7 +140,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(
 ):
     cls = get_method(method)
     if cls.closed_form:
-        pytest.skip(f"{method} is a closed-form edit: no steps, nothing to resume")
+        pytest.skip(f"{method} runs no optimizer step of its own: nothing to resume")
     settings = {"method": method, "steps": 4, "checkpointing_steps": 2, "lr": 1e-3}
     whole = erase(tiny_model_dir, tmp_path / "whole", **settings)
 

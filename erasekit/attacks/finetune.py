@@ -12,21 +12,18 @@ from typing import Any
 from erasekit.attacks import Attack, Evaluate, RecoveryCurve
 from erasekit.concepts import is_world_concept
 from erasekit.errors import ErasekitError
-from erasekit.lora import LORA_FILE, add_lora, fuse_lora, save_lora
-from erasekit.training import TrainConfig, TrainContext, TrainingJob, make_split
+from erasekit.lora import LORA_FILE
+from erasekit.training import DenoisingConfig, DenoisingJob, TrainContext
 
 
 @dataclass
-class FinetuneConfig(TrainConfig):
-    mode: str = "full"  # full | lora
+class FinetuneConfig(DenoisingConfig):
     steps: int = 200
     lr: float = 0.0  # 0: 1e-5 for full, 1e-4 for LoRA
     batch_size: int = 1
     gradient_accumulation_steps: int = 4
     optimizer: str = "adamw"
     weight_decay: float = 1e-2
-    rank: int = 4
-    lora_alpha: float = 4.0
     eval_every: int = 50  # recovery-curve spacing in optimizer steps
     images: str | None = None  # an imagefolder of benign image-caption pairs
     images_per_prompt: int = 1  # when rendering benign data from the retain prompts
@@ -41,30 +38,15 @@ class FinetuneConfig(TrainConfig):
         super().validate()
 
 
-class Tuning(TrainingJob):
-    """The fine-tuning job: the plain denoising loss on one image set, full U-Net or a LoRA on
-    the attention projections, its recovery curve measured every ``eval_every`` steps."""
+class Tuning(DenoisingJob):
+    """The fine-tuning attack: the plain denoising job with its recovery curve measured every
+    ``eval_every`` steps."""
 
     name = "finetune"
-    needs_images = True
 
     def __init__(self, config: FinetuneConfig, image_set, curve: RecoveryCurve, **kw) -> None:
-        super().__init__(config, None, **kw)
-        self.images = image_set
+        super().__init__(config, image_set, **kw)
         self.curve = curve
-        self.lora_state: dict | None = None
-
-    def prepare_data(self, pipe):
-        self.data_info = {"train": self.images.describe()}
-        return {"train": make_split(pipe, [], self.images)}
-
-    def trainable_parameters(self, unet):
-        if self.config.mode == "full":
-            return list(unet.named_parameters())
-        return add_lora(unet, self.config.rank, self.config.lora_alpha)
-
-    def loss(self, ctx: TrainContext, micro: int):
-        return ctx.denoising_loss(ctx.batch("train", micro), micro), {}
 
     def _measure(self, ctx: TrainContext) -> None:
         unet = ctx.accelerator.unwrap_model(ctx.unet)
@@ -82,16 +64,6 @@ class Tuning(TrainingJob):
     def on_step_end(self, ctx: TrainContext) -> None:
         if ctx.step % self.config.eval_every == 0 or ctx.step == self.config.steps:
             self._measure(ctx)
-
-    def finalize_unet(self, unet):
-        if self.config.mode == "lora":
-            self.lora_state = fuse_lora(unet)
-        return unet
-
-    def write_outputs(self, folder: Path) -> dict[str, Any]:
-        if self.lora_state is None:
-            return {}
-        return save_lora(folder, self.lora_state, self.config.rank)
 
 
 def tune(model: Path, image_set, config: FinetuneConfig, out_dir: Path, evaluate: Evaluate,

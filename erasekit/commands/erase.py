@@ -11,7 +11,8 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
     p = subparsers.add_parser(
         "erase",
         parents=[parent],
-        help="erase a concept from a model (esd, salun, uce, resalign, negative-embedding)",
+        help="erase a concept from a model (esd, salun, uce, negmerge, resalign, "
+        "negative-embedding)",
         description=(
             "Erase a concept with a method on the shared accelerate training loop and write the "
             "erased model (diffusers folder + erasekit.json + training_log.jsonl, and the SalUn "
@@ -26,7 +27,7 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         required=True,
-        help="erasure method (esd, salun, uce, resalign, negative-embedding)",
+        help="erasure method (esd, salun, uce, negmerge, resalign, negative-embedding)",
     )
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--preset", metavar="NAME",
