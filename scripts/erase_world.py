@@ -1,8 +1,8 @@
 """Erasure evidence on ShapesWorld: writes docs/results/erase-world.md (+ .json).
 
-For the attribute `red`, the object `circle` and the style `outlined`, ESD-u, ESD-x, SalUn and
-UCE run with their ShapesWorld presets (the method's world defaults; nothing is set here; UCE
-also as its code edits, for comparison) through
+For the attribute `red`, the object `circle` and the style `outlined`, ESD-u, ESD-x, SalUn,
+UCE and NegMerge run with their ShapesWorld presets (the method's world defaults; nothing is
+set here; UCE also as its code edits, for comparison) through
 `erasekit erase` in their own process (wall time, CPU time and peak memory are that process's),
 once per seed (the seed changes the erasure's randomness and the evaluation seeds). The original,
 the never-learned reference and every erased model are measured by the audit's own evaluation
@@ -51,6 +51,7 @@ RUNS = [
     ("UCE", "uce", []),
     # UCE as its code edits (each text's last token, s_e 1): what the world preset departs from
     ("UCE last-token", "uce", ["tokens=last", "erase_scale=1"]),
+    ("NegMerge", "negmerge", []),
 ]
 
 

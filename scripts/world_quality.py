@@ -148,8 +148,8 @@ class Quality:
     def robustness(self) -> dict:
         """SalUn's world preset with the forget term off (the surrogate is the prompt itself),
         on the full model; retain accuracy on red's retain set before and after, same seeds."""
-        from erasekit.methods.salun import SalUn
         from erasekit.config import build_config
+        from erasekit.methods.salun import SalUn
         from erasekit.training import train
 
         concept = load_concept("red")

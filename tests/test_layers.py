@@ -127,3 +127,19 @@ def test_scripts_import_only_what_exists():
                     except ImportError:
                         missing.append(f"{script.name}: {node.module}.{alias.name}")
     assert not missing, missing
+
+
+def test_code_is_linted_and_formatted():
+    """`make lint` as part of the suite: ruff's lint rules and formatter over the project."""
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    root = PACKAGE.parent
+    targets = ["erasekit", "tests", "scripts"]
+    lint = subprocess.run([ruff, "check", *targets], cwd=root, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout[-3000:]
+    fmt = subprocess.run([ruff, "format", "--check", *targets], cwd=root, capture_output=True,
+                         text=True)  # fmt: skip
+    assert fmt.returncode == 0, fmt.stdout[-3000:]

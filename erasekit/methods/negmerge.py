@@ -109,11 +109,20 @@ def merge_task_vectors(base: Path, copies: list[Path]) -> tuple[dict[str, torch.
                     "surviving_fraction_per_tensor": per_tensor}  # fmt: skip
 
 
+# ShapesWorld was trained at lr 1e-3: copies at 10x SD's learning rates, on the world
+# renderer's images of the forget prompts. Measured in docs/results/erase-world.md.
+WORLD_PRESET = {"grid": "lr=5e-5;lr=1e-4;lr=2e-4", "copy_steps": 100, "image_source": "world"}
+
+
 class NegMerge(Method):
     name = "negmerge"
     Config = NegMergeConfig
     closed_form = True
     needs_images = True
+
+    @classmethod
+    def defaults(cls, concept) -> dict[str, Any]:
+        return dict(WORLD_PRESET) if concept.scale == "world" else {}
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
