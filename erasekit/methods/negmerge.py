@@ -119,20 +119,11 @@ class NegMerge(Method):
     Config = NegMergeConfig
     closed_form = True
     needs_images = True
+    single_process = "its copies are trained one after another"
 
     @classmethod
     def defaults(cls, concept) -> dict[str, Any]:
         return dict(WORLD_PRESET) if concept.scale == "world" else {}
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        from erasekit.distributed import process_state
-
-        if process_state().num_processes > 1:
-            raise ErasekitError(
-                "negmerge runs in one process for now (its copies are trained one after"
-                " another); run it without accelerate launch"
-            )
 
     def copy_configs(self) -> list[DenoisingConfig]:
         cfg: NegMergeConfig = self.config

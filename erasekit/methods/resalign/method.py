@@ -11,7 +11,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from erasekit.errors import ErasekitError
 from erasekit.methods import Method
 from erasekit.methods.esd import VARIANTS as ESD_VARIANTS
 from erasekit.methods.esd import esd_parameters
@@ -85,6 +84,7 @@ class ResAlign(Method):
     Config = ResAlignConfig
     needs_images = True
     sets_gradients = True
+    single_process = "its hypergradient is not yet reduced across processes"
 
     @classmethod
     def defaults(cls, concept) -> dict[str, Any]:
@@ -100,13 +100,6 @@ class ResAlign(Method):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        from erasekit.distributed import process_state
-
-        if process_state().num_processes > 1:
-            raise ErasekitError(
-                "resalign runs in one process (its hypergradient is not yet "
-                "reduced across processes); run it without accelerate launch"
-            )
         cfg: ResAlignConfig = self.config
         file = cfg.meta_distribution or (META_WORLD if self._world() else META_SD)
         self.meta = load_meta_distribution(file, self.concept)
