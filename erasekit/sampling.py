@@ -53,8 +53,9 @@ class SamplerSettings:
             raise ErasekitError(f"{model_path}: erasekit.json 'sampler' is not an object")
         known = {k: v for k, v in recorded.items() if k in cls.__dataclass_fields__}
         settings = replace(cls(), **known)
+        settings.check(f"{model_path}: erasekit.json 'sampler'")
         settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
-        settings.check(f"{model_path}: erasekit.json 'sampler'" if known else "sampler")
+        settings.check("sampler")
         return settings
 
     def check(self, where: str = "sampler") -> None:
