@@ -29,7 +29,7 @@ class FinetuneConfig(DenoisingConfig):
     images_per_prompt: int = 1  # when rendering benign data from the retain prompts
 
     def validate(self) -> None:
-        if self.mode not in ("full", "lora"):
+        if self.mode not in ("full", "lora"):  # before lr resolves from it
             raise ErasekitError(f"finetune mode must be full or lora, got {self.mode!r}")
         if self.eval_every < 1:
             raise ErasekitError("eval_every must be at least 1")

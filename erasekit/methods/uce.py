@@ -84,12 +84,11 @@ def token_embeddings(pipe, texts: list[str]) -> torch.Tensor:
     """(n, d) float64: the hidden states of every token (start to end-of-text) of every text."""
     from erasekit.training import encode_prompts
 
-    rows = []
-    for text in texts:
-        n = len(pipe.tokenizer(text, truncation=True).input_ids)
-        rows.append(encode_prompts(pipe, [text])[0, :n].double().cpu())
-    width = pipe.text_encoder.config.hidden_size
-    return torch.cat(rows) if rows else torch.zeros((0, width), dtype=torch.float64)
+    if not texts:
+        return torch.zeros((0, pipe.text_encoder.config.hidden_size), dtype=torch.float64)
+    hidden = encode_prompts(pipe, texts).double().cpu()  # one batched pass
+    lengths = [len(ids) for ids in pipe.tokenizer(texts, truncation=True).input_ids]
+    return torch.cat([h[:n] for h, n in zip(hidden, lengths, strict=True)])
 
 
 @torch.no_grad()
