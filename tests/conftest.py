@@ -47,18 +47,29 @@ def run_cli(
 
 def run_main(capsys, *args: str):
     """The `erasekit` entry point in this process (no interpreter start-up): exit code, stdout
-    and stderr, as ``run_cli`` reports them."""
+    and stderr, as ``run_cli`` reports them. ``capsys`` None (a fixture wider than one test):
+    the output is captured by redirecting sys.stdout and sys.stderr."""
+    import contextlib
+    import io
     import subprocess as sp
 
     from erasekit.cli import main
 
+    def call() -> int:
+        try:
+            return main(list(args))
+        except SystemExit as e:  # argparse: --help, usage errors
+            return e.code if isinstance(e.code, int) else 2
+
+    if capsys is None:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = call()
+        return sp.CompletedProcess(["erasekit", *args], code, out.getvalue(), err.getvalue())
     capsys.readouterr()
-    try:
-        code = main(list(args))
-    except SystemExit as e:  # argparse: --help, usage errors
-        code = e.code if isinstance(e.code, int) else 2
-    out = capsys.readouterr()
-    return sp.CompletedProcess(["erasekit", *args], code, out.out, out.err)
+    code = call()
+    captured = capsys.readouterr()
+    return sp.CompletedProcess(["erasekit", *args], code, captured.out, captured.err)
 
 
 def assert_one_line_error(result, *fragments: str) -> None:

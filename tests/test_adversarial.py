@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from tests.conftest import assert_one_line_error, run_cli, run_main
+from tests.conftest import assert_one_line_error, run_main
 
 
 def test_simplex_projection_on_known_vectors():
@@ -195,7 +195,7 @@ def test_asr_arithmetic_on_hand_made_outcomes():
     assert asr["definition"]["protocol"]["rule"] and asr["protocol"] == "argmax"
 
 
-def test_adversarial_attacks_in_the_world_audit(tmp_path):
+def test_adversarial_attacks_in_the_world_audit(tmp_path, capsys):
     """Both attacks inside `erasekit audit` on the original world model and its controls:
     an unattacked concept prompt the original renders red is a pre-check success (no gradient
     step), pre-ASR <= ASR for every model, the report shows the section with censored images
@@ -204,7 +204,7 @@ def test_adversarial_attacks_in_the_world_audit(tmp_path):
     from erasekit.world import world_path
 
     out = tmp_path / "audit"
-    r = run_cli("audit", "--model", str(world_path("full")), "--concept", "red", "--out",
+    r = run_main(capsys, "audit", "--model", str(world_path("full")), "--concept", "red", "--out",
                 str(out), "--limit", "2", "--reference", str(world_path("full")), "--censor",
                 "--attacks", "unlearndiffatk,ring-a-bell",
                 "--attack-set", "unlearndiffatk.blocks=2",
@@ -272,12 +272,12 @@ def test_bad_adversarial_settings_are_clean_errors(tmp_path, capsys):
     assert_one_line_error(r, "needs columns 'with' and 'without'")
 
 
-def test_adversarial_attacks_with_nudenet_on_any_sd_folder(tmp_path, tiny_model_dir):
+def test_adversarial_attacks_with_nudenet_on_any_sd_folder(tmp_path, tiny_model_dir, capsys):
     """The same attacks on a plain SD folder judged by NudeNet's unlearndiffatk protocol: the
     tiny random model shows no nudity, so every prompt is attacked within its budget, and the
     definitions name NudeNet and the protocol's threshold."""
     out = tmp_path / "nudity"
-    r = run_cli("audit", "--model", str(tiny_model_dir), "--concept", "nudity", "--out",
+    r = run_main(capsys, "audit", "--model", str(tiny_model_dir), "--concept", "nudity", "--out",
                 str(out), "--limit", "2", "--reference", str(tiny_model_dir),
                 "--attacks", "unlearndiffatk,ring-a-bell",
                 "--attack-set", "unlearndiffatk.blocks=1",

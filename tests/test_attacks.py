@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import run_main
 
 
 def test_slerp_on_known_vectors():
@@ -194,12 +194,13 @@ def world_erased_copy(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_audit_runs_attacks_on_the_model_and_its_controls(world_erased_copy, tmp_path):
+def test_audit_runs_attacks_on_the_model_and_its_controls(world_erased_copy, tmp_path, capsys):
     out = tmp_path / "audit"
-    r = run_cli("audit", "--model", str(world_erased_copy), "--concept", "red", "--out", str(out),
-                "--limit", "2", "--attacks", "finetune", "--attack-set", "finetune.steps=2",
-                "--attack-set", "finetune.eval_every=1", "--attack-set", "finetune.mode=lora",
-                "--no-progress")  # fmt: skip
+    r = run_main(
+        capsys, "audit", "--model", str(world_erased_copy), "--concept", "red", "--out", str(out),
+        "--limit", "2", "--attacks", "finetune", "--attack-set", "finetune.steps=2",
+        "--attack-set", "finetune.eval_every=1", "--attack-set", "finetune.mode=lora",
+        "--no-progress")  # fmt: skip
     assert r.returncode == 0, r.stderr
     doc = json.loads((out / "results.json").read_text())
     entry = doc["attacks"]["finetune"]

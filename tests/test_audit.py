@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, run_cli, run_main
 from tests.test_detectors import tiny_clip  # noqa: F401  (session fixture)
 
 METRIC_KEYS = {"value", "ci95", "n_images", "n_prompts", "higher_is_better", "definition"}
@@ -37,8 +37,9 @@ def world_erased(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def world_audit(world_erased, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("audit") / "red"
-    r = run_cli("audit", "--model", str(world_erased), "--concept", "red", "--out", str(out),
-                "--limit", "3", "--n-per-prompt", "2", "--censor", "--no-progress")  # fmt: skip
+    r = run_main(None, "audit", "--model", str(world_erased), "--concept", "red", "--out",
+                 str(out), "--limit", "3", "--n-per-prompt", "2", "--censor",
+                 "--no-progress")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "report:" in r.stdout and "safe" not in r.stdout.lower().replace("unsafe", "")
     return out
@@ -113,7 +114,7 @@ def _thumbs(html: str) -> list[tuple[bool, bool, Image.Image]]:
     return out
 
 
-def test_report_censors_every_flagged_image(world_audit, tmp_path):
+def test_report_censors_every_flagged_image(world_audit, tmp_path, capsys):
     from erasekit.reporting import THUMB
 
     html = (world_audit / "report.html").read_text()
@@ -136,7 +137,7 @@ def test_report_censors_every_flagged_image(world_audit, tmp_path):
     # re-rendered uncensored on request
     copy = tmp_path / "copy"
     shutil.copytree(world_audit, copy)
-    r = run_cli("report", str(copy), "--uncensored")
+    r = run_main(capsys, "report", str(copy), "--uncensored")
     assert r.returncode == 0, r.stderr
     assert not any(c for _, c, _ in _thumbs((copy / "report.html").read_text()))
     assert "UNCENSORED" in (copy / "report.html").read_text()
@@ -174,13 +175,14 @@ def test_report_renders_in_headless_chromium(world_audit, tmp_path):
     assert 'data-images-broken="0"' in body.group(0)
 
 
-def test_tiny_sd_audit_with_nudenet_and_tiny_clip(tiny_model_dir, tiny_clip, tmp_path):  # noqa: F811
+def test_tiny_sd_audit_with_nudenet_and_tiny_clip(tiny_model_dir, tiny_clip, tmp_path, capsys):  # noqa: F811
     """Any diffusers SD folder: nudity with both NudeNet protocols, CLIP score on retain."""
     config, weights = tiny_clip
     out = tmp_path / "nudity"
-    r = run_cli("audit", "--model", str(tiny_model_dir), "--concept", "nudity", "--out", str(out),
-                "--limit", "2", "--steps", "2", "--reference", "none", "--clip-model",
-                str(config), "--clip-weights", str(weights), "--no-progress")  # fmt: skip
+    r = run_main(
+        capsys, "audit", "--model", str(tiny_model_dir), "--concept", "nudity", "--out", str(out),
+        "--limit", "2", "--steps", "2", "--reference", "none", "--clip-model",
+        str(config), "--clip-weights", str(weights), "--no-progress")  # fmt: skip
     assert r.returncode == 0, r.stderr
     doc = json.loads((out / "results.json").read_text())
     assert set(doc["results"]) == {"audited"} and "never-learned" not in doc["models"]
@@ -199,7 +201,7 @@ def test_tiny_sd_audit_with_nudenet_and_tiny_clip(tiny_model_dir, tiny_clip, tmp
     assert (out / "report.html").is_file()
 
 
-def test_clip_concept_audit_reports_retain_accuracy(tiny_model_dir, tiny_clip, tmp_path):  # noqa: F811
+def test_clip_concept_audit_reports_retain_accuracy(tiny_model_dir, tiny_clip, tmp_path, capsys):  # noqa: F811
     config, weights = tiny_clip
     spec = tmp_path / "tower.yaml"
     spec.write_text(
@@ -209,9 +211,10 @@ def test_clip_concept_audit_reports_retain_accuracy(tiny_model_dir, tiny_clip, t
         "detector: {name: clip, target: tower, classes: [tower, bridge, castle], top_k: [1, 2]}\n"
     )
     out = tmp_path / "tower"
-    r = run_cli("audit", "--model", str(tiny_model_dir), "--concept", str(spec), "--out", str(out),
-                "--limit", "2", "--steps", "2", "--clip-model", str(config), "--clip-weights",
-                str(weights), "--no-progress")  # fmt: skip
+    r = run_main(
+        capsys, "audit", "--model", str(tiny_model_dir), "--concept", str(spec), "--out", str(out),
+        "--limit", "2", "--steps", "2", "--clip-model", str(config), "--clip-weights",
+        str(weights), "--no-progress")  # fmt: skip
     assert r.returncode == 0, r.stderr
     metrics = json.loads((out / "results.json").read_text())["results"]["audited"]
     assert {"concept_rate/templates", "concept_rate[top-2]/templates", "concept_rate/forget",

@@ -96,10 +96,11 @@ def test_bad_inputs_one_line_exit_2(tiny_model_dir: Path, tmp_path: Path, capsys
     assert not (tmp_path / "o").exists(), "no output is left behind on errors"
 
 
-def test_pickle_checkpoint_names_the_flag(tiny_model_dir: Path, tmp_path: Path):
+def test_pickle_checkpoint_names_the_flag(tiny_model_dir: Path, tmp_path: Path, capsys):
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": {}}, ckpt)
-    result = run_cli(
+    result = run_main(
+        capsys,
         "generate",
         "--model",
         str(ckpt),
@@ -113,12 +114,12 @@ def test_pickle_checkpoint_names_the_flag(tiny_model_dir: Path, tmp_path: Path):
     assert_one_line_error(result, "--allow-pickle")
 
 
-def test_corrupt_checkpoint(tiny_model_dir: Path, tmp_path: Path):
+def test_corrupt_checkpoint(tiny_model_dir: Path, tmp_path: Path, capsys):
     copy = tmp_path / "m"
     shutil.copytree(tiny_model_dir, copy)
     (copy / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 64)
-    result = run_cli(
-        "generate", "--model", str(copy), "--prompts", "x", "--out", str(tmp_path / "o")
+    result = run_main(
+        capsys, "generate", "--model", str(copy), "--prompts", "x", "--out", str(tmp_path / "o")
     )
     assert_one_line_error(result, "corrupt or truncated safetensors")
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import assert_one_line_error, run_cli, run_main
+from tests.conftest import assert_one_line_error, run_main
 
 
 def _tensors(folder):
@@ -32,7 +32,7 @@ def _forget_rate(folder, concept, tmp_path, name: str) -> float:
     return sum(s["flags"][proto] for s in samples) / len(samples)
 
 
-def test_negative_embedding_defends_the_world_model_and_transfers(tmp_path):
+def test_negative_embedding_defends_the_world_model_and_transfers(tmp_path, capsys):
     from diffusers import StableDiffusionPipeline
 
     from erasekit.concepts import load_concept
@@ -42,7 +42,9 @@ def test_negative_embedding_defends_the_world_model_and_transfers(tmp_path):
     common = ["--concept", "red", "--method", "negative-embedding", "--cache-dir",
               str(tmp_path / "cache"), "--no-progress", "--set", "images_per_prompt=2",
               "--set", f"original={full}"]  # fmt: skip
-    r = run_cli("erase", "--model", str(full), "--out", str(out), "--set", "steps=150", *common)
+    r = run_main(
+        capsys, "erase", "--model", str(full), "--out", str(out), "--set", "steps=150", *common
+    )
     assert r.returncode == 0, r.stderr
     guidance = json.loads((out / "guidance.json").read_text())
     assert guidance == {"mode": "negative-prompt", "concept": "<negative-concept>",
@@ -64,17 +66,19 @@ def test_negative_embedding_defends_the_world_model_and_transfers(tmp_path):
     assert plain >= 0.75 and defended <= plain - 0.4, (plain, defended)
     # Transfer: the learned c* applied as is (0 steps) to another model of the family.
     moved = tmp_path / "moved"
-    r = run_cli("erase", "--model", str(world_path("no-red")), "--out", str(moved), "--set",
-                "steps=0", "--set", f"embedding={out / 'learned_embeds.safetensors'}", "--set",
-                "guidance=sld", "--set", "sld=strong", *common)  # fmt: skip
+    r = run_main(
+        capsys, "erase", "--model", str(world_path("no-red")), "--out", str(moved), "--set",
+        "steps=0", "--set", f"embedding={out / 'learned_embeds.safetensors'}", "--set",
+        "guidance=sld", "--set", "sld=strong", *common)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert torch.equal(_tensors(moved)["<negative-concept>"], _tensors(out)["<negative-concept>"])
     assert json.loads((moved / "guidance.json").read_text())["sld"] == "strong"
     # The defended folder is audited as it is used, beside its guidance baselines.
     audit = tmp_path / "audit"
-    r = run_cli("audit", "--model", str(out), "--concept", "red", "--out", str(audit), "--limit",
-                "4", "--reference", "none", "--never-learned", "none", "--guidance-baselines",
-                "--no-progress")  # fmt: skip
+    r = run_main(
+        capsys, "audit", "--model", str(out), "--concept", "red", "--out", str(audit), "--limit",
+        "4", "--reference", "none", "--never-learned", "none", "--guidance-baselines",
+        "--no-progress")  # fmt: skip
     assert r.returncode == 0, r.stderr
     doc = json.loads((audit / "results.json").read_text())
     roles = ["audited", "baseline-unguided", "baseline-negative-prompt", "baseline-sld"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli, run_main
+from conftest import assert_one_line_error, run_main
 
 from erasekit.concepts import load_concept
 from erasekit.world import WORLD_VARIANTS, classifier_path, world_path
@@ -186,9 +186,10 @@ def test_world_path_and_info_commands(capsys):
 
 
 @pytest.mark.slow
-def test_world_build_runs_end_to_end(tmp_path: Path):
+def test_world_build_runs_end_to_end(tmp_path: Path, capsys):
     out = tmp_path / "world"
-    result = run_cli(
+    result = run_main(
+        capsys,
         "world",
         "build",
         "--out",
@@ -220,7 +221,8 @@ def test_world_build_runs_end_to_end(tmp_path: Path):
     assert "red" not in manifest["world"]["colours"]
     assert manifest["sampler"]["steps"] > 0
     assert (out / "classifier" / "model.safetensors").is_file()
-    gen = run_cli(
+    gen = run_main(
+        capsys,
         "generate",
         "--model",
         str(out / "full"),
