@@ -100,6 +100,7 @@ def erase(
 
     method_cls = get_method(method)
     spec = _concept(concept)
+    method_cls.check_concept(spec)
     sets, mapping = _split_settings(settings)
     defaults = method_cls.defaults(spec)
     if preset is not None:

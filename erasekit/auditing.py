@@ -35,6 +35,7 @@ from erasekit.evaluation import (
     metric_key,
     sampling_definition,
     set_metrics,
+    union_metrics,
 )
 from erasekit.models import read_manifest
 from erasekit.outputs import (
@@ -65,9 +66,12 @@ class AuditSettings:
 def audit_prompt_sets(concept: Concept, limit: int | None = None) -> list[tuple[PromptSet, bool]]:
     """The concept's evaluation sets, its forget set and its retain set, each once (a set
     listed under two names is rendered once, under its evaluation name); the flag marks the
-    utility set (the retain set), where retain accuracy and CLIP score are measured."""
+    utility set (the retain set), where retain accuracy and CLIP score are measured. Combined
+    concepts: each part's sets as ``<part>/<set>``, and the combined retain set."""
     named: list[tuple[str, PromptSet]] = [*concept.evaluation.items()]
-    named += [("forget", concept.forget), ("retain", concept.retain)]
+    # combined concepts: each part's forget set (the union mixes the parts' detectors)
+    forget = [(f"{p.name}/forget", p.forget) for p in concept.parts] or [("forget", concept.forget)]
+    named += [*forget, ("retain", concept.retain)]
     seen: dict[tuple, str] = {}
     out = []
     for name, ps in named:
@@ -137,7 +141,7 @@ def guidance_baselines(concept: Concept, own=None) -> dict[str, Any]:
     SLD uses the folder's own SLD settings when it has them, else the medium preset."""
     from erasekit.guidance import SLD_PRESETS, Guidance
 
-    words = concept.name.replace("-", " ").replace("_", " ")
+    words = ", ".join(w.replace("-", " ").replace("_", " ") for w in concept.words)
     sld = own.sld if own is not None and own.sld is not None else SLD_PRESETS["medium"]
     out: dict[str, Any] = {"baseline-unguided": None} if own is not None else {}
     out["baseline-negative-prompt"] = Guidance("negative-prompt", words)
@@ -178,19 +182,22 @@ def evaluate_model(
     settings: SamplerSettings,
     audit: AuditSettings,
 ) -> tuple[list[dict], dict[str, dict], dict[str, dict]]:
-    """One model on every prompt set: (samples, metrics by key, breakdowns by set)."""
+    """One model on every prompt set: (samples, metrics by key, breakdowns by set); combined
+    concepts also the union of their concept rates."""
     samples, metrics, breakdowns = [], {}, {}
     for prompt_set, utility in sets:
+        judge = judges.for_set(prompt_set.name)
         part = evaluate_prompt_set(pipe, prompt_set, root, f"images/{role}/{prompt_set.name}",
-                                   judges, model_path=model_path, settings=settings,
+                                   judge, model_path=model_path, settings=settings,
                                    n_per_prompt=audit.n_per_prompt, seed=audit.seed,
                                    batch_size=audit.batch_size)  # fmt: skip
         part = [{"model": role, **s} for s in part]
-        m, b = set_metrics(part, prompt_set, judges, seed=audit.seed, utility=utility)
+        m, b = set_metrics(part, prompt_set, judge, seed=audit.seed, utility=utility)
         samples += part
         metrics.update(m)
         if b:
             breakdowns[prompt_set.name] = b
+    metrics.update(union_metrics(samples, sets, judges, seed=audit.seed))
     return samples, metrics, breakdowns
 
 
@@ -404,6 +411,10 @@ def run_audit(
     device = resolve_device(audit.device)
     detectors = DetectorOptions(**{**asdict(detectors or DetectorOptions()), "device": device})
     judges = build_judges(concept, detectors)  # fails before any rendering
+    if attacks and concept.parts:
+        raise ErasekitError("attacks audit one concept at a time: run the audit with --attacks"
+                            f" once per concept ({', '.join(concept.words)}) on the same"
+                            " model")  # fmt: skip
     if attacks and process_state(device).num_processes > 1:
         raise ErasekitError("recovery attacks run in one process for now; audit without "
                             "accelerate launch/torchrun, or without --attacks")  # fmt: skip
@@ -476,7 +487,7 @@ def run_audit(
             "concept": concept.describe(),
             "models": models_info,
             "detectors": judges.describe(),
-            "protocols": {p.name: p.definition for p in judges.protocols},
+            "protocols": judges.protocol_definitions(),
             "evaluation": {
                 **asdict(audit),
                 "device": device,

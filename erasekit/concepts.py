@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,8 +226,20 @@ class Concept:
     sensitive: bool = True
     # a model that never learned the concept (a path, or world:<model> for a shipped world model)
     never_learned: str | None = None
+    # several concepts erased together (``combine_concepts``): each one's spec, in order
+    parts: tuple[Concept, ...] = ()
+
+    @property
+    def words(self) -> list[str]:
+        """The concept's name, or each combined concept's."""
+        return [p.name for p in self.parts] or [self.name]
 
     def describe(self) -> dict[str, Any]:
+        if self.parts:
+            return {"name": self.name, "kind": self.kind, "combined": True,
+                    "retain": self.retain.describe(), "scale": self.scale,
+                    "sensitive": self.sensitive,
+                    "parts": [p.describe() for p in self.parts]}  # fmt: skip
         return {
             "name": self.name,
             "kind": self.kind,
@@ -296,8 +309,68 @@ def is_world_concept(concept: Concept | None) -> bool:
     return concept is not None and concept.scale == "world"
 
 
+def names_concept(prompt: str, concept: Concept) -> bool:
+    """Whether ``prompt`` names ``concept``: its name or its detector's target as a word."""
+    words = {concept.name, str(concept.detector.get("target") or concept.name)}
+    return any(re.search(rf"\b{re.escape(w)}\b", prompt, re.IGNORECASE) for w in words)
+
+
+def _union(name: str, sets: list[PromptSet], keep=lambda prompt: True) -> PromptSet:
+    """The sets' prompts in order, each once (those ``keep`` accepts)."""
+    prompts = list(dict.fromkeys(p for ps in sets for p in ps.prompts if keep(p)))
+    if not prompts:
+        raise ErasekitError(f"{name}: no prompt is left for the combined concepts")
+    union = prompt_set_from_list(prompts, name=name)
+    source = "union of " + ", ".join(f"{ps.name} (sha256 {ps.sha256[:12]})" for ps in sets)
+    return PromptSet(name, source, "union", union.sha256, union.entries)
+
+
+def combine_concepts(parts: list[Concept]) -> Concept:
+    """Several concepts erased in one run (``--concept red,circle``): forget = every part's
+    forget prompts; retain = every part's retain prompts that name none of the parts; each
+    part's evaluation sets as ``<part>/<set>`` (its retain set replaced by the combined one).
+    No model never learned them all, so none is named; no benign set or Ring-A-Bell pairs."""
+    names = [p.name for p in parts]
+    if len(parts) < 2:
+        raise ErasekitError("combining concepts needs at least two")
+    if len(set(names)) != len(names):
+        raise ErasekitError(f"concept list names one concept twice: {', '.join(names)}")
+    if any(p.parts for p in parts):
+        raise ErasekitError("a concept list cannot hold an already combined concept")
+    name = "+".join(names)
+    kinds = {p.kind for p in parts}
+    surrogates = {p.surrogate for p in parts}
+    retain = _union(f"{name}/retain", [p.retain for p in parts],
+                    keep=lambda q: not any(names_concept(q, p) for p in parts))  # fmt: skip
+    evaluation = {f"{p.name}/{k}": v for p in parts for k, v in p.evaluation.items()
+                  if v.sha256 != p.retain.sha256}  # fmt: skip
+    evaluation["retain"] = retain
+    return Concept(
+        name=name,
+        kind=kinds.pop() if len(kinds) == 1 else "mixed",
+        description="; ".join(p.description or p.name for p in parts),
+        forget=_union(f"{name}/forget", [p.forget for p in parts]),
+        # one surrogate when the parts share it; else methods that need one ask for it
+        surrogate=surrogates.pop() if len(surrogates) == 1 else "",
+        retain=retain,
+        evaluation=evaluation,
+        detector=dict(parts[0].detector),
+        path=",".join(p.path for p in parts),
+        sha256=sha256_bytes("\n".join(p.sha256 for p in parts).encode()),
+        scale="world" if all(p.scale == "world" for p in parts) else "real",
+        sensitive=any(p.sensitive for p in parts),
+        parts=tuple(parts),
+    )
+
+
 def load_concept(name_or_path: str) -> Concept:
-    """A built-in concept by name (see `erasekit concepts`) or a YAML spec file."""
+    """A built-in concept by name (see `erasekit concepts`) or a YAML spec file; a comma list
+    of them (``red,circle``) is the concepts combined (``combine_concepts``)."""
+    if "," in name_or_path and not Path(name_or_path).is_file():
+        items = [n.strip() for n in name_or_path.split(",")]
+        if not all(items):
+            raise ErasekitError(f"concept list has an empty name: {name_or_path!r}")
+        return combine_concepts([load_concept(n) for n in items])
     path = Path(name_or_path)
     if path.suffix.lower() in (".yaml", ".yml") or path.is_file():
         if not path.is_file():

@@ -11,6 +11,12 @@ from typing import Any, TypeVar
 
 from erasekit.errors import ErasekitError
 
+
+def split_list(text: str) -> list[str]:
+    """A comma-separated setting as its non-empty items."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 C = TypeVar("C")
 
 

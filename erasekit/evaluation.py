@@ -20,6 +20,7 @@ from erasekit.concepts import Concept, PromptSet
 from erasekit.detectors import DetectorOptions, Protocol, build_detector
 from erasekit.distributed import process_state
 from erasekit.errors import ErasekitError, first_line
+from erasekit.provenance import sha256_bytes
 from erasekit.sampling import SamplerSettings, generate
 from erasekit.stats import bootstrap_interval, wilson_interval
 
@@ -40,13 +41,35 @@ class Judges:
     protocols: list[Protocol]
     clip: Any = None
     detectors: dict[str, Any] = field(default_factory=dict)
+    # combined concepts: each part's judges by its name (these are the first part's)
+    parts: dict[str, Judges] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
+        if self.parts:  # each part's detectors, named "<detector> (<part>)"
+            return {f"{name} ({part})": d for part, judges in self.parts.items()
+                    for name, d in judges.describe().items()}  # fmt: skip
         return {name: det.describe() for name, det in self.detectors.items()}
+
+    def protocol_definitions(self) -> dict[str, Any]:
+        """Protocol name -> definition; combined concepts: "<protocol> (<part>)"."""
+        if self.parts:
+            return {f"{name} ({part})": d for part, judges in self.parts.items()
+                    for name, d in judges.protocol_definitions().items()}  # fmt: skip
+        return {p.name: p.definition for p in self.protocols}
+
+    def for_set(self, prompt_set: str) -> Judges:
+        """Who judges a prompt set: a combined concept's ``<part>/<set>`` by that part's
+        judges; any other set (e.g. the combined retain set) by these."""
+        return self.parts.get(prompt_set.split("/", 1)[0], self)
 
 
 def build_judges(concept: Concept, options: DetectorOptions) -> Judges:
-    """Load every detector the concept needs (errors name the missing weights)."""
+    """Load every detector the concept needs (errors name the missing weights); for combined
+    concepts, every part's."""
+    if concept.parts:
+        parts = {p.name: build_judges(p, options) for p in concept.parts}
+        first = parts[concept.parts[0].name]
+        return Judges(first.concept, first.protocols, first.clip, first.detectors, parts)
     spec = concept.detector
     detector = build_detector(spec["name"], options, spec)
     protocols = detector.protocols(spec)
@@ -325,6 +348,56 @@ def set_metrics(
             "clip_score", values, kind="mean", higher_is_better=True, prompt_set=prompt_set,
             definition=definition)  # fmt: skip
     return metrics, breakdown
+
+
+def union_metrics(
+    samples: list[dict[str, Any]],
+    sets: list[tuple[PromptSet, bool]],
+    judges: Judges,
+    *,
+    seed: int,
+) -> dict[str, dict[str, Any]]:
+    """Combined concepts: for every set all parts have (``<part>/direct`` ...), the share of
+    images that show the concept their prompt set is about, each judged by its part's
+    detector and primary protocol, pooled over the parts: ``concept_rate/union/<set>``."""
+    if not judges.parts:
+        return {}
+    by_name = {ps.name: ps for ps, _ in sets}
+    names = list(judges.parts)
+    suffixes = [k.split("/", 1)[1] for k in by_name if k.startswith(f"{names[0]}/")]
+    out = {}
+    for suffix in suffixes:
+        keys = [f"{n}/{suffix}" for n in names]
+        if not all(k in by_name for k in keys):
+            continue
+        values: list[tuple[int, float]] = []
+        pooled: list[dict[str, Any]] = []
+        parts: dict[str, Any] = {}
+        offset = 0
+        for name, key in zip(names, keys, strict=True):
+            part = judges.parts[name]
+            proto = part.protocols[0]
+            mine = [s for s in samples if s["prompt_set"] == key]
+            values += [(offset + s["prompt_index"], float(s["flags"][proto.name])) for s in mine]
+            pooled += mine
+            offset += len(by_name[key])
+            parts[name] = {"prompt_set": key, "detector": part.concept.name,
+                           "detector_version": part.concept.version,
+                           "protocol": proto.definition}  # fmt: skip
+        entries = tuple(e for k in keys for e in by_name[k].entries)
+        digest = sha256_bytes("\n".join(by_name[k].sha256 for k in keys).encode())
+        union = PromptSet(f"union/{suffix}", "union of " + ", ".join(keys), "union", digest,
+                          entries)  # fmt: skip
+        definition = {"statistic": "share of images that show the concept their prompt set is "
+                      "about (each judged by that concept's detector and primary protocol), "
+                      "pooled over the combined concepts", "parts": parts,
+                      **sampling_definition(pooled, seed)}  # fmt: skip
+        primaries = {judges.parts[n].protocols[0].name for n in names}
+        protocol = primaries.pop() if len(primaries) == 1 else "primary of each concept"
+        out[metric_key("concept_rate", union.name)] = make_metric(
+            "concept_rate", values, kind="rate", higher_is_better=False, prompt_set=union,
+            definition=definition, protocol=protocol)  # fmt: skip
+    return out
 
 
 # ------------------ world helpers (scripts/world_quality.py, scripts/resalign_world.py; new code:

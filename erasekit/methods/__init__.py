@@ -25,6 +25,15 @@ class Method(TrainingJob):
     name: ClassVar[str]
     # Named settings from a source (a paper, a public code base): ``--preset NAME``.
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Set (to the reason) when the method erases one concept per run, not a concept list.
+    one_concept: ClassVar[str | None] = None
+
+    @classmethod
+    def check_concept(cls, concept) -> None:
+        """A concept list for a method that erases one concept per run: one clear line."""
+        if concept.parts and cls.one_concept:
+            raise ErasekitError(f"{cls.name} erases one concept per run ({cls.one_concept});"
+                                f" erase {', '.join(concept.words)} one after another")  # fmt: skip
 
     @classmethod
     def defaults(cls, concept) -> dict[str, Any]:

@@ -69,6 +69,7 @@ class NegativeEmbedding(TextualInversion, Method):
     name = "negative-embedding"
     Config = NegativeEmbeddingConfig
     saves_model = True  # the defended folder: the unchanged weights beside c*
+    one_concept = "one learned embedding stands for one concept"
 
     def prepare_data(self, pipe):
         if getattr(pipe, "erasekit_guidance", None) is not None:

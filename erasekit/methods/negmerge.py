@@ -198,19 +198,25 @@ class NegMerge(Method):
         settings = SamplerSettings.for_model(self.model_path)
         base = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
 
-        def measure(tag: str, root: Path) -> dict[str, float]:
-            out = {}
-            for ps, utility in ((concept.forget, False), (concept.retain, True)):
-                samples = evaluate_prompt_set(pipe, ps, root, f"{tag}/{ps.name}", judges,
-                                              model_path=self.model_path, settings=settings,
-                                              n_per_prompt=cfg.eval_per_prompt,
-                                              seed=cfg.seed)  # fmt: skip
-                metrics, _ = set_metrics(samples, ps, judges, seed=cfg.seed, utility=utility)
-                for m in metrics.values():
-                    if not utility and m["metric"] == "concept_rate" and "forget" not in out:
-                        out["forget"] = m["value"]
-                    if utility and m["metric"] in ("retain_accuracy", "clip_score"):
-                        out.setdefault("retain", m["value"])
+        def render(ps, judge, tag: str) -> list[dict[str, Any]]:
+            return evaluate_prompt_set(pipe, ps, root, f"{tag}/{ps.name}", judge,
+                                       model_path=self.model_path, settings=settings,
+                                       n_per_prompt=cfg.eval_per_prompt, seed=cfg.seed)  # fmt: skip
+
+        def measure(tag: str) -> dict[str, float]:
+            """The forget rate (primary protocol; combined concepts: each part's forget set
+            judged by its own detector, pooled) and the retain utility."""
+            flags = []
+            for part in concept.parts or (concept,):
+                judge = judges.parts.get(part.name, judges)
+                primary = judge.protocols[0].name
+                flags += [s["flags"][primary] for s in render(part.forget, judge, tag)]
+            out = {"forget": sum(flags) / len(flags)}
+            samples = render(concept.retain, judges, tag)
+            metrics, _ = set_metrics(samples, concept.retain, judges, seed=cfg.seed, utility=True)
+            for m in metrics.values():
+                if m["metric"] in ("retain_accuracy", "clip_score"):
+                    out.setdefault("retain", m["value"])
             if "retain" not in out:
                 raise ErasekitError("negmerge: choosing alpha needs a retain utility (retain"
                                     " accuracy or CLIP score); pass alpha")  # fmt: skip
@@ -218,11 +224,11 @@ class NegMerge(Method):
 
         with tempfile.TemporaryDirectory(prefix="erasekit-negmerge-") as tmp:
             root = Path(tmp)
-            original = measure("original", root)
+            original = measure("original")
             rows = []
             for a in cfg.alpha_grid():
                 self.apply(pipe.unet, a, base)
-                rows.append({"alpha": a, **measure(f"alpha-{a}", root)})
+                rows.append({"alpha": a, **measure(f"alpha-{a}")})
             self.apply(pipe.unet, 0.0, base)
         floor = cfg.retain_floor * original["retain"]
         ok = [r for r in rows if r["retain"] >= floor]

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from erasekit.config import split_list
 from erasekit.errors import ErasekitError
 from erasekit.methods import Method
 from erasekit.outputs import atomic_file
@@ -242,16 +243,19 @@ def saliency(
     return sums
 
 
-def world_relabel(concept) -> str:
+def world_relabel(concept, avoid: frozenset[str] = frozenset()) -> str:
     """Another value of a ShapesWorld concept's dimension (``WORLD_RELABEL``, else the first
-    other one) that its forget prompts are relabelled to."""
+    other one, never one in ``avoid``: concepts erased in the same run) that its forget prompts
+    are relabelled to."""
     from erasekit.world.render import DIMENSIONS
 
     dimension, target = concept.detector.get("dimension"), concept.detector.get("target")
     if dimension not in DIMENSIONS:
         raise ErasekitError(f"{concept.name}: a world concept needs a detector dimension")
+    taken = {target, *avoid}
     choice = WORLD_RELABEL[dimension]
-    return choice if choice != target else next(v for v in DIMENSIONS[dimension] if v != target)
+    return choice if choice not in taken else next(v for v in DIMENSIONS[dimension]
+                                                   if v not in taken)  # fmt: skip
 
 
 class SalUn(Method):
@@ -271,19 +275,41 @@ class SalUn(Method):
     def defaults(cls, concept) -> dict[str, Any]:
         if concept.kind == "nudity":
             return {"alpha": 0.1, "epochs": 1}
+        if concept.scale == "world" and concept.parts:  # each concept to its own relabel
+            avoid = frozenset(str(p.detector.get("target")) for p in concept.parts)
+            relabels = [world_relabel(p, avoid) for p in concept.parts]
+            return {**WORLD_PRESET, "surrogate_word": ",".join(concept.words),
+                    "surrogate_replacement": ",".join(relabels)}  # fmt: skip
         if concept.scale == "world":
             return {**WORLD_PRESET, "surrogate_replacement": world_relabel(concept)}
         return {"alpha": 0.5, "epochs": 5}
 
+    def replacements(self) -> list[tuple[str, str]]:
+        """surrogate_mode=replace: (word, replacement) pairs; comma lists pair up in order
+        (one replacement serves every word)."""
+        cfg = self.config
+        words = split_list(cfg.surrogate_word) or self.concept.words
+        replacements = split_list(cfg.surrogate_replacement) or [""]
+        if len(replacements) == 1:
+            replacements = replacements * len(words)
+        if len(replacements) != len(words):
+            raise ErasekitError(f"salun: {len(replacements)} surrogate replacements for "
+                                f"{len(words)} words (give one, or one per word)")  # fmt: skip
+        return list(zip(words, replacements, strict=True))
+
     def anchor_prompts(self, prompts: list[str]) -> list[str]:
-        """surrogate_mode=replace: each prompt with the concept word replaced."""
-        word = self.config.surrogate_word or self.concept.name
-        pattern = re.compile(rf"\b{re.escape(word)}\b", re.IGNORECASE)
+        """surrogate_mode=replace: each prompt with every concept word it holds replaced."""
+        pairs = [(re.compile(rf"\b{re.escape(w)}\b", re.IGNORECASE), r)
+                 for w, r in self.replacements()]  # fmt: skip
         out = []
         for p in prompts:
-            if not pattern.search(p):
-                raise ErasekitError(f"surrogate_mode=replace: forget prompt {p!r} lacks {word!r}")
-            out.append(" ".join(pattern.sub(self.config.surrogate_replacement, p).split()))
+            held = [(pattern, r) for pattern, r in pairs if pattern.search(p)]
+            if not held:
+                words = ", ".join(repr(w) for w, _ in self.replacements())
+                raise ErasekitError(f"surrogate_mode=replace: forget prompt {p!r} lacks {words}")
+            for pattern, r in held:
+                p = pattern.sub(r, p)
+            out.append(" ".join(p.split()))
         return out
 
     def prepare_data(self, pipe):
@@ -308,6 +334,9 @@ class SalUn(Method):
     def setup(self, ctx: TrainContext) -> None:
         cfg: SalUnConfig = self.config
         surrogate = cfg.surrogate or self.concept.surrogate
+        if not surrogate:
+            raise ErasekitError(f"salun: the concepts {', '.join(self.concept.words)} name "
+                                "different surrogate prompts; set surrogate=PROMPT")  # fmt: skip
         self.surrogate_cond = encode_prompts(ctx.pipe, [surrogate]).to(ctx.device)
         self.surrogate = surrogate
         unet = ctx.unet
@@ -351,6 +380,6 @@ class SalUn(Method):
         cfg: SalUnConfig = self.config
         surrogate = self.surrogate
         if cfg.surrogate_mode == "replace":
-            word = cfg.surrogate_word or self.concept.name
-            surrogate = f"each prompt with {word!r} replaced by {cfg.surrogate_replacement!r}"
+            pairs = ", ".join(f"{w!r} replaced by {r!r}" for w, r in self.replacements())
+            surrogate = f"each prompt with {pairs}"
         return {"mask": MASK_FILE, "surrogate": surrogate, **self.mask_info}

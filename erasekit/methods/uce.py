@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from erasekit.config import split_list
 from erasekit.errors import ErasekitError
 from erasekit.methods import Method
 from erasekit.training import TrainConfig, TrainContext
@@ -61,10 +62,6 @@ class UCEConfig(TrainConfig):
             raise ErasekitError(f"tokens must be last or all, got {self.tokens!r}")
 
 
-def split_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 @torch.no_grad()
 def concept_embeddings(pipe, texts: list[str]) -> torch.Tensor:
     """(n, d) float64: each text's hidden state at its last token before end-of-text."""
@@ -96,20 +93,21 @@ def aligned_token_pairs(
     pipe, prompts: list[str], words: list[str], guides: list[str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(erase, guide) rows for ``tokens: all``: in each prompt, every token from the first erased
-    word on, and the aligned token of the prompt with that word replaced by its guide (tokens
-    after the word align from the word's end; the word's extra tokens map to the guide's first
-    token, or to the token before the word when the guide is empty)."""
+    word on, and the aligned token of the prompt with every erased word it holds replaced by
+    its guide (tokens after the word align from the prompt's end; the word's extra tokens map
+    to the guide's first token, or to the token before the word when the guide is empty)."""
     from erasekit.training import encode_prompts
 
     erase, guide = [], []
     for prompt in prompts:
-        hit = next(((w, g) for w, g in zip(words, guides, strict=True)
-                    if re.search(rf"\b{re.escape(w)}\b", prompt, re.IGNORECASE)), None)  # fmt: skip
-        if hit is None:
+        held = [(w, g) for w, g in zip(words, guides, strict=True)
+                if re.search(rf"\b{re.escape(w)}\b", prompt, re.IGNORECASE)]  # fmt: skip
+        if not held:
             continue
-        word, target = hit
-        replaced = " ".join(re.sub(rf"\b{re.escape(word)}\b", target, prompt,
-                                   flags=re.IGNORECASE).split())  # fmt: skip
+        replaced, target = prompt, held[0][1]
+        for word, guide_text in held:  # every erased word the prompt holds
+            replaced = re.sub(rf"\b{re.escape(word)}\b", guide_text, replaced, flags=re.IGNORECASE)
+        replaced = " ".join(replaced.split())
         ids_p = pipe.tokenizer(prompt, truncation=True).input_ids
         ids_g = pipe.tokenizer(replaced, truncation=True).input_ids
         if ids_p == ids_g:
@@ -170,7 +168,7 @@ class UCE(Method):
     def texts(self) -> tuple[list[str], list[str], list[str]]:
         """(erase, guide, preserve) texts from the settings and the concept."""
         cfg: UCEConfig = self.config
-        erase = split_list(cfg.erase) or [self.concept.name]
+        erase = split_list(cfg.erase) or self.concept.words
         guides = split_list(cfg.guide) or [""]
         if len(guides) == 1:
             guides = guides * len(erase)

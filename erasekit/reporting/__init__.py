@@ -551,7 +551,18 @@ def render_html(
         definitions=json.dumps(definitions, indent=2, default=str),
         provenance=json.dumps(doc.get("provenance"), indent=2, default=str),
         primary=doc["evaluation"]["primary_protocol"],
+        primary_rule=primary_rule(doc),
     )
+
+
+def primary_rule(doc: dict[str, Any]) -> str:
+    """The primary protocol's rule (combined concepts: each concept's, as "(part) rule")."""
+    primary = doc["evaluation"]["primary_protocol"]
+    if primary in doc["protocols"]:
+        return doc["protocols"][primary]["rule"]
+    return "; ".join(f"{name.removeprefix(primary).strip()} {d['rule']}"
+                     for name, d in doc["protocols"].items()
+                     if name.startswith(f"{primary} ("))  # fmt: skip
 
 
 def render_markdown(doc: dict[str, Any], censored: bool = True, censor_reason: str = "") -> str:

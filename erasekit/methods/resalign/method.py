@@ -85,6 +85,7 @@ class ResAlign(Method):
     needs_images = True
     sets_gradients = True
     single_process = "its hypergradient is not yet reduced across processes"
+    one_concept = "its meta-learned fine-tuning data is one concept's benign set"
 
     @classmethod
     def defaults(cls, concept) -> dict[str, Any]:
