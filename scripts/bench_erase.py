@@ -8,6 +8,9 @@ Parts:
          peak host memory above the model, file size. Targets: <= 110 MB on disk, <= 2 GB host
          memory above the model. The saliency pass runs on one 8x8 latent (64 px) so that the
          measurement is the mask's cost, not activations'.
+  uce    UCE's closed-form edit on the SD-1.5 architecture (random U-Net and CLIP ViT-L/14
+         text encoder, 77-token prompts): text encoding of the erase and preserve prompts and
+         the edit of every cross-attention to_k / to_v (float64 solves), wall seconds each.
   gpu    on a CUDA device: ESD and SalUn steps through erasekit's own method code vs a plain
          fine-tuning step of the same U-Net (the floor): 512 px (64x64 latents), batch 8,
          bf16 autocast, fp32 master weights, Adam; step time, peak GPU memory, TFLOP/s achieved
@@ -173,6 +176,57 @@ def bench_mask(saliency_dtype: str) -> dict:
     }
 
 
+def bench_uce(n_erase: int, n_preserve: int, tokens: int) -> dict:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from erasekit.methods.uce import PROJECTIONS, uce_edit
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET).eval()
+    # SD-1.x's text encoder: CLIP ViT-L/14's (12 layers, width 768, 77 positions)
+    config = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=12, max_position_embeddings=77,
+                            vocab_size=49408)  # fmt: skip
+    text = CLIPTextModel(config).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def encode(n: int) -> torch.Tensor:
+        """n prompts of ``tokens`` tokens -> every token's hidden state, float64 rows."""
+        ids = torch.randint(0, 49406, (n, 77), generator=g)
+        with torch.no_grad():
+            hidden = torch.cat([text(ids[i : i + 32]).last_hidden_state for i in range(0, n, 32)])
+        return hidden[:, :tokens].reshape(-1, 768).double()
+
+    t0 = time.perf_counter()
+    erase, guide, keep = encode(n_erase), encode(n_erase), encode(n_preserve)
+    t_encode = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    edited = 0
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith(PROJECTIONS):
+                new = uce_edit(module.weight, erase, guide, keep, lam=0.5, erase_scale=1.0,
+                               preserve_scale=1.0)  # fmt: skip
+                module.weight.copy_(new.to(module.weight))
+                edited += 1
+    t_edit = time.perf_counter() - t0
+    return {
+        "architecture": "SD-1.5 U-Net + CLIP ViT-L/14 text encoder (transformers), random weights",
+        "projections_edited": edited,
+        "erase_prompts": n_erase,
+        "preserve_prompts": n_preserve,
+        "tokens_per_prompt": tokens,
+        "erase_rows": len(erase),
+        "preserve_rows": len(keep),
+        "text_encoding_s": round(t_encode, 2),
+        "edit_s": round(t_edit, 2),
+        "total_s": round(t_encode + t_edit, 2),
+        "note": "tokens_per_prompt rows per prompt: 1 is the code's last-token edit; the "
+        "world preset's tokens=all uses every token; model loading and saving are not included",
+    }
+
+
 def _flops(fn) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -287,7 +341,7 @@ def bench_gpu(batch: int, steps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("part", choices=["world", "mask", "gpu"])
+    ap.add_argument("part", choices=["world", "mask", "uce", "gpu"])
     ap.add_argument(
         "--out", default=None, help="JSON file (default docs/results/bench-erase-PART.json)"
     )
@@ -308,6 +362,8 @@ def main() -> None:
         result = bench_world(args.steps)
     elif args.part == "mask":
         result = bench_mask(args.dtype)
+    elif args.part == "uce":
+        result = {f"tokens_{t}": bench_uce(16, 256, t) for t in (1, 10)}
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench gpu: no CUDA device")
