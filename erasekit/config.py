@@ -17,6 +17,17 @@ def split_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def one_per(values: list[str], keys: list[str], *, owner: str, what: str, per: str) -> list[str]:
+    """``values`` paired with ``keys`` in order: one value serves every key, else one each
+    (e.g. UCE's guide texts per erased concept); a count that fits neither is one line."""
+    if len(values) == 1:
+        return values * len(keys)
+    if len(values) != len(keys):
+        raise ErasekitError(f"{owner}: {len(values)} {what} for {len(keys)} {per} (give one, or"
+                            f" one per {per.removesuffix('s')})")  # fmt: skip
+    return values
+
+
 C = TypeVar("C")
 
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from erase_world import cached
 
 import erasekit
 from erasekit.cli import quiet_libraries
@@ -54,16 +55,6 @@ def erase(base: Path, concept: str, method: str, out: Path, seed: int) -> dict:
     return {"concept": concept, "wall_s": round(time.perf_counter() - wall, 1),
             "cpu_s": round(time.process_time() - cpu, 1), "steps": manifest["training"]["steps"],
             "config": manifest["method"]["config"]}  # fmt: skip
-
-
-def cached(work: Path, key: str, fn) -> dict:
-    file = work / "rows" / f"{key}.json"
-    if file.is_file():
-        return json.loads(file.read_text())
-    row = fn()
-    file.parent.mkdir(parents=True, exist_ok=True)
-    write_json(file, row)
-    return row
 
 
 def run_method(method: str, seed: int, work: Path) -> dict:

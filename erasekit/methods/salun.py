@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from erasekit.config import split_list
+from erasekit.config import one_per, split_list
 from erasekit.errors import ErasekitError
 from erasekit.methods import Method
 from erasekit.outputs import atomic_file
@@ -289,12 +289,9 @@ class SalUn(Method):
         (one replacement serves every word)."""
         cfg = self.config
         words = split_list(cfg.surrogate_word) or self.concept.words
-        replacements = split_list(cfg.surrogate_replacement) or [""]
-        if len(replacements) == 1:
-            replacements = replacements * len(words)
-        if len(replacements) != len(words):
-            raise ErasekitError(f"salun: {len(replacements)} surrogate replacements for "
-                                f"{len(words)} words (give one, or one per word)")  # fmt: skip
+        given = split_list(cfg.surrogate_replacement) or [""]
+        replacements = one_per(given, words, owner="salun", what="surrogate replacements",
+                               per="words")  # fmt: skip
         return list(zip(words, replacements, strict=True))
 
     def anchor_prompts(self, prompts: list[str]) -> list[str]:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from erasekit.config import split_list
+from erasekit.config import one_per, split_list
 from erasekit.errors import ErasekitError
 from erasekit.methods import Method
 from erasekit.training import TrainConfig, TrainContext
@@ -169,12 +169,8 @@ class UCE(Method):
         """(erase, guide, preserve) texts from the settings and the concept."""
         cfg: UCEConfig = self.config
         erase = split_list(cfg.erase) or self.concept.words
-        guides = split_list(cfg.guide) or [""]
-        if len(guides) == 1:
-            guides = guides * len(erase)
-        if len(guides) != len(erase):
-            raise ErasekitError(f"uce: {len(guides)} guide texts for {len(erase)} erased concepts"
-                                " (give one, or one per erased concept)")  # fmt: skip
+        guides = one_per(split_list(cfg.guide) or [""], erase, owner="uce",
+                         what="guide texts", per="erased concepts")  # fmt: skip
         preserve = split_list(cfg.preserve) or list(self.concept.retain.prompts)
         overlap = sorted(set(preserve) & set(erase))
         if overlap:
