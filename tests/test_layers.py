@@ -39,6 +39,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("methods", "attacks", "reporting"),
     ("auditing",),
     ("api",),
+    ("bench",),
     ("commands", ""),  # "": the package facade (``import erasekit``), which re-exports the API
     ("cli",),
     ("__main__",),

@@ -1,0 +1,524 @@
+"""`erasekit bench`: a declarative study (models x concepts x seeds, each audited with the same
+settings and attacks) and its leaderboard, pooled from the result files.
+
+A study file (YAML)::
+
+    name: world-quick
+    base: world:full                 # a model folder, or world:<variant>
+    concepts: [red]
+    seeds: [0, 1]
+    models:
+      original: original             # the base model itself
+      never-learned: never-learned   # the concept's never-learned model (its spec names it)
+      salun: {erase: salun}          # erased from the base (its presets apply), once per seed
+      esd-fast: {erase: esd, set: {steps: 50}}
+      resalign-over-salun: {erase: resalign, from: salun}   # erased from another row's model
+      mine: {path: models/my-erased} # a folder as it is
+    audit: {n_per_prompt: 2, limit: 8}   # erasekit.audit's settings
+    attacks: {finetune: {steps: 50, eval_every: 25}}
+    compare: [[salun, original]]     # paired differences
+
+Every cell (concept, model, seed) goes through ``erasekit.erase`` and ``erasekit.audit`` (the
+model as the audited role, no other role: each row is measured alone). Erased models are cached
+under OUT/models by content (base content hash, concept spec hash, method, settings, seed and the
+model it starts from), audits under OUT/cells with the key they were run with, so an
+interrupted or extended study redoes only what changed. A cell that fails is recorded as failed
+with its error, and the study goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from erasekit.errors import ErasekitError, first_line
+from erasekit.outputs import atomic_file, output_lock, read_jsonl, write_json
+
+SCHEMA = "erasekit.leaderboard"
+SCHEMA_VERSION = 1
+STUDY_KEYS = {"name", "base", "concepts", "seeds", "models", "audit", "attacks", "compare",
+              "columns", "description"}  # fmt: skip
+AUDIT_KEYS = {"n_per_prompt", "limit", "steps", "batch_size", "guidance", "dtype", "device"}
+RATE_INTERVAL = "Wilson score 95%"
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One row of the study: ``kind`` original | never-learned | path | erase."""
+
+    name: str
+    kind: str
+    method: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+    start: str | None = None  # ``from``: the row whose model this one is erased from
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.kind == "erase":
+            out.update(method=self.method, settings=self.settings, start=self.start or "base")
+        if self.path:
+            out["path"] = self.path
+        return out
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    base: str
+    concepts: list[str]
+    seeds: list[int]
+    models: dict[str, ModelRow]
+    audit: dict[str, Any]
+    attacks: dict[str, dict[str, Any]]
+    compare: list[tuple[str, str]]
+    columns: list[str] | None
+    source: str
+    sha256: str
+    description: str = ""
+
+
+def _fail(path: Path, what: str) -> ErasekitError:
+    return ErasekitError(f"{path}: {what}")
+
+
+def _model_row(path: Path, name: str, value: Any, earlier: list[str]) -> ModelRow:
+    if value in ("original", "never-learned"):
+        return ModelRow(name, value)
+    if not isinstance(value, dict):
+        raise _fail(path, f"model {name!r}: original, never-learned, {{erase: METHOD}} or "
+                    "{path: FOLDER}")  # fmt: skip
+    if "path" in value:
+        if set(value) != {"path"}:
+            raise _fail(path, f"model {name!r}: a path row takes only 'path'")
+        folder = Path(str(value["path"]))
+        return ModelRow(name, "path", path=str(folder if folder.is_absolute()
+                                               else path.parent / folder))  # fmt: skip
+    unknown = sorted(set(value) - {"erase", "set", "from"})
+    if "erase" not in value or unknown:
+        extra = f" (unknown: {', '.join(unknown)})" if unknown else ""
+        raise _fail(path, f"model {name!r}: an erased row is {{erase: METHOD, set: {{...}}, "
+                    f"from: ROW}}{extra}")  # fmt: skip
+    settings = value.get("set") or {}
+    if not isinstance(settings, dict):
+        raise _fail(path, f"model {name!r}: 'set' must be a mapping of settings")
+    start = value.get("from")
+    if start is not None and start not in earlier:
+        raise _fail(path, f"model {name!r}: 'from: {start}' must name a row listed before it")
+    from erasekit.methods import get_method
+
+    get_method(str(value["erase"]))  # an unknown method fails here, naming the known ones
+    return ModelRow(name, "erase", method=str(value["erase"]), settings=dict(settings),
+                    start=start)  # fmt: skip
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and check a study file; every mistake is one line naming the file."""
+    import yaml
+
+    from erasekit.provenance import sha256_bytes
+
+    path = Path(path)
+    if not path.is_file():
+        raise ErasekitError(f"study file not found: {path}")
+    data = path.read_bytes()
+    try:
+        spec = yaml.safe_load(data)
+    except yaml.YAMLError as e:
+        raise _fail(path, f"invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise _fail(path, "a study must be a YAML mapping")
+    unknown = sorted(set(spec) - STUDY_KEYS)
+    if unknown:
+        raise _fail(
+            path, f"unknown keys {', '.join(unknown)} (known: {', '.join(sorted(STUDY_KEYS))})"
+        )
+    for key in ("name", "base", "concepts", "models"):
+        if not spec.get(key):
+            raise _fail(path, f"'{key}' is missing or empty")
+    concepts = spec["concepts"]
+    if not isinstance(concepts, list) or not all(isinstance(c, str) for c in concepts):
+        raise _fail(path, "'concepts' must be a list of concept names or spec files")
+    seeds = spec.get("seeds", [0])
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    ):
+        raise _fail(path, "'seeds' must be a non-empty list of integers >= 0")
+    if not isinstance(spec["models"], dict):
+        raise _fail(path, "'models' must map row names to models")
+    models: dict[str, ModelRow] = {}
+    for name, value in spec["models"].items():
+        models[str(name)] = _model_row(path, str(name), value, list(models))
+    audit = spec.get("audit") or {}
+    if not isinstance(audit, dict) or set(audit) - AUDIT_KEYS:
+        raise _fail(path, f"'audit' takes {', '.join(sorted(AUDIT_KEYS))}")
+    attacks = spec.get("attacks") or {}
+    if not isinstance(attacks, dict) or not all(
+        isinstance(v, dict | None) for v in attacks.values()
+    ):
+        raise _fail(path, "'attacks' must map attack names to their settings")
+    compare = spec.get("compare") or []
+    pairs = []
+    for pair in compare:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(p in models for p in pair)):
+            raise _fail(path, f"'compare' entries are [ROW, ROW] of listed rows, got {pair!r}")
+        pairs.append((pair[0], pair[1]))
+    columns = spec.get("columns")
+    if columns is not None and not (
+        isinstance(columns, list) and all(isinstance(c, str) for c in columns)
+    ):
+        raise _fail(path, "'columns' must be a list of metric keys")
+    return Study(name=str(spec["name"]), base=str(spec["base"]), concepts=concepts, seeds=seeds,
+                 models=models, audit=dict(audit),
+                 attacks={k: dict(v or {}) for k, v in attacks.items()}, compare=pairs,
+                 columns=columns, source=str(path), sha256=sha256_bytes(data),
+                 description=str(spec.get("description", "")).strip())  # fmt: skip
+
+
+def resolve_base(base: str, study_path: str) -> Path:
+    if base.startswith("world:"):
+        from erasekit.world import world_path
+
+        return world_path(base.split(":", 1)[1])
+    folder = Path(base)
+    return folder if folder.is_absolute() else Path(study_path).parent / folder
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Runner:
+    """Runs a study's cells into ``out`` (resumable) and writes its leaderboard."""
+
+    def __init__(self, study: Study, out: str | Path, *, progress: bool = True) -> None:
+        self.study, self.out, self.progress = study, Path(out), progress
+        self.base = resolve_base(study.base, study.source)
+        if not self.base.exists():
+            raise ErasekitError(f"base model not found: {self.base}")
+        self.built: dict[tuple[str, str, int], tuple[Path, str]] = {}
+
+    def model(self, row: ModelRow, concept, seed: int) -> tuple[Path, str]:
+        """The row's model folder for (concept, seed) and its content key; builds erasures."""
+        from erasekit.api import erase
+        from erasekit.auditing import never_learned_model
+        from erasekit.provenance import model_content_hash
+
+        cached = self.built.get((row.name, concept.name, seed))
+        if cached:
+            return cached
+        if row.kind == "original":
+            path = self.base
+        elif row.kind == "path":
+            path = Path(str(row.path))
+        elif row.kind == "never-learned":
+            path = never_learned_model(concept)
+            if path is None:
+                raise ErasekitError(f"concept {concept.name!r} names no never-learned model")
+        if row.kind != "erase":
+            if not path.exists():
+                raise ErasekitError(f"{row.name}: model not found: {path}")
+            result = (path, model_content_hash(path))
+        else:
+            if row.start:
+                start_path, start_key = self.model(self.study.models[row.start], concept, seed)
+            else:
+                start_path, start_key = self.base, model_content_hash(self.base)
+            key = _key(start_key, concept.sha256, row.method, row.settings, seed)
+            folder = self.out / "models" / f"{row.name}-{concept.name}-seed{seed}-{key}"
+            if not (folder / "erasekit.json").is_file():  # erase writes its folder atomically
+                started = time.perf_counter()
+                erase(start_path, concept, str(row.method), folder,
+                               settings={"seed": seed, **row.settings},
+                               cache_dir=self.out / "cache", progress=False)  # fmt: skip
+                write_json(folder.with_name(folder.name + ".time.json"),
+                           {"erase_wall_s": round(time.perf_counter() - started, 1)})  # fmt: skip
+            result = (folder, key)
+        self.built[(row.name, concept.name, seed)] = result
+        return result
+
+    def cell(self, row: ModelRow, concept, seed: int) -> dict[str, Any]:
+        """Build and audit one cell, or reuse it when its key is unchanged."""
+        from erasekit.api import audit
+
+        folder = self.out / "cells" / concept.name / row.name / f"seed{seed}"
+        record_file = folder / "cell.json"
+        try:
+            path, model_key = self.model(row, concept, seed)
+            key = _key(model_key, concept.sha256, self.study.audit, self.study.attacks, seed)
+            if record_file.is_file():
+                old = json.loads(record_file.read_text())
+                if old.get("key") == key and old.get("status") == "ok":
+                    return old
+            started = time.perf_counter()
+            audit(path, concept, folder / "audit", seed=seed, overwrite=True,
+                           roles={"reference": None, "never-learned": None},
+                           attacks=self.study.attacks or None, progress=False,
+                           invocation={"bench": {"study": self.study.source, "row": row.name,
+                                                 "concept": concept.name, "seed": seed}},
+                           **self.study.audit)  # fmt: skip
+            timing = path.with_name(path.name + ".time.json")
+            record = {"status": "ok", "key": key, "model": str(path),
+                      "audit_wall_s": round(time.perf_counter() - started, 1),
+                      **(json.loads(timing.read_text()) if timing.is_file() else {})}  # fmt: skip
+        except (ErasekitError, OSError, RuntimeError, ValueError) as e:
+            record = {"status": "failed", "error": f"{type(e).__name__}: {first_line(e)}",
+                      "traceback": traceback.format_exc(limit=5)}  # fmt: skip
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(record_file, {"row": row.name, "concept": concept.name, "seed": seed, **record})
+        return record
+
+    def run(self) -> dict[str, Any]:
+        from erasekit.concepts import load_concept
+
+        concepts = [load_concept(c) for c in self.study.concepts]
+        cells = [(c, row, s) for c in concepts for s in self.study.seeds
+                 for row in self.study.models.values()]  # fmt: skip
+        started, failed = time.perf_counter(), 0
+        with output_lock(self.out):
+            for i, (concept, row, seed) in enumerate(cells, start=1):
+                record = self.cell(row, concept, seed)
+                failed += record["status"] != "ok"
+                if self.progress:
+                    spent = time.perf_counter() - started
+                    eta = spent / i * (len(cells) - i)
+                    status = "ok" if record["status"] == "ok" else f"FAILED ({record['error']})"
+                    print(f"bench: [{i}/{len(cells)}] {concept.name} {row.name} seed {seed}: "
+                          f"{status}; {spent:.0f} s, about {eta:.0f} s left",
+                          file=sys.stderr)  # fmt: skip
+            board = leaderboard(self.study, self.out)
+            board["provenance"]["study_wall_s"] = round(time.perf_counter() - started, 1)
+            write_leaderboard(board, self.out)
+        return board
+
+
+# ----------------------------------------------------------------------------- pooling
+
+
+def _cells(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(f.read_text()) for f in sorted((out / "cells").glob("*/*/seed*/cell.json"))]
+
+
+def _metrics(cell_dir: Path) -> dict[str, dict[str, Any]]:
+    """The audited model's metrics; attacked ones as ``<attack>:<key>``."""
+    doc = json.loads((cell_dir / "audit" / "results.json").read_text())
+    out = dict(doc["results"].get("audited", {}))
+    for role, metrics in doc["results"].items():
+        if role.endswith(":audited"):
+            out.update({f"{role.split(':')[0]}:{k}": m for k, m in metrics.items()})
+    return out
+
+
+def pool(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """One metric over seeds: rates as pooled hits / n with a Wilson interval; means as the
+    mean of the seeds' means with the range of the seeds' values (not a 95% interval)."""
+    from erasekit.stats import wilson_interval
+
+    first = per_seed[0]
+    values = [m["value"] for m in per_seed]
+    n = sum(m["n_images"] for m in per_seed)
+    if first["definition"].get("interval") == RATE_INTERVAL:
+        hits = sum(round(m["value"] * m["n_images"]) for m in per_seed)
+        low, high = wilson_interval(hits, n)
+        value, interval = hits / n, "Wilson score 95% on hits / n pooled over seeds"
+    elif len(per_seed) == 1:
+        value, (low, high), interval = values[0], first["ci95"], first["definition"]["interval"]
+    else:
+        value, low, high = sum(values) / len(values), min(values), max(values)
+        interval = "range of the per-seed values (not a 95% interval)"
+    return {"metric": first["metric"], "value": round(value, 6),
+            "ci95": [round(low, 4), round(high, 4)], "n_images": n, "n_seeds": len(per_seed),
+            "per_seed": values, "higher_is_better": first["higher_is_better"],
+            "definition": {**first["definition"], "interval": interval}}  # fmt: skip
+
+
+def leaderboard(study: Study, out: Path) -> dict[str, Any]:
+    """The leaderboard document from the cells' result files (schema ``erasekit.leaderboard``)."""
+    from erasekit.concepts import load_concept
+    from erasekit.provenance import git_commit, library_versions
+
+    names = [load_concept(c).name for c in study.concepts]
+    by: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for c in _cells(out):
+        if c["row"] in study.models and c["concept"] in names:
+            by[(c["concept"], c["row"])].append(c)
+    concepts: dict[str, Any] = {}
+    for concept in names:
+        rows = {}
+        for name in study.models:
+            got = sorted(by.get((concept, name), []), key=lambda c: c["seed"])
+            ok = [c for c in got if c["status"] == "ok" and c["seed"] in study.seeds]
+            per_key: dict[str, list[dict]] = defaultdict(list)
+            for c in ok:
+                for key, m in _metrics(out / "cells" / concept / name / f"seed{c['seed']}").items():
+                    per_key[key].append(m)
+            rows[name] = {
+                "model": study.models[name].describe(),
+                "seeds_ok": [c["seed"] for c in ok],
+                "failed": [{"seed": c["seed"], "error": c["error"]} for c in got
+                           if c["status"] != "ok"],
+                "metrics": {k: pool(v) for k, v in per_key.items() if len(v) == len(ok)},
+                "erase_wall_s": [c["erase_wall_s"] for c in ok if "erase_wall_s" in c],
+            }  # fmt: skip
+        differences = []
+        for a, b in study.compare:
+            primary = _primary(out, concept, a)
+            for key, m in rows[a]["metrics"].items():
+                if m["metric"] != "concept_rate" or ":" in key or "[" in key or primary is None:
+                    continue
+                prompt_set = key.split("/", 1)[1]
+                seeds = [s for s in rows[a]["seeds_ok"] if s in rows[b]["seeds_ok"]]
+                pairs = [(out / "cells" / concept / a / f"seed{s}",
+                          out / "cells" / concept / b / f"seed{s}") for s in seeds]  # fmt: skip
+                d = paired_difference(pairs, prompt_set, primary)
+                if d:
+                    differences.append({"a": a, "b": b, "metric": key, **d})
+        concepts[concept] = {"rows": rows, "differences": differences}
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "study": {
+            "name": study.name,
+            "source": study.source,
+            "sha256": study.sha256,
+            "description": study.description,
+            "base": study.base,
+            "seeds": study.seeds,
+            "audit": study.audit,
+            "attacks": study.attacks,
+            "models": {n: r.describe() for n, r in study.models.items()},
+        },  # fmt: skip
+        "columns": study.columns,
+        "concepts": concepts,
+        "definitions": {
+            "rows": "each row's model audited alone (erasekit.audit, no reference role), once "
+            "per seed (the seed of its erasure and of its evaluation)",
+            "pooling": "rates: hits / n pooled over seeds, Wilson 95%; per_seed: each seed's "
+            "value; attacked metrics are '<attack>:<metric>' (the audit's final attack step)",
+            "differences": "a − b on the same images' prompts, k and seeds (primary protocol), "
+            "percentile bootstrap 95% over (seed, prompt) groups, 2000 resamples, seed 0",
+        },
+        "provenance": {
+            "erasekit_version": library_versions()["erasekit"],
+            "git_commit": git_commit(),
+        },  # fmt: skip
+    }
+
+
+def _primary(out: Path, concept: str, row: str) -> str | None:
+    for f in sorted((out / "cells" / concept / row).glob("seed*/audit/results.json")):
+        return json.loads(f.read_text())["evaluation"]["primary_protocol"]
+    return None
+
+
+def paired_difference(
+    pairs: list[tuple[Path, Path]], prompt_set: str, protocol: str
+) -> dict[str, Any] | None:
+    """Mean of (flag_a − flag_b) over images matched by seed, prompt and k (each pair: two
+    rows' cells of one seed), with a percentile bootstrap interval resampling (seed, prompt)
+    groups; None without matched images."""
+    from erasekit.stats import bootstrap_interval
+
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for a, b in pairs:
+        fa = {(s["prompt_index"], s["k"], s["seed"]): float(s["flags"][protocol])
+              for s in read_jsonl(a / "audit" / "samples.jsonl")
+              if s.get("model") == "audited" and s["prompt_set"] == prompt_set}  # fmt: skip
+        for s in read_jsonl(b / "audit" / "samples.jsonl"):
+            key = (s["prompt_index"], s["k"], s["seed"])
+            if s.get("model") == "audited" and s["prompt_set"] == prompt_set and key in fa:
+                groups[(a.name, key[0])].append(fa[key] - float(s["flags"][protocol]))
+    diffs = [d for g in groups.values() for d in g]
+    if not diffs:
+        return None
+    low, high = bootstrap_interval(list(groups.values()), 2000, seed=0)
+    return {"value": round(sum(diffs) / len(diffs), 6), "ci95": [round(low, 4), round(high, 4)],
+            "n_pairs": len(diffs)}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _fmt(m: dict[str, Any] | None) -> str:
+    if not m:
+        return "—"
+    seeds = "/".join(f"{v:.2f}" for v in m["per_seed"]) if m["n_seeds"] > 1 else ""
+    return (f"{m['value']:.2f} [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}] (n={m['n_images']}"
+            f"{'; ' + seeds if seeds else ''})")  # fmt: skip
+
+
+def render_markdown(board: dict[str, Any]) -> str:
+    study = board["study"]
+    lines = [f"# Leaderboard: {study['name']} (generated by erasekit bench from "
+             f"{Path(study['source']).name}, sha256 {study['sha256'][:12]})", ""]  # fmt: skip
+    if study["description"]:
+        lines += [study["description"], ""]
+    lines += [f"Base model: `{study['base']}`; seeds {study['seeds']}; audit settings "
+              f"`{json.dumps(study['audit'], sort_keys=True)}`; attacks "
+              f"`{json.dumps(study['attacks'], sort_keys=True)}`.", ""]  # fmt: skip
+    for concept, entry in board["concepts"].items():
+        rows = entry["rows"]
+        keys = board["columns"] or list(
+            dict.fromkeys(k for r in rows.values() for k in r["metrics"])
+        )
+        lines += [f"## {concept}", "", "| model | " + " | ".join(keys) + " | erase wall s |",
+                  "|---|" + "---|" * (len(keys) + 1)]  # fmt: skip
+        for name, row in rows.items():
+            wall = row["erase_wall_s"]
+            cells = " | ".join(_fmt(row["metrics"].get(k)) for k in keys)
+            failed = (
+                f" (FAILED seeds {[f['seed'] for f in row['failed']]})" if row["failed"] else ""
+            )
+            lines.append(f"| {name}{failed} | {cells} | "
+                         f"{'/'.join(f'{w:.0f}' for w in wall) if wall else '—'} |")  # fmt: skip
+        for d in entry["differences"]:
+            lines.append(f"\n- {d['a']} − {d['b']} on {d['metric']}: {d['value']:+.2f} "
+                         f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] ({d['n_pairs']} paired "
+                         "images)")  # fmt: skip
+        for name, row in rows.items():
+            for f in row["failed"]:
+                lines.append(f"\n- {name} seed {f['seed']} FAILED: {f['error']}")
+        lines.append("")
+    lines += ["## Definitions", ""]
+    lines += [f"- {k}: {v}" for k, v in board["definitions"].items()]
+    first = next((m for e in board["concepts"].values() for r in e["rows"].values()
+                  for m in r["metrics"].values()), None)  # fmt: skip
+    if first:
+        lines.append(f"- detector: {first['definition'].get('detector')} "
+                     f"({first['definition'].get('detector_version')})")  # fmt: skip
+    lines += ["", "## Models (from the study file)", ""]
+    lines += [f"- {n}: `{json.dumps(m, sort_keys=True)}`" for n, m in study["models"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_leaderboard(board: dict[str, Any], out: Path) -> None:
+    with atomic_file(out / "leaderboard.json") as tmp:
+        write_json(tmp, board)
+    with atomic_file(out / "leaderboard.md") as tmp:
+        tmp.write_text(render_markdown(board))
+
+
+def report(out: str | Path) -> dict[str, Any]:
+    """Re-pool and re-render the leaderboard of a study folder from its result files."""
+    out = Path(out)
+    record = out / "leaderboard.json"
+    if not record.is_file():
+        raise ErasekitError(f"no leaderboard.json in {out} (run 'erasekit bench run' first)")
+    study = load_study(json.loads(record.read_text())["study"]["source"])
+    board = leaderboard(study, out)
+    write_leaderboard(board, out)
+    return board
+
+
+def run_study(study: str | Path, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a study file into ``out``; returns the leaderboard document."""
+    return Runner(load_study(study), out, progress=progress).run()

@@ -1,0 +1,50 @@
+"""`erasekit bench run STUDY.yaml --out DIR` and `erasekit bench report DIR`: a study of models
+x concepts x seeds through erase + audit, pooled into leaderboard.json / leaderboard.md."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers, parent: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        parents=[parent],
+        help="run a study of several models and write its leaderboard",
+        description="Run a study file (models x concepts x seeds, each cell through erasekit "
+        "erase and erasekit audit with the same settings and attacks) into DIR, resuming what "
+        "is done; pool the cells over seeds into DIR/leaderboard.json and leaderboard.md.",
+    )
+    sub = p.add_subparsers(dest="bench_command", metavar="run|report", required=True)
+    r = sub.add_parser("run", parents=[parent], help="run (or resume) a study")
+    r.add_argument("study", metavar="STUDY.yaml")
+    r.add_argument("--out", required=True, help="the study folder (resumable)")
+    r.add_argument("--no-progress", action="store_true", help="no per-cell progress lines")
+    r.set_defaults(func=run)
+    rep = sub.add_parser("report", parents=[parent], help="re-pool and re-render a study folder")
+    rep.add_argument("folder", metavar="DIR")
+    rep.set_defaults(func=report)
+
+
+def _summary(board: dict, folder: str) -> int:
+    """Print where the leaderboard is; the number of failed cells."""
+    failed = sum(len(r["failed"]) for e in board["concepts"].values() for r in e["rows"].values())
+    print(f"leaderboard: {folder}/leaderboard.md ({failed} failed cells)")
+    return failed
+
+
+def run(args: argparse.Namespace) -> int:
+    from erasekit.bench import run_study
+
+    board = run_study(args.study, args.out, progress=not args.no_progress)
+    _summary(board, args.out)
+    return (
+        1 if any(r["failed"] for e in board["concepts"].values() for r in e["rows"].values()) else 0
+    )
+
+
+def report(args: argparse.Namespace) -> int:
+    from erasekit.bench import report as render
+
+    _summary(render(args.folder), args.folder)
+    return 0

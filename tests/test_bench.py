@@ -1,0 +1,95 @@
+"""`erasekit bench`: a tiny study on the tiny pipeline (two seeds, a failing row, a paired
+comparison), resumed without redoing work, and the study file's one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from conftest import assert_one_line_error, run_main
+
+STUDY = """\
+name: tiny
+base: {base}
+concepts: [circle]
+seeds: [0, 1]
+models:
+  original: original
+  salun: {{erase: salun, set: {{steps: 1, images_per_prompt: 1}}}}
+  broken: {{erase: esd, set: {{variant: nope}}}}
+audit: {{limit: 2, steps: 2}}
+compare: [[salun, original]]
+"""
+
+
+def _board(out):
+    return json.loads((out / "leaderboard.json").read_text())
+
+
+def test_tiny_study_pools_seeds_records_failures_and_resumes(tiny_model_dir, tmp_path, capsys):
+    study, out = tmp_path / "study.yaml", tmp_path / "run"
+    study.write_text(STUDY.format(base=tiny_model_dir))
+    r = run_main(capsys, "bench", "run", str(study), "--out", str(out))
+    assert r.returncode == 1, r.stderr  # the study ran; the broken row's cells failed
+    assert "[6/6]" in r.stderr and "left" in r.stderr and "leaderboard:" in r.stdout
+    board = _board(out)
+    assert board["schema"] == "erasekit.leaderboard" and board["study"]["seeds"] == [0, 1]
+    rows = board["concepts"]["circle"]["rows"]
+    assert rows["salun"]["seeds_ok"] == [0, 1] and rows["original"]["seeds_ok"] == [0, 1]
+    assert [f["seed"] for f in rows["broken"]["failed"]] == [0, 1]
+    assert "variant" in rows["broken"]["failed"][0]["error"] and not rows["broken"]["metrics"]
+    # pooled over seeds from each seed's results.json: hits / n, Wilson
+    rate = rows["salun"]["metrics"]["concept_rate/direct"]
+    per_seed = [
+        json.loads((out / "cells/circle/salun" / f"seed{s}/audit/results.json").read_text())[
+            "results"]["audited"]["concept_rate/direct"] for s in (0, 1)
+    ]  # fmt: skip
+    assert rate["n_images"] == sum(m["n_images"] for m in per_seed) == 4
+    hits = sum(round(m["value"] * m["n_images"]) for m in per_seed)
+    assert rate["value"] == hits / 4 and rate["per_seed"] == [m["value"] for m in per_seed]
+    assert rate["ci95"][0] <= rate["value"] <= rate["ci95"][1]
+    assert "pooled over seeds" in rate["definition"]["interval"]
+    diffs = board["concepts"]["circle"]["differences"]
+    direct = next(d for d in diffs if d["metric"] == "concept_rate/direct")
+    assert direct["a"] == "salun" and direct["n_pairs"] == 4
+    assert direct["value"] == pytest.approx(rate["value"] - rows["original"]["metrics"][
+        "concept_rate/direct"]["value"])  # same images, one per prompt and seed  # fmt: skip
+    md = (out / "leaderboard.md").read_text()
+    assert "broken (FAILED seeds [0, 1])" in md and "| salun |" in md and "salun − original" in md
+    # resumed: nothing is erased or audited again
+    models = sorted((out / "models").iterdir())
+    cells = {p: os.stat(p).st_mtime_ns for p in (out / "cells").glob("*/salun/*/cell.json")}
+    stamps = {p: os.stat(p).st_mtime_ns for p in models}
+    r = run_main(capsys, "bench", "run", str(study), "--out", str(out), "--no-progress")
+    assert r.returncode == 1 and sorted((out / "models").iterdir()) == models
+    assert all(os.stat(p).st_mtime_ns == t for p, t in stamps.items())
+    assert all(os.stat(p).st_mtime_ns == t for p, t in cells.items())
+    assert _board(out)["concepts"] == board["concepts"]
+    # the leaderboard re-renders from the result files alone
+    (out / "leaderboard.md").unlink()
+    assert run_main(capsys, "bench", "report", str(out)).returncode == 0
+    assert (out / "leaderboard.md").read_text() == md
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("name: x\nbase: b\nconcepts: [red]\nmodels: {a: original}\nrows: 1\n",
+         "unknown keys rows"),
+        ("name: x\nbase: b\nconcepts: [red]\nmodels: {a: {erase: nope}}\n", "unknown method"),
+        ("name: x\nbase: b\nconcepts: [red]\nmodels: {a: {erase: esd, from: b}, b: original}\n",
+         "must name a row listed before it"),
+        ("name: x\nbase: b\nconcepts: [red]\nseeds: [-1]\nmodels: {a: original}\n", "'seeds'"),
+        ("name: x\nbase: b\nconcepts: [red]\nmodels: {a: original}\ncompare: [[a, z]]\n",
+         "'compare' entries"),
+        ("name: x\nbase: /nonexistent\nconcepts: [red]\nmodels: {a: original}\n",
+         "base model not found"),
+    ],
+)  # fmt: skip
+def test_bad_studies_are_one_line(text, fragment, tmp_path, capsys):
+    study = tmp_path / "s.yaml"
+    study.write_text(text)
+    r = run_main(capsys, "bench", "run", str(study), "--out", str(tmp_path / "o"))
+    assert_one_line_error(r, fragment)
+    assert not (tmp_path / "o").exists()
