@@ -292,6 +292,7 @@ def audit(
     overwrite: bool = False,
     progress: bool = True,
     invocation: dict[str, Any] | None = None,
+    original: str | Path | None = None,
 ) -> AuditResult:
     """Audit ``model`` on ``concept`` beside its references and write ``out`` (results.json,
     samples.jsonl, images/, report.html, report.md).
@@ -301,6 +302,8 @@ def audit(
     name adds a model. ``attacks``: names (``["finetune"]``) or name -> settings
     (``{"finetune": {"steps": 50}}``), run on every role with the same data and budget.
     ``censor``: blur flagged images in the report (default: when the concept is sensitive).
+    ``original``: the model attacks that need one start from, without auditing it as a role
+    (default: the reference role's model).
     """
     from erasekit.auditing import AuditSettings, attack_configs, run_audit
     from erasekit.models import build_manifest, save_model
@@ -319,7 +322,7 @@ def audit(
     common = dict(roles=roles, audit=settings, detectors=detectors, model_config=model_config,
                   allow_pickle=allow_pickle, censor=censor, overwrite=overwrite,
                   progress=progress, attacks=configs, baselines=guidance_baselines,
-                  invocation=invocation)  # fmt: skip
+                  invocation=invocation, original=original)  # fmt: skip
     if not _is_pipeline(model):
         return AuditResult.of(run_audit(model, spec, out, **common), out)
     # An in-memory pipeline is audited as saved beside the output, then the copy is removed.

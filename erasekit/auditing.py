@@ -249,16 +249,20 @@ def run_attacks(
     device: str,
     progress: bool,
     targets: list[str] | None = None,
+    original: Path | None = None,
 ) -> tuple[dict[str, dict], dict[str, dict], list[dict]]:
     """Run every attack on every model role (the audited model, the original, the
     never-learned one; or the ``targets`` roles only) with the same data and budget; evaluate
     with the audit's detectors. Returns (attack entries, results by "<attack>:<role>",
-    final-step samples)."""
+    final-step samples). ``original``: the model attacks that need one start from (default:
+    the reference role)."""
     from erasekit.attacks import AttackContext, get_attack
+
+    original = original or roles.get("reference")
 
     entries, results, samples = {}, {}, []
     for name, config in configs.items():
-        ctx = AttackContext(concept=concept, original=roles.get("reference"),
+        ctx = AttackContext(concept=concept, original=original,
                             audited=roles.get("audited"), work_dir=root / "attacks" / name,
                             device=device, progress=False)  # fmt: skip
         attack = get_attack(name)(config, ctx)
@@ -394,6 +398,7 @@ def run_audit(
     baselines: bool = False,
     invocation: dict[str, Any] | None = None,
     labels: Mapping[str, dict[str, Any]] | None = None,
+    original: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the audit and write ``out`` (all or nothing); return the results document.
     ``roles``: see ``resolve_roles``. ``baselines``: also render the audited weights with the
@@ -401,7 +406,9 @@ def run_audit(
     is marked sensitive). ``invocation``: what results.json records of how the audit was
     started (``{"command": argv}`` from the CLI, ``{"call": ...}`` from Python). ``labels``:
     role -> fields that replace what results.json says of that role's model (e.g. the source
-    of an in-memory pipeline audited from a staged copy)."""
+    of an in-memory pipeline audited from a staged copy). ``original``: the model attacks
+    that need one (UnlearnDiffAtk's targets, MemoRa, concept inversion) start from, when it is
+    not audited as the reference role (default: the reference)."""
     from erasekit.models import load_pipeline
     from erasekit.reporting import SCHEMA, SCHEMA_VERSION, write_report
 
@@ -421,7 +428,9 @@ def run_audit(
     for name in attacks or {}:
         from erasekit.attacks import get_attack
 
-        if get_attack(name).requires_original(attacks[name]) and roles["reference"] is None:
+        if get_attack(name).requires_original(attacks[name]) and not (
+            original or roles["reference"]
+        ):
             raise ErasekitError(f"{name} needs the original model (--reference PATH)")
     sets = audit_prompt_sets(concept, audit.limit)
     settings = SamplerSettings.for_model(model_config or roles["audited"], steps=audit.steps,
@@ -475,7 +484,8 @@ def run_audit(
                              and ps.prompts == forget.prompts[: len(ps)])  # fmt: skip
             attack_entries, attacked, attacked_samples = run_attacks(
                 attacks, roles, concept, curve_set, judges, tmp, settings, audit, device,
-                progress and state.is_main_process)  # fmt: skip
+                progress and state.is_main_process,
+                original=Path(original) if original else None)  # fmt: skip
             results.update(attacked)
             samples += attacked_samples
         document = {

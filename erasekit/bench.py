@@ -262,7 +262,8 @@ class Runner:
             started = time.perf_counter()
             audit(path, concept, folder / "audit", seed=seed, overwrite=True,
                            roles={"reference": None, "never-learned": None},
-                           attacks=self.study.attacks or None, progress=False,
+                           attacks=self.study.attacks or None, original=self.base,
+                           progress=False,
                            invocation={"bench": {"study": self.study.source, "row": row.name,
                                                  "concept": concept.name, "seed": seed}},
                            **self.study.audit)  # fmt: skip
