@@ -206,12 +206,19 @@ class Runner:
         if not self.base.exists():
             raise ErasekitError(f"base model not found: {self.base}")
         self.built: dict[tuple[str, str, int], tuple[Path, str]] = {}
+        self.hashes: dict[Path, str] = {}
+
+    def content_hash(self, path: Path) -> str:
+        from erasekit.provenance import model_content_hash
+
+        if path not in self.hashes:
+            self.hashes[path] = model_content_hash(path)
+        return self.hashes[path]
 
     def model(self, row: ModelRow, concept, seed: int) -> tuple[Path, str]:
         """The row's model folder for (concept, seed) and its content key; builds erasures."""
         from erasekit.api import erase
         from erasekit.auditing import never_learned_model
-        from erasekit.provenance import model_content_hash
 
         cached = self.built.get((row.name, concept.name, seed))
         if cached:
@@ -227,19 +234,19 @@ class Runner:
         if row.kind != "erase":
             if not path.exists():
                 raise ErasekitError(f"{row.name}: model not found: {path}")
-            result = (path, model_content_hash(path))
+            result = (path, self.content_hash(path))
         else:
             if row.start:
                 start_path, start_key = self.model(self.study.models[row.start], concept, seed)
             else:
-                start_path, start_key = self.base, model_content_hash(self.base)
+                start_path, start_key = self.base, self.content_hash(self.base)
             key = _key(start_key, concept.sha256, row.method, row.settings, seed)
             folder = self.out / "models" / f"{row.name}-{concept.name}-seed{seed}-{key}"
             if not (folder / "erasekit.json").is_file():  # erase writes its folder atomically
                 started = time.perf_counter()
                 erase(start_path, concept, str(row.method), folder,
-                               settings={"seed": seed, **row.settings},
-                               cache_dir=self.out / "cache", progress=False)  # fmt: skip
+                      settings={"seed": seed, **row.settings}, cache_dir=self.out / "cache",
+                      progress=False)  # fmt: skip
                 write_json(folder.with_name(folder.name + ".time.json"),
                            {"erase_wall_s": round(time.perf_counter() - started, 1)})  # fmt: skip
             result = (folder, key)
@@ -261,21 +268,21 @@ class Runner:
                     return old
             started = time.perf_counter()
             audit(path, concept, folder / "audit", seed=seed, overwrite=True,
-                           roles={"reference": None, "never-learned": None},
-                           attacks=self.study.attacks or None, original=self.base,
-                           progress=False,
-                           invocation={"bench": {"study": self.study.source, "row": row.name,
-                                                 "concept": concept.name, "seed": seed}},
-                           **self.study.audit)  # fmt: skip
+                  roles={"reference": None, "never-learned": None},
+                  attacks=self.study.attacks or None, original=self.base, progress=False,
+                  invocation={"bench": {"study": self.study.source, "row": row.name,
+                                        "concept": concept.name, "seed": seed}},
+                  **self.study.audit)  # fmt: skip
             timing = path.with_name(path.name + ".time.json")
             record = {"status": "ok", "key": key, "model": str(path),
                       "audit_wall_s": round(time.perf_counter() - started, 1),
                       **(json.loads(timing.read_text()) if timing.is_file() else {})}  # fmt: skip
-        except (ErasekitError, OSError, RuntimeError, ValueError) as e:
+        except Exception as e:  # recorded, and the study goes on (Ctrl-C still stops it)
             record = {"status": "failed", "error": f"{type(e).__name__}: {first_line(e)}",
                       "traceback": traceback.format_exc(limit=5)}  # fmt: skip
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(record_file, {"row": row.name, "concept": concept.name, "seed": seed, **record})
+        with atomic_file(record_file) as tmp:
+            write_json(tmp, {"row": row.name, "concept": concept.name, "seed": seed, **record})
         return record
 
     def run(self) -> dict[str, Any]:
@@ -284,11 +291,10 @@ class Runner:
         concepts = [load_concept(c) for c in self.study.concepts]
         cells = [(c, row, s) for c in concepts for s in self.study.seeds
                  for row in self.study.models.values()]  # fmt: skip
-        started, failed = time.perf_counter(), 0
+        started = time.perf_counter()
         with output_lock(self.out):
             for i, (concept, row, seed) in enumerate(cells, start=1):
                 record = self.cell(row, concept, seed)
-                failed += record["status"] != "ok"
                 if self.progress:
                     spent = time.perf_counter() - started
                     eta = spent / i * (len(cells) - i)
