@@ -81,3 +81,16 @@ def assert_one_line_error(result, *fragments: str) -> None:
     assert "Traceback" not in result.stderr
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def chromium() -> str:
+    """A headless-capable Chromium; skips the test where none is installed (CI must have it:
+    .ci/run installs it)."""
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    if os.environ.get("CI"):
+        pytest.fail("CI must provide chromium (.ci/run installs it)")
+    pytest.skip("chromium is not installed")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import assert_one_line_error, run_cli, run_main
+from tests.conftest import assert_one_line_error, chromium, run_cli, run_main
 from tests.test_detectors import tiny_clip  # noqa: F401  (session fixture)
 
 METRIC_KEYS = {"value", "ci95", "n_images", "n_prompts", "higher_is_better", "definition"}
@@ -143,19 +143,8 @@ def test_report_censors_every_flagged_image(world_audit, tmp_path, capsys):
     assert "UNCENSORED" in (copy / "report.html").read_text()
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if path := shutil.which(name):
-            return path
-    return None
-
-
 def test_report_renders_in_headless_chromium(world_audit, tmp_path):
-    browser = _chromium()
-    if browser is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must provide chromium (.ci/run installs it)")
-        pytest.skip("chromium is not installed")
+    browser = chromium()
     url = (world_audit / "report.html").resolve().as_uri()
     flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
              "--user-data-dir=" + str(tmp_path / "profile")]  # fmt: skip

@@ -4,10 +4,13 @@ paired comparison), resumed without redoing work, and the study file's one-line 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import subprocess
 
 import pytest
-from conftest import assert_one_line_error, run_main
+from conftest import assert_one_line_error, chromium, run_main
 
 STUDY = """\
 name: tiny
@@ -74,6 +77,26 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(tiny_model_dir, tmp
     (out / "leaderboard.md").unlink()
     assert run_main(capsys, "bench", "report", str(out)).returncode == 0
     assert (out / "leaderboard.md").read_text() == md
+    # the HTML table sorts in a real browser (#sort=KEY: ascending by that column)
+    key = "concept_rate/direct"
+    url = (out / "leaderboard.html").resolve().as_uri() + "#sort=" + key
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+             f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom"]  # fmt: skip
+    r = subprocess.run([chromium(), *flags, url], capture_output=True, text=True, timeout=120)
+    assert 'data-ready="1"' in r.stdout, r.stderr[-2000:]
+    assert f'data-sorted-by="{key}"' in r.stdout
+    order = re.findall(r'<tr data-row="([^"]+)"', r.stdout)
+    values = {n: rows[n]["metrics"].get(key, {}).get("value", math.inf) for n in rows}
+    assert order == sorted(rows, key=lambda n: values[n])  # stable: ties keep the table's order
+
+
+def test_unknown_profile_is_one_line(tmp_path, capsys):
+    study = tmp_path / "s.yaml"
+    study.write_text("name: x\nbase: b\nconcepts: [red]\nmodels: {a: original}\n"
+                     "profiles: {quick: {seeds: [0]}}\n")  # fmt: skip
+    r = run_main(capsys, "bench", "run", str(study), "--out", str(tmp_path / "o"), "--profile",
+                 "fast")  # fmt: skip
+    assert_one_line_error(r, "no profile 'fast' (profiles: quick)")
 
 
 @pytest.mark.parametrize(

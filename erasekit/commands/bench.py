@@ -19,6 +19,7 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
     r = sub.add_parser("run", parents=[parent], help="run (or resume) a study")
     r.add_argument("study", metavar="STUDY.yaml")
     r.add_argument("--out", required=True, help="the study folder (resumable)")
+    r.add_argument("--profile", help="one of the study's profiles (e.g. quick)")
     r.add_argument("--no-progress", action="store_true", help="no per-cell progress lines")
     r.set_defaults(func=run)
     rep = sub.add_parser("report", parents=[parent], help="re-pool and re-render a study folder")
@@ -36,7 +37,7 @@ def _summary(board: dict, folder: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from erasekit.bench import run_study
 
-    board = run_study(args.study, args.out, progress=not args.no_progress)
+    board = run_study(args.study, args.out, profile=args.profile, progress=not args.no_progress)
     _summary(board, args.out)
     return (
         1 if any(r["failed"] for e in board["concepts"].values() for r in e["rows"].values()) else 0
