@@ -431,6 +431,16 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
         "provenance": {
             "erasekit_version": library_versions()["erasekit"],
             "git_commit": git_commit(),
+            # each cell's erase and audit wall time, measured when it ran (resumes included)
+            "cells_wall_s": round(
+                sum(
+                    c.get("erase_wall_s", 0) + c.get("audit_wall_s", 0)
+                    for cells in by.values()
+                    for c in cells
+                    if c["status"] == "ok"
+                ),
+                1,
+            ),
         },  # fmt: skip
     }
 
@@ -504,13 +514,16 @@ def render_markdown(board: dict[str, Any]) -> str:
             )
             lines.append(f"| {name}{failed} | {cells} | "
                          f"{'/'.join(f'{w:.0f}' for w in wall) if wall else '—'} |")  # fmt: skip
+        lines.append("")
+        if entry["differences"]:
+            lines += ["Paired differences (a − b on the same images):", ""]
         for d in entry["differences"]:
-            lines.append(f"\n- {d['a']} − {d['b']} on {d['metric']}: {d['value']:+.2f} "
+            lines.append(f"- {d['a']} − {d['b']} on {d['metric']}: {d['value']:+.2f} "
                          f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] ({d['n_pairs']} paired "
                          "images)")  # fmt: skip
-        for name, row in rows.items():
-            for f in row["failed"]:
-                lines.append(f"\n- {name} seed {f['seed']} FAILED: {f['error']}")
+        failures = [f"- {name} seed {f['seed']} FAILED: {f['error']}"
+                    for name, row in rows.items() for f in row["failed"]]  # fmt: skip
+        lines += ([""] if entry["differences"] and failures else []) + failures
         lines.append("")
     lines += ["## Definitions", ""]
     lines += [f"- {k}: {v}" for k, v in board["definitions"].items()]
