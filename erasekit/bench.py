@@ -44,7 +44,7 @@ from erasekit.outputs import atomic_file, output_lock, read_jsonl, write_json
 SCHEMA = "erasekit.leaderboard"
 SCHEMA_VERSION = 1
 STUDY_KEYS = {"name", "base", "concepts", "seeds", "models", "audit", "attacks", "compare",
-              "columns", "description", "profiles"}  # fmt: skip
+              "columns", "description", "profiles", "detectors"}  # fmt: skip
 AUDIT_KEYS = {"n_per_prompt", "limit", "steps", "batch_size", "guidance", "dtype", "device"}
 RATE_INTERVAL = "Wilson score 95%"
 
@@ -84,6 +84,7 @@ class Study:
     sha256: str
     description: str = ""
     profile: str | None = None
+    detectors: dict[str, Any] = field(default_factory=dict)  # DetectorOptions' fields
 
 
 def _fail(path: Path, what: str) -> ErasekitError:
@@ -158,6 +159,9 @@ def load_study(path: str | Path, profile: str | None = None) -> Study:
     concepts = spec["concepts"]
     if not isinstance(concepts, list) or not all(isinstance(c, str) for c in concepts):
         raise _fail(path, "'concepts' must be a list of concept names or spec files")
+    # spec files and attack inputs given relative to the study's folder
+    concepts = [str(path.parent / c) if c.endswith((".yaml", ".yml")) and not Path(c).is_absolute()
+                else c for c in concepts]  # fmt: skip
     seeds = spec.get("seeds", [0])
     if (
         not isinstance(seeds, list)
@@ -178,12 +182,33 @@ def load_study(path: str | Path, profile: str | None = None) -> Study:
         isinstance(v, dict | None) for v in attacks.values()
     ):
         raise _fail(path, "'attacks' must map attack names to their settings")
+    for settings in attacks.values():
+        for key in ("prompts", "images", "pairs"):
+            value = (settings or {}).get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                settings[key] = str(path.parent / value)
     compare = spec.get("compare") or []
     pairs = []
     for pair in compare:
         if not (isinstance(pair, list) and len(pair) == 2 and all(p in models for p in pair)):
             raise _fail(path, f"'compare' entries are [ROW, ROW] of listed rows, got {pair!r}")
         pairs.append((pair[0], pair[1]))
+    detectors = spec.get("detectors") or {}
+    from dataclasses import fields
+
+    from erasekit.detectors import DetectorOptions
+
+    known = {f.name for f in fields(DetectorOptions)} - {"device"}
+    if not isinstance(detectors, dict) or set(detectors) - known:
+        raise _fail(path, f"'detectors' takes {', '.join(sorted(known))}")
+    for key in ("nudenet_model", "clip_weights", "world_classifier", "clip_model"):
+        value = detectors.get(key)  # local files: relative to the study's folder
+        if (
+            isinstance(value, str)
+            and not Path(value).is_absolute()
+            and (key != "clip_model" or value.endswith(".json"))
+        ):
+            detectors[key] = str(path.parent / value)
     columns = spec.get("columns")
     if columns is not None and not (
         isinstance(columns, list) and all(isinstance(c, str) for c in columns)
@@ -194,7 +219,7 @@ def load_study(path: str | Path, profile: str | None = None) -> Study:
                  attacks={k: dict(v or {}) for k, v in attacks.items()}, compare=pairs,
                  columns=columns, source=str(path), sha256=sha256_bytes(data),
                  description=str(spec.get("description", "")).strip(),
-                 profile=profile)  # fmt: skip
+                 profile=profile, detectors=dict(detectors))  # fmt: skip
 
 
 def resolve_base(base: str, study_path: str) -> Path:
@@ -269,12 +294,20 @@ class Runner:
     def cell(self, row: ModelRow, concept, seed: int) -> dict[str, Any]:
         """Build and audit one cell, or reuse it when its key is unchanged."""
         from erasekit.api import audit
+        from erasekit.detectors import DetectorOptions
 
         folder = self.out / "cells" / concept.name / row.name / f"seed{seed}"
         record_file = folder / "cell.json"
         try:
             path, model_key = self.model(row, concept, seed)
-            key = _key(model_key, concept.sha256, self.study.audit, self.study.attacks, seed)
+            key = _key(
+                model_key,
+                concept.sha256,
+                self.study.audit,
+                self.study.attacks,
+                self.study.detectors,
+                seed,
+            )
             if record_file.is_file():
                 old = json.loads(record_file.read_text())
                 if old.get("key") == key and old.get("status") == "ok":
@@ -283,6 +316,7 @@ class Runner:
             audit(path, concept, folder / "audit", seed=seed, overwrite=True,
                   roles={"reference": None, "never-learned": None},
                   attacks=self.study.attacks or None, original=self.base, progress=False,
+                  detectors=DetectorOptions(**self.study.detectors),
                   invocation={"bench": {"study": self.study.source, "row": row.name,
                                         "concept": concept.name, "seed": seed}},
                   **self.study.audit)  # fmt: skip
@@ -411,6 +445,7 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
             "source": study.source,
             "sha256": study.sha256,
             "profile": study.profile,
+            "detectors": study.detectors,
             "description": study.description,
             "base": study.base,
             "seeds": study.seeds,
