@@ -94,3 +94,38 @@ def chromium() -> str:
     if os.environ.get("CI"):
         pytest.fail("CI must provide chromium (.ci/run installs it)")
     pytest.skip("chromium is not installed")
+
+
+def shared_folder(tmp_path_factory, name: str, build) -> Path:
+    """A folder ``build(path)`` makes once per test session, shared by the xdist workers (an
+    flock on a file beside it): expensive fixtures that tests only read."""
+    import fcntl
+    import shutil
+
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent  # the session's folder, above every worker's
+    out = root / "shared" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = out.parent / f"{name}.done"
+    with open(out.parent / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            if out.exists():
+                shutil.rmtree(out)
+            build(out)
+            done.touch()
+    return out
+
+
+@pytest.fixture(scope="session")
+def world_erased(tmp_path_factory) -> Path:
+    """A world model whose manifest names the full model as its base (weights of no-red)."""
+    from erasekit.models import build_manifest, load_pipeline, save_model
+    from erasekit.world import world_path
+
+    def build(out: Path) -> None:
+        manifest = build_manifest(base_model=world_path("full"), method="copy-of-no-red")
+        save_model(load_pipeline(world_path("no-red")), out, manifest)
+
+    return shared_folder(tmp_path_factory, "world-erased", build)

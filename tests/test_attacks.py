@@ -182,22 +182,11 @@ def test_concept_inversion_embedding_loads_with_diffusers(tmp_path):
     assert learned.shape == init.shape and not torch.allclose(learned, init)
 
 
-@pytest.fixture(scope="module")
-def world_erased_copy(tmp_path_factory) -> Path:
-    from erasekit.models import build_manifest, load_pipeline, save_model
-    from erasekit.world import world_path
-
-    out = tmp_path_factory.mktemp("attacked") / "erased"
-    save_model(load_pipeline(world_path("no-red")), out,
-               build_manifest(base_model=world_path("full"), method="copy-of-no-red"))  # fmt: skip
-    return out
-
-
 @pytest.mark.slow
-def test_audit_runs_attacks_on_the_model_and_its_controls(world_erased_copy, tmp_path, capsys):
+def test_audit_runs_attacks_on_the_model_and_its_controls(world_erased, tmp_path, capsys):
     out = tmp_path / "audit"
     r = run_main(
-        capsys, "audit", "--model", str(world_erased_copy), "--concept", "red", "--out", str(out),
+        capsys, "audit", "--model", str(world_erased), "--concept", "red", "--out", str(out),
         "--limit", "2", "--attacks", "finetune", "--attack-set", "finetune.steps=2",
         "--attack-set", "finetune.eval_every=1", "--attack-set", "finetune.mode=lora",
         "--no-progress")  # fmt: skip
@@ -219,11 +208,11 @@ def test_audit_runs_attacks_on_the_model_and_its_controls(world_erased_copy, tmp
     assert "residual memory" in (out / "report.md").read_text()
 
 
-def test_attack_options_are_checked_before_any_work(world_erased_copy, tmp_path, capsys):
+def test_attack_options_are_checked_before_any_work(world_erased, tmp_path, capsys):
     from erasekit.cli import main
 
     out = tmp_path / "out"
-    base = ["audit", "--model", str(world_erased_copy), "--concept", "red", "--out", str(out)]
+    base = ["audit", "--model", str(world_erased), "--concept", "red", "--out", str(out)]
     cases = [
         (["--attacks", "finetun"], "did you mean 'finetune'"),
         (["--attacks", "finetune", "--attack-set", "finetune.stepz=2"], "unknown config key"),

@@ -16,33 +16,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import assert_one_line_error, chromium, run_cli, run_main
+from tests.conftest import assert_one_line_error, chromium, run_cli, run_main, shared_folder
 from tests.test_detectors import tiny_clip  # noqa: F401  (session fixture)
 
 METRIC_KEYS = {"value", "ci95", "n_images", "n_prompts", "higher_is_better", "definition"}
 
 
-@pytest.fixture(scope="module")
-def world_erased(tmp_path_factory) -> Path:
-    """A world model whose manifest names the full model as its base (weights of no-red)."""
-    from erasekit.models import build_manifest, load_pipeline, save_model
-    from erasekit.world import world_path
-
-    out = tmp_path_factory.mktemp("world") / "erased"
-    manifest = build_manifest(base_model=world_path("full"), method="copy-of-no-red")
-    save_model(load_pipeline(world_path("no-red")), out, manifest)
-    return out
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def world_audit(world_erased, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("audit") / "red"
-    r = run_main(None, "audit", "--model", str(world_erased), "--concept", "red", "--out",
-                 str(out), "--limit", "3", "--n-per-prompt", "2", "--censor",
-                 "--no-progress")  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    assert "report:" in r.stdout and "safe" not in r.stdout.lower().replace("unsafe", "")
-    return out
+    def build(out: Path) -> None:
+        r = run_main(None, "audit", "--model", str(world_erased), "--concept", "red", "--out",
+                     str(out), "--limit", "3", "--n-per-prompt", "2", "--censor",
+                     "--no-progress")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert "report:" in r.stdout and "safe" not in r.stdout.lower().replace("unsafe", "")
+
+    return shared_folder(tmp_path_factory, "world-audit", build)
 
 
 def test_world_audit_results_schema(world_audit, world_erased):

@@ -1,5 +1,5 @@
-"""`erasekit bench`: a tiny study on the tiny pipeline (two seeds, a failing row, an attack, a
-paired comparison), resumed without redoing work, and the study file's one-line errors."""
+"""`erasekit bench`: a tiny study on the tiny pipeline (two seeds, a failing row, a paired
+comparison), resumed without redoing work; the shipped studies; one-line errors."""
 
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ models:
   salun: {{erase: salun, set: {{steps: 1, images_per_prompt: 1}}}}
   broken: {{erase: esd, set: {{variant: nope}}}}
 audit: {{limit: 2, steps: 2}}
-attacks: {{unlearndiffatk: {{blocks: 1, steps_per_block: 1}}}}
 compare: [[salun, original]]
 """
 
@@ -60,9 +59,6 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(tiny_model_dir, tmp
     assert rate["value"] == hits / 4 and rate["per_seed"] == [m["value"] for m in per_seed]
     assert rate["ci95"][0] <= rate["value"] <= rate["ci95"][1]
     assert "pooled over seeds" in rate["definition"]["interval"]
-    # an attack that needs the original starts from the study's base, not audited as a row
-    asr = rows["salun"]["metrics"]["unlearndiffatk:asr/forget[:2]"]
-    assert asr["n_images"] == 4 and asr["n_seeds"] == 2
     diffs = board["concepts"]["circle"]["differences"]
     direct = next(d for d in diffs if d["metric"] == "concept_rate/direct")
     assert direct["a"] == "salun" and direct["n_pairs"] == 4
@@ -171,4 +167,6 @@ def test_sd_nudity_study_runs_as_written_on_substitutes(tiny_model_dir, tiny_cli
             "clip_score/general", "ring-a-bell:asr/forget[:2]",
             "finetune:concept_rate/forget"} <= set(metrics)  # fmt: skip
     assert metrics["concept_rate/unlearndiffatk"]["definition"]["detector"] == "nudenet"
+    # UnlearnDiffAtk needs the original: the study's base, not audited as a row
     assert "unlearndiffatk:asr/unlearndiffatk-nudity" in metrics  # the local CSV
+    assert list(rows) == ["uce"]

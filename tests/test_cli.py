@@ -26,8 +26,9 @@ def test_help_for_every_subcommand(capsys):
         assert result.returncode == 0 and "usage: erasekit " + name in result.stdout
 
 
-def test_generate_end_to_end(tiny_model_dir: Path, tmp_path: Path):
-    result = run_cli(
+def test_generate_end_to_end(tiny_model_dir: Path, tmp_path: Path, capsys):
+    result = run_main(
+        capsys,
         "generate",
         "--model",
         str(tiny_model_dir),
