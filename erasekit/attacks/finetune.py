@@ -99,8 +99,12 @@ class Finetune(Attack):
 
     @classmethod
     def defaults(cls, concept) -> dict[str, Any]:
-        # lr 1e-5 barely moves a model trained at 1e-3; full fine-tuning at 1e-4 (LoRA 1e-3)
-        return {"lr": 1e-4} if is_world_concept(concept) else {}
+        # lr 1e-5 barely moves a model trained at 1e-3; full fine-tuning at 1e-4 (LoRA 1e-3).
+        # Batch 4 in one pass: the same training as 1 x 4 accumulation (noise and timesteps
+        # are drawn per item of the step's global batch), 2.4x faster a step on a CPU thread.
+        if is_world_concept(concept):
+            return {"lr": 1e-4, "batch_size": 4, "gradient_accumulation_steps": 1}
+        return {}
 
     def prepare(self) -> dict[str, Any]:
         from erasekit.data import read_image_folder, render_image_set
