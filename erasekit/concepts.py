@@ -237,8 +237,9 @@ class Concept:
     def describe(self) -> dict[str, Any]:
         if self.parts:
             return {"name": self.name, "kind": self.kind, "combined": True,
-                    "retain": self.retain.describe(), "scale": self.scale,
-                    "sensitive": self.sensitive,
+                    "forget": self.forget.describe(), "retain": self.retain.describe(),
+                    "evaluation": {k: v.describe() for k, v in self.evaluation.items()},
+                    "scale": self.scale, "sensitive": self.sensitive,
                     "parts": [p.describe() for p in self.parts]}  # fmt: skip
         return {
             "name": self.name,
