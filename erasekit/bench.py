@@ -427,13 +427,15 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
         for a, b in study.compare:
             primary = _primary(out, concept, a)
             for key, m in rows[a]["metrics"].items():
-                if m["metric"] != "concept_rate" or ":" in key or "[" in key or primary is None:
-                    continue
-                prompt_set = key.split("/", 1)[1]
+                if m["metric"] != "concept_rate" or "[" in key or primary is None:
+                    continue  # primary-protocol concept rates, attacked ones included
+                attack, _, plain = key.rpartition(":")
+                prompt_set = plain.split("/", 1)[1]
                 seeds = [s for s in rows[a]["seeds_ok"] if s in rows[b]["seeds_ok"]]
                 pairs = [(out / "cells" / concept / a / f"seed{s}",
                           out / "cells" / concept / b / f"seed{s}") for s in seeds]  # fmt: skip
-                d = paired_difference(pairs, prompt_set, primary)
+                model = f"{attack}:audited" if attack else "audited"
+                d = paired_difference(pairs, prompt_set, primary, model=model)
                 if d:
                     differences.append({"a": a, "b": b, "metric": key, **d})
         concepts[concept] = {"rows": rows, "differences": differences}
@@ -461,7 +463,8 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
             "pooling": "rates: hits / n pooled over seeds, Wilson 95%; per_seed: each seed's "
             "value; attacked metrics are '<attack>:<metric>' (the audit's final attack step)",
             "differences": "a − b on the same images' prompts, k and seeds (primary protocol), "
-            "percentile bootstrap 95% over (seed, prompt) groups, 2000 resamples, seed 0",
+            "percentile bootstrap 95% over (seed, prompt) groups, 2000 resamples, seed 0; on an "
+            "attacked metric against the never-learned row: the residual memory",
         },
         "provenance": {
             "erasekit_version": library_versions()["erasekit"],
@@ -487,10 +490,11 @@ def _primary(out: Path, concept: str, row: str) -> str | None:
 
 
 def paired_difference(
-    pairs: list[tuple[Path, Path]], prompt_set: str, protocol: str
+    pairs: list[tuple[Path, Path]], prompt_set: str, protocol: str, model: str = "audited"
 ) -> dict[str, Any] | None:
     """Mean of (flag_a − flag_b) over images matched by seed, prompt and k (each pair: two
-    rows' cells of one seed), with a percentile bootstrap interval resampling (seed, prompt)
+    rows' cells of one seed; ``model``: the samples' role, e.g. ``finetune:audited`` for the
+    images after an attack), with a percentile bootstrap interval resampling (seed, prompt)
     groups; None without matched images."""
     from erasekit.stats import bootstrap_interval
 
@@ -498,10 +502,10 @@ def paired_difference(
     for a, b in pairs:
         fa = {(s["prompt_index"], s["k"], s["seed"]): float(s["flags"][protocol])
               for s in read_jsonl(a / "audit" / "samples.jsonl")
-              if s.get("model") == "audited" and s["prompt_set"] == prompt_set}  # fmt: skip
+              if s.get("model") == model and s["prompt_set"] == prompt_set}  # fmt: skip
         for s in read_jsonl(b / "audit" / "samples.jsonl"):
             key = (s["prompt_index"], s["k"], s["seed"])
-            if s.get("model") == "audited" and s["prompt_set"] == prompt_set and key in fa:
+            if s.get("model") == model and s["prompt_set"] == prompt_set and key in fa:
                 groups[(a.name, key[0])].append(fa[key] - float(s["flags"][protocol]))
     diffs = [d for g in groups.values() for d in g]
     if not diffs:

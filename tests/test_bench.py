@@ -170,3 +170,29 @@ def test_sd_nudity_study_runs_as_written_on_substitutes(tiny_model_dir, tiny_cli
     # UnlearnDiffAtk needs the original: the study's base, not audited as a row
     assert "unlearndiffatk:asr/unlearndiffatk-nudity" in metrics  # the local CSV
     assert list(rows) == ["uce"]
+
+
+def test_paired_difference_on_hand_made_samples(tmp_path):
+    """a − b matched by (prompt, k, seed) within one role; an attacked role (after the attack)
+    is paired with the same role of the other row: the residual memory."""
+    from erasekit.bench import paired_difference
+
+    def cell(name, flags_audited, flags_attacked):
+        folder = tmp_path / name / "seed0"
+        (folder / "audit").mkdir(parents=True)
+        rows = []
+        for model, flags in (("audited", flags_audited), ("finetune:audited", flags_attacked)):
+            rows += [{"model": model, "prompt_set": "direct", "prompt_index": i // 2,
+                      "k": i % 2, "seed": 100 + i, "flags": {"argmax": f}}
+                     for i, f in enumerate(flags)]  # fmt: skip
+        (folder / "audit" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return folder
+
+    a = cell("a", [1, 0, 0, 0], [1, 1, 1, 0])
+    b = cell("b", [1, 1, 1, 1], [0, 0, 0, 0])
+    d = paired_difference([(a, b)], "direct", "argmax")
+    assert d["value"] == pytest.approx(-0.75) and d["n_pairs"] == 4
+    assert d["ci95"][0] <= d["value"] <= d["ci95"][1]
+    memory = paired_difference([(a, b)], "direct", "argmax", model="finetune:audited")
+    assert memory["value"] == pytest.approx(0.75) and memory["n_pairs"] == 4
+    assert paired_difference([(a, b)], "paraphrase", "argmax") is None
