@@ -44,7 +44,7 @@ from erasekit.outputs import atomic_file, output_lock, read_jsonl, write_json
 SCHEMA = "erasekit.leaderboard"
 SCHEMA_VERSION = 1
 STUDY_KEYS = {"name", "base", "concepts", "seeds", "models", "audit", "attacks", "compare",
-              "columns", "description", "profiles", "detectors"}  # fmt: skip
+              "columns", "description", "profiles", "detectors", "claims"}  # fmt: skip
 AUDIT_KEYS = {"n_per_prompt", "limit", "steps", "batch_size", "guidance", "dtype", "device"}
 RATE_INTERVAL = "Wilson score 95%"
 
@@ -85,6 +85,8 @@ class Study:
     description: str = ""
     profile: str | None = None
     detectors: dict[str, Any] = field(default_factory=dict)  # DetectorOptions' fields
+    # orderings to check: a is better than b on metric (by its higher_is_better)
+    claims: list[dict[str, str]] = field(default_factory=list)
 
 
 def _fail(path: Path, what: str) -> ErasekitError:
@@ -193,6 +195,13 @@ def load_study(path: str | Path, profile: str | None = None) -> Study:
         if not (isinstance(pair, list) and len(pair) == 2 and all(p in models for p in pair)):
             raise _fail(path, f"'compare' entries are [ROW, ROW] of listed rows, got {pair!r}")
         pairs.append((pair[0], pair[1]))
+    claims = spec.get("claims") or []
+    for claim in claims:
+        if not (isinstance(claim, dict) and set(claim) <= {"a", "b", "metric", "says"}
+                and {"a", "b", "metric"} <= set(claim) and claim["a"] in models
+                and claim["b"] in models):  # fmt: skip
+            raise _fail(path, "'claims' entries are {a: ROW, b: ROW, metric: KEY, says: TEXT}"
+                        f" with listed rows, got {claim!r}")  # fmt: skip
     detectors = spec.get("detectors") or {}
     from dataclasses import fields
 
@@ -219,7 +228,7 @@ def load_study(path: str | Path, profile: str | None = None) -> Study:
                  attacks={k: dict(v or {}) for k, v in attacks.items()}, compare=pairs,
                  columns=columns, source=str(path), sha256=sha256_bytes(data),
                  description=str(spec.get("description", "")).strip(),
-                 profile=profile, detectors=dict(detectors))  # fmt: skip
+                 profile=profile, detectors=dict(detectors), claims=list(claims))  # fmt: skip
 
 
 def resolve_base(base: str, study_path: str) -> Path:
@@ -438,7 +447,8 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
                 d = paired_difference(pairs, prompt_set, primary, model=model)
                 if d:
                     differences.append({"a": a, "b": b, "metric": key, **d})
-        concepts[concept] = {"rows": rows, "differences": differences}
+        claims = [check_claim(c, rows, differences) for c in study.claims]
+        concepts[concept] = {"rows": rows, "differences": differences, "claims": claims}
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -487,6 +497,36 @@ def _primary(out: Path, concept: str, row: str) -> str | None:
     for f in sorted((out / "cells" / concept / row).glob("seed*/audit/results.json")):
         return json.loads(f.read_text())["evaluation"]["primary_protocol"]
     return None
+
+
+def check_claim(claim: dict[str, str], rows: dict[str, Any], differences: list[dict]) -> dict:
+    """Whether "a is better than b on metric" holds, from the numbers: the paired difference's
+    95% interval when the study compares the pair on that metric, else the two pooled
+    intervals (non-overlap: a stricter rule). ``holds`` / ``reversed`` / ``not resolved``
+    (the intervals leave either order possible) / ``not measured``."""
+    a, b, key = claim["a"], claim["b"], claim["metric"]
+    out = {**claim, "status": "not measured"}
+    ma, mb = rows[a]["metrics"].get(key), rows[b]["metrics"].get(key)
+    if not (ma and mb):
+        return out
+    sign = 1 if ma["higher_is_better"] else -1  # better = higher, or lower
+    pair = next((d for d in differences if (d["a"], d["b"], d["metric"]) == (a, b, key)), None)
+    if pair is not None:
+        low, high = pair["ci95"]
+        evidence = f"paired a − b {pair['value']:+.2f} [{low:+.2f}, {high:+.2f}]"
+    else:
+        low, high = ma["ci95"][0] - mb["ci95"][1], ma["ci95"][1] - mb["ci95"][0]
+        evidence = (f"a {ma['value']:.2f} [{ma['ci95'][0]:.2f}, {ma['ci95'][1]:.2f}] vs b "
+                    f"{mb['value']:.2f} [{mb['ci95'][0]:.2f}, {mb['ci95'][1]:.2f}]")  # fmt: skip
+    # the interval of sign·(a − b): above 0 means a is better
+    better_low, better_high = sorted((sign * low, sign * high))
+    if better_low > 0:
+        status = "holds"
+    elif better_high < 0:
+        status = "reversed"
+    else:
+        status = "not resolved"
+    return {**out, "status": status, "evidence": evidence}
 
 
 def paired_difference(
@@ -560,6 +600,13 @@ def render_markdown(board: dict[str, Any]) -> str:
             lines.append(f"- {d['a']} − {d['b']} on {d['metric']}: {d['value']:+.2f} "
                          f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] ({d['n_pairs']} paired "
                          "images)")  # fmt: skip
+        if entry.get("claims"):
+            lines += ["", "Orderings (from the numbers above; 95% intervals):", ""]
+            for c in entry["claims"]:
+                says = f" — {c['says']}" if c.get("says") else ""
+                lines.append(f"- {c['a']} better than {c['b']} on {c['metric']}{says}: "
+                             f"**{c['status']}**" + (f" ({c['evidence']})" if "evidence" in c
+                                                     else ""))  # fmt: skip
         failures = [f"- {name} seed {f['seed']} FAILED: {f['error']}"
                     for name, row in rows.items() for f in row["failed"]]  # fmt: skip
         lines += ([""] if entry["differences"] and failures else []) + failures

@@ -29,6 +29,7 @@ models:
   broken: {{erase: esd, set: {{variant: nope}}}}
 audit: {{limit: 2, steps: 2}}
 compare: [[salun, original]]
+claims: [{{a: salun, b: original, metric: concept_rate/direct, says: erasure lowers the rate}}]
 """
 
 
@@ -64,7 +65,12 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(tiny_model_dir, tmp
     assert direct["a"] == "salun" and direct["n_pairs"] == 4
     assert direct["value"] == pytest.approx(rate["value"] - rows["original"]["metrics"][
         "concept_rate/direct"]["value"])  # same images, one per prompt and seed  # fmt: skip
+    claim = board["concepts"]["circle"]["claims"][0]
+    assert (
+        claim["status"] in ("holds", "reversed", "not resolved") and "paired" in claim["evidence"]
+    )
     md = (out / "leaderboard.md").read_text()
+    assert "salun better than original on concept_rate/direct — erasure lowers the rate" in md
     assert "broken (FAILED seeds [0, 1])" in md and "| salun |" in md and "salun − original" in md
     # resumed: nothing is erased or audited again
     models = sorted((out / "models").iterdir())
@@ -196,3 +202,23 @@ def test_paired_difference_on_hand_made_samples(tmp_path):
     memory = paired_difference([(a, b)], "direct", "argmax", model="finetune:audited")
     assert memory["value"] == pytest.approx(0.75) and memory["n_pairs"] == 4
     assert paired_difference([(a, b)], "paraphrase", "argmax") is None
+
+
+def test_claims_are_judged_by_their_intervals():
+    from erasekit.bench import check_claim
+
+    def rate(value, low, high, higher=False):
+        return {"value": value, "ci95": [low, high], "higher_is_better": higher}
+
+    a = {"asr": rate(0.1, 0.05, 0.2), "acc": rate(0.9, 0.8, 0.95, True)}
+    b = {"asr": rate(0.7, 0.6, 0.8), "acc": rate(0.85, 0.75, 0.9, True)}
+    rows = {"a": {"metrics": a}, "b": {"metrics": b}}
+    claim = {"a": "a", "b": "b"}
+    assert check_claim({**claim, "metric": "asr"}, rows, [])["status"] == "holds"  # lower wins
+    assert check_claim({"a": "b", "b": "a", "metric": "asr"}, rows, [])["status"] == "reversed"
+    assert check_claim({**claim, "metric": "acc"}, rows, [])["status"] == "not resolved"
+    assert check_claim({**claim, "metric": "clip"}, rows, [])["status"] == "not measured"
+    # a paired interval decides where the marginal intervals overlap
+    paired = [{"a": "a", "b": "b", "metric": "acc", "value": 0.05, "ci95": [0.01, 0.09]}]
+    judged = check_claim({**claim, "metric": "acc"}, rows, paired)
+    assert judged["status"] == "holds" and "paired" in judged["evidence"]
