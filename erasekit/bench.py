@@ -343,6 +343,11 @@ class Runner:
 
     def run(self) -> dict[str, Any]:
         from erasekit.concepts import load_concept
+        from erasekit.distributed import process_state
+
+        if process_state().num_processes > 1:
+            raise ErasekitError("erasekit bench runs its cells in one process for now; run it "
+                                "without accelerate launch / torchrun")  # fmt: skip
 
         concepts = [load_concept(c) for c in self.study.concepts]
         cells = [(c, row, s) for c in concepts for s in self.study.seeds

@@ -129,3 +129,23 @@ def world_erased(tmp_path_factory) -> Path:
         save_model(load_pipeline(world_path("no-red")), out, manifest)
 
     return shared_folder(tmp_path_factory, "world-erased", build)
+
+
+@pytest.fixture
+def as_two_processes(monkeypatch):
+    """accelerate's process state reports two processes (this one among them), as under
+    ``accelerate launch`` (real two-process launches: the erase, generate, audit torchrun tests)."""
+    import erasekit.distributed
+
+    real = erasekit.distributed.process_state
+
+    class TwoProcesses:  # this process's state, as one of two
+        num_processes = 2
+
+        def __init__(self, device=None):
+            self.state = real(device)
+
+        def __getattr__(self, name):
+            return getattr(self.state, name)
+
+    monkeypatch.setattr(erasekit.distributed, "process_state", TwoProcesses)

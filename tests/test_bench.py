@@ -222,3 +222,13 @@ def test_claims_are_judged_by_their_intervals():
     paired = [{"a": "a", "b": "b", "metric": "acc", "value": 0.05, "ci95": [0.01, 0.09]}]
     judged = check_claim({**claim, "metric": "acc"}, rows, paired)
     assert judged["status"] == "holds" and "paired" in judged["evidence"]
+
+
+def test_several_processes_are_refused(tiny_model_dir, tmp_path, as_two_processes, capsys):
+    """Cells are not yet shared among accelerate processes: one line, nothing written."""
+    study = tmp_path / "s.yaml"
+    study.write_text(f"name: x\nbase: {tiny_model_dir}\nconcepts: [circle]\n"
+                     "models: {a: original}\n")  # fmt: skip
+    r = run_main(capsys, "bench", "run", str(study), "--out", str(tmp_path / "o"))
+    assert_one_line_error(r, "runs its cells in one process")
+    assert not (tmp_path / "o").exists()

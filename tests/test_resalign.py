@@ -257,23 +257,9 @@ def test_cli_bad_resalign_settings_exit_2_without_output(tiny_model_dir, tmp_pat
 
 @pytest.mark.parametrize("method", ["resalign", "negmerge"])
 def test_several_processes_are_refused_before_any_work(method, tiny_model_dir, tmp_path,
-                                                       monkeypatch, capsys):  # fmt: skip
-    """Under `accelerate launch` with two processes (what accelerate's process state reports
-    there; a real two-process launch is exercised by the erase and audit torchrun tests)."""
-    import erasekit.distributed
-
-    real = erasekit.distributed.process_state
-
-    class TwoProcesses:  # this process's state, as one of two
-        num_processes = 2
-
-        def __init__(self, device=None):
-            self.state = real(device)
-
-        def __getattr__(self, name):
-            return getattr(self.state, name)
-
-    monkeypatch.setattr(erasekit.distributed, "process_state", TwoProcesses)
+                                                       as_two_processes, monkeypatch,
+                                                       capsys):  # fmt: skip
+    """Under `accelerate launch` with two processes."""
     monkeypatch.setenv("ERASEKIT_CACHE", str(tmp_path / "cache"))
     r = run_main(capsys, "erase", "--model", str(tiny_model_dir), "--concept", "circle",
                  "--method", method, "--out", str(tmp_path / "two"), "--no-progress")  # fmt: skip
