@@ -28,6 +28,7 @@ with its error, and the study goes on.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -46,7 +47,6 @@ SCHEMA_VERSION = 1
 STUDY_KEYS = {"name", "base", "concepts", "seeds", "models", "audit", "attacks", "compare",
               "columns", "description", "profiles", "detectors", "claims"}  # fmt: skip
 AUDIT_KEYS = {"n_per_prompt", "limit", "steps", "batch_size", "guidance", "dtype", "device"}
-RATE_INTERVAL = "Wilson score 95%"
 
 
 @dataclass(frozen=True)
@@ -290,12 +290,9 @@ class Runner:
             key = _key(start_key, concept.sha256, row.method, row.settings, seed)
             folder = self.out / "models" / f"{row.name}-{concept.name}-seed{seed}-{key}"
             if not (folder / "erasekit.json").is_file():  # erase writes its folder atomically
-                started = time.perf_counter()
                 erase(start_path, concept, str(row.method), folder,
                       settings={"seed": seed, **row.settings}, cache_dir=self.out / "cache",
                       progress=False)  # fmt: skip
-                write_json(folder.with_name(folder.name + ".time.json"),
-                           {"erase_wall_s": round(time.perf_counter() - started, 1)})  # fmt: skip
             result = (folder, key)
         self.built[(row.name, concept.name, seed)] = result
         return result
@@ -304,6 +301,7 @@ class Runner:
         """Build and audit one cell, or reuse it when its key is unchanged."""
         from erasekit.api import audit
         from erasekit.detectors import DetectorOptions
+        from erasekit.models import read_manifest
 
         folder = self.out / "cells" / concept.name / row.name / f"seed{seed}"
         record_file = folder / "cell.json"
@@ -329,10 +327,10 @@ class Runner:
                   invocation={"bench": {"study": self.study.source, "row": row.name,
                                         "concept": concept.name, "seed": seed}},
                   **self.study.audit)  # fmt: skip
-            timing = path.with_name(path.name + ".time.json")
             record = {"status": "ok", "key": key, "model": str(path),
-                      "audit_wall_s": round(time.perf_counter() - started, 1),
-                      **(json.loads(timing.read_text()) if timing.is_file() else {})}  # fmt: skip
+                      "audit_wall_s": round(time.perf_counter() - started, 1)}  # fmt: skip
+            if row.kind == "erase":  # the erasure's own wall time, as its manifest records it
+                record["erase_wall_s"] = read_manifest(path).get("wall_time_s")
         except Exception as e:  # recorded, and the study goes on (Ctrl-C still stops it)
             record = {"status": "failed", "error": f"{type(e).__name__}: {first_line(e)}",
                       "traceback": traceback.format_exc(limit=5)}  # fmt: skip
@@ -389,6 +387,7 @@ def _metrics(cell_dir: Path) -> dict[str, dict[str, Any]]:
 def pool(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """One metric over seeds: rates as pooled hits / n with a Wilson interval; means as the
     mean of the seeds' means with the range of the seeds' values (not a 95% interval)."""
+    from erasekit.evaluation import RATE_INTERVAL
     from erasekit.stats import wilson_interval
 
     first = per_seed[0]
@@ -435,7 +434,8 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
                 "failed": [{"seed": c["seed"], "error": c["error"]} for c in got
                            if c["status"] != "ok"],
                 "metrics": {k: pool(v) for k, v in per_key.items() if len(v) == len(ok)},
-                "erase_wall_s": [c["erase_wall_s"] for c in ok if "erase_wall_s" in c],
+                "erase_wall_s": [c["erase_wall_s"] for c in ok
+                                 if c.get("erase_wall_s") is not None],
             }  # fmt: skip
         differences = []
         for a, b in study.compare:
@@ -487,7 +487,7 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
             # each cell's erase and audit wall time, measured when it ran (resumes included)
             "cells_wall_s": round(
                 sum(
-                    c.get("erase_wall_s", 0) + c.get("audit_wall_s", 0)
+                    (c.get("erase_wall_s") or 0) + c.get("audit_wall_s", 0)
                     for cells in by.values()
                     for c in cells
                     if c["status"] == "ok"
@@ -534,6 +534,17 @@ def check_claim(claim: dict[str, str], rows: dict[str, Any], differences: list[d
     return {**out, "status": status, "evidence": evidence}
 
 
+def _samples(path: Path) -> list[dict[str, Any]]:
+    """A cell's samples.jsonl, read once per version of the file (every compared metric of a
+    pair reads the same two files)."""
+    return _read_samples(path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _read_samples(path: Path, mtime_ns: int) -> list[dict[str, Any]]:
+    return read_jsonl(path)
+
+
 def paired_difference(
     pairs: list[tuple[Path, Path]], prompt_set: str, protocol: str, model: str = "audited"
 ) -> dict[str, Any] | None:
@@ -546,9 +557,9 @@ def paired_difference(
     groups: dict[tuple, list[float]] = defaultdict(list)
     for a, b in pairs:
         fa = {(s["prompt_index"], s["k"], s["seed"]): float(s["flags"][protocol])
-              for s in read_jsonl(a / "audit" / "samples.jsonl")
+              for s in _samples(a / "audit" / "samples.jsonl")
               if s.get("model") == model and s["prompt_set"] == prompt_set}  # fmt: skip
-        for s in read_jsonl(b / "audit" / "samples.jsonl"):
+        for s in _samples(b / "audit" / "samples.jsonl"):
             key = (s["prompt_index"], s["k"], s["seed"])
             if s.get("model") == model and s["prompt_set"] == prompt_set and key in fa:
                 groups[(a.name, key[0])].append(fa[key] - float(s["flags"][protocol]))
