@@ -30,7 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from erasekit.errors import ErasekitError
-from erasekit.training import Split, TrainConfig, TrainContext, TrainingJob, encode_images
+from erasekit.training import (
+    Split,
+    TrainConfig,
+    TrainContext,
+    TrainingJob,
+    encode_images,
+    token_ids,
+)
 
 EMBEDDING_FILE = "learned_embeds.safetensors"
 
@@ -168,9 +175,7 @@ class TextualInversion(TrainingJob):
         self.words = concept_words(cfg, self.concept)
         self.init_word = cfg.init_word or self.words[0]
         prompts = [substitute(p, self.words, cfg.token) for p in images.prompts]
-        tok = self.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        ids = token_ids(self.tokenizer, prompts)
         self.data_info = {
             "forget": images.describe(),
             "token": cfg.token,

@@ -128,15 +128,18 @@ class Split:
         return len(self.prompts)
 
 
+def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """(n, tokens) ids padded to the tokenizer's length: what the text encoder reads."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids  # fmt: skip
+
+
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
     """CLIP hidden states of ``prompts`` (what the U-Net cross-attends to)."""
-    tok = pipe.tokenizer
     out = []
     for i in range(0, len(prompts), batch_size):
-        ids = tok(prompts[i : i + batch_size], padding="max_length",
-                  max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids  # fmt: skip
+        ids = token_ids(pipe.tokenizer, prompts[i : i + batch_size])
         out.append(pipe.text_encoder(ids.to(pipe.text_encoder.device))[0])
     return torch.cat(out)
 
@@ -270,12 +273,13 @@ class TrainContext:
         return F.mse_loss(pred.float(), self.denoising_target(latents, noise, t).float())
 
 
-def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], lr: float):
+def _make_optimizer(config: TrainConfig, groups: list[dict[str, Any]], lr: float):
+    """The optimizer over the job's parameter groups (a group may set its own weight_decay)."""
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay)
+        return torch.optim.Adam(groups, lr=lr, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(groups, lr=lr, weight_decay=config.weight_decay)
 
 
 def _checkpoints(work_dir: Path) -> list[Path]:
@@ -494,6 +498,11 @@ class TrainingJob:
     def after_backward(self, unet) -> None:
         """Edit gradients after backward (e.g. a saliency mask)."""
 
+    def parameter_groups(self, trainable: dict[str, torch.nn.Parameter]) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups, each clipped to ``max_grad_norm`` on its own (the
+        first group's norm is logged): one group unless the job trains two models at once."""
+        return [{"params": list(trainable.values())}]
+
     def on_train_start(self, ctx: TrainContext) -> None:
         """Runs on every process after ``prepare``, before the first step (e.g. step-0 eval)."""
 
@@ -559,7 +568,7 @@ def _train(
     if resume_from:
         _resume(ctx, resume_from)
     job.on_train_start(ctx)
-    total = _run_steps(job, ctx, list(trainable.values()), fingerprint, progress)
+    total = _run_steps(job, ctx, fingerprint, progress)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _save(job, ctx, model_path, concept, total, resume_from, started)
@@ -667,7 +676,7 @@ def _prepare(job, pipe, accelerator, data, module, trainable, work_dir: Path) ->
     job.setup(ctx)  # frozen teachers, masks: before prepare, on the raw U-Net
     ctx.total = job.total_steps(data)
     lr = job.learning_rate(accelerator.num_processes)
-    optimizer = _make_optimizer(config, list(trainable.values()), lr)
+    optimizer = _make_optimizer(config, job.parameter_groups(trainable), lr)
     ctx.lr_schedule = get_scheduler(config.lr_scheduler, optimizer=optimizer,
                                     num_warmup_steps=config.lr_warmup_steps,
                                     num_training_steps=max(1, ctx.total))  # fmt: skip
@@ -686,7 +695,7 @@ def _resume(ctx: TrainContext, checkpoint: str) -> None:
         _truncate_log(ctx.work_dir / TRAINING_LOG, ctx.step)
 
 
-def _run_steps(job, ctx: TrainContext, params: list, fingerprint: str, progress: bool) -> int:
+def _run_steps(job, ctx: TrainContext, fingerprint: str, progress: bool) -> int:
     """Optimizer steps until the job's total, one log line each, checkpoints on schedule."""
     from tqdm.auto import tqdm
 
@@ -698,7 +707,7 @@ def _run_steps(job, ctx: TrainContext, params: list, fingerprint: str, progress:
     t_last = time.time()
     while ctx.step < ctx.total:
         try:
-            record = _step(job, ctx, params)
+            record = _step(job, ctx)
         except NonFiniteLoss as e:
             bar.close()
             hint = ""
@@ -722,7 +731,7 @@ def _run_steps(job, ctx: TrainContext, params: list, fingerprint: str, progress:
     return ctx.total
 
 
-def _step(job, ctx: TrainContext, params: list) -> dict[str, Any]:
+def _step(job, ctx: TrainContext) -> dict[str, Any]:
     """One optimizer step over the accumulation micro-steps; its log record. The logged loss
     (and every numeric statistic) is the mean over micro-steps and processes."""
     accelerator, config = ctx.accelerator, ctx.config
@@ -741,7 +750,9 @@ def _step(job, ctx: TrainContext, params: list) -> dict[str, Any]:
                 accelerator.backward(loss)
             job.after_backward(ctx.trained)
             if accelerator.sync_gradients and config.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                norms = [accelerator.clip_grad_norm_(g["params"], config.max_grad_norm)
+                         for g in ctx.optimizer.param_groups]  # fmt: skip
+                grad_norm = norms[0]
             ctx.optimizer.step()
             ctx.optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))

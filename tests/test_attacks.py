@@ -218,6 +218,8 @@ def test_attack_options_are_checked_before_any_work(world_erased, tmp_path, caps
         (["--attacks", "finetune", "--attack-set", "finetune.stepz=2"], "unknown config key"),
         (["--attack-set", "finetune.steps=2"], "without --attacks"),
         (["--attacks", "finetune", "--attack-set", "finetune.mode=half"], "full or lora"),
+        (["--attacks", "finetune@lo.ra"], "a variant label is letters"),
+        (["--attacks", "finetun@lora"], "did you mean 'finetune'"),
         (
             ["--attacks", "memora", "--reference", "none", "--limit", "1"],
             "needs the original model",
@@ -228,6 +230,21 @@ def test_attack_options_are_checked_before_any_work(world_erased, tmp_path, caps
         err = capsys.readouterr().err.strip()
         assert err.startswith("erasekit: error:") and fragment in err and "\n" not in err, err
         assert not out.exists()
+
+
+def test_one_attack_runs_as_named_variants_with_their_own_settings():
+    from erasekit.attacks import get_attack
+    from erasekit.auditing import attack_configs
+    from erasekit.concepts import load_concept
+
+    configs = attack_configs({"finetune": None, "finetune@lora": ["mode=lora"],
+                              "finetune@sgd": {"optimizer": "sgd", "lr": 1e-2}},
+                             concept=load_concept("red"))  # fmt: skip
+    assert list(configs) == ["finetune", "finetune@lora", "finetune@sgd"]
+    assert (configs["finetune"].mode, configs["finetune"].optimizer) == ("full", "adamw")
+    assert configs["finetune@lora"].mode == "lora"
+    assert (configs["finetune@sgd"].optimizer, configs["finetune@sgd"].lr) == ("sgd", 1e-2)
+    assert get_attack("finetune@lora") is get_attack("finetune")
 
 
 SMALL = {

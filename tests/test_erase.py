@@ -129,9 +129,13 @@ def test_esd_variants_change_only_their_parameters(variant, trained, tiny_model_
 
 
 def trained_tensors(folder) -> dict[str, torch.Tensor]:
-    """What a run trained: the U-Net, or the learned embedding of negative-embedding."""
+    """What a run trained: the U-Net and the text encoder (immunize trains both), or the
+    learned embedding of negative-embedding."""
     embedding = Path(folder) / "learned_embeds.safetensors"
-    return load_file(str(embedding)) if embedding.is_file() else unet_weights(folder)
+    if embedding.is_file():
+        return load_file(str(embedding))
+    text = load_file(str(Path(folder) / "text_encoder" / "model.safetensors"))
+    return {**unet_weights(folder), **{f"text_encoder.{k}": v for k, v in text.items()}}
 
 
 @pytest.mark.parametrize("method", METHODS.names())

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from erasekit.errors import ErasekitError
 from erasekit.registry import Registry
 
 ATTACKS: Registry[type] = Registry("attack")
@@ -107,7 +108,14 @@ class RecoveryCurve:
 
 
 def get_attack(name: str) -> type[Attack]:
-    return ATTACKS.get(name)
+    """The attack class of ``name``, or of ``name@variant``: one attack run more than once in
+    an audit with different settings (``finetune@lora``), each reported under its full name."""
+    import re
+
+    kind, at, variant = name.partition("@")
+    if at and not re.fullmatch(r"[A-Za-z0-9_-]+", variant):
+        raise ErasekitError(f"attack {name!r}: a variant label is letters, digits, '_' and '-'")
+    return ATTACKS.get(kind)
 
 
 __all__ = ["ATTACKS", "Attack", "AttackContext", "RecoveryCurve", "get_attack"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,8 @@ class SalUnConfig(TrainConfig):
     batch_size: int = 8
     alpha: float = 0.5  # retain weight: 0.1 nudity, 0.5 objects/classes
     mask_fraction: float = 0.5  # global share of weights that are trained
+    mask_source: str = "saliency"  # saliency (gradient) | lcodec (conditional dependence)
+    lcodec_samples: int = 128  # lcodec: noise-perturbed forget inputs
     mask_guidance: float = 7.5  # w in the mask loss
     mask_batch_size: int = 8
     saliency_dtype: str = "fp32"  # gradient-sum accumulator; bf16 halves the mask pass' memory
@@ -82,6 +85,7 @@ class SalUnConfig(TrainConfig):
             raise ErasekitError("epochs and mask_batch_size must be at least 1")
         if self.alpha < 0:
             raise ErasekitError("alpha must be non-negative")
+        check_mask_source(self.mask_source, self.lcodec_samples)
         if self.saliency_dtype not in ("fp32", "bf16"):
             raise ErasekitError("saliency_dtype must be fp32 or bf16")
         if self.surrogate_mode not in ("fixed", "replace"):
@@ -243,6 +247,34 @@ def saliency(
     return sums
 
 
+MASK_SOURCES = ("saliency", "lcodec")
+
+
+def check_mask_source(source: str, samples: int) -> None:
+    if source not in MASK_SOURCES:
+        raise ErasekitError(f"mask_source must be one of {', '.join(MASK_SOURCES)}, got {source!r}")
+    if samples < 3:
+        raise ErasekitError("lcodec_samples must be at least 3")
+
+
+def forget_masks(ctx: TrainContext, cfg) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The trainable mask of a config with ``mask_source``, ``mask_fraction`` and SalUn's mask
+    settings: gradient saliency (SalUn) or L-CODEC's conditional dependence (``lcodec``)."""
+    if cfg.mask_source == "lcodec":
+        from erasekit.methods.lcodec import lcodec_masks
+
+        return lcodec_masks(ctx, cfg.mask_fraction, samples=cfg.lcodec_samples,
+                            batch_size=cfg.mask_batch_size, seed=cfg.seed)  # fmt: skip
+    started = time.perf_counter()
+    scores = saliency(ctx, guidance=cfg.mask_guidance, batch_size=cfg.mask_batch_size,
+                      seed=cfg.seed, dtype=getattr(cfg, "saliency_dtype", "fp32"))  # fmt: skip
+    masks, info = masks_from_saliency(scores, cfg.mask_fraction)
+    return masks, {**info, "source": "saliency", "fraction": cfg.mask_fraction,
+                   "w": cfg.mask_guidance, "forget_images": len(ctx.data["forget"]),
+                   "batch_size": cfg.mask_batch_size,
+                   "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+
+
 def world_relabel(concept, avoid: frozenset[str] = frozenset()) -> str:
     """Another value of a ShapesWorld concept's dimension (``WORLD_RELABEL``, else the first
     other one, never one in ``avoid``: concepts erased in the same run) that its forget prompts
@@ -341,12 +373,7 @@ class SalUn(Method):
             masks, info = load_mask(self.mask_path, unet)
             self.mask_info = {**info, "reused_from": str(Path(self.mask_path).resolve())}
         else:
-            scores = saliency(ctx, guidance=cfg.mask_guidance, batch_size=cfg.mask_batch_size,
-                              seed=cfg.seed, dtype=cfg.saliency_dtype)  # fmt: skip
-            masks, info = masks_from_saliency(scores, cfg.mask_fraction)
-            self.mask_info = {**info, "fraction": cfg.mask_fraction, "w": cfg.mask_guidance,
-                              "forget_images": len(ctx.data["forget"]),
-                              "batch_size": cfg.mask_batch_size}  # fmt: skip
+            masks, self.mask_info = forget_masks(ctx, cfg)
         self.masks = {n: m.to(ctx.device) for n, m in masks.items()}
         self._by_param = {p: self.masks[n] for n, p in unet.named_parameters() if p.requires_grad}
 

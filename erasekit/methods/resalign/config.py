@@ -42,6 +42,8 @@ class ResAlignConfig(TrainConfig):
     mask_fraction: float = 0.5  # trainable=mask: share of weights trained
     mask_guidance: float = 7.5
     mask_batch_size: int = 8
+    mask_source: str = "saliency"  # trainable=mask: saliency | lcodec
+    lcodec_samples: int = 128
     world_scale: bool = False  # lr=0 resolves to 10x (weights) / 5x (LoRA) the SD values
 
     def validate(self) -> None:
@@ -72,6 +74,9 @@ class ResAlignConfig(TrainConfig):
             raise ErasekitError("max_retries must be non-negative")
         if not 0.0 < self.mask_fraction <= 1.0:
             raise ErasekitError("mask_fraction must be in (0, 1]")
+        from erasekit.methods.salun import check_mask_source
+
+        check_mask_source(self.mask_source, self.lcodec_samples)
         if self.trainable in ("mask", *ESD_VARIANTS) and self.weight_decay != 0:
             raise ErasekitError(f"trainable={self.trainable}: weight_decay must be 0 (decay "
                                 "would move weights outside the trainable set)")  # fmt: skip

@@ -175,12 +175,9 @@ class ResAlign(Method):
             self.surrogate = cfg.surrogate or self.concept.surrogate
             self.surrogate_cond = encode_prompts(ctx.pipe, [self.surrogate]).to(ctx.device)
         if cfg.trainable == "mask":
-            from erasekit.methods.salun import masks_from_saliency, saliency
+            from erasekit.methods.salun import forget_masks
 
-            scores = saliency(ctx, guidance=cfg.mask_guidance, batch_size=cfg.mask_batch_size,
-                              seed=cfg.seed)  # fmt: skip
-            masks, info = masks_from_saliency(scores, cfg.mask_fraction)
-            self.mask_info = {**info, "fraction": cfg.mask_fraction, "w": cfg.mask_guidance}
+            masks, self.mask_info = forget_masks(ctx, cfg)
             self.masks = {n: m.to(ctx.device) for n, m in masks.items()}
         # LoRA layers of the trainable set: module name -> (A name, B name, scale)
         self.lora_layers = {}
