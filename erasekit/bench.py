@@ -384,6 +384,42 @@ def _metrics(cell_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def split_attack(key: str) -> tuple[str, str]:
+    """('<attack>', '<metric>') of an attacked metric key, ('', key) of a plain one (a prompt
+    set's slice such as ``forget[:2]`` holds a colon too, after the metric's '/')."""
+    head, sep, tail = key.partition(":")
+    return (head, tail) if sep and "/" not in head else ("", key)
+
+
+def _curves(cell_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """The audited model's recovery curve under each recovery attack of a cell's audit."""
+    doc = json.loads((cell_dir / "audit" / "results.json").read_text())
+    out = {}
+    for name, entry in (doc.get("attacks") or {}).items():
+        audited = entry.get("models", {}).get("audited", {})
+        if "curve" in audited:
+            out[name] = audited["curve"]
+    return out
+
+
+def pool_curve(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Recovery curves over seeds, step by step: pooled hits / n with a Wilson interval (the
+    steps every seed evaluated)."""
+    from erasekit.stats import wilson_interval
+
+    steps = sorted(set.intersection(*({p["step"] for p in c} for c in per_seed)))
+    out = []
+    for step in steps:
+        points = [next(p for p in c if p["step"] == step) for c in per_seed]
+        n = sum(p["n_images"] for p in points)
+        hits = sum(round(p["value"] * p["n_images"]) for p in points)
+        low, high = wilson_interval(hits, n)
+        out.append({"step": step, "value": round(hits / n, 6),
+                    "ci95": [round(low, 4), round(high, 4)], "n_images": n,
+                    "per_seed": [p["value"] for p in points]})  # fmt: skip
+    return out
+
+
 def pool(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """One metric over seeds: rates as pooled hits / n with a Wilson interval; means as the
     mean of the seeds' means with the range of the seeds' values (not a 95% interval)."""
@@ -425,9 +461,13 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
             got = sorted(by.get((concept, name), []), key=lambda c: c["seed"])
             ok = [c for c in got if c["status"] == "ok" and c["seed"] in study.seeds]
             per_key: dict[str, list[dict]] = defaultdict(list)
+            per_attack: dict[str, list[list[dict]]] = defaultdict(list)
             for c in ok:
-                for key, m in _metrics(out / "cells" / concept / name / f"seed{c['seed']}").items():
+                cell_dir = out / "cells" / concept / name / f"seed{c['seed']}"
+                for key, m in _metrics(cell_dir).items():
                     per_key[key].append(m)
+                for attack, curve in _curves(cell_dir).items():
+                    per_attack[attack].append(curve)
             rows[name] = {
                 "model": study.models[name].describe(),
                 "seeds_ok": [c["seed"] for c in ok],
@@ -436,6 +476,7 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
                 "metrics": {k: pool(v) for k, v in per_key.items() if len(v) == len(ok)},
                 "erase_wall_s": [c["erase_wall_s"] for c in ok
                                  if c.get("erase_wall_s") is not None],
+                "curves": {a: pool_curve(v) for a, v in per_attack.items() if len(v) == len(ok)},
             }  # fmt: skip
         differences = []
         for a, b in study.compare:
@@ -443,7 +484,7 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
             for key, m in rows[a]["metrics"].items():
                 if m["metric"] != "concept_rate" or "[" in key or primary is None:
                     continue  # primary-protocol concept rates, attacked ones included
-                attack, _, plain = key.rpartition(":")
+                attack, plain = split_attack(key)
                 prompt_set = plain.split("/", 1)[1]
                 seeds = [s for s in rows[a]["seeds_ok"] if s in rows[b]["seeds_ok"]]
                 pairs = [(out / "cells" / concept / a / f"seed{s}",
@@ -477,6 +518,9 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
             "per seed (the seed of its erasure and of its evaluation)",
             "pooling": "rates: hits / n pooled over seeds, Wilson 95%; per_seed: each seed's "
             "value; attacked metrics are '<attack>:<metric>' (the audit's final attack step)",
+            "curves": "each row's concept rate on the attack's curve prompts (primary protocol) "
+            "after every eval_every steps of a recovery attack, pooled over seeds per step as "
+            "hits / n, Wilson 95%",
             "differences": "a − b on the same images' prompts, k and seeds (primary protocol), "
             "percentile bootstrap 95% over (seed, prompt) groups, 2000 resamples, seed 0; on an "
             "attacked metric against the never-learned row: the residual memory",
@@ -610,6 +654,17 @@ def render_markdown(board: dict[str, Any]) -> str:
             lines.append(f"| {name}{failed} | {cells} | "
                          f"{'/'.join(f'{w:.0f}' for w in wall) if wall else '—'} |")  # fmt: skip
         lines.append("")
+        for attack in _attacks_with_curves(rows):
+            steps = sorted({p["step"] for r in rows.values() for p in r["curves"].get(attack, [])})
+            lines += [f"Recovery under `{attack}` (concept rate after each number of steps):", "",
+                      "| model | " + " | ".join(str(s) for s in steps) + " |",
+                      "|---|" + "---|" * len(steps)]  # fmt: skip
+            for name, row in rows.items():
+                at = {p["step"]: p for p in row["curves"].get(attack, [])}
+                lines.append(f"| {name} | " + " | ".join(
+                    f"{at[s]['value']:.2f} [{at[s]['ci95'][0]:.2f}, {at[s]['ci95'][1]:.2f}]"
+                    if s in at else "—" for s in steps) + " |")  # fmt: skip
+            lines.append("")
         if entry["differences"]:
             lines += ["Paired differences (a − b on the same images):", ""]
         for d in entry["differences"]:
@@ -639,6 +694,38 @@ def render_markdown(board: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _attacks_with_curves(rows: dict[str, Any]) -> list[str]:
+    return list(dict.fromkeys(a for r in rows.values() for a in r.get("curves", {})))
+
+
+def _figures(rows: dict[str, Any]) -> list[tuple[str, str]]:
+    """(caption, PNG data URI): a recovery-curve plot per recovery attack (one line per row)
+    and an ASR bar plot per prompt attack (pre-ASR and ASR per row, 95% whiskers)."""
+    from erasekit.reporting import bar_plot_uri, line_plot_uri
+
+    figures = []
+    for attack in _attacks_with_curves(rows):
+        series = [(name, row["curves"][attack]) for name, row in rows.items()
+                  if row["curves"].get(attack)]  # fmt: skip
+        title = f"recovery under '{attack}' (pooled, 95% bands)"
+        figures.append((f"recovery under {attack}", line_plot_uri(series, title)))
+    asr = defaultdict(dict)  # attack -> (statistic, row) -> metric
+    for name, row in rows.items():
+        for key, m in row["metrics"].items():
+            attack, plain = split_attack(key)
+            statistic = plain.split("/", 1)[0]
+            if attack and statistic in ("pre_asr", "asr"):
+                asr[attack][(statistic, name)] = m
+    for attack, found in asr.items():
+        names = [n for n in rows if any((s, n) in found for s in ("pre_asr", "asr"))]
+        groups = [(label, [found.get((statistic, n)) for n in names])
+                  for statistic, label in (("pre_asr", "pre-ASR"), ("asr", "ASR"))]  # fmt: skip
+        figures.append((f"ASR under {attack}",
+                        bar_plot_uri(names, groups, "share of prompts",
+                                     f"'{attack}': pre-ASR and ASR (95% intervals)")))  # fmt: skip
+    return figures
+
+
 _SORT_JS = """
 function sortBy(table, col, dir) {
   const body = table.tBodies[0];
@@ -665,14 +752,19 @@ document.querySelectorAll("table.board").forEach(table => {
   const th = Array.from(table.tHead.rows[0].cells).find(c => c.dataset.key === wanted);
   if (th) sortBy(table, th.cellIndex, 1);
 });
-document.body.dataset.ready = "1";
+const figures = Array.from(document.querySelectorAll("img.figure"));
+Promise.all(figures.map(img => img.decode().catch(() => null))).then(() => {
+  document.body.dataset.figuresShown = figures.filter(img => img.naturalWidth > 0).length;
+  document.body.dataset.ready = "1";
+});
 """
 
 
 def render_html(board: dict[str, Any]) -> str:
     """A self-contained page: one table per concept, sortable by clicking a column (or by
-    ``#sort=<metric key>`` in the address); each cell's title holds its definition. The
-    leaderboard shows no images, so there is nothing to censor."""
+    ``#sort=<metric key>`` in the address), each cell's title holding its definition; below
+    it the recovery curves and ASR bars. The leaderboard shows no generated images (only
+    plots of numbers), so there is nothing to censor."""
     from html import escape
 
     study = board["study"]
@@ -703,6 +795,10 @@ def render_html(board: dict[str, Any]) -> str:
             parts.append(f'<tr data-row="{escape(name)}"><td>{escape(name)}{failed}</td>'
                          f"{''.join(cells)}</tr>")  # fmt: skip
         parts.append("</tbody></table>")
+        for caption, uri in _figures(rows):
+            parts.append(f'<figure><img class="figure" alt="{escape(caption)}" src="{uri}">'
+                         f"<figcaption>{escape(caption)} ({escape(concept)})</figcaption>"
+                         "</figure>")  # fmt: skip
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}"
              "th{cursor:pointer}")  # fmt: skip

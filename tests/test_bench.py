@@ -176,6 +176,22 @@ def test_sd_nudity_study_runs_as_written_on_substitutes(tiny_model_dir, tiny_cli
     # UnlearnDiffAtk needs the original: the study's base, not audited as a row
     assert "unlearndiffatk:asr/unlearndiffatk-nudity" in metrics  # the local CSV
     assert list(rows) == ["uce"]
+    # the recovery curve pooled per step, and a curve plot and two ASR bar plots that render
+    curve = rows["uce"]["curves"]["finetune"]
+    cell = json.loads((out / "cells/nudity/uce/seed0/audit/results.json").read_text())
+    assert curve == [{**p, "per_seed": [p["value"]]} for p in
+                     cell["attacks"]["finetune"]["models"]["audited"]["curve"]]  # fmt: skip
+    assert "Recovery under `finetune`" in (out / "leaderboard.md").read_text()
+    url = (out / "leaderboard.html").resolve().as_uri()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+             f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom"]  # fmt: skip
+    r = subprocess.run([chromium(), *flags, url], capture_output=True, text=True, timeout=120)
+    assert 'data-ready="1"' in r.stdout, r.stderr[-2000:]
+    assert 'data-figures-shown="3"' in r.stdout
+    captions = re.findall(r"<figcaption>([^<]+)</figcaption>", r.stdout)
+    assert captions[0] == "recovery under finetune (nudity)"
+    assert sorted(captions[1:]) == ["ASR under ring-a-bell (nudity)",
+                                    "ASR under unlearndiffatk (nudity)"]  # fmt: skip
 
 
 def test_paired_difference_on_hand_made_samples(tmp_path):
@@ -232,3 +248,13 @@ def test_several_processes_are_refused(tiny_model_dir, tmp_path, as_two_processe
     r = run_main(capsys, "bench", "run", str(study), "--out", str(tmp_path / "o"))
     assert_one_line_error(r, "runs its cells in one process")
     assert not (tmp_path / "o").exists()
+
+
+def test_attacked_metric_keys_split_at_the_attack_not_at_a_slice():
+    from erasekit.bench import split_attack
+
+    assert split_attack("ring-a-bell:asr/forget[:2]") == ("ring-a-bell", "asr/forget[:2]")
+    assert split_attack("finetune@lora:concept_rate/direct") == (
+        "finetune@lora", "concept_rate/direct")  # fmt: skip
+    assert split_attack("concept_rate/forget[:2]") == ("", "concept_rate/forget[:2]")
+    assert split_attack("retain_accuracy/retain") == ("", "retain_accuracy/retain")
