@@ -293,6 +293,7 @@ def audit(
     progress: bool = True,
     invocation: dict[str, Any] | None = None,
     original: str | Path | None = None,
+    model_card: bool = False,
 ) -> AuditResult:
     """Audit ``model`` on ``concept`` beside its references and write ``out`` (results.json,
     samples.jsonl, images/, report.html, report.md).
@@ -303,11 +304,14 @@ def audit(
     (``{"finetune": {"steps": 50}}``), run on every role with the same data and budget.
     ``censor``: blur flagged images in the report (default: when the concept is sensitive).
     ``original``: the model attacks that need one start from, without auditing it as a role
-    (default: the reference role's model).
+    (default: the reference role's model). ``model_card``: write the evidence into the audited
+    folder (``erasekit-audit.json`` and the README's ``model-index``; a diffusers folder only).
     """
     from erasekit.auditing import AuditSettings, attack_configs, run_audit
     from erasekit.models import build_manifest, save_model
 
+    if model_card and (_is_pipeline(model) or not (Path(model) / "model_index.json").is_file()):
+        raise ErasekitError("--model-card needs the audited model as a diffusers folder")
     spec = _concept(concept)
     configs = None
     if attacks:
@@ -324,7 +328,14 @@ def audit(
                   progress=progress, attacks=configs, baselines=guidance_baselines,
                   invocation=invocation, original=original)  # fmt: skip
     if not _is_pipeline(model):
-        return AuditResult.of(run_audit(model, spec, out, **common), out)
+        doc = run_audit(model, spec, out, **common)
+        if model_card:
+            from erasekit.distributed import process_state
+            from erasekit.reporting import write_model_card
+
+            if process_state().is_main_process:
+                write_model_card(model, doc)
+        return AuditResult.of(doc, out)
     # An in-memory pipeline is audited as saved beside the output, then the copy is removed.
     source = _source_path(model)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -259,3 +259,41 @@ def test_a_failing_detector_fails_the_audit(world_erased, tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert code == 2 and "detector 'world' failed: RuntimeError: classifier exploded" in err
     assert not out.exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_model_card_carries_the_audit_evidence(world_erased, tmp_path, capsys):
+    """--model-card: the results document beside the weights and model-index front matter in
+    README.md that parses as YAML, keeps the card's text and is replaced, not appended, by a
+    second audit; a single file is refused before any work."""
+    import yaml
+
+    model = tmp_path / "model"
+    shutil.copytree(world_erased, model)
+    (model / "README.md").write_text("---\nlicense: mit\n---\n\n# My erased model\n\nNotes.\n")
+    for i in range(2):
+        out = tmp_path / f"audit{i}"
+        r = run_main(capsys, "audit", "--model", str(model), "--concept", "red", "--out",
+                     str(out), "--limit", "1", "--never-learned", "none", "--no-progress",
+                     "--model-card")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+    text = (model / "README.md").read_text()
+    assert text.count("<!-- erasekit-audit:begin -->") == 1 and "# My erased model" in text
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["license"] == "mit"
+    doc = json.loads((out / "results.json").read_text())
+    assert json.loads((model / "erasekit-audit.json").read_text()) == doc
+    results = meta["model-index"][0]["results"]
+    direct = next(m for r in results for m in r["metrics"] if m["name"] == "concept_rate/direct")
+    audited = doc["results"]["audited"]["concept_rate/direct"]
+    assert direct["value"] == audited["value"] and direct["args"]["ci95"] == audited["ci95"]
+    assert direct["args"]["n_images"] == audited["n_images"]
+    assert (
+        direct["args"]["definition"] == "erasekit-audit.json#/results/audited/concept_rate~1direct"
+    )
+    assert "| concept_rate/direct |" in text
+    single = tmp_path / "model.safetensors"
+    single.write_bytes(b"x")
+    r = run_main(capsys, "audit", "--model", str(single), "--concept", "red", "--out",
+                 str(tmp_path / "no"), "--model-card")  # fmt: skip
+    assert_one_line_error(r, "--model-card needs the audited model as a diffusers folder")
+    assert not (tmp_path / "no").exists()

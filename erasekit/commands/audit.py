@@ -66,6 +66,9 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
                    "with the concept's words as a negative prompt, and with SLD (same sets, "
                    "seeds and detectors)")  # fmt: skip
     add_censor_options(p)
+    p.add_argument("--model-card", action="store_true",
+                   help="write the evidence into the audited folder: erasekit-audit.json and "
+                   "the README's model-index metadata")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -114,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
                    model_config=args.model_config, allow_pickle=args.allow_pickle,
                    guidance_baselines=args.guidance_baselines, censor=args.censor,
                    overwrite=args.overwrite, progress=not args.no_progress,
-                   invocation={"command": sys.argv[1:]})  # fmt: skip
+                   invocation={"command": sys.argv[1:]}, model_card=args.model_card)  # fmt: skip
     if process_state().is_main_process:
         print_summary(result.document, args.out)
     return 0

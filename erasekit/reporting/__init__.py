@@ -705,3 +705,105 @@ __all__ = [
     "verdict",
     "write_report",
 ]
+
+
+# ----------------------------------------------------------------------------- model card
+
+CARD_EVIDENCE = "erasekit-audit.json"  # the results document shipped beside the weights
+CARD_BEGIN, CARD_END = "<!-- erasekit-audit:begin -->", "<!-- erasekit-audit:end -->"
+
+
+def _pointer(*parts: str) -> str:
+    """A JSON pointer (RFC 6901) to parts of the results document."""
+    return "#/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def card_metrics(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The audited model's headline metrics: primary-protocol rates, utility and attacked
+    rates, as (results key, metric); definitions stay in the results document."""
+    primary = doc["evaluation"]["primary_protocol"]
+    out = []
+    for role, metrics in doc["results"].items():
+        if role != "audited" and not role.endswith(":audited"):
+            continue
+        attack = role.split(":")[0] if ":" in role else ""
+        for key, m in metrics.items():
+            if m.get("protocol") not in (None, primary):
+                continue
+            out.append((f"{attack}:{key}" if attack else key, {**m, "_role": role, "_key": key}))
+    return out
+
+
+def model_card_index(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Hugging Face ``model-index`` metadata of an audit: one result per prompt set (or
+    attack), each metric with its value, 95% interval, n and a pointer to its definition."""
+    concept = doc["concept"]["name"]
+    results: dict[str, dict[str, Any]] = {}
+    for label, m in card_metrics(doc):
+        prompt_set = m.get("prompt_set") or label.rsplit("/", 1)[-1]
+        attack = label.split(":")[0] if ":" in label.split("/")[0] else ""
+        name = f"{prompt_set} after {attack}" if attack else prompt_set
+        entry = results.setdefault(name, {
+            "task": {"type": "text-to-image", "name": f"erasekit audit: {concept}"},
+            "dataset": {"name": name, "type": f"erasekit/{concept}"},
+            "metrics": [],
+        })  # fmt: skip
+        entry["metrics"].append({
+            "type": m["metric"],
+            "name": label,
+            "value": m["value"],
+            "args": {"ci95": list(m["ci95"]), "n_images": m.get("n_images"),
+                     "definition": CARD_EVIDENCE + _pointer("results", m["_role"], m["_key"])},
+            "verified": False,
+        })  # fmt: skip
+    return list(results.values())
+
+
+def write_model_card(model_dir: str | Path, doc: dict[str, Any]) -> Path:
+    """Put an audit's evidence into a diffusers folder: the results document as
+    ``erasekit-audit.json`` and, in ``README.md``, ``model-index`` front matter plus a section
+    with the headline table (replacing an earlier audit's). Each file is replaced atomically;
+    the rest of the card (other front-matter keys, the text) is kept."""
+    import yaml
+
+    from erasekit.outputs import write_json
+
+    folder = Path(model_dir)
+    if not (folder / "model_index.json").is_file():
+        raise ErasekitError(f"--model-card needs the audited model as a diffusers folder: {folder}")
+    card = folder / "README.md"
+    text = card.read_text() if card.is_file() else ""
+    meta: dict[str, Any] = {}
+    body = text
+    if text.startswith("---\n"):
+        end = text.find("\n---", 4)
+        if end < 0:
+            raise ErasekitError(f"{card}: front matter has no closing '---'")
+        try:
+            meta = yaml.safe_load(text[4:end]) or {}
+        except yaml.YAMLError as e:
+            raise ErasekitError(f"{card}: front matter is not YAML ({e})") from None
+        if not isinstance(meta, dict):
+            raise ErasekitError(f"{card}: front matter is not a mapping")
+        body = text[end + 4 :].lstrip("\n")
+    meta["model-index"] = [{"name": folder.name, "results": model_card_index(doc)}]
+    if CARD_BEGIN in body and CARD_END in body:
+        body = body[: body.index(CARD_BEGIN)] + body[body.index(CARD_END) + len(CARD_END) :]
+    concept = doc["concept"]["name"]
+    version = doc["provenance"]["erasekit_version"]
+    lines = [CARD_BEGIN, f"## Audit: {concept} (erasekit {version})", "",
+             f"Measured by `erasekit audit` on {doc['created']}; every number's detector, "
+             f"protocol, prompt set, seeds and interval are in `{CARD_EVIDENCE}` (the full "
+             "results document). 95% intervals in brackets.", "",
+             "| metric | value | 95% interval | n |", "|---|---|---|---|"]  # fmt: skip
+    for label, m in card_metrics(doc):
+        lines.append(f"| {label} | {m['value']:.3f} | [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}] "
+                     f"| {m.get('n_images')} |")  # fmt: skip
+    lines += ["", CARD_END]
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+    new = f"---\n{front}---\n\n{body.rstrip()}\n\n" + "\n".join(lines) + "\n"
+    with atomic_file(folder / CARD_EVIDENCE) as tmp:
+        write_json(tmp, doc)
+    with atomic_file(card) as tmp:
+        tmp.write_text(new)
+    return card
