@@ -9,7 +9,7 @@ The Python API (``erasekit.api``) mirrors the command line::
 
 from importlib.metadata import PackageNotFoundError, version
 
-from erasekit.api import AuditResult, audit, erase, evaluate, generate, report
+from erasekit.api import AuditResult, audit, erase, evaluate, export, generate, report
 from erasekit.concepts import load_concept
 from erasekit.world import world_path
 
@@ -32,6 +32,7 @@ __all__ = [
     "audit",
     "erase",
     "evaluate",
+    "export",
     "generate",
     "load_concept",
     "load_pipeline",

@@ -355,6 +355,24 @@ def audit(
     return AuditResult.of(doc, out)
 
 
+def export(
+    model, out: str | Path, *, layout: str = "ldm", model_config: str | Path | None = None,
+    allow_pickle: bool = False, overwrite: bool = False,
+) -> Path:  # fmt: skip
+    """Write ``model`` (a folder, a single file with ``model_config``, or a pipeline) as one
+    .safetensors file: the original LDM single-file layout, or ``layout="components"``."""
+    from erasekit.models import export_single_file, load_pipeline
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ErasekitError(f"the single file must end in .safetensors, got {out}")
+    if out.exists() and not overwrite:
+        raise ErasekitError(f"{out} exists (pass --overwrite to replace it)")
+    pipe = model if _is_pipeline(model) else load_pipeline(
+        model, config=model_config, allow_pickle=allow_pickle)  # fmt: skip
+    return export_single_file(pipe, out, layout=layout)
+
+
 def report(audit_dir: str | Path, *, censor: bool | None = None) -> tuple[Path, Path]:
     """Re-render report.html and report.md of an audit folder; returns their paths."""
     from erasekit.reporting import write_report
@@ -363,4 +381,4 @@ def report(audit_dir: str | Path, *, censor: bool | None = None) -> tuple[Path, 
         return write_report(audit_dir, censor=censor)
 
 
-__all__ = ["AuditResult", "audit", "erase", "evaluate", "generate", "report"]
+__all__ = ["AuditResult", "audit", "erase", "evaluate", "export", "generate", "report"]

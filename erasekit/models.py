@@ -251,19 +251,34 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def export_single_file(pipe, path: str | Path) -> Path:
-    """Write the weights as one .safetensors file keyed ``unet.*``, ``vae.*``, ``text_encoder.*``.
+SINGLE_FILE_LAYOUTS = ("ldm", "components")
 
-    Loads back with ``load_pipeline(path, config=<a diffusers folder of the same architecture>)``.
+
+def export_single_file(pipe, path: str | Path, layout: str = "ldm") -> Path:
+    """Write the weights as one .safetensors file, atomically.
+
+    ``layout="ldm"``: the original single-file keys (``model.diffusion_model.*``,
+    ``first_stage_model.*``, ``cond_stage_model.transformer.*``), what tools that take
+    ``v1-5-pruned-emaonly.safetensors``-style files read. ``"components"``: ``unet.*``,
+    ``vae.*``, ``text_encoder.*`` with the diffusers names. Both load back with
+    ``load_pipeline(path, config=<a diffusers folder of the same architecture>)``.
     """
     from safetensors.torch import save_file
 
-    state = {}
-    for component in WEIGHTED:
-        for k, v in getattr(pipe, component).state_dict().items():
-            state[f"{component}.{k}"] = v.detach().contiguous().cpu()
+    if layout not in SINGLE_FILE_LAYOUTS:
+        raise ErasekitError(f"layout must be one of {', '.join(SINGLE_FILE_LAYOUTS)}")
+    if Path(path).suffix != ".safetensors":
+        raise ErasekitError(f"single files are written as .safetensors, got {path}")
+    if layout == "ldm":
+        from erasekit.ldm import ldm_state_dict
+
+        state = ldm_state_dict(pipe)
+    else:
+        state = {f"{component}.{k}": v.detach().contiguous().cpu()
+                 for component in WEIGHTED
+                 for k, v in getattr(pipe, component).state_dict().items()}  # fmt: skip
     with atomic_file(path) as tmp:
-        save_file(state, str(tmp))
+        save_file(state, str(tmp), metadata={"format": "pt", "layout": layout})
     return Path(path)
 
 

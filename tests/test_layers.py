@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
         "tokenizer",
         "lora",
         "config",
+        "ldm",
     ),  # fmt: skip
     ("models", "concepts", "guidance", "world.render", "world.info", "world"),
     (

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -142,9 +143,62 @@ def test_pickle_folder_refused_unless_allowed(tiny_pipe, tmp_path: Path):
     _assert_same_weights(tiny_pipe, load_pipeline(folder, allow_pickle=True))
 
 
-def test_single_safetensors_with_config_folder(tiny_model_dir: Path, tmp_path: Path):
+def _images(pipe) -> np.ndarray:
+    g = torch.Generator().manual_seed(0)
+    return pipe("a red circle", num_inference_steps=2, generator=g, output_type="np").images
+
+
+def test_ldm_single_file_round_trip_is_bit_identical(tiny_model_dir: Path, tmp_path: Path):
+    """An erased model exported in the original LDM layout (what tools taking
+    v1-5-pruned-emaonly.safetensors read) loads back through diffusers' single-file converter
+    with the same weights and the same images."""
+    from safetensors import safe_open
+
     erased = _perturbed(load_pipeline(tiny_model_dir))
     single = export_single_file(erased, tmp_path / "erased.safetensors")
+    with safe_open(str(single), framework="pt") as f:
+        keys = list(f.keys())
+    prefixes = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.")
+    assert all(k.startswith(prefixes) for k in keys)
+    assert "model.diffusion_model.input_blocks.0.0.weight" in keys  # LDM names, not diffusers'
+    assert "first_stage_model.encoder.mid.attn_1.q.weight" in keys
+    loaded = load_pipeline(single, config=tiny_model_dir)
+    _assert_same_weights(erased, loaded)
+    assert np.array_equal(_images(erased), _images(loaded))
+
+
+def test_export_command_and_bad_single_files_are_one_line(tiny_model_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import assert_one_line_error, run_main
+
+    out = tmp_path / "model.safetensors"
+    r = run_main(capsys, "export", "--model", str(tiny_model_dir), "--out", str(out))
+    assert r.returncode == 0 and "ldm layout" in r.stdout
+    state = load_file(str(out))
+    wrong = {k: v for k, v in state.items() if ".input_blocks.1." not in k}  # a block missing
+    save_file(wrong, str(tmp_path / "wrong.safetensors"))
+    other = tmp_path / "out.safetensors"
+    cases = [
+        (["--model", str(tmp_path / "wrong.safetensors"), "--config", str(tiny_model_dir)],
+         "could not load model"),
+        (["--model", str(out)], "needs --config DIR"),
+        (["--model", str(out), "--config", str(tmp_path / "absent")], "--config folder not found"),
+        (["--model", str(tmp_path / "model.ckpt"), "--config", str(tiny_model_dir)],
+         "refusing to load pickle"),
+    ]  # fmt: skip
+    torch.save({"state_dict": {}}, tmp_path / "model.ckpt")
+    for args, needle in cases:
+        r = run_main(capsys, "export", *args, "--out", str(other))
+        assert_one_line_error(r, needle)
+        assert not other.exists()
+    r = run_main(capsys, "export", "--model", str(tiny_model_dir), "--out", str(out))
+    assert_one_line_error(r, "exists (pass --overwrite")
+
+
+def test_single_safetensors_with_config_folder(tiny_model_dir: Path, tmp_path: Path):
+    erased = _perturbed(load_pipeline(tiny_model_dir))
+    single = export_single_file(erased, tmp_path / "erased.safetensors", layout="components")
     with pytest.raises(ErasekitError, match="needs --config"):
         load_pipeline(single)
     loaded = load_pipeline(single, config=tiny_model_dir)
