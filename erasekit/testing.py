@@ -16,12 +16,21 @@ from erasekit.tokenizer import build_clip_tokenizer
 TINY_SAMPLER = {"steps": 4, "guidance": 5.0, "height": 32, "width": 32}
 
 
-def build_tiny_pipeline(seed: int = 0, tokenizer=None):
-    """A 32x32-pixel SD pipeline (8x8 latents) with random weights fixed by ``seed``."""
+TINY_VARIANTS = ("sd1", "sd2")
+
+
+def build_tiny_pipeline(seed: int = 0, tokenizer=None, variant: str = "sd1"):
+    """A 32x32-pixel SD pipeline (8x8 latents) with random weights fixed by ``seed``.
+
+    ``variant="sd1"``: ε-prediction, 32-wide text embeddings (SD-1.x style); ``"sd2"``:
+    v-prediction and 64-wide text embeddings (SD-2.x style)."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
     from erasekit.world.build import build_scheduler, build_text_encoder
 
+    if variant not in TINY_VARIANTS:
+        raise ValueError(f"variant must be one of {TINY_VARIANTS}")
+    width = 64 if variant == "sd2" else 32
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -31,7 +40,7 @@ def build_tiny_pipeline(seed: int = 0, tokenizer=None):
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
+        cross_attention_dim=width,
         attention_head_dim=8,
         norm_num_groups=8,
     )
@@ -45,8 +54,9 @@ def build_tiny_pipeline(seed: int = 0, tokenizer=None):
         norm_num_groups=8,
         sample_size=32,
     )
-    text_encoder = build_text_encoder(seed)  # ShapesWorld's: hidden 32, 2 layers, SD's vocab
-    scheduler = build_scheduler()  # SD's scaled-linear DDIM
+    text_encoder = build_text_encoder(seed, width)  # ShapesWorld's layout, SD's vocab
+    # SD's scaled-linear DDIM, predicting ε (SD-1) or v (SD-2)
+    scheduler = build_scheduler(prediction_type="v_prediction" if variant == "sd2" else "epsilon")
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -59,11 +69,12 @@ def build_tiny_pipeline(seed: int = 0, tokenizer=None):
     )
 
 
-def save_tiny_pipeline(out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
+def save_tiny_pipeline(
+    out_dir: str | Path, seed: int = 0, overwrite: bool = False, variant: str = "sd1"
+) -> Path:
     """Build the tiny pipeline and save it as a diffusers folder with an erasekit manifest."""
-    pipe = build_tiny_pipeline(seed)
-    manifest = build_manifest(
-        base_model=None, method="tiny-random-init", config={"seed": seed}, seeds=[seed]
-    )
+    pipe = build_tiny_pipeline(seed, variant=variant)
+    manifest = build_manifest(base_model=None, method="tiny-random-init",
+                              config={"seed": seed, "variant": variant}, seeds=[seed])  # fmt: skip
     manifest["sampler"] = dict(TINY_SAMPLER)
     return save_model(pipe, out_dir, manifest, overwrite=overwrite)

@@ -24,6 +24,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_vpred_dir(tmp_path_factory) -> Path:
+    """The tiny pipeline SD-2 style: v-prediction and 64-wide text embeddings."""
+    from erasekit.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-v", seed=0, variant="sd2")
+
+
+@pytest.fixture(scope="session")
 def tiny_pipe(tiny_model_dir):
     from erasekit.models import load_pipeline
 

@@ -262,15 +262,18 @@ def _attack_names() -> list[str]:
     return ATTACKS.names()
 
 
+@pytest.mark.parametrize("model", ["tiny_model_dir", "tiny_vpred_dir"])
 @pytest.mark.parametrize("name", _attack_names())
-def test_each_attack_runs_its_budget_on_the_tiny_pipeline(name, tiny_model_dir, tmp_path):
+def test_each_attack_runs_its_budget_on_the_tiny_pipeline(name, model, request, tmp_path):
     """Every registered attack (a new one joins by registering; unlisted ones run their default
-    budget): recovery attacks report their curve, prompt attacks their pre-ASR / ASR."""
+    budget): recovery attacks report their curve, prompt attacks their pre-ASR / ASR. On the
+    ε-prediction (SD-1 style) and the v-prediction (SD-2 style) tiny pipelines."""
     import erasekit
     from erasekit.attacks import AttackContext, get_attack
     from erasekit.auditing import attack_configs
     from erasekit.concepts import load_concept
 
+    tiny_model_dir = request.getfixturevalue(model)
     if get_attack(name).kind == "prompt":
         result = erasekit.audit(tiny_model_dir, "nudity", tmp_path / "audit", limit=1,
                                 roles={"reference": tiny_model_dir}, progress=False,

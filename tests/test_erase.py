@@ -54,8 +54,12 @@ def unet_weights(folder) -> dict[str, torch.Tensor]:
     return load_file(str(Path(folder) / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
+@pytest.mark.parametrize("model", ["tiny_model_dir", "tiny_vpred_dir"])
 @pytest.mark.parametrize("method", METHODS.names())
-def test_every_method_trains_and_writes_a_loadable_model(method, tiny_model_dir, tmp_path):
+def test_every_method_trains_and_writes_a_loadable_model(method, model, request, tmp_path):
+    """Every method on the ε-prediction (SD-1 style) and v-prediction (SD-2 style) tiny
+    pipelines."""
+    tiny_model_dir = request.getfixturevalue(model)
     out = erase(tiny_model_dir, tmp_path / "out", method=method)
     manifest = json.loads((out / "erasekit.json").read_text())
     if get_method(method).closed_form:  # an edit: no optimizer step of its own, no log
@@ -478,3 +482,40 @@ def test_no_job_config_redefines_a_loop_setting():
     for config in configs:
         for f in dataclasses.fields(config):
             assert f.name not in loop or f.type == loop[f.name], (config.__name__, f.name)
+
+
+def test_v_prediction_targets_are_velocities_not_noise():
+    """Where the model predicts v, the losses' targets are v = √ᾱ·ε − √(1−ᾱ)·x0: the shared
+    loop's denoising target and UnlearnDiffAtk's loss (a stub U-Net that outputs exactly v has
+    zero loss; the same stub scored against ε would not)."""
+    from types import SimpleNamespace
+
+    from erasekit.attacks.unlearndiffatk import denoising_loss
+    from erasekit.training import TrainContext
+    from erasekit.world.build import build_scheduler
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([100, 700])
+    for kind in ("v_prediction", "epsilon"):
+        sched = build_scheduler(prediction_type=kind)
+        ctx = TrainContext(accelerator=None, unet=None, pipe=None, config=None, data={},
+                           empty_cond=None, noise_scheduler=sched, weight_dtype=torch.float32,
+                           device=torch.device("cpu"), work_dir=Path("."))  # fmt: skip
+        target = ctx.denoising_target(x0, noise, t)
+        expected = sched.get_velocity(x0, noise, t) if kind == "v_prediction" else noise
+        assert torch.allclose(target, expected)
+        a = sched.alphas_cumprod[700].sqrt()
+        s = (1 - sched.alphas_cumprod[700]).sqrt()
+        v = a * noise - s * x0
+
+        def unet(x, tt, cond, _v=v):  # outputs exactly v at t = 700
+            return SimpleNamespace(sample=_v)
+
+        unet.dtype = torch.float32
+        loss = denoising_loss(unet, sched, torch.zeros(2, 77, 32), x0, 700, noise)
+        if kind == "v_prediction":
+            assert float(loss.max()) < 1e-10
+            assert not torch.allclose(target, noise)
+        else:
+            assert float(loss.min()) > 1e-3

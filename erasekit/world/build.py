@@ -91,7 +91,7 @@ class WorldRecipe:
                                self.prediction_type, self.zero_terminal_snr)  # fmt: skip
 
 
-def build_text_encoder(seed: int):
+def build_text_encoder(seed: int, hidden_size: int = 32):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from erasekit.tokenizer import VOCAB_SIZE
@@ -99,8 +99,8 @@ def build_text_encoder(seed: int):
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_attention_heads=4,
         num_hidden_layers=2,
         max_position_embeddings=77,
