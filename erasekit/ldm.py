@@ -64,20 +64,30 @@ def _unet_prefixes(config) -> dict[str, str]:
     return out
 
 
-def unet_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
-    prefixes = _unet_prefixes(config)
+def _rename(
+    state: dict[str, torch.Tensor], prefixes: dict[str, str], head: str, what: str,
+    resnet: dict[str, str], attention: dict[str, str] | None = None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Each weight under its LDM name: its block prefix mapped, then the first name inside a
+    resnet (or a VAE attention, whose projections LDM stores as 1x1 convolutions)."""
     out = {}
     for key, value in state.items():
-        for old, new in prefixes.items():
-            if key.startswith(old):
-                rest = key[len(old) :]
-                if ".resnets." in old:
-                    rest = _rename_inner(rest, _RESNET)
-                out[UNET + new + rest] = value
-                break
-        else:
-            raise ErasekitError(f"LDM export: no LDM name for U-Net weight {key}")
+        old = next((p for p in prefixes if key.startswith(p)), None)
+        if old is None:
+            raise ErasekitError(f"LDM export: no LDM name for {what} weight {key}")
+        rest = key[len(old) :]
+        if ".resnets." in old:
+            rest = _rename_inner(rest, resnet)
+        elif attention is not None and ".attentions." in old:
+            rest = _rename_inner(rest, attention)
+            if value.ndim == 2:
+                value = value[:, :, None, None]
+        out[head + prefixes[old] + rest] = value
     return out
+
+
+def unet_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    return _rename(state, _unet_prefixes(config), UNET, "U-Net", _RESNET)
 
 
 def _vae_prefixes(config) -> dict[str, str]:
@@ -106,23 +116,8 @@ def _vae_prefixes(config) -> dict[str, str]:
 
 
 def vae_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
-    prefixes = _vae_prefixes(config)
-    out = {}
-    for key, value in state.items():
-        for old, new in prefixes.items():
-            if key.startswith(old):
-                rest = key[len(old) :]
-                if ".resnets." in old:
-                    rest = _rename_inner(rest, {"conv_shortcut": "nin_shortcut"})
-                elif ".attentions." in old:
-                    rest = _rename_inner(rest, _VAE_ATTENTION)
-                    if value.ndim == 2:  # LDM's VAE attention projections are 1x1 convolutions
-                        value = value[:, :, None, None]
-                out[VAE + new + rest] = value
-                break
-        else:
-            raise ErasekitError(f"LDM export: no LDM name for VAE weight {key}")
-    return out
+    return _rename(state, _vae_prefixes(config), VAE, "VAE", {"conv_shortcut": "nin_shortcut"},
+                   _VAE_ATTENTION)  # fmt: skip
 
 
 def ldm_state_dict(pipe) -> dict[str, torch.Tensor]:
