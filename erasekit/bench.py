@@ -376,14 +376,11 @@ def _cells(out: Path) -> list[dict[str, Any]]:
     return [json.loads(f.read_text()) for f in sorted((out / "cells").glob("*/*/seed*/cell.json"))]
 
 
-def _metrics(cell_dir: Path) -> dict[str, dict[str, Any]]:
-    """The audited model's metrics; attacked ones as ``<attack>:<key>``."""
-    doc = json.loads((cell_dir / "audit" / "results.json").read_text())
-    out = dict(doc["results"].get("audited", {}))
-    for role, metrics in doc["results"].items():
-        if role.endswith(":audited"):
-            out.update({f"{role.split(':')[0]}:{k}": m for k, m in metrics.items()})
-    return out
+def _metrics(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A cell's audited-model metrics; attacked ones as ``<attack>:<key>``."""
+    from erasekit.reporting import audited_metrics
+
+    return {f"{a}:{k}" if a else k: m for a, _, k, m in audited_metrics(doc)}
 
 
 def split_attack(key: str) -> tuple[str, str]:
@@ -393,9 +390,8 @@ def split_attack(key: str) -> tuple[str, str]:
     return (head, tail) if sep and "/" not in head else ("", key)
 
 
-def _curves(cell_dir: Path) -> dict[str, list[dict[str, Any]]]:
-    """The audited model's recovery curve under each recovery attack of a cell's audit."""
-    doc = json.loads((cell_dir / "audit" / "results.json").read_text())
+def _curves(doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """A cell's audited-model recovery curve under each recovery attack."""
     out = {}
     for name, entry in (doc.get("attacks") or {}).items():
         audited = entry.get("models", {}).get("audited", {})
@@ -466,9 +462,10 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
             per_attack: dict[str, list[list[dict]]] = defaultdict(list)
             for c in ok:
                 cell_dir = out / "cells" / concept / name / f"seed{c['seed']}"
-                for key, m in _metrics(cell_dir).items():
+                doc = json.loads((cell_dir / "audit" / "results.json").read_text())
+                for key, m in _metrics(doc).items():
                     per_key[key].append(m)
-                for attack, curve in _curves(cell_dir).items():
+                for attack, curve in _curves(doc).items():
                     per_attack[attack].append(curve)
             rows[name] = {
                 "model": study.models[name].describe(),

@@ -718,20 +718,24 @@ def _pointer(*parts: str) -> str:
     return "#/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
 
 
-def card_metrics(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """The audited model's headline metrics: primary-protocol rates, utility and attacked
-    rates, as (results key, metric); definitions stay in the results document."""
+def audited_metrics(
+    doc: dict[str, Any], primary_only: bool = False
+) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """The audited model's metrics, before and after each attack, as (attack or "", results
+    role, results key, metric); ``primary_only``: rates of the primary protocol only."""
     primary = doc["evaluation"]["primary_protocol"]
     out = []
     for role, metrics in doc["results"].items():
-        if role != "audited" and not role.endswith(":audited"):
+        attack, sep, who = role.rpartition(":")
+        if (who if sep else role) != "audited":
             continue
-        attack = role.split(":")[0] if ":" in role else ""
-        for key, m in metrics.items():
-            if m.get("protocol") not in (None, primary):
-                continue
-            out.append((f"{attack}:{key}" if attack else key, {**m, "_role": role, "_key": key}))
+        out += [(attack, role, key, m) for key, m in metrics.items()
+                if not primary_only or m.get("protocol") in (None, primary)]  # fmt: skip
     return out
+
+
+def _card_label(attack: str, key: str) -> str:
+    return f"{attack}:{key}" if attack else key
 
 
 def model_card_index(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -739,9 +743,8 @@ def model_card_index(doc: dict[str, Any]) -> list[dict[str, Any]]:
     attack), each metric with its value, 95% interval, n and a pointer to its definition."""
     concept = doc["concept"]["name"]
     results: dict[str, dict[str, Any]] = {}
-    for label, m in card_metrics(doc):
-        prompt_set = m.get("prompt_set") or label.rsplit("/", 1)[-1]
-        attack = label.split(":")[0] if ":" in label.split("/")[0] else ""
+    for attack, role, key, m in audited_metrics(doc, primary_only=True):
+        prompt_set = m.get("prompt_set") or key.rsplit("/", 1)[-1]
         name = f"{prompt_set} after {attack}" if attack else prompt_set
         entry = results.setdefault(name, {
             "task": {"type": "text-to-image", "name": f"erasekit audit: {concept}"},
@@ -750,10 +753,10 @@ def model_card_index(doc: dict[str, Any]) -> list[dict[str, Any]]:
         })  # fmt: skip
         entry["metrics"].append({
             "type": m["metric"],
-            "name": label,
+            "name": _card_label(attack, key),
             "value": m["value"],
             "args": {"ci95": list(m["ci95"]), "n_images": m.get("n_images"),
-                     "definition": CARD_EVIDENCE + _pointer("results", m["_role"], m["_key"])},
+                     "definition": CARD_EVIDENCE + _pointer("results", role, key)},
             "verified": False,
         })  # fmt: skip
     return list(results.values())
@@ -796,8 +799,9 @@ def write_model_card(model_dir: str | Path, doc: dict[str, Any]) -> Path:
              f"protocol, prompt set, seeds and interval are in `{CARD_EVIDENCE}` (the full "
              "results document). 95% intervals in brackets.", "",
              "| metric | value | 95% interval | n |", "|---|---|---|---|"]  # fmt: skip
-    for label, m in card_metrics(doc):
-        lines.append(f"| {label} | {m['value']:.3f} | [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}] "
+    for attack, _, key, m in audited_metrics(doc, primary_only=True):
+        low, high = m["ci95"]
+        lines.append(f"| {_card_label(attack, key)} | {m['value']:.3f} | [{low:.3f}, {high:.3f}] "
                      f"| {m.get('n_images')} |")  # fmt: skip
     lines += ["", CARD_END]
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
