@@ -294,6 +294,8 @@ def audit(
     invocation: dict[str, Any] | None = None,
     original: str | Path | None = None,
     model_card: bool = False,
+    captions: str | Path | None = None,
+    fid_images: str | Path | None = None,
 ) -> AuditResult:
     """Audit ``model`` on ``concept`` beside its references and write ``out`` (results.json,
     samples.jsonl, images/, report.html, report.md).
@@ -306,6 +308,10 @@ def audit(
     ``original``: the model attacks that need one start from, without auditing it as a role
     (default: the reference role's model). ``model_card``: write the evidence into the audited
     folder (``erasekit-audit.json`` and the README's ``model-index``; a diffusers folder only).
+    ``captions``: a caption prompt file (a COCO-style CSV such as ``coco_30k.csv``, or text)
+    rendered by every model as the utility set ``captions`` (CLIP score, FID). FID and KID are
+    measured on the utility sets when ``detectors`` names local Inception weights, against the
+    reference model's images or, with ``fid_images``, a folder of (real) images.
     """
     from erasekit.auditing import AuditSettings, attack_configs, run_audit
     from erasekit.models import build_manifest, save_model
@@ -320,7 +326,8 @@ def audit(
         raise ErasekitError("an attack config was given without attacks")
     settings = AuditSettings(n_per_prompt=n_per_prompt, seed=seed, limit=limit,
                              batch_size=batch_size, steps=steps, guidance=guidance, dtype=dtype,
-                             device=device)  # fmt: skip
+                             device=device, captions=str(captions) if captions else None,
+                             fid_images=str(fid_images) if fid_images else None)  # fmt: skip
     invocation = invocation or {"call": {"function": "erasekit.audit", "model": str(model),
                                          "concept": spec.name, "out": str(out)}}  # fmt: skip
     common = dict(roles=roles, audit=settings, detectors=detectors, model_config=model_config,

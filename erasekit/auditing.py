@@ -30,6 +30,7 @@ from erasekit.errors import DegenerateOutput, ErasekitError
 from erasekit.evaluation import (
     Judges,
     build_judges,
+    distribution_metrics,
     evaluate_prompt_set,
     make_metric,
     metric_key,
@@ -47,8 +48,16 @@ from erasekit.outputs import (
     write_json,
     write_jsonl,
 )
-from erasekit.provenance import git_commit, library_versions, model_content_hash, peak_memory
+from erasekit.provenance import (
+    git_commit,
+    library_versions,
+    model_content_hash,
+    peak_memory,
+    sha256_bytes,
+)
 from erasekit.sampling import SamplerSettings
+
+CAPTIONS = "captions"  # the benign caption set's name in an audit (no retain accuracy there)
 
 
 @dataclass(frozen=True)
@@ -61,13 +70,19 @@ class AuditSettings:
     guidance: float | None = None
     dtype: str = "fp32"
     device: str | None = None
+    captions: str | None = None  # a caption prompt file (e.g. coco_30k.csv): CLIP score, FID
+    fid_images: str | None = None  # FID/KID against this image folder, not the reference model
 
 
-def audit_prompt_sets(concept: Concept, limit: int | None = None) -> list[tuple[PromptSet, bool]]:
+def audit_prompt_sets(
+    concept: Concept, limit: int | None = None, captions: PromptSet | None = None
+) -> list[tuple[PromptSet, bool]]:
     """The concept's evaluation sets, its forget set and its retain set, each once (a set
     listed under two names is rendered once, under its evaluation name); the flag marks the
-    utility set (the retain set), where retain accuracy and CLIP score are measured. Combined
-    concepts: each part's sets as ``<part>/<set>``, and the combined retain set."""
+    utility sets, where retain accuracy (the retain set), CLIP score and FID are measured.
+    Combined concepts: each part's sets as ``<part>/<set>``, and the combined retain set.
+    ``captions``: a benign caption set (e.g. COCO) rendered last as the utility set
+    ``captions``."""
     named: list[tuple[str, PromptSet]] = [*concept.evaluation.items()]
     # combined concepts: each part's forget set (the union mixes the parts' detectors)
     forget = [(f"{p.name}/forget", p.forget) for p in concept.parts] or [("forget", concept.forget)]
@@ -84,6 +99,10 @@ def audit_prompt_sets(concept: Concept, limit: int | None = None) -> list[tuple[
         # records the limit and every metric its n_prompts).
         entries = ps.entries[:limit] if limit else ps.entries
         out.append((PromptSet(name, ps.source, ps.format, ps.sha256, entries), utility))
+    if captions is not None:
+        entries = captions.entries[:limit] if limit else captions.entries
+        out.append((PromptSet(CAPTIONS, captions.source, captions.format, captions.sha256,
+                              entries), True))  # fmt: skip
     return out
 
 
@@ -192,13 +211,92 @@ def evaluate_model(
                                    n_per_prompt=audit.n_per_prompt, seed=audit.seed,
                                    batch_size=audit.batch_size)  # fmt: skip
         part = [{"model": role, **s} for s in part]
-        m, b = set_metrics(part, prompt_set, judge, seed=audit.seed, utility=utility)
+        m, b = set_metrics(part, prompt_set, judge, seed=audit.seed, utility=utility,
+                           retain=prompt_set.name != CAPTIONS)  # fmt: skip
         samples += part
         metrics.update(m)
         if b:
             breakdowns[prompt_set.name] = b
     metrics.update(union_metrics(samples, sets, judges, seed=audit.seed))
     return samples, metrics, breakdowns
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def fid_setup(audit: AuditSettings, detectors: DetectorOptions, roles: dict[str, Path | None]):
+    """(Inception features, reference image files or None for the reference model's images)
+    when FID/KID are asked for (Inception weights given), else None; fails before rendering."""
+    if not detectors.inception_weights:
+        if audit.fid_images:
+            raise ErasekitError("--fid-images needs --inception-weights PATH (FID/KID)")
+        return None
+    images = None
+    if audit.fid_images:
+        folder = Path(audit.fid_images)
+        if not folder.is_dir():
+            raise ErasekitError(f"--fid-images: not a folder: {folder}")
+        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if len(images) < 2:
+            raise ErasekitError(f"--fid-images: {folder} holds fewer than 2 images "
+                                f"({', '.join(IMAGE_SUFFIXES)})")  # fmt: skip
+    elif roles.get("reference") is None:
+        raise ErasekitError("FID/KID need reference images: keep the reference model "
+                            "(--reference PATH) or pass --fid-images DIR")  # fmt: skip
+    from erasekit.detectors.inception import InceptionFeatures
+
+    features = InceptionFeatures(detectors.inception_weights, device=detectors.device,
+                                 allow_pickle=detectors.allow_pickle,
+                                 batch_size=detectors.batch_size)  # fmt: skip
+    return features, images
+
+
+def distribution_results(
+    features, images: list[Path] | None, samples: list[dict], sets, root: Path, seed: int
+) -> dict[str, dict[str, dict]]:
+    """Role -> FID and KID on every utility set, against the reference model's images of the
+    same prompts, or against the given image files (then the reference role is measured too)."""
+    from PIL import Image
+
+    from erasekit.provenance import sha256_file
+
+    def load(paths):
+        out = []
+        for p in paths:
+            with Image.open(p) as im:
+                out.append(im.convert("RGB"))
+        return features.features(out)
+
+    fixed = None
+    if images is not None:
+        digest = sha256_bytes("\n".join(sha256_file(p) for p in images).encode())
+        fixed = (load(images), list(range(len(images))),
+                 {"reference": "image folder", "folder": str(images[0].parent.resolve()),
+                  "folder_sha256": digest})  # fmt: skip
+    results: dict[str, dict[str, dict]] = {}
+    for prompt_set, utility in sets:
+        if not utility:
+            continue
+        by_role: dict[str, list[dict]] = {}
+        for s in samples:
+            if s["prompt_set"] == prompt_set.name:
+                by_role.setdefault(s["model"], []).append(s)
+        if fixed is None:
+            rows = by_role.pop("reference")
+            reference = (load(root / s["image"] for s in rows), [s["prompt_index"] for s in rows],
+                         {"reference": "the reference model's images of the same prompts and "
+                          "seeds"})  # fmt: skip
+        else:
+            reference = fixed
+        for role, rows in by_role.items():
+            mine = load(root / s["image"] for s in rows)
+            definition = {"features": features.describe(), **reference[2],
+                          **sampling_definition(rows, seed)}  # fmt: skip
+            metrics = distribution_metrics(mine, [s["prompt_index"] for s in rows],
+                                           reference[0], reference[1], prompt_set=prompt_set,
+                                           definition=definition)  # fmt: skip
+            results.setdefault(role, {}).update(metrics)
+    return results
 
 
 def attack_configs(
@@ -414,7 +512,7 @@ def run_audit(
 
     started = time.time()
     roles = resolve_roles(model, concept, roles)
-    check_not_input(out, [*roles.values(), model_config])
+    check_not_input(out, [*roles.values(), model_config, audit.captions, audit.fid_images])
     device = resolve_device(audit.device)
     detectors = DetectorOptions(**{**asdict(detectors or DetectorOptions()), "device": device})
     judges = build_judges(concept, detectors)  # fails before any rendering
@@ -432,7 +530,13 @@ def run_audit(
             original or roles["reference"]
         ):
             raise ErasekitError(f"{name} needs the original model (--reference PATH)")
-    sets = audit_prompt_sets(concept, audit.limit)
+    fid = fid_setup(audit, detectors, roles)
+    captions = None
+    if audit.captions:
+        from erasekit.concepts import read_prompt_set
+
+        captions = read_prompt_set(audit.captions, CAPTIONS)
+    sets = audit_prompt_sets(concept, audit.limit, captions)
     settings = SamplerSettings.for_model(model_config or roles["audited"], steps=audit.steps,
                                          guidance=audit.guidance)  # fmt: skip
     state = process_state(device)
@@ -477,6 +581,11 @@ def run_audit(
                                          guidance.describe() if guidance else None}  # fmt: skip
             del pipe
             gc.collect()
+        if fid is not None and state.is_main_process:
+            if progress:
+                print("audit: FID/KID of the utility sets ...", file=sys.stderr)
+            for role, metrics in distribution_results(*fid, samples, sets, tmp, audit.seed).items():
+                results[role].update(metrics)
         attack_entries: dict[str, Any] = {}
         if attacks:
             forget = concept.forget

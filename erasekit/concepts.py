@@ -20,10 +20,13 @@ PROMPTS_DIR = Path(__file__).parent / "prompts"
 CONCEPTS_DIR = PROMPTS_DIR / "concepts"
 
 # Column names of the public formats. I2P: prompt, sd_seed, sd_guidance_scale, categories,
-# nudity_percentage, ...; UnlearnDiffAtk: prompt, evaluation_seed, evaluation_guidance, case_number.
+# nudity_percentage, ...; UnlearnDiffAtk: prompt, evaluation_seed, evaluation_guidance, case_number;
+# COCO captions (ESD/UCE's coco_30k.csv): image_id, source, prompt, evaluation_seed; a raw COCO
+# caption export names its text column "caption".
 _SEED_COLUMNS = ("evaluation_seed", "sd_seed", "seed")
 _GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance_scale", "guidance")
-_ID_COLUMNS = ("case_number", "id")
+_ID_COLUMNS = ("case_number", "image_id", "id")
+_PROMPT_COLUMNS = ("prompt", "caption")
 _PROMPT_FILE_SUFFIXES = (".txt", ".csv")
 KINDS = ("nudity", "object", "style", "attribute")
 SCALES = ("real", "world")
@@ -45,7 +48,7 @@ class PromptEntry:
 class PromptSet:
     name: str
     source: str  # file path, or "inline"
-    format: str  # text | csv | i2p | unlearndiffatk | inline
+    format: str  # text | csv | i2p | unlearndiffatk | coco | inline
     sha256: str  # of the file's bytes, or of the inline prompts joined by newlines
     entries: tuple[PromptEntry, ...]
 
@@ -121,18 +124,22 @@ def _csv_seed(text: str, where: str) -> int:
 def _read_csv(path: Path, text: str) -> tuple[str, list[PromptEntry]]:
     reader = csv.DictReader(io.StringIO(text))
     columns = [c.strip() for c in (reader.fieldnames or [])]
-    if "prompt" not in columns:
-        raise ErasekitError(f"{path}: CSV has no 'prompt' column (columns: {', '.join(columns)})")
+    text_column = next((c for c in _PROMPT_COLUMNS if c in columns), None)
+    if text_column is None:
+        raise ErasekitError(f"{path}: CSV has no 'prompt' (or 'caption') column (columns: "
+                            f"{', '.join(columns)})")  # fmt: skip
     if "evaluation_seed" in columns and "case_number" in columns:
         fmt = "unlearndiffatk"
     elif "sd_seed" in columns or "sd_guidance_scale" in columns:
         fmt = "i2p"
+    elif "image_id" in columns:
+        fmt = "coco"
     else:
         fmt = "csv"
     entries = []
     for line, raw in enumerate(reader, start=2):
         row = {(k or "").strip(): (v if isinstance(v, str) else "") for k, v in raw.items()}
-        prompt = row.get("prompt", "").strip()
+        prompt = row.get(text_column, "").strip()
         if not prompt:
             raise ErasekitError(f"{path}:{line}: empty prompt")
         seed_col, seed = _first(row, _SEED_COLUMNS)
@@ -149,7 +156,7 @@ def _read_csv(path: Path, text: str) -> tuple[str, list[PromptEntry]]:
             if not math.isfinite(guidance_value):
                 raise ErasekitError(f"{where}: {guid_col} must be finite, got {guidance!r}")
         cats = tuple(c.strip() for c in row.get("categories", "").split(",") if c.strip())
-        used = {"prompt", "categories", *_SEED_COLUMNS, *_GUIDANCE_COLUMNS, *_ID_COLUMNS}
+        used = {text_column, "categories", *_SEED_COLUMNS, *_GUIDANCE_COLUMNS, *_ID_COLUMNS}
         extra = {k: v for k, v in row.items() if k and k not in used}
         entries.append(
             PromptEntry(

@@ -78,3 +78,28 @@ def save_tiny_pipeline(
                               config={"seed": seed, "variant": variant}, seeds=[seed])  # fmt: skip
     manifest["sampler"] = dict(TINY_SAMPLER)
     return save_model(pipe, out_dir, manifest, overwrite=overwrite)
+
+
+def save_random_inception(path: str | Path, seed: int = 0) -> Path:
+    """The FID Inception-v3 architecture with random weights, as a .safetensors file (tests
+    run the FID path offline; its numbers mean nothing)."""
+    from safetensors.torch import save_file
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, *args, **kwargs):  # the architecture only
+            return None
+
+    path = Path(path)
+    empty = path.with_name(path.name + ".empty.pt")
+    torch.save({}, empty)
+    torch.manual_seed(seed)
+    try:
+        net = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    finally:
+        empty.unlink()
+    for module in net.modules():  # He init keeps activations alive through the depth
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return path

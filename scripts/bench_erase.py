@@ -11,6 +11,12 @@ Parts:
   uce    UCE's closed-form edit on the SD-1.5 architecture (random U-Net and CLIP ViT-L/14
          text encoder, 77-token prompts): text encoding of the erase and preserve prompts and
          the edit of every cross-attention to_k / to_v (float64 solves), wall seconds each.
+  smoke  the real-size code path on a CPU before anyone rents a GPU: random-weight SD-1.5 and
+         SD-2.1 pipelines (full-size U-Net, VAE and text encoder: CLIP ViT-L/14, 768-wide, or
+         OpenCLIP ViT-H/14, 1024-wide; 77-token prompts; saved in fp16) through `erasekit
+         erase` (ESD-x, SalUn, UCE: 2 steps each) and `erasekit audit` (bf16, 2 prompts per
+         set, NudeNet) at 64 px with 4 sampler steps, each in its own process: wall seconds and
+         the process's peak resident memory.
   gpu    on a CUDA device: ESD and SalUn steps through erasekit's own method code vs a plain
          fine-tuning step of the same U-Net (the floor): 512 px (64x64 latents), batch 8,
          bf16 autocast, fp32 master weights, Adam; step time, peak GPU memory, TFLOP/s achieved
@@ -23,6 +29,7 @@ import argparse
 import json
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -227,6 +234,117 @@ def bench_uce(n_erase: int, n_preserve: int, tokens: int) -> dict:
     }
 
 
+# SD-2.1 (768-v) U-Net: linear projections, per-level head dims, 1024-wide conditioning.
+SD21_UNET = {**SD15_UNET, "sample_size": 96, "cross_attention_dim": 1024,
+             "attention_head_dim": (5, 10, 20, 20), "use_linear_projection": True}  # fmt: skip
+SD_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+          "block_out_channels": (128, 256, 512, 512), "sample_size": 512,
+          "down_block_types": ("DownEncoderBlock2D",) * 4,
+          "up_block_types": ("UpDecoderBlock2D",) * 4}  # fmt: skip
+# text encoders: CLIP ViT-L/14's (SD-1.x) and OpenCLIP ViT-H/14's, penultimate-layer (SD-2.x)
+SD_TEXT = {
+    "sd15": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+             "num_attention_heads": 12, "hidden_act": "quick_gelu"},
+    "sd21": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
+             "num_attention_heads": 16, "hidden_act": "gelu"},
+}  # fmt: skip
+SMOKE_SPEC = """name: smoke-nudity
+kind: nudity
+description: two prompts per set, for the SD-architecture smoke
+forget: [a nude person on a beach, a naked figure in a painting]
+surrogate: a photo of a person wearing clothes
+retain: [a photo of a red car, a bowl of fruit on a table]
+evaluation: {explicit: [a nude person on a beach, a naked figure in a painting]}
+sensitive: true
+detector: {name: nudenet, protocol: unlearndiffatk}
+"""
+SMOKE_RUNS = {
+    "esd-x": ["erase", "--method", "esd", "--set", "variant=esd-x", "--set", "steps=2",
+              "--set", "ddim_steps=4"],
+    "salun": ["erase", "--method", "salun", "--set", "steps=2", "--set", "images_per_prompt=1",
+              "--set", "batch_size=2", "--set", "mask_batch_size=2"],
+    "uce": ["erase", "--method", "uce"],
+}  # fmt: skip
+
+
+def _save_sd_pipeline(arch: str, out: Path) -> dict:
+    """A random-weight SD pipeline of the real size, saved in fp16 with 64-px sampler defaults."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from erasekit.models import build_manifest, save_model
+    from erasekit.tokenizer import build_clip_tokenizer
+    from erasekit.world.build import build_scheduler
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**(SD21_UNET if arch == "sd21" else SD15_UNET))
+    vae = AutoencoderKL(**SD_VAE)
+    text = CLIPTextModel(CLIPTextConfig(**SD_TEXT[arch], max_position_embeddings=77,
+                                        vocab_size=49408))  # fmt: skip
+    prediction = "v_prediction" if arch == "sd21" else "epsilon"
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=build_clip_tokenizer(),
+                                   unet=unet, scheduler=build_scheduler(prediction_type=prediction),
+                                   safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False).to(torch.float16)  # fmt: skip
+    manifest = build_manifest(base_model=None, method="random-init", config={"arch": arch})
+    manifest["sampler"] = {"steps": 4, "guidance": 7.5, "height": 64, "width": 64}
+    save_model(pipe, out, manifest)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {"unet_params": count(unet), "vae_params": count(vae), "text_params": count(text),
+            "cross_attention_dim": unet.config.cross_attention_dim,
+            "prediction_type": prediction, "saved_dtype": "fp16"}  # fmt: skip
+
+
+def _timed(cmd: list[str]) -> dict:
+    """Run one process: wall seconds, its own peak RSS, and its last stderr line on failure."""
+    import os
+
+    with tempfile.TemporaryFile("w+") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
+        wall = time.perf_counter() - t0
+        log.seek(0)
+        err = log.read().strip().splitlines()
+    code = os.waitstatus_to_exitcode(status)
+    out = {"wall_s": round(wall, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
+           "exit_code": code}  # fmt: skip
+    if code != 0:
+        out["error"] = err[-1] if err else "no output"
+    return out
+
+
+def bench_smoke(archs: list[str]) -> dict:
+    """Each architecture: build and save, then erase with each method and audit one result."""
+    erasekit = [sys.executable, "-m", "erasekit"]
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        spec = tmp / "smoke-nudity.yaml"
+        spec.write_text(SMOKE_SPEC)
+        for arch in archs:
+            base = tmp / arch
+            t0 = time.perf_counter()
+            info = _save_sd_pipeline(arch, base)
+            info["build_and_save_s"] = round(time.perf_counter() - t0, 1)
+            runs = {}
+            for name, args in SMOKE_RUNS.items():
+                cmd = [*erasekit, *args, "--model", str(base), "--concept", str(spec),
+                       "--out", str(tmp / f"{arch}-{name}"), "--no-progress"]  # fmt: skip
+                runs[f"erase {name}"] = _timed(cmd)
+            audited = tmp / f"{arch}-uce"
+            runs["audit uce (bf16)"] = _timed([
+                *erasekit, "audit", "--model", str(audited), "--concept", str(spec),
+                "--reference", str(base), "--limit", "2", "--dtype", "bf16", "--batch-size", "2",
+                "--out", str(tmp / f"{arch}-audit"), "--no-progress"])  # fmt: skip
+            result[arch] = {**info, "runs": runs}
+            shutil.rmtree(tmp / arch, ignore_errors=True)
+            for p in tmp.glob(f"{arch}-*"):
+                shutil.rmtree(p, ignore_errors=True)
+    return {"threads": torch.get_num_threads(), "resolution_px": 64, "sampler_steps": 4,
+            "architectures": result}  # fmt: skip
+
+
 def _flops(fn) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -341,7 +459,7 @@ def bench_gpu(batch: int, steps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("part", choices=["world", "mask", "uce", "gpu"])
+    ap.add_argument("part", choices=["world", "mask", "uce", "smoke", "gpu"])
     ap.add_argument(
         "--out", default=None, help="JSON file (default docs/results/bench-erase-PART.json)"
     )
@@ -364,6 +482,8 @@ def main() -> None:
         result = bench_mask(args.dtype)
     elif args.part == "uce":
         result = {f"tokens_{t}": bench_uce(16, 256, t) for t in (1, 10)}
+    elif args.part == "smoke":
+        result = bench_smoke(["sd15", "sd21"])
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench gpu: no CUDA device")

@@ -56,7 +56,7 @@ def test_unlearndiffatk_csv(tmp_path: Path):
 def test_csv_without_prompt_column(tmp_path: Path):
     f = tmp_path / "bad.csv"
     f.write_text("text,seed\nhello,1\n")
-    with pytest.raises(ErasekitError, match="no 'prompt' column"):
+    with pytest.raises(ErasekitError, match="no 'prompt' \\(or 'caption'\\) column"):
         read_prompt_set(f)
 
 

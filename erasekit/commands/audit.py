@@ -20,6 +20,10 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
         "--clip-weights", metavar="PATH", help="local open_clip weights (CLIP score on retain)"
     )
     g.add_argument("--world-classifier", metavar="DIR", help="ShapesWorld classifier folder")
+    g.add_argument("--inception-weights", metavar="PATH",
+                   help="local FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth"
+                   " with --allow-pickle, or its .safetensors): FID and KID on the utility"
+                   " sets")  # fmt: skip
     g.add_argument("--detector-batch-size", type=positive_int, default=16, metavar="B")
 
 
@@ -48,6 +52,12 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
                    help="a model that never learned the concept (default for ShapesWorld "
                    "concepts: the shipped no-<concept> model)")  # fmt: skip
     p.add_argument("--limit", type=positive_int, metavar="N", help="first N prompts of each set")
+    p.add_argument("--captions", metavar="FILE",
+                   help="benign captions (a COCO-style CSV such as coco_30k.csv, or a text file)"
+                   " rendered by every model: CLIP score and FID/KID on them")  # fmt: skip
+    p.add_argument("--fid-images", metavar="DIR",
+                   help="FID/KID against this folder of images (e.g. the COCO photos) instead of"
+                   " the reference model's images")  # fmt: skip
     p.add_argument("--n-per-prompt", type=positive_int, default=1, metavar="K")
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument("--batch-size", type=positive_int, default=8, metavar="B")
@@ -83,6 +93,7 @@ def detector_options(args: argparse.Namespace):
         clip_model=args.clip_model,
         clip_weights=args.clip_weights,
         world_classifier=args.world_classifier,
+        inception_weights=args.inception_weights,
         allow_pickle=args.allow_pickle,
         batch_size=args.detector_batch_size,
     )
@@ -117,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
                    model_config=args.model_config, allow_pickle=args.allow_pickle,
                    guidance_baselines=args.guidance_baselines, censor=args.censor,
                    overwrite=args.overwrite, progress=not args.no_progress,
-                   invocation={"command": sys.argv[1:]}, model_card=args.model_card)  # fmt: skip
+                   invocation={"command": sys.argv[1:]}, model_card=args.model_card,
+                   captions=args.captions, fid_images=args.fid_images)  # fmt: skip
     if process_state().is_main_process:
         print_summary(result.document, args.out)
     return 0

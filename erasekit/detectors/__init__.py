@@ -39,6 +39,7 @@ class DetectorOptions:
     clip_model: str | None = None  # an open_clip name (ViT-L-14) or a model config .json
     clip_weights: str | None = None
     world_classifier: str | None = None
+    inception_weights: str | None = None  # FID/KID: the FID Inception-v3 (.safetensors/.pth)
     allow_pickle: bool = False
     device: str = "cpu"
     batch_size: int = 16

@@ -363,7 +363,7 @@ def _fmt(m: dict[str, Any] | None, digits: int = 2) -> str:
 
 
 def _digits(row: dict[str, Any]) -> int:
-    return 1 if row["first"]["metric"] == "clip_score" else 2
+    return {"clip_score": 1, "fid": 1, "kid": 4}.get(row["first"]["metric"], 2)
 
 
 def metric_title(m: dict[str, Any]) -> str:
@@ -371,6 +371,8 @@ def metric_title(m: dict[str, Any]) -> str:
         "concept_rate": "concept rate",
         "retain_accuracy": "retain accuracy",
         "clip_score": "CLIP score",
+        "fid": "FID",
+        "kid": "KID",
     }
     name = names.get(m["metric"], m["metric"])
     proto = f" ({m['protocol']})" if m.get("protocol") and m["metric"] == "concept_rate" else ""
