@@ -38,7 +38,7 @@ from erasekit.evaluation import (
     set_metrics,
     union_metrics,
 )
-from erasekit.models import read_manifest
+from erasekit.models import SDXL, pipeline_class, read_manifest
 from erasekit.outputs import (
     check_not_input,
     commit_output_dir,
@@ -520,6 +520,11 @@ def run_audit(
         raise ErasekitError("attacks audit one concept at a time: run the audit with --attacks"
                             f" once per concept ({', '.join(concept.words)}) on the same"
                             " model")  # fmt: skip
+    sdxl = [role for role, path in roles.items() if path and pipeline_class(path) == SDXL]
+    if sdxl and (attacks or baselines):
+        raise ErasekitError(f"on SDXL ({', '.join(sdxl)}) the audit measures the prompt sets; "
+                            f"{'attacks' if attacks else 'guidance baselines'} do not run on "
+                            "SDXL yet")  # fmt: skip
     if attacks and process_state(device).num_processes > 1:
         raise ErasekitError("recovery attacks run in one process for now; audit without "
                             "accelerate launch/torchrun, or without --attacks")  # fmt: skip

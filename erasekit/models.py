@@ -21,9 +21,34 @@ from erasekit.outputs import atomic_file, atomic_output_dir, write_json
 from erasekit.provenance import git_commit, library_versions, model_content_hash, peak_memory
 
 MANIFEST = "erasekit.json"
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+SD = "StableDiffusionPipeline"
+SDXL = "StableDiffusionXLPipeline"
+SUPPORTED_PIPELINES = (SD, SDXL)
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHTED = ("unet", "vae", "text_encoder")
+# SDXL adds a second text encoder (OpenCLIP bigG, with projection) and its tokenizer
+SDXL_COMPONENTS = (*COMPONENTS, "text_encoder_2", "tokenizer_2")
+SDXL_WEIGHTED = (*WEIGHTED, "text_encoder_2")
+
+
+def is_sdxl(pipe) -> bool:
+    """An SDXL pipeline (two text encoders, added time/text conditioning)."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def pipeline_class(path: str | Path) -> str | None:
+    """The ``_class_name`` of a diffusers folder's model_index.json (None for a file)."""
+    index = Path(path) / "model_index.json"
+    try:
+        return json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def weighted_components(pipe) -> tuple[str, ...]:
+    return SDXL_WEIGHTED if is_sdxl(pipe) else WEIGHTED
+
+
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 # Prefixes of the original (CompVis/LDM) single-file layout that diffusers' converter reads.
 _LDM_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
@@ -71,13 +96,14 @@ def _check_diffusers_folder(path: Path, allow_pickle: bool) -> None:
     arch = index.get("_class_name")
     if arch not in SUPPORTED_PIPELINES:
         raise ErasekitError(
-            f"unsupported architecture {arch!r} in {path} "
-            "(erasekit supports StableDiffusionPipeline: SD-1.x and SD-2.x)"
+            f"unsupported architecture {arch!r} in {path} (erasekit supports "
+            "StableDiffusionPipeline: SD-1.x and SD-2.x, and StableDiffusionXLPipeline: SDXL)"
         )
-    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    missing = [c for c in (SDXL_COMPONENTS if arch == SDXL else COMPONENTS)
+               if not (path / c).is_dir()]  # fmt: skip
     if missing:
         raise ErasekitError(f"not a complete model: {path} lacks {', '.join(missing)}")
-    for component in WEIGHTED:
+    for component in SDXL_WEIGHTED if arch == SDXL else WEIGHTED:
         folder = path / component
         safe = sorted(folder.glob("*.safetensors"))
         pickled = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
@@ -95,18 +121,24 @@ def _wrap_load_error(path: Path, e: Exception) -> ErasekitError:
 
 
 def _load_folder(path: Path, dtype: torch.dtype, allow_pickle: bool):
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     _check_diffusers_folder(path, allow_pickle)
+    arch = pipeline_class(path)
+    # SD's safety checker is never loaded (an audit must see what the model draws); SDXL has
+    # none, and its invisible watermark is not applied to images erasekit evaluates.
+    extra = (
+        {"add_watermarker": False}
+        if arch == SDXL
+        else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    )
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
+        pipe = getattr(diffusers, arch).from_pretrained(
             str(path),
             dtype=dtype,
             use_safetensors=None if allow_pickle else True,
             local_files_only=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            **extra,
         )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise _wrap_load_error(path, e) from e
@@ -116,7 +148,7 @@ def _load_folder(path: Path, dtype: torch.dtype, allow_pickle: bool):
 
 def check_complete(pipe, path: Path) -> None:
     """Every weight loaded: a file that lacks a tensor leaves it on the meta device."""
-    for component in WEIGHTED:
+    for component in weighted_components(pipe):
         module = getattr(pipe, component)
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             if tensor.is_meta:
@@ -158,6 +190,9 @@ def _load_single_file(path: Path, config: Path | None, dtype: torch.dtype, allow
         )
     if not Path(config).is_dir():
         raise ErasekitError(f"--config folder not found: {config}")
+    if pipeline_class(config) == SDXL:
+        raise ErasekitError(f"single-file SDXL checkpoints are not supported yet ({path}): load "
+                            "the SDXL diffusers folder")  # fmt: skip
     if any(k.startswith(_LDM_PREFIXES) for k in state):
         # Original (LDM) key layout: diffusers' converter maps it onto the config's architecture.
         from diffusers import StableDiffusionPipeline
@@ -269,6 +304,8 @@ def export_single_file(pipe, path: str | Path, layout: str = "ldm") -> Path:
         raise ErasekitError(f"layout must be one of {', '.join(SINGLE_FILE_LAYOUTS)}")
     if Path(path).suffix != ".safetensors":
         raise ErasekitError(f"single files are written as .safetensors, got {path}")
+    if is_sdxl(pipe):
+        raise ErasekitError("single-file export of SDXL is not supported yet: ship the folder")
     if layout == "ldm":
         from erasekit.ldm import ldm_state_dict
 
@@ -344,7 +381,7 @@ def _guidance_usage(manifest: dict[str, Any]) -> list[str]:
                     "--model path/to/this/folder"]  # fmt: skip
 
 
-def model_card(manifest: dict[str, Any]) -> str:
+def model_card(manifest: dict[str, Any], pipeline: str = SD) -> str:
     method = manifest.get("method") or {}
     concept = manifest.get("concept") or {}
     base = manifest.get("base_model") or {}
@@ -365,9 +402,9 @@ def model_card(manifest: dict[str, Any]) -> str:
         "The full configuration and library versions are in `erasekit.json`.",
         "",
         "```python",
-        "from diffusers import StableDiffusionPipeline",
+        f"from diffusers import {pipeline}",
         "",
-        'pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")',
+        f'pipe = {pipeline}.from_pretrained("path/to/this/folder")',
         *_guidance_usage(manifest),
         "```",
         "",
@@ -398,4 +435,4 @@ def write_model(pipe, folder: str | Path, manifest: dict[str, Any]) -> None:
     folder = Path(folder)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     write_json(folder / MANIFEST, manifest)
-    (folder / "README.md").write_text(model_card(manifest))
+    (folder / "README.md").write_text(model_card(manifest, type(pipe).__name__))

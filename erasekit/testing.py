@@ -16,20 +16,25 @@ from erasekit.tokenizer import build_clip_tokenizer
 TINY_SAMPLER = {"steps": 4, "guidance": 5.0, "height": 32, "width": 32}
 
 
-TINY_VARIANTS = ("sd1", "sd2")
+TINY_VARIANTS = ("sd1", "sd2", "sdxl")
 
 
 def build_tiny_pipeline(seed: int = 0, tokenizer=None, variant: str = "sd1"):
     """A 32x32-pixel SD pipeline (8x8 latents) with random weights fixed by ``seed``.
 
     ``variant="sd1"``: ε-prediction, 32-wide text embeddings (SD-1.x style); ``"sd2"``:
-    v-prediction and 64-wide text embeddings (SD-2.x style)."""
+    v-prediction and 64-wide text embeddings (SD-2.x style); ``"sdxl"``: SDXL's layout — two
+    text encoders (32- and 32-wide, the second with a projection: pooled embedding), their
+    hidden states concatenated (64-wide cross-attention) and the added time/text conditioning.
+    """
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
     from erasekit.world.build import build_scheduler, build_text_encoder
 
     if variant not in TINY_VARIANTS:
         raise ValueError(f"variant must be one of {TINY_VARIANTS}")
+    if variant == "sdxl":
+        return _tiny_sdxl(seed, tokenizer)
     width = 64 if variant == "sd2" else 32
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -66,6 +71,48 @@ def build_tiny_pipeline(seed: int = 0, tokenizer=None, variant: str = "sd1"):
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+def _tiny_sdxl(seed: int, tokenizer=None):
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from erasekit.tokenizer import VOCAB_SIZE
+    from erasekit.world.build import build_scheduler, build_text_encoder, build_vae
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,  # text_encoder (32) + text_encoder_2 (32), concatenated
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids + the pooled embedding
+        norm_num_groups=8,
+    )
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=77, projection_dim=32, bos_token_id=49406,
+        eos_token_id=49407, pad_token_id=49407)).eval().requires_grad_(False)  # fmt: skip
+    tok = tokenizer if tokenizer is not None else build_clip_tokenizer()
+    return StableDiffusionXLPipeline(
+        vae=build_vae(seed),
+        text_encoder=build_text_encoder(seed, 32),
+        text_encoder_2=text_encoder_2,
+        tokenizer=tok,
+        tokenizer_2=tok,
+        unet=unet,
+        scheduler=build_scheduler(prediction_type="epsilon"),
+        add_watermarker=False,
     )
 
 

@@ -136,8 +136,19 @@ def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
-    """CLIP hidden states of ``prompts`` (what the U-Net cross-attends to)."""
+    """CLIP hidden states of ``prompts`` (what the U-Net cross-attends to). SDXL: both text
+    encoders' penultimate hidden states, concatenated, as its pipeline conditions the U-Net."""
+    from erasekit.models import is_sdxl
+
     out = []
+    if is_sdxl(pipe):
+        for i in range(0, len(prompts), batch_size):
+            embeds, *_ = pipe.encode_prompt(prompt=prompts[i : i + batch_size],
+                                            device=pipe.text_encoder.device,
+                                            num_images_per_prompt=1,
+                                            do_classifier_free_guidance=False)  # fmt: skip
+            out.append(embeds)
+        return torch.cat(out)
     for i in range(0, len(prompts), batch_size):
         ids = token_ids(pipe.tokenizer, prompts[i : i + batch_size])
         out.append(pipe.text_encoder(ids.to(pipe.text_encoder.device))[0])
@@ -157,6 +168,11 @@ def encode_images(pipe, image_set, batch_size: int = 16) -> torch.Tensor:
         x = images[i : i + batch_size].to(vae.device, vae.dtype)
         out.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
     return torch.cat(out)
+
+
+def condition_width(pipe) -> int:
+    """The width of the text conditions the U-Net cross-attends to."""
+    return int(pipe.unet.config.cross_attention_dim)
 
 
 def encode_prompt_list(pipe, prompts: list[str]) -> torch.Tensor:
@@ -407,6 +423,8 @@ class TrainingJob:
     # False: the output folder holds the job's own outputs, the log and erasekit.json, not a
     # copy of the (unchanged) model (e.g. an attack's learned embedding).
     saves_model: ClassVar[bool] = True
+    # True: the job handles SDXL (two text encoders, the U-Net's added time/text conditioning).
+    runs_on_sdxl: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -527,7 +545,11 @@ def train(job: TrainingJob, pipe, *, out_dir: str | Path, **kwargs: Any) -> Path
     (``erasekit.outputs.claim_output``) for the whole run. Keyword arguments: see ``_train``.
     """
     from erasekit.distributed import process_state
+    from erasekit.models import is_sdxl
 
+    if is_sdxl(pipe) and not job.runs_on_sdxl:
+        raise ErasekitError(f"{job.name} does not run on SDXL yet (its U-Net calls lack SDXL's "
+                            "added time/text conditioning); on SDXL: --method uce")  # fmt: skip
     main = process_state(str(pipe.device)).is_main_process
     try:
         return _train(job, pipe, out_dir=out_dir, **kwargs)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import assert_one_line_error, chromium, run_main
 
 from erasekit.bench import load_study
+from tests.conftest import assert_one_line_error, chromium, run_main
 from tests.test_detectors import tiny_clip  # noqa: F401  (session fixture)
 
 STUDY = """\

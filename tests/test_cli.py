@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli, run_main
 
 import erasekit
 from erasekit.cli import build_parser
+from tests.conftest import assert_one_line_error, run_cli, run_main
 
 
 def test_version():

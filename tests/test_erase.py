@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli, run_main
 from safetensors.torch import load_file
 
 import erasekit
@@ -21,6 +20,7 @@ from erasekit.errors import ErasekitError
 from erasekit.methods import METHODS, get_method
 from erasekit.models import load_pipeline
 from erasekit.training import epoch_indices, train
+from tests.conftest import assert_one_line_error, run_cli, run_main
 
 # Small settings every method accepts: a few steps on tiny data.
 FAST = {"steps": 3, "images_per_prompt": 1, "batch_size": 2}

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, run_main
 
 import erasekit
 from erasekit.errors import ErasekitError
@@ -20,6 +19,7 @@ from erasekit.methods.immunize import (
     harmful_regulariser,
     immunization_ratio,
 )
+from tests.conftest import assert_one_line_error, run_main
 
 
 def test_condition_number_equals_numpy_on_random_spd_matrices():

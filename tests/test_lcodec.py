@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_main
 from safetensors.torch import load_file
 
 import erasekit
 from erasekit.errors import ErasekitError
 from erasekit.methods.lcodec import codec_statistic
 from erasekit.methods.salun import MASK_FILE, load_mask
+from tests.conftest import assert_one_line_error, run_main
 
 FAST = {"steps": 3, "images_per_prompt": 1, "batch_size": 2, "mask_batch_size": 4,
         "lcodec_samples": 16}  # fmt: skip

@@ -17,6 +17,7 @@ from erasekit.models import (
     save_model,
 )
 from erasekit.provenance import model_content_hash
+from tests.conftest import assert_one_line_error, run_main
 
 
 def _state(pipe) -> dict[str, torch.Tensor]:
@@ -240,3 +241,78 @@ def test_model_hash_ignores_descriptive_files(tiny_model_dir: Path, tmp_path: Pa
     assert model_content_hash(copy) == before
     (copy / "scheduler" / "scheduler_config.json").write_text("{}")
     assert model_content_hash(copy) != before
+
+
+# --- SDXL --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    from erasekit.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-xl", variant="sdxl")
+
+
+def test_sdxl_folder_loads_generates_and_takes_uce(tiny_sdxl_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from erasekit.models import is_sdxl, load_pipeline
+    from erasekit.training import encode_prompts
+
+    pipe = load_pipeline(tiny_sdxl_dir)
+    assert is_sdxl(pipe) and type(pipe).__name__ == "StableDiffusionXLPipeline"
+    # the U-Net's conditions: both encoders' penultimate hidden states, concatenated
+    cond = encode_prompts(pipe, ["a red car"])
+    embeds, _, pooled, _ = pipe.encode_prompt("a red car", device="cpu",
+                                              do_classifier_free_guidance=False)  # fmt: skip
+    assert cond.shape == (1, 77, 64) and torch.equal(cond, embeds) and pooled.shape == (1, 32)
+
+    r = run_main(capsys, "generate", "--model", str(tiny_sdxl_dir), "--prompts", "a circle",
+                 "--out", str(tmp_path / "gen"), "--n-per-prompt", "2")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "gen").rglob("*.png"))) == 2
+
+    out = tmp_path / "xl-uce"
+    r = run_main(capsys, "erase", "--model", str(tiny_sdxl_dir), "--concept", "circle",
+                 "--method", "uce", "--out", str(out), "--no-progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    before, after = load_file(str(tiny_sdxl_dir / unet)), load_file(str(out / unet))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed == {
+        k for k in before if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))
+    }
+    assert "StableDiffusionXLPipeline.from_pretrained" in (out / "README.md").read_text()
+    # the erased folder loads in plain diffusers, in a process without erasekit
+    code = ("import sys; sys.modules['erasekit'] = None\n"
+            "from diffusers import StableDiffusionXLPipeline\n"
+            f"p = StableDiffusionXLPipeline.from_pretrained({str(out)!r}, local_files_only=True)\n"
+            "print(type(p).__name__, p.unet.config.cross_attention_dim)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["StableDiffusionXLPipeline", "64"]
+    # the audit renders every prompt set with the erased SDXL and its SDXL reference
+    r = run_main(capsys, "audit", "--model", str(out), "--concept", "circle", "--limit", "1",
+                 "--never-learned", "none", "--out", str(tmp_path / "audit"),
+                 "--no-progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "audit" / "results.json").read_text())
+    assert set(doc["results"]) == {"audited", "reference"}
+    assert doc["models"]["reference"]["path"] == str(tiny_sdxl_dir.resolve())
+
+
+def test_sdxl_refusals_are_one_line(tiny_sdxl_dir, tmp_path, capsys):
+    model, out = ["--model", str(tiny_sdxl_dir)], ["--out", str(tmp_path / "o"), "--no-progress"]
+    cases = [
+        (["erase", *model, "--method", "esd", "--concept", "circle", *out],
+         "esd does not run on SDXL yet"),
+        (["erase", *model, "--method", "salun", "--concept", "circle", *out],
+         "salun does not run on SDXL yet"),
+        (["audit", *model, "--concept", "red", "--attacks", "finetune", "--reference", "none",
+          "--never-learned", "none", *out], "attacks do not run on SDXL yet"),
+        (["export", *model, "--out", str(tmp_path / "xl.safetensors")],
+         "SDXL is not supported yet"),
+    ]  # fmt: skip
+    for args, needle in cases:
+        assert_one_line_error(run_main(capsys, *args), needle)
+        assert not (tmp_path / "o").exists() and not (tmp_path / "xl.safetensors").exists()

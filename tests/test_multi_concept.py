@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import assert_one_line_error, run_main
 
 import erasekit
 from erasekit.concepts import combine_concepts, load_concept
 from erasekit.errors import ErasekitError
+from tests.conftest import assert_one_line_error, run_main
 
 
 def test_combined_spec_joins_forget_and_keeps_retain_prompts_naming_neither():

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_main
 from safetensors.torch import load_file
 
 from erasekit.concepts import load_concept
@@ -23,6 +22,7 @@ from erasekit.methods.resalign import (
 )
 from erasekit.models import load_pipeline
 from erasekit.training import train
+from tests.conftest import assert_one_line_error, run_main
 
 TINY_META = Path(__file__).parent / "data" / "resalign-tiny-meta.yaml"
 

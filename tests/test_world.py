@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, run_main
 
 from erasekit.concepts import load_concept
 from erasekit.world import WORLD_VARIANTS, classifier_path, world_path
@@ -25,6 +24,7 @@ from erasekit.world.render import (
     render_dataset,
     sample_scene,
 )
+from tests.conftest import assert_one_line_error, run_main
 
 
 def test_renderer_is_deterministic():

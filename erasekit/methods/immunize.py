@@ -33,8 +33,11 @@ ORIGINAL encoder's (the public deep-net code divides by the immunized model's ow
 which makes the ratio 1 by construction; erasekit does not).
 
 Departures: the seed paper immunizes a feature extractor for linear probes; here the erasure
-loss and the U-Net's retain distillation are added, the U-Net's losses see the original
-encoder's features (precomputed), and the attacker in the audit fine-tunes the whole U-Net
+loss and the U-Net's retain distillation are added. The erasure loss reads the original
+encoder's features (precomputed); in the retain distillation the teacher reads the original
+encoder's features and the trained U-Net the immunized encoder's current ones (no gradient to
+the encoder), so the U-Net keeps its retain outputs under the features it ships with. The
+attacker in the audit fine-tunes the whole U-Net
 (full or LoRA, with Adam) rather than a linear head by gradient descent.
 """
 
@@ -156,6 +159,7 @@ class Immunize(ResAlign):
         self.original_encoder = copy.deepcopy(pipe.text_encoder).requires_grad_(False).eval()
         self.harm_ids = token_ids(pipe.tokenizer, list(self.concept.forget.prompts))
         self.benign_ids = token_ids(pipe.tokenizer, list(self.concept.retain.prompts))
+        data["retain"].ids = token_ids(pipe.tokenizer, data["retain"].prompts)
         self.data_info["covariances"] = {
             "harmful": self.concept.forget.describe(), "benign": self.concept.retain.describe(),
             "features": "text-encoder hidden states at every token position (to_k/to_v inputs)",
@@ -199,6 +203,13 @@ class Immunize(ResAlign):
         k = self.basis.shape[1]
         self.unit = {"harm": float(x_harm.norm()) / k**0.5,
                      "benign": float(x_benign.norm()) / k**0.5}  # fmt: skip
+
+    @torch.no_grad()
+    def student_cond(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The retain distillation's student reads the encoder being immunized, the one the
+        model ships with (the teacher reads the original's): the U-Net learns to keep retain
+        outputs under the moved features instead of being fitted to the original ones."""
+        return self._features(self.encoder, batch["ids"]).to(batch["cond"].dtype)
 
     def _features(self, encoder, ids: torch.Tensor) -> torch.Tensor:
         device = next(encoder.parameters()).device

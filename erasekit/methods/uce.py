@@ -65,11 +65,10 @@ class UCEConfig(TrainConfig):
 @torch.no_grad()
 def concept_embeddings(pipe, texts: list[str]) -> torch.Tensor:
     """(n, d) float64: each text's hidden state at its last token before end-of-text."""
-    from erasekit.training import encode_prompts
+    from erasekit.training import condition_width, encode_prompts
 
     if not texts:
-        width = pipe.text_encoder.config.hidden_size
-        return torch.zeros((0, width), dtype=torch.float64)
+        return torch.zeros((0, condition_width(pipe)), dtype=torch.float64)
     hidden = encode_prompts(pipe, texts)
     lengths = [len(pipe.tokenizer(t, truncation=True).input_ids) for t in texts]
     index = torch.tensor([max(0, n - 2) for n in lengths])
@@ -79,10 +78,10 @@ def concept_embeddings(pipe, texts: list[str]) -> torch.Tensor:
 @torch.no_grad()
 def token_embeddings(pipe, texts: list[str]) -> torch.Tensor:
     """(n, d) float64: the hidden states of every token (start to end-of-text) of every text."""
-    from erasekit.training import encode_prompts
+    from erasekit.training import condition_width, encode_prompts
 
     if not texts:
-        return torch.zeros((0, pipe.text_encoder.config.hidden_size), dtype=torch.float64)
+        return torch.zeros((0, condition_width(pipe)), dtype=torch.float64)
     hidden = encode_prompts(pipe, texts).double().cpu()  # one batched pass
     lengths = [len(ids) for ids in pipe.tokenizer(texts, truncation=True).input_ids]
     return torch.cat([h[:n] for h, n in zip(hidden, lengths, strict=True)])
@@ -158,6 +157,7 @@ class UCE(Method):
     name = "uce"
     Config = UCEConfig
     closed_form = True
+    runs_on_sdxl = True  # a closed-form edit of to_k/to_v on the concatenated conditions
 
     @classmethod
     def defaults(cls, concept) -> dict[str, Any]:

@@ -231,7 +231,12 @@ class ResAlign(Method):
         with torch.no_grad():
             target = self.teacher(x_t.to(self.teacher.dtype), t,
                                   batch["cond"].to(self.teacher.dtype)).sample.float()  # fmt: skip
-        return F.mse_loss(self._eps(ctx, x_t, t, batch["cond"]), target)
+        return F.mse_loss(self._eps(ctx, x_t, t, self.student_cond(batch)), target)
+
+    def student_cond(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The text conditions the trained U-Net reads in the retain distillation (the
+        teacher reads the original encoder's, ``batch["cond"]``): the same here."""
+        return batch["cond"]
 
     def finetune_loss(self, ctx, split: str, size: int, gen, overrides) -> torch.Tensor:
         """The simulated fine-tuning's loss: ε-MSE on a random batch of a benign set."""
