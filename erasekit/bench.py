@@ -17,6 +17,7 @@ A study file (YAML)::
     audit: {n_per_prompt: 2, limit: 8}   # erasekit.audit's settings
     attacks: {finetune: {steps: 50, eval_every: 25}}
     compare: [[salun, original]]     # paired differences
+    outputs: [kappa_final.immunization_ratio]   # erasekit.json training.outputs to tabulate
 
 Every cell (concept, model, seed) goes through ``erasekit.erase`` and ``erasekit.audit`` (the
 model as the audited role, no other role: each row is measured alone). Erased models are cached
@@ -45,7 +46,7 @@ from erasekit.outputs import atomic_file, output_lock, read_jsonl, write_json
 SCHEMA = "erasekit.leaderboard"
 SCHEMA_VERSION = 1
 STUDY_KEYS = {"name", "base", "concepts", "seeds", "models", "audit", "attacks", "compare",
-              "columns", "description", "profiles", "detectors", "claims"}  # fmt: skip
+              "columns", "description", "profiles", "detectors", "claims", "outputs"}  # fmt: skip
 AUDIT_KEYS = {"n_per_prompt", "limit", "steps", "batch_size", "guidance", "dtype", "device"}
 
 
@@ -87,6 +88,8 @@ class Study:
     detectors: dict[str, Any] = field(default_factory=dict)  # DetectorOptions' fields
     # orderings to check: a is better than b on metric (by its higher_is_better)
     claims: list[dict[str, str]] = field(default_factory=list)
+    # dotted paths into each erased model's erasekit.json training.outputs, tabulated per seed
+    outputs: list[str] = field(default_factory=list)
 
 
 def _fail(path: Path, what: str) -> ErasekitError:
@@ -121,6 +124,26 @@ def _model_row(path: Path, name: str, value: Any, earlier: list[str]) -> ModelRo
     get_method(str(value["erase"]))  # an unknown method fails here, naming the known ones
     return ModelRow(name, "erase", method=str(value["erase"]), settings=dict(settings),
                     start=start)  # fmt: skip
+
+
+def _erase_outputs(keys: list[str], cells: list[dict]) -> dict[str, list]:
+    """Each declared ``training.outputs`` key (dotted) of every erased cell's model, by seed
+    order; keys a model does not record are left out."""
+    from erasekit.models import read_manifest
+
+    found: dict[str, list] = {}
+    for c in cells:
+        model = Path(c.get("model") or "")
+        if not (model / "erasekit.json").is_file():
+            continue
+        outputs = (read_manifest(model).get("training") or {}).get("outputs") or {}
+        for key in keys:
+            value: Any = outputs
+            for part in key.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            if value is not None:
+                found.setdefault(key, []).append(value)
+    return found
 
 
 def load_study(path: str | Path, profile: str | None = None) -> Study:
@@ -210,7 +233,13 @@ def load_study(path: str | Path, profile: str | None = None) -> Study:
     known = {f.name for f in fields(DetectorOptions)} - {"device"}
     if not isinstance(detectors, dict) or set(detectors) - known:
         raise _fail(path, f"'detectors' takes {', '.join(sorted(known))}")
-    for key in ("nudenet_model", "clip_weights", "world_classifier", "clip_model"):
+    for key in (
+        "nudenet_model",
+        "clip_weights",
+        "world_classifier",
+        "clip_model",
+        "inception_weights",
+    ):
         value = detectors.get(key)  # local files: relative to the study's folder
         if (
             isinstance(value, str)
@@ -223,12 +252,16 @@ def load_study(path: str | Path, profile: str | None = None) -> Study:
         isinstance(columns, list) and all(isinstance(c, str) for c in columns)
     ):
         raise _fail(path, "'columns' must be a list of metric keys")
+    outputs = spec.get("outputs") or []
+    if not (isinstance(outputs, list) and all(isinstance(o, str) and o for o in outputs)):
+        raise _fail(path, "'outputs' must be a list of dotted keys of training.outputs")
     return Study(name=str(spec["name"]), base=str(spec["base"]), concepts=concepts, seeds=seeds,
                  models=models, audit=dict(audit),
                  attacks={k: dict(v or {}) for k, v in attacks.items()}, compare=pairs,
                  columns=columns, source=str(path), sha256=sha256_bytes(data),
                  description=str(spec.get("description", "")).strip(),
-                 profile=profile, detectors=dict(detectors), claims=list(claims))  # fmt: skip
+                 profile=profile, detectors=dict(detectors), claims=list(claims),
+                 outputs=list(outputs))  # fmt: skip
 
 
 def resolve_base(base: str, study_path: str) -> Path:
@@ -475,6 +508,7 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
                 "metrics": {k: pool(v) for k, v in per_key.items() if len(v) == len(ok)},
                 "erase_wall_s": [c["erase_wall_s"] for c in ok
                                  if c.get("erase_wall_s") is not None],
+                "outputs": _erase_outputs(study.outputs, ok),
                 "curves": {a: pool_curve(v) for a, v in per_attack.items() if len(v) == len(ok)},
             }  # fmt: skip
         differences = []
@@ -509,6 +543,7 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
             "audit": study.audit,
             "attacks": study.attacks,
             "models": {n: r.describe() for n, r in study.models.items()},
+            "outputs": study.outputs,
         },  # fmt: skip
         "columns": study.columns,
         "concepts": concepts,
@@ -653,6 +688,20 @@ def render_markdown(board: dict[str, Any]) -> str:
             lines.append(f"| {name}{failed} | {cells} | "
                          f"{'/'.join(f'{w:.0f}' for w in wall) if wall else '—'} |")  # fmt: skip
         lines.append("")
+        declared = study.get("outputs") or []
+        if any(row.get("outputs") for row in rows.values()):
+            lines += ["Erasure outputs (each erased model's `erasekit.json` training.outputs; one"
+                      " value per seed):", "", "| model | " + " | ".join(declared) + " |",
+                      "|---|" + "---|" * len(declared)]  # fmt: skip
+            for name, row in rows.items():
+                if row.get("outputs"):
+                    values = [row["outputs"].get(k) for k in declared]
+                    lines.append(
+                        f"| {name} | "
+                        + " | ".join("/".join(f"{x:.4g}" for x in v) if v else "—" for v in values)
+                        + " |"
+                    )
+            lines.append("")
         for attack in _attacks_with_curves(rows):
             steps = sorted({p["step"] for r in rows.values() for p in r["curves"].get(attack, [])})
             lines += [f"Recovery under `{attack}` (concept rate after each number of steps):", "",

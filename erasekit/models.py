@@ -45,6 +45,53 @@ def pipeline_class(path: str | Path) -> str | None:
         return None
 
 
+def sdxl_time_ids(pipe) -> torch.Tensor:
+    """SDXL's added time ids at the model's native size, uncropped: (H, W, 0, 0, H, W), what its
+    pipeline passes when neither original nor target size is given."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32)
+
+
+def pack_sdxl_conditions(hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """(n, tokens + 1, d): SDXL's token conditions with the pooled text embedding as one more
+    row (zero-padded to d), so every erasekit path can pass one conditions tensor."""
+    row = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[2])
+    row[:, 0, : pooled.shape[1]] = pooled.to(hidden.dtype)
+    return torch.cat([hidden, row], dim=1)
+
+
+def install_sdxl_conditioning(pipe) -> None:
+    """Let ``pipe.unet(x, t, packed)`` work on SDXL: a forward pre-hook splits a packed
+    conditions tensor (``pack_sdxl_conditions``) into the token conditions and SDXL's added
+    conditioning (pooled embedding, native-size time ids). Calls that pass
+    ``added_cond_kwargs`` themselves (the diffusers pipeline) are left as they are; the hook is
+    not saved with the weights."""
+    tokens = pipe.tokenizer.model_max_length
+    pooled_dim = pipe.text_encoder_2.config.projection_dim
+    time_ids = sdxl_time_ids(pipe)
+
+    def unpack(module, args, kwargs):
+        args = list(args)
+        packed = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        if kwargs.get("added_cond_kwargs") is not None or packed is None:
+            return None
+        if packed.shape[1] != tokens + 1:
+            raise ErasekitError(f"SDXL U-Net called with {packed.shape[1]} condition rows: "
+                                "expected tokens + the pooled embedding")  # fmt: skip
+        hidden, pooled = packed[:, :tokens], packed[:, tokens, :pooled_dim]
+        if "encoder_hidden_states" in kwargs:
+            kwargs["encoder_hidden_states"] = hidden
+        else:
+            args[2] = hidden
+        ids = time_ids.to(packed.device, packed.dtype).expand(packed.shape[0], -1)
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": ids}
+        return tuple(args), kwargs
+
+    unet = pipe.unet
+    if getattr(unet, "_erasekit_sdxl_hook", None) is None:
+        unet._erasekit_sdxl_hook = unet.register_forward_pre_hook(unpack, with_kwargs=True)
+
+
 def weighted_components(pipe) -> tuple[str, ...]:
     return SDXL_WEIGHTED if is_sdxl(pipe) else WEIGHTED
 
@@ -250,6 +297,8 @@ def load_pipeline(
     else:
         pipe = _load_single_file(path, Path(config) if config else None, dtype, allow_pickle)
     pipe.set_progress_bar_config(disable=True)
+    if is_sdxl(pipe):
+        install_sdxl_conditioning(pipe)
     if path.is_dir():
         attach_guidance(pipe, path)
     return pipe.to(device)

@@ -137,17 +137,17 @@ def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
     """CLIP hidden states of ``prompts`` (what the U-Net cross-attends to). SDXL: both text
-    encoders' penultimate hidden states, concatenated, as its pipeline conditions the U-Net."""
-    from erasekit.models import is_sdxl
+    encoders' penultimate hidden states, concatenated, as its pipeline conditions the U-Net,
+    plus the pooled embedding as one more row (``models.pack_sdxl_conditions``)."""
+    from erasekit.models import is_sdxl, pack_sdxl_conditions
 
     out = []
     if is_sdxl(pipe):
         for i in range(0, len(prompts), batch_size):
-            embeds, *_ = pipe.encode_prompt(prompt=prompts[i : i + batch_size],
-                                            device=pipe.text_encoder.device,
-                                            num_images_per_prompt=1,
-                                            do_classifier_free_guidance=False)  # fmt: skip
-            out.append(embeds)
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                prompt=prompts[i : i + batch_size], device=pipe.text_encoder.device,
+                num_images_per_prompt=1, do_classifier_free_guidance=False)  # fmt: skip
+            out.append(pack_sdxl_conditions(embeds, pooled))
         return torch.cat(out)
     for i in range(0, len(prompts), batch_size):
         ids = token_ids(pipe.tokenizer, prompts[i : i + batch_size])

@@ -32,6 +32,14 @@ def tiny_vpred_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """The tiny pipeline SDXL style: two text encoders, added time/text conditioning."""
+    from erasekit.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-xl", variant="sdxl")
+
+
+@pytest.fixture(scope="session")
 def tiny_pipe(tiny_model_dir):
     from erasekit.models import load_pipeline
 

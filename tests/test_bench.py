@@ -30,6 +30,7 @@ models:
 audit: {{limit: 2, steps: 2}}
 compare: [[salun, original]]
 claims: [{{a: salun, b: original, metric: concept_rate/direct, says: erasure lowers the rate}}]
+outputs: [density]
 """
 
 
@@ -72,6 +73,9 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(tiny_model_dir, tmp
     md = (out / "leaderboard.md").read_text()
     assert "salun better than original on concept_rate/direct — erasure lowers the rate" in md
     assert "broken (FAILED seeds [0, 1])" in md and "| salun |" in md and "salun − original" in md
+    # declared erasure outputs, one per seed, from each erased model's erasekit.json
+    assert rows["salun"]["outputs"]["density"] == [pytest.approx(0.5)] * 2
+    assert rows["original"]["outputs"] == {} and "| salun | 0.5/0.5 |" in md
     # resumed: nothing is erased or audited again
     models = sorted((out / "models").iterdir())
     cells = {p: os.stat(p).st_mtime_ns for p in (out / "cells").glob("*/salun/*/cell.json")}

@@ -81,6 +81,20 @@ def test_every_method_trains_and_writes_a_loadable_model(method, model, request,
     load_pipeline(out)  # loads back
 
 
+@pytest.mark.parametrize("method", [m for m in METHODS.names() if get_method(m).runs_on_sdxl])
+def test_sdxl_methods_train_the_sdxl_unet(method, tiny_sdxl_dir, tmp_path):
+    """The methods that run on SDXL (the rest refuse: tests/test_models.py) train its U-Net
+    through the packed conditions and write a folder that loads as SDXL."""
+    out = erase(tiny_sdxl_dir, tmp_path / "out", method=method, variant="esd-x") \
+        if method == "esd" else erase(tiny_sdxl_dir, tmp_path / "out", method=method)  # fmt: skip
+    before, after = unet_weights(tiny_sdxl_dir), unet_weights(out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed
+    if method == "esd":  # esd-x: cross-attention only
+        assert all(".attn2." in k for k in changed)
+    assert type(load_pipeline(out)).__name__ == "StableDiffusionXLPipeline"
+
+
 def test_salun_changes_no_masked_out_weight_and_mask_has_its_density(tiny_model_dir, tmp_path):
     from erasekit.methods.salun import MASK_FILE, load_mask
 

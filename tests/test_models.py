@@ -246,13 +246,6 @@ def test_model_hash_ignores_descriptive_files(tiny_model_dir: Path, tmp_path: Pa
 # --- SDXL --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def tiny_sdxl_dir(tmp_path_factory) -> Path:
-    from erasekit.testing import save_tiny_pipeline
-
-    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-xl", variant="sdxl")
-
-
 def test_sdxl_folder_loads_generates_and_takes_uce(tiny_sdxl_dir, tmp_path, capsys):
     from safetensors.torch import load_file
 
@@ -261,11 +254,24 @@ def test_sdxl_folder_loads_generates_and_takes_uce(tiny_sdxl_dir, tmp_path, caps
 
     pipe = load_pipeline(tiny_sdxl_dir)
     assert is_sdxl(pipe) and type(pipe).__name__ == "StableDiffusionXLPipeline"
-    # the U-Net's conditions: both encoders' penultimate hidden states, concatenated
+    # the U-Net's conditions: both encoders' penultimate hidden states, concatenated, and the
+    # pooled embedding as one more row; the U-Net called on them equals the pipeline's call
     cond = encode_prompts(pipe, ["a red car"])
     embeds, _, pooled, _ = pipe.encode_prompt("a red car", device="cpu",
                                               do_classifier_free_guidance=False)  # fmt: skip
-    assert cond.shape == (1, 77, 64) and torch.equal(cond, embeds) and pooled.shape == (1, 32)
+    assert cond.shape == (1, 78, 64) and torch.equal(cond[:, :77], embeds)
+    assert torch.equal(cond[0, 77, :32], pooled[0]) and not cond[0, 77, 32:].any()
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    time_ids = torch.tensor([[32.0, 32, 0, 0, 32, 32]])  # what the pipeline passes at 32 px
+    with torch.no_grad():
+        direct = pipe.unet(
+            x,
+            t,
+            encoder_hidden_states=embeds,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+        ).sample
+        packed = pipe.unet(x, t, cond).sample
+    assert torch.equal(direct, packed)
 
     r = run_main(capsys, "generate", "--model", str(tiny_sdxl_dir), "--prompts", "a circle",
                  "--out", str(tmp_path / "gen"), "--n-per-prompt", "2")  # fmt: skip
@@ -304,10 +310,10 @@ def test_sdxl_folder_loads_generates_and_takes_uce(tiny_sdxl_dir, tmp_path, caps
 def test_sdxl_refusals_are_one_line(tiny_sdxl_dir, tmp_path, capsys):
     model, out = ["--model", str(tiny_sdxl_dir)], ["--out", str(tmp_path / "o"), "--no-progress"]
     cases = [
-        (["erase", *model, "--method", "esd", "--concept", "circle", *out],
-         "esd does not run on SDXL yet"),
-        (["erase", *model, "--method", "salun", "--concept", "circle", *out],
-         "salun does not run on SDXL yet"),
+        (["erase", *model, "--method", "resalign", "--concept", "circle", *out],
+         "resalign does not run on SDXL yet"),
+        (["erase", *model, "--method", "negative-embedding", "--concept", "circle", *out],
+         "does not run on SDXL yet"),
         (["audit", *model, "--concept", "red", "--attacks", "finetune", "--reference", "none",
           "--never-learned", "none", *out], "attacks do not run on SDXL yet"),
         (["export", *model, "--out", str(tmp_path / "xl.safetensors")],

@@ -173,6 +173,7 @@ class ESD(Method):
     name = "esd"
     Config = ESDConfig
     presets = PRESETS
+    runs_on_sdxl = True  # conditions packed with SDXL's pooled embedding (models.py)
 
     @classmethod
     def defaults(cls, concept) -> dict[str, Any]:

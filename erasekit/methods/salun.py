@@ -294,6 +294,7 @@ class SalUn(Method):
     name = "salun"
     Config = SalUnConfig
     needs_images = True
+    runs_on_sdxl = True  # conditions packed with SDXL's pooled embedding (models.py)
 
     def __init__(self, *args, mask: str | Path | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
