@@ -27,7 +27,7 @@ def build_tiny_pipeline(seed: int = 0, tokenizer=None, variant: str = "sd1"):
     text encoders (32- and 32-wide, the second with a projection: pooled embedding), their
     hidden states concatenated (64-wide cross-attention) and the added time/text conditioning.
     """
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     from erasekit.world.build import build_scheduler, build_text_encoder
 
@@ -37,18 +37,7 @@ def build_tiny_pipeline(seed: int = 0, tokenizer=None, variant: str = "sd1"):
         return _tiny_sdxl(seed, tokenizer)
     width = 64 if variant == "sd2" else 32
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=width,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+    unet = _tiny_unet(cross_attention_dim=width, attention_head_dim=8)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -74,20 +63,26 @@ def build_tiny_pipeline(seed: int = 0, tokenizer=None, variant: str = "sd1"):
     )
 
 
+def _tiny_unet(**settings):
+    """The tiny U-Net: 8x8 latents, two levels of 32 and 64 channels."""
+    from diffusers import UNet2DConditionModel
+
+    layout = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+              "block_out_channels": (32, 64), "norm_num_groups": 8,
+              "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+              "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D")}  # fmt: skip
+    return UNet2DConditionModel(**{**layout, **settings})
+
+
 def _tiny_sdxl(seed: int, tokenizer=None):
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     from erasekit.tokenizer import VOCAB_SIZE
     from erasekit.world.build import build_scheduler, build_text_encoder, build_vae
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+    unet = _tiny_unet(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=64,  # text_encoder (32) + text_encoder_2 (32), concatenated
@@ -96,7 +91,6 @@ def _tiny_sdxl(seed: int, tokenizer=None):
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids + the pooled embedding
-        norm_num_groups=8,
     )
     torch.manual_seed(seed + 1)
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(

@@ -249,10 +249,13 @@ class TrainContext:
                   "ids": data.ids}  # fmt: skip
         return {k: v[idx].to(self.device) for k, v in fields.items() if v is not None}
 
+    def global_micro(self, micro: int) -> int:
+        """The micro-step's index in the step's global batch (micro-step x processes + rank):
+        2 processes x 1 micro-step and 1 process x 2 micro-steps draw the same randomness."""
+        return micro * self.accelerator.num_processes + self.accelerator.process_index
+
     def generator(self, micro: int, salt: int = 0) -> torch.Generator:
-        return step_generator(
-            self.config.seed, self.step, micro, self.accelerator.process_index, salt
-        )
+        return step_generator(self.config.seed, self.step, self.global_micro(micro), 0, salt)
 
     def item_generators(self, micro: int, salt: int = 0) -> list[torch.Generator]:
         """One generator per item of this process's micro-batch, keyed by the item's position
@@ -753,6 +756,15 @@ def _run_steps(job, ctx: TrainContext, fingerprint: str, progress: bool) -> int:
     return ctx.total
 
 
+def _average_gradients(ctx: TrainContext) -> None:
+    """Mean of every trained parameter's gradient over the processes (a parameter a process
+    left without one counts as zero there), for jobs that write their gradients themselves."""
+    for group in ctx.optimizer.param_groups:
+        for p in group["params"]:
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            p.grad = ctx.accelerator.reduce(grad.contiguous(), reduction="mean")
+
+
 def _step(job, ctx: TrainContext) -> dict[str, Any]:
     """One optimizer step over the accumulation micro-steps; its log record. The logged loss
     (and every numeric statistic) is the mean over micro-steps and processes."""
@@ -770,6 +782,8 @@ def _step(job, ctx: TrainContext) -> dict[str, Any]:
                                     f"{ctx.step + 1} (lower lr or check the data)")  # fmt: skip
             if not job.sets_gradients:
                 accelerator.backward(loss)
+            elif accelerator.num_processes > 1 and accelerator.sync_gradients:
+                _average_gradients(ctx)  # no backward pass, so no DDP all-reduce: do it here
             job.after_backward(ctx.trained)
             if accelerator.sync_gradients and config.max_grad_norm > 0:
                 norms = [accelerator.clip_grad_norm_(g["params"], config.max_grad_norm)

@@ -255,7 +255,47 @@ def test_cli_bad_resalign_settings_exit_2_without_output(tiny_model_dir, tmp_pat
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
-@pytest.mark.parametrize("method", ["resalign", "negmerge"])
+@pytest.mark.slow
+def test_two_process_step_equals_one_process_with_accumulation(tiny_model_dir, tmp_path):
+    """torchrun with 2 CPU processes x 1 micro-step = 1 process x 2 micro-steps on the same
+    data: the hypergradient (and every logged statistic) is averaged over the processes."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ERASEKIT_CACHE": str(tmp_path / "cache")}
+    common = ["-m", "erasekit", "erase", "--model", str(tiny_model_dir), "--concept", "circle",
+              "--method", "resalign", "--no-progress", "--set", "steps=2",
+              "--set", "images_per_prompt=1", "--set", "batch_size=1",
+              "--set", f"meta_distribution={TINY_META}", "--set", "configs_per_step=1",
+              "--set", "trainable=full", "--set", "max_resilience_norm=1e9"]  # fmt: skip
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", *common, "--out", str(tmp_path / "two")]  # fmt: skip
+    one = [sys.executable, *common, "--set", "gradient_accumulation_steps=2",
+           "--out", str(tmp_path / "one")]  # fmt: skip
+    for cmd in (two, one):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    logs = {name: [json.loads(ln) for ln in (tmp_path / name / "training_log.jsonl")
+                   .read_text().splitlines()] for name in ("one", "two")}  # fmt: skip
+    for a, b in zip(logs["one"], logs["two"], strict=True):
+        for key in ("loss", "hypergrad_norm", "L_h", "R", "inner_loss_last", "hvps"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+    assert json.loads((tmp_path / "two" / "erasekit.json").read_text())["training"][
+        "n_processes"] == 2  # fmt: skip
+    before = load_file(str(tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    w1, w2 = (load_file(str(tmp_path / n / "unet" / "diffusion_pytorch_model.safetensors"))
+              for n in ("one", "two"))  # fmt: skip
+    assert any(not torch.equal(before[k], w1[k]) for k in before)
+    # float summation order differs (an all-reduce vs accumulation); AdamW's normalised step
+    # turns that into at most a fraction of one step (lr 1e-4) on a few near-zero gradients
+    off = sum(int(((w1[k] - w2[k]).abs() > 1e-6).sum()) for k in w1)
+    assert off <= 1e-4 * sum(w.numel() for w in w1.values())
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=5e-5, rtol=0), k
+
+
+@pytest.mark.parametrize("method", ["negmerge"])
 def test_several_processes_are_refused_before_any_work(method, tiny_model_dir, tmp_path,
                                                        as_two_processes, monkeypatch,
                                                        capsys):  # fmt: skip

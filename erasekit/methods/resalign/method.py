@@ -84,7 +84,6 @@ class ResAlign(Method):
     Config = ResAlignConfig
     needs_images = True
     sets_gradients = True
-    single_process = "its hypergradient is not yet reduced across processes"
     one_concept = "its meta-learned fine-tuning data is one concept's benign set"
 
     @classmethod
@@ -162,9 +161,11 @@ class ResAlign(Method):
     def setup(self, ctx: TrainContext) -> None:
         cfg: ResAlignConfig = self.config
         self.teacher.to(ctx.device, dtype=ctx.weight_dtype)
-        self.raw = ctx.unet
-        self.params = dict(ctx.unet.named_parameters())
-        self.decision = {n: p for n, p in ctx.unet.named_parameters() if p.requires_grad}
+        # the plain module: its forward passes feed autograd.grad, not a backward pass, so a
+        # data-parallel wrapper would wait for one; the loop averages the gradients instead
+        self.raw = ctx.accelerator.unwrap_model(ctx.unet)
+        self.params = dict(self.raw.named_parameters())
+        self.decision = {n: p for n, p in self.raw.named_parameters() if p.requires_grad}
         if cfg.base == "esd":
             from erasekit.methods.esd import ESDTeacher
 
@@ -387,12 +388,13 @@ class ResAlign(Method):
         step = StepStats()
         if cfg.lam > 0:
             k = min(cfg.configs_per_step, len(self.meta.configs))
-            gen = step_generator(cfg.seed, ctx.step, micro, 4242)
+            gen = step_generator(cfg.seed, ctx.step, ctx.global_micro(micro), 4242)
             picks = torch.randperm(len(self.meta.configs), generator=gen)[:k].tolist()
             index = {n: i for i, n in enumerate(names)}
             for j, ci in enumerate(picks):
                 c = self.meta.configs[ci]
-                term, info = self.resilience_term(ctx, c, inputs, (ctx.step, micro, j))
+                term, info = self.resilience_term(ctx, c, inputs,
+                                                  (ctx.step, ctx.global_micro(micro), j))
                 step.add(c, info, used=term is not None)
                 for n, t in (term or {}).items():
                     hyper[index[n]] = hyper[index[n]] + t / k
