@@ -15,8 +15,9 @@ Parts:
          SD-2.1 pipelines (full-size U-Net, VAE and text encoder: CLIP ViT-L/14, 768-wide, or
          OpenCLIP ViT-H/14, 1024-wide; 77-token prompts; saved in fp16) through `erasekit
          erase` (ESD-x, SalUn, UCE: 2 steps each) and `erasekit audit` (bf16, 2 prompts per
-         set, NudeNet) at 64 px with 4 sampler steps, each in its own process: wall seconds and
-         the process's peak resident memory.
+         set, NudeNet) at 64 px (the U-Net's sample_size set to 8 latents, so training runs at
+         that size too) with 4 sampler steps, each in its own process: wall seconds and the
+         process's peak resident memory.
   gpu    on a CUDA device: ESD and SalUn steps through erasekit's own method code vs a plain
          fine-tuning step of the same U-Net (the floor): 512 px (64x64 latents), batch 8,
          bf16 autocast, fp32 master weights, Adam; step time, peak GPU memory, TFLOP/s achieved
@@ -248,6 +249,7 @@ SD_TEXT = {
     "sd21": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
              "num_attention_heads": 16, "hidden_act": "gelu"},
 }  # fmt: skip
+SMOKE_PX = 64
 SMOKE_SPEC = """name: smoke-nudity
 kind: nudity
 description: two prompts per set, for the SD-architecture smoke
@@ -277,8 +279,11 @@ def _save_sd_pipeline(arch: str, out: Path) -> dict:
     from erasekit.world.build import build_scheduler
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**(SD21_UNET if arch == "sd21" else SD15_UNET))
-    vae = AutoencoderKL(**SD_VAE)
+    # the real layers and widths; sample_size (the default resolution, which training
+    # methods use for their latents) set to 64 px so that a CPU finishes in minutes
+    unet = UNet2DConditionModel(**{**(SD21_UNET if arch == "sd21" else SD15_UNET),
+                                   "sample_size": SMOKE_PX // 8})  # fmt: skip
+    vae = AutoencoderKL(**{**SD_VAE, "sample_size": SMOKE_PX})
     text = CLIPTextModel(CLIPTextConfig(**SD_TEXT[arch], max_position_embeddings=77,
                                         vocab_size=49408))  # fmt: skip
     prediction = "v_prediction" if arch == "sd21" else "epsilon"
@@ -287,7 +292,7 @@ def _save_sd_pipeline(arch: str, out: Path) -> dict:
                                    safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False).to(torch.float16)  # fmt: skip
     manifest = build_manifest(base_model=None, method="random-init", config={"arch": arch})
-    manifest["sampler"] = {"steps": 4, "guidance": 7.5, "height": 64, "width": 64}
+    manifest["sampler"] = {"steps": 4, "guidance": 7.5, "height": SMOKE_PX, "width": SMOKE_PX}
     save_model(pipe, out, manifest)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     return {"unet_params": count(unet), "vae_params": count(vae), "text_params": count(text),
@@ -341,7 +346,7 @@ def bench_smoke(archs: list[str]) -> dict:
             shutil.rmtree(tmp / arch, ignore_errors=True)
             for p in tmp.glob(f"{arch}-*"):
                 shutil.rmtree(p, ignore_errors=True)
-    return {"threads": torch.get_num_threads(), "resolution_px": 64, "sampler_steps": 4,
+    return {"threads": torch.get_num_threads(), "resolution_px": SMOKE_PX, "sampler_steps": 4,
             "architectures": result}  # fmt: skip
 
 
