@@ -225,13 +225,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def fid_setup(audit: AuditSettings, detectors: DetectorOptions, roles: dict[str, Path | None]):
-    """(Inception features, reference image files or None for the reference model's images)
-    when FID/KID are asked for (Inception weights given), else None; fails before rendering."""
+    """(Inception features, the reference image folder and its image files, or None and None
+    for the reference model's images) when FID/KID are asked for (Inception weights given),
+    else None; fails before rendering."""
     if not detectors.inception_weights:
         if audit.fid_images:
             raise ErasekitError("--fid-images needs --inception-weights PATH (FID/KID)")
         return None
-    images = None
+    folder, images = None, None
     if audit.fid_images:
         folder = Path(audit.fid_images)
         if not folder.is_dir():
@@ -248,11 +249,20 @@ def fid_setup(audit: AuditSettings, detectors: DetectorOptions, roles: dict[str,
     features = InceptionFeatures(detectors.inception_weights, device=detectors.device,
                                  allow_pickle=detectors.allow_pickle,
                                  batch_size=detectors.batch_size)  # fmt: skip
-    return features, images
+    return features, folder, images
+
+
+FEATURE_CHUNK = 256  # images decoded at a time for Inception features
 
 
 def distribution_results(
-    features, images: list[Path] | None, samples: list[dict], sets, root: Path, seed: int
+    features,
+    folder: Path | None,
+    images: list[Path] | None,
+    samples: list[dict],
+    sets,
+    root: Path,
+    seed: int,
 ) -> dict[str, dict[str, dict]]:
     """Role -> FID and KID on every utility set, against the reference model's images of the
     same prompts, or against the given image files (then the reference role is measured too)."""
@@ -261,17 +271,22 @@ def distribution_results(
     from erasekit.provenance import sha256_file
 
     def load(paths):
-        out = []
-        for p in paths:
-            with Image.open(p) as im:
-                out.append(im.convert("RGB"))
-        return features.features(out)
+        import torch
+
+        paths, out = list(paths), []
+        for i in range(0, len(paths), FEATURE_CHUNK):  # a COCO folder need not fit in memory
+            chunk = []
+            for p in paths[i : i + FEATURE_CHUNK]:
+                with Image.open(p) as im:
+                    chunk.append(im.convert("RGB"))
+            out.append(features.features(chunk))
+        return torch.cat(out)
 
     fixed = None
     if images is not None:
         digest = sha256_bytes("\n".join(sha256_file(p) for p in images).encode())
         fixed = (load(images), list(range(len(images))),
-                 {"reference": "image folder", "folder": str(images[0].parent.resolve()),
+                 {"reference": "image folder", "folder": str(folder.resolve()),
                   "folder_sha256": digest})  # fmt: skip
     results: dict[str, dict[str, dict]] = {}
     for prompt_set, utility in sets:

@@ -393,8 +393,9 @@ class ResAlign(Method):
             index = {n: i for i, n in enumerate(names)}
             for j, ci in enumerate(picks):
                 c = self.meta.configs[ci]
-                term, info = self.resilience_term(ctx, c, inputs,
-                                                  (ctx.step, ctx.global_micro(micro), j))
+                term, info = self.resilience_term(
+                    ctx, c, inputs, (ctx.step, ctx.global_micro(micro), j)
+                )
                 step.add(c, info, used=term is not None)
                 for n, t in (term or {}).items():
                     hyper[index[n]] = hyper[index[n]] + t / k
