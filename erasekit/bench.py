@@ -47,7 +47,8 @@ SCHEMA = "erasekit.leaderboard"
 SCHEMA_VERSION = 1
 STUDY_KEYS = {"name", "base", "concepts", "seeds", "models", "audit", "attacks", "compare",
               "columns", "description", "profiles", "detectors", "claims", "outputs"}  # fmt: skip
-AUDIT_KEYS = {"n_per_prompt", "limit", "steps", "batch_size", "guidance", "dtype", "device"}
+AUDIT_KEYS = {"n_per_prompt", "limit", "steps", "batch_size", "guidance", "dtype", "device",
+              "captions", "fid_images"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,10 @@ def load_study(path: str | Path, profile: str | None = None) -> Study:
     audit = spec.get("audit") or {}
     if not isinstance(audit, dict) or set(audit) - AUDIT_KEYS:
         raise _fail(path, f"'audit' takes {', '.join(sorted(AUDIT_KEYS))}")
+    for key in ("captions", "fid_images"):  # local files: relative to the study's folder
+        value = audit.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            audit[key] = str(path.parent / value)
     attacks = spec.get("attacks") or {}
     if not isinstance(attacks, dict) or not all(
         isinstance(v, dict | None) for v in attacks.values()
