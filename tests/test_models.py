@@ -120,9 +120,14 @@ def test_unsupported_architecture(tiny_model_dir: Path, tmp_path: Path):
     copy = tmp_path / "xl"
     shutil.copytree(tiny_model_dir, copy)
     index = json.loads((copy / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusion3Pipeline"
+    (copy / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ErasekitError, match="unsupported architecture 'StableDiffusion3Pipeline'"):
+        load_pipeline(copy)
+    # an SDXL index over SD-1 components: SDXL's second encoder is missing
     index["_class_name"] = "StableDiffusionXLPipeline"
     (copy / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ErasekitError, match="unsupported architecture 'StableDiffusionXLPipeline'"):
+    with pytest.raises(ErasekitError, match="lacks text_encoder_2, tokenizer_2"):
         load_pipeline(copy)
 
 
