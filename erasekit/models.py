@@ -1,7 +1,8 @@
 """Model I/O: load a Stable Diffusion pipeline safely, save an erased one with its provenance.
 
-Formats: a diffusers folder (SD-1.x/2.x ``StableDiffusionPipeline``), or one ``.safetensors``
-checkpoint plus a local diffusers folder (``config``) that supplies the architecture. Pickle
+Formats: a diffusers folder (SD-1.x/2.x ``StableDiffusionPipeline``, SDXL
+``StableDiffusionXLPipeline``), or one SD ``.safetensors`` checkpoint plus a local diffusers
+folder (``config``) that supplies the architecture. Pickle
 formats (.ckpt/.bin/.pt/.pth) run arbitrary code when loaded, so they are refused unless the
 caller passes ``allow_pickle=True`` (``--allow-pickle``).
 """
