@@ -127,6 +127,10 @@ def _model_row(path: Path, name: str, value: Any, earlier: list[str]) -> ModelRo
                     start=start)  # fmt: skip
 
 
+def _value_text(x: Any) -> str:
+    return f"{x:.4g}" if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x)
+
+
 def _erase_outputs(keys: list[str], cells: list[dict]) -> dict[str, list]:
     """Each declared ``training.outputs`` key (dotted) of every erased cell's model, by seed
     order; keys a model does not record are left out."""
@@ -703,7 +707,9 @@ def render_markdown(board: dict[str, Any]) -> str:
                     values = [row["outputs"].get(k) for k in declared]
                     lines.append(
                         f"| {name} | "
-                        + " | ".join("/".join(f"{x:.4g}" for x in v) if v else "—" for v in values)
+                        + " | ".join(
+                            "/".join(_value_text(x) for x in v) if v else "—" for v in values
+                        )
                         + " |"
                     )
             lines.append("")
