@@ -54,6 +54,7 @@ from erasekit.provenance import (
     model_content_hash,
     peak_memory,
     sha256_bytes,
+    sha256_file,
 )
 from erasekit.sampling import SamplerSettings
 
@@ -267,8 +268,6 @@ def distribution_results(
     """Role -> FID and KID on every utility set, against the reference model's images of the
     same prompts, or against the given image files (then the reference role is measured too)."""
     from PIL import Image
-
-    from erasekit.provenance import sha256_file
 
     def load(paths):
         import torch

@@ -94,6 +94,10 @@ def test_inception_weights_refusals(inception_weights, tmp_path):
         InceptionFeatures(None)
     with pytest.raises(ErasekitError, match="not found"):
         InceptionFeatures(tmp_path / "missing.safetensors")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"not a safetensors file")
+    with pytest.raises(ErasekitError, match="corrupt or truncated"):
+        InceptionFeatures(corrupt)
     wrong = tmp_path / "wrong.safetensors"
     save_file({"fc.weight": torch.zeros(3, 3)}, str(wrong))
     with pytest.raises(ErasekitError, match="not the FID Inception-v3 weights"):

@@ -47,11 +47,10 @@ def read_inception_state(path: str | Path | None, allow_pickle: bool = False) ->
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        try:
-            return load_file(str(path))
-        except Exception as e:
-            raise ErasekitError(f"corrupt or truncated safetensors file {path}: "
-                                f"{first_line(e)}") from None  # fmt: skip
+        from erasekit.models import check_safetensors
+
+        check_safetensors(path)  # a truncated or corrupt file: one line
+        return load_file(str(path))
     if not allow_pickle:
         raise ErasekitError(f"{path} is a pickle file; convert it to .safetensors or pass "
                             "--allow-pickle if you trust it")  # fmt: skip
