@@ -539,9 +539,6 @@ def run_audit(
         raise ErasekitError(f"on SDXL ({', '.join(sdxl)}) the audit measures the prompt sets; "
                             f"{'attacks' if attacks else 'guidance baselines'} do not run on "
                             "SDXL yet")  # fmt: skip
-    if attacks and process_state(device).num_processes > 1:
-        raise ErasekitError("recovery attacks run in one process for now; audit without "
-                            "accelerate launch/torchrun, or without --attacks")  # fmt: skip
     for name in attacks or {}:
         from erasekit.attacks import get_attack
 

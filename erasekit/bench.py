@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from erasekit.distributed import process_state
 from erasekit.errors import ErasekitError, first_line
 from erasekit.outputs import atomic_file, output_lock, read_jsonl, write_json
 
@@ -329,7 +330,11 @@ class Runner:
                 start_path, start_key = self.model(self.study.models[row.start], concept, seed)
             else:
                 start_path, start_key = self.base, self.content_hash(self.base)
-            key = _key(start_key, concept.sha256, row.method, row.settings, seed)
+            parts = [start_key, concept.sha256, row.method, row.settings, seed]
+            n = process_state().num_processes
+            if n > 1:  # the global batch grows with the processes: another model
+                parts.append(f"processes={n}")
+            key = _key(*parts)
             folder = self.out / "models" / f"{row.name}-{concept.name}-seed{seed}-{key}"
             if not (folder / "erasekit.json").is_file():  # erase writes its folder atomically
                 erase(start_path, concept, str(row.method), folder,
@@ -376,27 +381,29 @@ class Runner:
         except Exception as e:  # recorded, and the study goes on (Ctrl-C still stops it)
             record = {"status": "failed", "error": f"{type(e).__name__}: {first_line(e)}",
                       "traceback": traceback.format_exc(limit=5)}  # fmt: skip
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_file(record_file) as tmp:
-            write_json(tmp, {"row": row.name, "concept": concept.name, "seed": seed, **record})
+        state = process_state()
+        if state.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_file(record_file) as tmp:
+                write_json(tmp, {"row": row.name, "concept": concept.name, "seed": seed,
+                                 **record})  # fmt: skip
+        state.wait_for_everyone()
         return record
 
     def run(self) -> dict[str, Any]:
         from erasekit.concepts import load_concept
-        from erasekit.distributed import process_state
 
-        if process_state().num_processes > 1:
-            raise ErasekitError("erasekit bench runs its cells in one process for now; run it "
-                                "without accelerate launch / torchrun")  # fmt: skip
-
+        # Under accelerate launch / torchrun every process takes part in every cell: the
+        # erasure trains data-parallel, the audit and its attacks share prompts and batches.
+        main = process_state().is_main_process
         concepts = [load_concept(c) for c in self.study.concepts]
         cells = [(c, row, s) for c in concepts for s in self.study.seeds
                  for row in self.study.models.values()]  # fmt: skip
         started = time.perf_counter()
-        with output_lock(self.out):
+        with output_lock(self.out, enabled=main):
             for i, (concept, row, seed) in enumerate(cells, start=1):
                 record = self.cell(row, concept, seed)
-                if self.progress:
+                if self.progress and main:
                     spent = time.perf_counter() - started
                     eta = spent / i * (len(cells) - i)
                     status = "ok" if record["status"] == "ok" else f"FAILED ({record['error']})"
@@ -407,7 +414,9 @@ class Runner:
             # this run only: cells reused from earlier runs cost nothing here (cells_wall_s
             # sums every cell's own erase and audit time)
             board["provenance"]["last_run_wall_s"] = round(time.perf_counter() - started, 1)
-            write_leaderboard(board, self.out)
+            board["provenance"]["last_run_processes"] = process_state().num_processes
+            if main:
+                write_leaderboard(board, self.out)
         return board
 
 

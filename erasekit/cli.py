@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from erasekit import __version__
+from erasekit.distributed import close_process_group
 from erasekit.errors import ErasekitError, first_line
 from erasekit.outputs import os_error_line
 
@@ -81,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_libraries()
     try:
         result = args.func(args)
+        close_process_group()
     except ErasekitError as e:
         if debug:
             raise

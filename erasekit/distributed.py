@@ -1,6 +1,65 @@
-"""The process state of a (possibly multi-process) run, under `accelerate launch` or torchrun."""
+"""The process state of a (possibly multi-process) run, under `accelerate launch` or torchrun,
+and the two ways processes split work: collectively (every process calls the same path and it
+shares batches out, e.g. ``generate``) or by items (``my_share`` / ``gather_shares``: each
+process does its own items alone, inside ``one_process()``, and the results are gathered)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+_ALONE: list[Any] = []  # the innermost one_process() view, when active
+
+
+class _Alone:
+    """One process of a launch seen as a run of its own: index 0 of 1, its own main process."""
+
+    num_processes = 1
+    process_index = 0
+    local_process_index = 0
+    is_main_process = True
+    is_local_main_process = True
+
+    def __init__(self, device) -> None:
+        self.device = device
+
+    def wait_for_everyone(self) -> None:
+        """Nothing to wait for."""
+
+
+@contextmanager
+def one_process() -> Iterator[None]:
+    """While active, ``process_state()`` describes this process alone, so collective paths
+    (generate, scoring, render caches) run on this process's items with no exchange. For work
+    the processes share out item by item (an attack's prompts); outputs written inside must be
+    named per item, never per process."""
+    _ALONE.append(_Alone(process_state().device))
+    try:
+        yield
+    finally:
+        _ALONE.pop()
+
+
+def working_alone() -> bool:
+    """Whether this process runs by itself inside ``one_process()``."""
+    return bool(_ALONE)
+
+
+def my_share(n: int) -> list[int]:
+    """The indices of ``n`` items this process does: every ``num_processes``-th."""
+    state = process_state()
+    return list(range(state.process_index, n, state.num_processes))
+
+
+def gather_shares(items: Sequence[Any]) -> list[Any]:
+    """Every process's ``items``, concatenated in process order (this process's alone when it
+    runs by itself)."""
+    if process_state().num_processes == 1:
+        return list(items)
+    from accelerate.utils import gather_object
+
+    return gather_object(list(items))
 
 
 def process_state(device: str | None = None):
@@ -12,6 +71,8 @@ def process_state(device: str | None = None):
     import torch
     from accelerate import PartialState
 
+    if _ALONE:
+        return _ALONE[-1]
     if PartialState._shared_state:  # already initialised in this process
         return PartialState()
     cpu = not torch.cuda.is_available() or (device is not None and device.startswith("cpu"))
@@ -28,3 +89,11 @@ def resolve_device(name: str | None) -> str:
         raise ErasekitError(f"--device {name}: no CUDA device is available")
     state = process_state(name)
     return name if name is not None else str(state.device)
+
+
+def close_process_group() -> None:
+    """Tear down the process group of a multi-process launch (once, when the command ends)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -18,7 +18,7 @@ from PIL import Image
 
 from erasekit.concepts import Concept, PromptSet
 from erasekit.detectors import DetectorOptions, Protocol, build_detector
-from erasekit.distributed import process_state
+from erasekit.distributed import process_state, working_alone
 from erasekit.errors import ErasekitError, first_line
 from erasekit.provenance import sha256_bytes
 from erasekit.sampling import SamplerSettings, generate
@@ -165,7 +165,8 @@ class PromptJudge:
     ``indices[j]`` (so a pre-check and every attempt on prompt i share the initial noise),
     through the one generate path, scores it with the audit's detectors and returns the
     samples, each with ``flagged`` under the primary protocol. A prompt's latest image stays
-    at ``folder/images/<index>.png``; earlier attempts are not kept."""
+    at ``folder/images/<index>.png``; earlier attempts are not kept. All processes judge
+    together, or (inside ``one_process()``) each its own prompts."""
 
     def __init__(self, prompt_set: PromptSet, judges: Judges, root: str | Path, folder: str,
                  settings: SamplerSettings, seed: int, batch_size: int) -> None:  # fmt: skip
@@ -176,6 +177,8 @@ class PromptJudge:
         self.seed, self.batch_size = seed, batch_size
         self.plan = plan_samples(prompt_set, settings, n_per_prompt=1, seed=seed)
         self.renders = 0
+        self.rank = process_state().process_index
+        self.attempts = {"together": 0, "alone": 0}  # scratch folder names
 
     def __call__(self, pipe, indices: list[int], prompts: list[str]) -> list[dict[str, Any]]:
         import shutil
@@ -190,19 +193,27 @@ class PromptJudge:
         )  # fmt: skip
         digest = sha256_bytes("\n".join(prompts).encode())
         attempt = PromptSet(self.prompt_set.name, "attack", "inline", digest, entries)
-        scratch = f"{self.folder}/attempt-{self.renders:07d}"
+        # all processes judge together into one folder, or each alone into its own
+        mode = "alone" if working_alone() else "together"
+        tag = f"p{self.rank}-" if mode == "alone" else ""
+        scratch = f"{self.folder}/attempt-{tag}{self.attempts[mode]:07d}"
+        self.attempts[mode] += 1
         samples = evaluate_prompt_set(pipe, attempt, self.root, scratch, self.judges,
                                       model_path=None, settings=self.settings, n_per_prompt=1,
                                       seed=self.seed, batch_size=self.batch_size)  # fmt: skip
-        (self.root / self.folder / "images").mkdir(parents=True, exist_ok=True)
+        state = process_state()
         primary = self.judges.protocols[0].name
         out = []
         for sample, i in zip(samples, indices, strict=True):
             image = f"{self.folder}/images/{i:05d}.png"
-            shutil.move(self.root / sample["image"], self.root / image)
             out.append({**sample, "image": image, "prompt_index": i,
                         "flagged": sample["flags"][primary]})  # fmt: skip
-        shutil.rmtree(self.root / scratch)
+        if state.is_main_process:  # of the processes that judged these prompts
+            (self.root / self.folder / "images").mkdir(parents=True, exist_ok=True)
+            for sample, o in zip(samples, out, strict=True):
+                shutil.move(self.root / sample["image"], self.root / o["image"])
+            shutil.rmtree(self.root / scratch)
+        state.wait_for_everyone()
         self.renders += len(prompts)
         return out
 

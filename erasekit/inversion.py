@@ -204,7 +204,7 @@ class TextualInversion(TrainingJob):
     def loss(self, ctx: TrainContext, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch = ctx.batch("forget", micro)
         latents = batch["latents"]
-        x_t, t, noise = ctx.noisy(latents, ctx.generator(micro))
+        x_t, t, noise = ctx.noisy(latents, ctx.item_generators(micro))
         vector = ctx.trained()
         cond = self.embedding.encode(ctx.pipe.text_encoder, batch["ids"], vector)
         pred = ctx.unet(x_t, t, cond.to(ctx.weight_dtype)).sample

@@ -601,7 +601,8 @@ def _train(
             shutil.rmtree(work_dir / CHECKPOINTS, ignore_errors=True)
         commit_output_dir(work_dir, out_dir)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    # not accelerator.end_training(): it destroys the process group, and one audit trains
+    # several times (its attacks); the CLI closes the group on exit
     return out_dir
 
 

@@ -299,3 +299,66 @@ def test_each_attack_runs_its_budget_on_the_tiny_pipeline(name, model, request, 
     assert out["cost"]["steps"] == 3 and Path(out["artefact"]).exists()
     if "log" in out:  # the shared loop's log: exactly the budgeted optimizer steps
         assert len(Path(out["log"]).read_text().splitlines()) == 3
+
+
+@pytest.mark.slow
+def test_every_attack_on_two_processes_gives_the_one_process_numbers(world_erased, tmp_path):
+    """torchrun with 2 CPU processes: prompt attacks share their prompts out and give the same
+    outcomes; the weight-space attacks train data-parallel (batch 1 per process) to the weights
+    of one process with batch 2, and every recovery curve is the same."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ERASEKIT_CACHE": str(tmp_path / "cache")}
+    budget = {"finetune": ["steps=2", "eval_every=1"],
+              "memora": ["steps=2", "n_pairs=2", "n_interpolation=2",
+                         "gradient_accumulation_steps=1"],
+              "concept-inversion": ["steps=2", "eval_every=1", "images_per_prompt=1"],
+              "unlearndiffatk": ["blocks=2", "steps_per_block=2", "batch_size=1"],
+              "ring-a-bell": ["generations=2", "population=4", "batch_size=1"]}  # fmt: skip
+    common = ["-m", "erasekit", "audit", "--model", str(world_erased), "--concept", "red",
+              "--limit", "2", "--never-learned", "none", "--no-progress",
+              "--attacks", ",".join(budget)]  # fmt: skip
+    for name, sets in budget.items():
+        for s in sets:
+            common += ["--attack-set", f"{name}.{s}"]
+
+    def batch(b: int) -> list[str]:
+        return [x for n in ("finetune", "memora", "concept-inversion")
+                for x in ("--attack-set", f"{n}.batch_size={b}")]  # fmt: skip
+
+    one = [sys.executable, *common, "--out", str(tmp_path / "one"), *batch(2)]
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", *common, "--out", str(tmp_path / "two"), *batch(1)]  # fmt: skip
+    for cmd in (one, two):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+    docs = [json.loads((tmp_path / n / "results.json").read_text()) for n in ("one", "two")]
+    assert docs[1]["provenance"]["n_processes"] == 2
+    for role, metrics in docs[0]["results"].items():
+        for key, m in metrics.items():
+            assert docs[1]["results"][role][key]["value"] == m["value"], (role, key)
+    assert {k.split(":")[0] for k in docs[0]["results"] if ":" in k} == set(budget)
+    for name in budget:
+        for role, m1 in docs[0]["attacks"][name]["models"].items():
+            m2 = docs[1]["attacks"][name]["models"][role]
+            if "outcomes" in m1:  # prompt attacks: the same prompts found, the same verdicts
+                keep = ("adversarial_prompt", "pre_success", "success", "success_step")
+                assert [{k: o[k] for k in keep} for o in m1["outcomes"]] == [
+                    {k: o[k] for k in keep} for o in m2["outcomes"]], (name, role)  # fmt: skip
+                assert (tmp_path / "two" / m2["artefact"]).is_file()
+                continue
+            assert [c["value"] for c in m1["curve"]] == [c["value"] for c in m2["curve"]]
+            if "model_folder" in m1:  # finetune / memora: the attacked U-Net
+                file = "unet/diffusion_pytorch_model.safetensors"
+                w1 = load_file(str(tmp_path / "one" / m1["model_folder"] / file))
+                w2 = load_file(str(tmp_path / "two" / m2["model_folder"] / file))
+            else:  # concept inversion: the learned token embedding
+                w1 = load_file(str(tmp_path / "one" / m1["artefact"]))
+                w2 = load_file(str(tmp_path / "two" / m2["artefact"]))
+            for k in w1:  # float summation order differs (an all-reduce vs one batch)
+                assert torch.allclose(w1[k], w2[k], atol=5e-5, rtol=0), (name, role, k)
+    assert not list((tmp_path / "two" / "attacks").rglob("attempt-*"))  # scratch cleaned

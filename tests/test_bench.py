@@ -244,14 +244,57 @@ def test_claims_are_judged_by_their_intervals():
     assert judged["status"] == "holds" and "paired" in judged["evidence"]
 
 
-def test_several_processes_are_refused(tiny_model_dir, tmp_path, as_two_processes, capsys):
-    """Cells are not yet shared among accelerate processes: one line, nothing written."""
-    study = tmp_path / "s.yaml"
-    study.write_text(f"name: x\nbase: {tiny_model_dir}\nconcepts: [circle]\n"
-                     "models: {a: original}\n")  # fmt: skip
-    r = run_main(capsys, "bench", "run", str(study), "--out", str(tmp_path / "o"))
-    assert_one_line_error(r, "runs its cells in one process")
-    assert not (tmp_path / "o").exists()
+MULTI = """\
+name: multi
+base: {base}
+concepts: [circle]
+seeds: [0]
+models:
+  original: original
+  salun: {{erase: salun, set: {{steps: 1, images_per_prompt: 1}}}}
+  negmerge: {{erase: negmerge, set: {{copy_steps: 1}}}}
+audit: {{limit: 2, steps: 2}}
+attacks:
+  unlearndiffatk: {{blocks: 1, steps_per_block: 1, batch_size: 1}}
+"""
+
+
+@pytest.mark.slow
+def test_a_study_runs_on_two_processes(tiny_model_dir, tmp_path):
+    """torchrun with 2 CPU processes: every cell runs on both (erasure data-parallel, audit and
+    attack shared); one leaderboard; a cell's numbers are those of one process; a method that
+    runs in one process only is a failed cell with its reason, and the study goes on."""
+    import sys
+
+    study = tmp_path / "study.yaml"
+    study.write_text(MULTI.format(base=tiny_model_dir))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ERASEKIT_CACHE": str(tmp_path / "cache")}
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "erasekit", "bench", "run", str(study), "--out",
+           str(tmp_path / "two")]  # fmt: skip
+    r = subprocess.run(two, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 1, r.stderr[-3000:]  # the negmerge cell failed; the study ran
+    assert r.stdout.count("leaderboard:") == 1 and r.stderr.count("[3/3]") == 1
+    board = _board(tmp_path / "two")
+    assert board["provenance"]["last_run_processes"] == 2
+    rows = board["concepts"]["circle"]["rows"]
+    assert rows["original"]["seeds_ok"] == [0] and rows["salun"]["seeds_ok"] == [0]
+    assert "runs in one process" in rows["negmerge"]["failed"][0]["error"]
+    manifest = json.loads(next((tmp_path / "two" / "models").glob("salun-*/erasekit.json"))
+                          .read_text())  # fmt: skip
+    assert manifest["training"]["n_processes"] == 2
+    # the original's cell (audit + attack) is the one-process cell
+    (tmp_path / "one.yaml").write_text(MULTI.format(base=tiny_model_dir).replace(
+        "  salun: {erase: salun, set: {steps: 1, images_per_prompt: 1}}\n", "").replace(
+        "  negmerge: {erase: negmerge, set: {copy_steps: 1}}\n", ""))  # fmt: skip
+    r = subprocess.run([sys.executable, "-m", "erasekit", "bench", "run",
+                        str(tmp_path / "one.yaml"), "--out", str(tmp_path / "one")],
+                       capture_output=True, text=True, env=env, timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = _board(tmp_path / "one")["concepts"]["circle"]["rows"]["original"]["metrics"]
+    assert one and set(one) == set(rows["original"]["metrics"])
+    for key, m in one.items():
+        assert rows["original"]["metrics"][key]["value"] == m["value"], key
 
 
 def test_attacked_metric_keys_split_at_the_attack_not_at_a_slice():

@@ -17,6 +17,7 @@ from PIL import Image
 from erasekit.attacks import Attack, Evaluate
 from erasekit.attacks.finetune import FinetuneConfig, tune
 from erasekit.concepts import is_world_concept
+from erasekit.distributed import my_share, process_state
 from erasekit.errors import ErasekitError
 
 
@@ -77,9 +78,9 @@ def invert_and_regenerate(
     acp = sched.alphas_cumprod
     cond = encode_prompts(pipe, [prompt]).to(pipe.device)
     uncond = encode_prompts(pipe, [""]).to(pipe.device)
-    inverted = []
-    for z in latents:
-        x = z[None].to(pipe.device)
+    inverted = {}
+    for k in sorted({i for ij, _ in pairs for i in ij}):  # the latents the pairs use
+        x = latents[k][None].to(pipe.device)
         a_prev = torch.tensor(1.0)
         for t in asc[:depth]:
             eps = _eps(pipe, x, t, cond, uncond, guidance)
@@ -89,7 +90,7 @@ def invert_and_regenerate(
             x0 = (x - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
             a_prev = acp[int(t)]
             x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-        inverted.append(x)
+        inverted[k] = x
     start = len(desc) - depth  # index of the inversion's last timestep in the descending list
     out = []
     for (i, j), alphas in pairs:
@@ -142,17 +143,18 @@ class MemoRa(Attack):
         depth = max(1, round(cfg.inversion_fraction * steps))
         latents = encode_images(pipe, self.seeds)
         points = [k / (cfg.n_interpolation - 1) for k in range(cfg.n_interpolation)]
-        pairs = [((2 * p, 2 * p + 1), points) for p in range(cfg.n_pairs)]
-        regenerated = invert_and_regenerate(pipe, latents, self.prompt, steps, depth,
-                                            cfg.guidance, pairs)  # fmt: skip
         folder = out_dir.parent / f"{out_dir.name}-regenerated"
         folder.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for k, x in enumerate(regenerated):
-            image = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample[0]
-            array = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu()
-            paths.append(folder / f"{k:03d}.png")
-            Image.fromarray(array.numpy()).save(paths[-1])
+        paths = [folder / f"{k:03d}.png" for k in range(cfg.n_pairs * len(points))]
+        for p in my_share(cfg.n_pairs):  # several processes regenerate their own pairs
+            pair = [((2 * p, 2 * p + 1), points)]
+            regenerated = invert_and_regenerate(pipe, latents, self.prompt, steps, depth,
+                                                cfg.guidance, pair)  # fmt: skip
+            for a, x in enumerate(regenerated):
+                image = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample[0]
+                array = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu()
+                Image.fromarray(array.numpy()).save(paths[p * len(points) + a])
+        process_state().wait_for_everyone()
         source = {"origin": f"memora regeneration by {model}", "inversion_depth": depth,
                   "sampler_steps": steps, "folder": str(folder)}  # fmt: skip
         return ImageSet("memora regenerated", paths, [self.prompt] * len(paths), source)

@@ -10,7 +10,8 @@ with probability 0.25. It never queries the U-Net; the found prompts are rendere
 under audit with the source prompt's seed and guidance and judged. Text-encoder forwards of
 several prompts' populations are batched. Searches depend on the text encoder only, so models
 that share one (every erasure of the U-Net) share the search; the found prompts are saved as
-a CSV prompt file for transfer to other models.
+a CSV prompt file for transfer to other models. Several processes share the searches out
+(whole batches in turn) and render the found prompts together.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from erasekit.attacks.adversarial import (
     write_prompt_csv,
 )
 from erasekit.concepts import is_world_concept
+from erasekit.distributed import gather_shares, my_share, process_state
 from erasekit.errors import ErasekitError
 
 
@@ -206,14 +208,16 @@ class RingABell(PromptAttack):
         if missing:
             vocab = text_vocabulary(pipe.tokenizer)
             c = concept_vector(pipe, self.pairs)
-            for start in range(0, len(missing), cfg.batch_size):
+            starts = range(0, len(missing), cfg.batch_size)
+            found_here = []
+            for start in [starts[b] for b in my_share(len(starts))]:  # searches shared out
                 part = missing[start : start + cfg.batch_size]
                 source = encode_prompts(pipe, [o["prompt"] for o in part]).float()
                 gens = [step_generator(cfg.seed, o["index"]) for o in part]
                 found = genetic_search(pipe, source + cfg.eta * c, gens, cfg, vocab)
-                for o, result in zip(part, found, strict=True):
-                    done[o["index"]] = result
-                forwards += len(part) * cfg.population * (cfg.generations + 1)
+                found_here += [(o["index"], r) for o, r in zip(part, found, strict=True)]
+            done.update(gather_shares(found_here))
+            forwards = len(missing) * cfg.population * (cfg.generations + 1)
         search_seconds = time.time() - search_started
         texts = [ids_to_text(pipe.tokenizer, done[o["index"]]["ids"]) for o in todo]
         t0 = time.time()
@@ -227,7 +231,8 @@ class RingABell(PromptAttack):
                      fitness_first=result["history"][0], fitness_last=result["fitness"],
                      generations=cfg.generations)  # fmt: skip
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_prompt_csv(out_dir / "found_prompts.csv", outcomes)
+        if process_state().is_main_process:
+            write_prompt_csv(out_dir / "found_prompts.csv", outcomes)
         return {
             "outcomes": outcomes,
             "prompt_set": self.prompt_set.describe(),

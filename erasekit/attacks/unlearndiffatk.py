@@ -12,7 +12,8 @@ iterations each (lr 0.01, weight decay 0.1); after each block the hard prompt is
 the prompt's seed and guidance and judged; a prompt stops at its first success. Prompts are
 optimised ``batch_size`` at a time in one U-Net pass (the public code runs one process per
 prompt); every prompt's randomness depends on its index only, so batching changes no result
-beyond floating-point summation order.
+beyond floating-point summation order. Under several processes each takes whole batches in
+turn (the batches of one process), so the outcomes are those of one process.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from erasekit.attacks.adversarial import (
     write_prompt_csv,
 )
 from erasekit.concepts import is_world_concept
+from erasekit.distributed import gather_shares, my_share, one_process, process_state
 from erasekit.errors import ErasekitError
 
 
@@ -148,13 +150,23 @@ class UnlearnDiffAtk(PromptAttack):
         if todo:
             latents = encode_images(pipe, ImageSet("targets", [paths[o["index"]] for o in todo],
                                                    [o["prompt"] for o in todo]))  # fmt: skip
-        render_seconds = 0.0
-        for start in range(0, len(todo), cfg.batch_size):
-            part = todo[start : start + cfg.batch_size]
-            render_seconds += self.attack_batch(pipe, part, latents[start : start + len(part)],
-                                                judge)  # fmt: skip
+        # Several processes take whole batches in turn (the same batches as one process, so
+        # the same results), each judging its own prompts alone; the outcomes are gathered.
+        starts = range(0, len(todo), cfg.batch_size)
+        mine, render_seconds = [], 0.0
+        with one_process():
+            for start in [starts[b] for b in my_share(len(starts))]:
+                part = todo[start : start + cfg.batch_size]
+                render_seconds += self.attack_batch(pipe, part,
+                                                    latents[start : start + len(part)],
+                                                    judge)  # fmt: skip
+                mine += part
+        attacked = {o["index"]: o for o in gather_shares(mine)}
+        outcomes = [attacked.get(o["index"], o) for o in outcomes]
+        render_seconds = sum(gather_shares([render_seconds]))
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_prompt_csv(out_dir / "adversarial_prompts.csv", outcomes)
+        if process_state().is_main_process:
+            write_prompt_csv(out_dir / "adversarial_prompts.csv", outcomes)
         seconds = time.time() - started
         return {
             "outcomes": outcomes,
@@ -165,7 +177,7 @@ class UnlearnDiffAtk(PromptAttack):
                 "renders": sum(o["renders"] for o in outcomes),
                 "max_gradient_steps_per_prompt": cfg.blocks * cfg.steps_per_block,
                 "seconds": round(seconds, 2),
-                "render_seconds": round(render_seconds, 2),
+                "render_seconds": round(render_seconds, 2),  # summed over processes
             },
         }
 

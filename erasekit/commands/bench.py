@@ -36,9 +36,11 @@ def _summary(board: dict, folder: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from erasekit.bench import run_study
+    from erasekit.distributed import process_state
 
     board = run_study(args.study, args.out, profile=args.profile, progress=not args.no_progress)
-    _summary(board, args.out)
+    if process_state().is_main_process:
+        _summary(board, args.out)
     return (
         1 if any(r["failed"] for e in board["concepts"].values() for r in e["rows"].values()) else 0
     )
