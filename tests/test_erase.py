@@ -156,14 +156,15 @@ def trained_tensors(folder) -> dict[str, torch.Tensor]:
     return {**unet_weights(folder), **{f"text_encoder.{k}": v for k, v in text.items()}}
 
 
-@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize(("method", "extra"), [(m, {}) for m in METHODS.names()]
+                         + [("esd", {"teacher_reuse": 3})])  # resumed inside a group  # fmt: skip
 def test_resume_after_interruption_equals_an_uninterrupted_run(
-    method, tiny_model_dir, tmp_path, monkeypatch
+    method, extra, tiny_model_dir, tmp_path, monkeypatch
 ):
     cls = get_method(method)
     if cls.closed_form:
         pytest.skip(f"{method} runs no optimizer step of its own: nothing to resume")
-    settings = {"method": method, "steps": 4, "checkpointing_steps": 2, "lr": 1e-3}
+    settings = {"method": method, "steps": 4, "checkpointing_steps": 2, "lr": 1e-3, **extra}
     whole = erase(tiny_model_dir, tmp_path / "whole", **settings)
 
     original = cls.loss
@@ -450,6 +451,50 @@ def test_esd_target_conventions_on_hand_made_tensors():
     assert torch.equal(esd_target(e_u, e_c, 2.0, "diffusers-code"), torch.tensor([-1.0, -4.5]))
     assert torch.equal(esd_target(e_u, e_c, 3.0, "diffusers-code"),
                        esd_target(e_u, e_c, 2.0, "paper"))  # fmt: skip
+
+
+def test_esd_teacher_reuse_hands_out_the_stops_of_one_trajectory(tiny_pipe):
+    """teacher_reuse k: k stop indices, one trajectory to the deepest; each x_t is the partial
+    sample the reference would draw from the same initial noise, for max(stops) teacher
+    passes instead of sum(stops)."""
+    from types import SimpleNamespace
+
+    from erasekit.methods.esd import ESDConfig, ESDTeacher
+
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.inner = unet
+
+        @property
+        def dtype(self):
+            return self.inner.dtype
+
+        def forward(self, *args):
+            calls.append(1)
+            return self.inner(*args)
+
+    teacher = ESDTeacher(Counting(tiny_pipe.unet), ddim_steps=10, sample_guidance=3.0,
+                         negative_guidance=1.0, convention="paper")  # fmt: skip
+    cond = torch.randn(2, 77, tiny_pipe.text_encoder.config.hidden_size)
+    ctx = SimpleNamespace(pipe=tiny_pipe, device=torch.device("cpu"),
+                          empty_cond=torch.zeros_like(cond[:1]))  # fmt: skip
+    pairs = teacher.partial_samples(ctx, cond, torch.Generator().manual_seed(5), k=4)
+    draws = torch.Generator().manual_seed(5)
+    stops = [int(torch.randint(0, 10, (1,), generator=draws)) for _ in range(4)]
+    assert len(pairs) == 4 and len(set(stops)) > 1 and len(calls) == max(stops)
+    for j, (x_t, t) in enumerate(pairs):
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(3):  # the same draws before the initial noise
+            torch.randint(0, 10, (1,), generator=gen)
+        teacher.fixed_stop = stops[j]
+        x_ref, t_ref = teacher.partial_sample(ctx, cond, gen)
+        teacher.fixed_stop = None
+        assert torch.equal(t, t_ref) and torch.allclose(x_t, x_ref, atol=1e-6), j
+    with pytest.raises(ErasekitError, match="teacher_reuse must be between 1 and ddim_steps"):
+        ESDConfig(teacher_reuse=51).validate()
 
 
 def test_esd_u_trains_the_codes_set_and_presets_name_their_source(tiny_pipe):

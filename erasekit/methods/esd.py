@@ -63,6 +63,9 @@ class ESDConfig(TrainConfig):
     target: str = "paper"  # paper | diffusers-code (see the module docstring)
     ddim_steps: int = 50  # schedule the partial sample's stopping step is drawn from
     sample_guidance: float = 3.0  # CFG scale of the partial sample
+    # partial samples per teacher trajectory (1: a fresh trajectory every micro-step; k > 1:
+    # one trajectory of the group's prompts serves k micro-steps, see ESDTeacher.trajectory)
+    teacher_reuse: int = 1
 
     def validate(self) -> None:
         super().validate()
@@ -72,6 +75,9 @@ class ESDConfig(TrainConfig):
             raise ErasekitError(f"target must be one of {', '.join(TARGETS)}")
         if self.ddim_steps < 1:
             raise ErasekitError("ddim_steps must be at least 1")
+        if not 1 <= self.teacher_reuse <= self.ddim_steps:
+            raise ErasekitError(f"teacher_reuse must be between 1 and ddim_steps "
+                                f"({self.ddim_steps}), got {self.teacher_reuse}")  # fmt: skip
 
 
 def esd_selects(name: str, variant: str, module: torch.nn.Module | None = None) -> bool:
@@ -138,8 +144,11 @@ class ESDTeacher:
         return stop if self.fixed_stop is None else self.fixed_stop
 
     @torch.no_grad()
-    def partial_sample(self, ctx: TrainContext, cond, gen) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_t for a random stop index of the DDIM schedule, sampled by the frozen teacher."""
+    def partial_samples(self, ctx: TrainContext, cond, gen,
+                        k: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+        """k pairs (x_t, t) from ONE trajectory of the frozen teacher: k stop indices drawn
+        uniformly over the DDIM schedule, then one sample of ``cond`` run to the deepest of
+        them, x taken at each. k = 1 is the reference's partial sample."""
         from diffusers import DDIMScheduler
 
         if self.sampler is None:
@@ -147,26 +156,39 @@ class ESDTeacher:
             self.sampler.set_timesteps(self.ddim_steps)
         unet_cfg = ctx.pipe.unet.config
         shape = (cond.shape[0], unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size)
-        stop = self.stop_index(gen)
+        stops = [self.stop_index(gen)]
+        if k > 1:
+            stops += [self.stop_index(gen) for _ in range(k - 1)]
         x = torch.randn(shape, generator=gen).to(ctx.device) * self.sampler.init_noise_sigma
         empty = ctx.empty_cond.expand(cond.shape[0], -1, -1)
         timesteps = self.sampler.timesteps
-        for t in timesteps[:stop]:
+        at = {0: x}
+        for i, t in enumerate(timesteps[: max(stops)]):
             both = self.eps(torch.cat([x, x]), t.to(ctx.device), torch.cat([empty, cond]),
                             x.dtype)  # fmt: skip
             e_u, e_c = both.chunk(2)
             eps = e_u + self.sample_guidance * (e_c - e_u)
             x = self.sampler.step(eps, t, x).prev_sample
-        return x, timesteps[stop].to(ctx.device).expand(cond.shape[0])
+            if i + 1 in stops:
+                at[i + 1] = x
+        return [(at[s], timesteps[s].to(ctx.device).expand(cond.shape[0])) for s in stops]
+
+    def partial_sample(self, ctx: TrainContext, cond, gen) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t for a random stop index of the DDIM schedule, sampled by the frozen teacher."""
+        return self.partial_samples(ctx, cond, gen)[0]
 
     @torch.no_grad()
-    def forget_target(self, ctx: TrainContext, cond, gen):
-        """(x_t, t, target): the partial sample and the negatively guided teacher target."""
-        x_t, t = self.partial_sample(ctx, cond, gen)
+    def target(self, ctx: TrainContext, cond, x_t, t) -> torch.Tensor:
+        """The negatively guided teacher target at (x_t, t) for ``cond``."""
         empty = ctx.empty_cond.expand(cond.shape[0], -1, -1)
         e_u, e_c = self.eps(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([empty, cond]),
                             torch.float32).chunk(2)  # fmt: skip
-        return x_t, t, esd_target(e_u, e_c, self.negative_guidance, self.convention)
+        return esd_target(e_u, e_c, self.negative_guidance, self.convention)
+
+    def forget_target(self, ctx: TrainContext, cond, gen):
+        """(x_t, t, target): the partial sample and the negatively guided teacher target."""
+        x_t, t = self.partial_sample(ctx, cond, gen)
+        return x_t, t, self.target(ctx, cond, x_t, t)
 
 
 class ESD(Method):
@@ -190,10 +212,37 @@ class ESD(Method):
         teacher = copy.deepcopy(ctx.unet).requires_grad_(False).eval()
         teacher.to(ctx.device, dtype=ctx.weight_dtype)
         self.teacher = ESDTeacher.from_config(teacher, self.config)
+        self.group: tuple[int, Any, list] | None = None  # (index, cond, partial samples)
+
+    def training_pair(self, ctx: TrainContext, micro: int):
+        """(cond, x_t, t) of this micro-step. With ``teacher_reuse`` k > 1, micro-steps are
+        grouped k at a time (counted over the run, so a resumed run regroups identically):
+        the group's first micro-step draws the prompts and one teacher trajectory, and each
+        micro-step of the group takes one of its k partial samples. Every (x_t, t) is still a
+        partial sample of its prompts at a uniform stop; within a group the prompts are the
+        same and the samples share their initial noise."""
+        k = self.config.teacher_reuse
+        if k == 1:
+            cond = ctx.batch("forget", micro)["cond"]
+            return (cond, *self.teacher.partial_sample(ctx, cond, ctx.generator(micro)))
+        accumulation = self.config.gradient_accumulation_steps
+        position = ctx.step * accumulation + micro
+        index = position // k
+        if self.group is None or self.group[0] != index:
+            now = ctx.step
+            ctx.step, first = divmod(index * k, accumulation)
+            try:
+                cond = ctx.batch("forget", first)["cond"]
+                samples = self.teacher.partial_samples(ctx, cond, ctx.generator(first), k)
+            finally:
+                ctx.step = now
+            self.group = (index, cond, samples)
+        _, cond, samples = self.group
+        return (cond, *samples[position % k])
 
     def loss(self, ctx: TrainContext, micro: int):
-        cond = ctx.batch("forget", micro)["cond"]
-        x_t, t, target = self.teacher.forget_target(ctx, cond, ctx.generator(micro))
+        cond, x_t, t = self.training_pair(ctx, micro)
+        target = self.teacher.target(ctx, cond, x_t, t)
         pred = ctx.unet(x_t, t, cond).sample
         loss = F.mse_loss(pred.float(), target)
         return loss, {"t": float(t[0])}
