@@ -19,6 +19,7 @@ process), so a resumed run continues exactly as an uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -54,6 +55,7 @@ ADAPTED_UNET = "adapted.safetensors"  # a checkpoint's U-Net with adapters injec
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 IMAGE_SOURCES = ("original", "world")
+COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 _WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -82,6 +84,10 @@ class TrainConfig:
     # concepts: ground-truth renders of each prompt by the world's renderer)
     image_source: str = "original"
     save_dtype: str = "fp32"
+    # faster steps, off by default (not yet measured on a GPU; on a CPU see README):
+    channels_last: bool = False  # the U-Net (and frozen teachers) in channels-last memory
+    fused_optimizer: bool = False  # torch's fused Adam / AdamW / SGD kernel
+    compile: str = "no"  # torch.compile mode of the U-Net(s): no | default | max-autotune ...
 
     def validate(self) -> None:
         """Raise ErasekitError on values no run could use."""
@@ -91,6 +97,7 @@ class TrainConfig:
             "mixed_precision": MIXED_PRECISION,
             "save_dtype": ("fp32", "fp16", "bf16"),
             "image_source": IMAGE_SOURCES,
+            "compile": COMPILE_MODES,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -294,11 +301,26 @@ class TrainContext:
 
 def _make_optimizer(config: TrainConfig, groups: list[dict[str, Any]], lr: float):
     """The optimizer over the job's parameter groups (a group may set its own weight_decay)."""
-    if config.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=lr, weight_decay=config.weight_decay)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(groups, lr=lr, weight_decay=config.weight_decay)
+    kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+    fused = {"fused": True} if config.fused_optimizer else {}
+    return kind[config.optimizer](groups, lr=lr, weight_decay=config.weight_decay, **fused)
+
+
+def compile_unet(unet, config: TrainConfig) -> None:
+    """Compile ``unet``'s forward in place (its parameters and state dict are unchanged) when
+    ``config.compile`` asks for it."""
+    if config.compile != "no":
+        unet.compile(mode=None if config.compile == "default" else config.compile)
+
+
+@contextlib.contextmanager
+def math_attention():
+    """Scaled-dot-product attention on the math kernel only: the fused kernels (flash,
+    memory-efficient) have no double backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
 
 
 def _checkpoints(work_dir: Path) -> list[Path]:
@@ -428,6 +450,9 @@ class TrainingJob:
     saves_model: ClassVar[bool] = True
     # True: the job handles SDXL (two text encoders, the U-Net's added time/text conditioning).
     runs_on_sdxl: ClassVar[bool] = False
+    # True: ``loss`` differentiates through gradients (Hessian-vector products): the loop runs
+    # it with math attention, and refuses ``compile``.
+    double_backward: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -553,6 +578,10 @@ def train(job: TrainingJob, pipe, *, out_dir: str | Path, **kwargs: Any) -> Path
     if is_sdxl(pipe) and not job.runs_on_sdxl:
         raise ErasekitError(f"{job.name} does not run on SDXL yet (its U-Net calls lack SDXL's "
                             "added time/text conditioning); on SDXL: --method uce")  # fmt: skip
+    if job.double_backward and job.config.compile != "no":
+        raise ErasekitError(f"compile={job.config.compile}: {job.name} differentiates through "
+                            "its gradients, which torch.compile does not support; use "
+                            "compile=no")  # fmt: skip
     main = process_state(str(pipe.device)).is_main_process
     try:
         return _train(job, pipe, out_dir=out_dir, **kwargs)
@@ -698,8 +727,11 @@ def _prepare(job, pipe, accelerator, data, module, trainable, work_dir: Path) ->
         work_dir=work_dir,
     )
     pipe.unet.to(accelerator.device)
+    if config.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
     module.to(accelerator.device)
     job.setup(ctx)  # frozen teachers, masks: before prepare, on the raw U-Net
+    compile_unet(pipe.unet, config)
     ctx.total = job.total_steps(data)
     lr = job.learning_rate(accelerator.num_processes)
     optimizer = _make_optimizer(config, job.parameter_groups(trainable), lr)
@@ -775,7 +807,8 @@ def _step(job, ctx: TrainContext) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     grad_norm = None
     for micro in range(n_micro):
-        with accelerator.accumulate(ctx.trained):
+        attention = math_attention() if job.double_backward else contextlib.nullcontext()
+        with accelerator.accumulate(ctx.trained), attention:
             loss, logs = job.loss(ctx, micro)
             bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=ctx.device)
             if accelerator.gather(bad).sum() > 0:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from erasekit.errors import ErasekitError
 from erasekit.methods import Method
-from erasekit.training import TrainConfig, TrainContext
+from erasekit.training import TrainConfig, TrainContext, compile_unet
 
 VARIANTS = ("esd-x", "esd-u", "esd-u-all", "esd-x-strict")
 TARGETS = ("paper", "diffusers-code")
@@ -211,6 +211,7 @@ class ESD(Method):
         """The frozen teacher (never prepared, held in the weight dtype) and its targets."""
         teacher = copy.deepcopy(ctx.unet).requires_grad_(False).eval()
         teacher.to(ctx.device, dtype=ctx.weight_dtype)
+        compile_unet(teacher, self.config)
         self.teacher = ESDTeacher.from_config(teacher, self.config)
         self.group: tuple[int, Any, list] | None = None  # (index, cond, partial samples)
 

@@ -84,6 +84,7 @@ class ResAlign(Method):
     Config = ResAlignConfig
     needs_images = True
     sets_gradients = True
+    double_backward = True  # Hessian-vector products
     one_concept = "its meta-learned fine-tuning data is one concept's benign set"
 
     @classmethod
