@@ -19,7 +19,6 @@ process), so a resumed run continues exactly as an uninterrupted one would.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -313,15 +312,6 @@ def compile_unet(unet, config: TrainConfig) -> None:
         unet.compile(mode=None if config.compile == "default" else config.compile)
 
 
-@contextlib.contextmanager
-def math_attention():
-    """Scaled-dot-product attention on the math kernel only: the fused kernels (flash,
-    memory-efficient) have no double backward."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.MATH]):
-        yield
-
 
 def _checkpoints(work_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (one being written is a hidden ``.partial`` folder;
@@ -450,8 +440,8 @@ class TrainingJob:
     saves_model: ClassVar[bool] = True
     # True: the job handles SDXL (two text encoders, the U-Net's added time/text conditioning).
     runs_on_sdxl: ClassVar[bool] = False
-    # True: ``loss`` differentiates through gradients (Hessian-vector products): the loop runs
-    # it with math attention, and refuses ``compile``.
+    # True: ``loss`` differentiates through gradients (Hessian-vector products; the job puts
+    # those passes on math attention itself): ``compile`` is refused.
     double_backward: ClassVar[bool] = False
 
     def __init__(
@@ -807,8 +797,7 @@ def _step(job, ctx: TrainContext) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     grad_norm = None
     for micro in range(n_micro):
-        attention = math_attention() if job.double_backward else contextlib.nullcontext()
-        with accelerator.accumulate(ctx.trained), attention:
+        with accelerator.accumulate(ctx.trained):
             loss, logs = job.loss(ctx, micro)
             bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=ctx.device)
             if accelerator.gather(bad).sum() > 0:

@@ -439,7 +439,7 @@ def test_faster_step_settings_train_to_the_same_weights(tiny_model_dir, tmp_path
     """channels-last memory and the fused optimizer kernel change no result beyond float
     rounding; compile compiles the trained U-Net and ESD's frozen teacher in place with the
     asked mode (its result on the world model: README, not run here: a CPU compile takes
-    minutes); a job with a double backward runs on math attention and refuses compile."""
+    minutes); a job with a double backward (ResAlign) refuses compile."""
     common = {"method": "esd", "steps": 2, "lr": 0.5, "optimizer": "sgd"}  # see above
     plain = unet_weights(erase(tiny_model_dir, tmp_path / "plain", **common))
     fast = unet_weights(erase(tiny_model_dir, tmp_path / "fast", channels_last=True,
@@ -458,23 +458,6 @@ def test_faster_step_settings_train_to_the_same_weights(tiny_model_dir, tmp_path
                  "compile=default")  # fmt: skip
     assert_one_line_error(r, "torch.compile does not support")
     assert not (tmp_path / "r").exists()
-
-
-def test_a_double_backward_job_runs_on_math_attention(tiny_model_dir, tmp_path, monkeypatch):
-    from erasekit.methods.resalign import ResAlign
-
-    seen = []
-    original = ResAlign.loss
-
-    def loss(self, ctx, micro):
-        seen.append((torch.backends.cuda.flash_sdp_enabled(),
-                     torch.backends.cuda.mem_efficient_sdp_enabled()))  # fmt: skip
-        return original(self, ctx, micro)
-
-    monkeypatch.setattr(ResAlign, "loss", loss)
-    erase(tiny_model_dir, tmp_path / "out", method="resalign", steps=1)
-    assert seen == [(False, False)]
-    assert torch.backends.cuda.flash_sdp_enabled()  # restored after the step
 
 
 def test_a_run_that_fails_before_any_checkpoint_leaves_nothing(tiny_model_dir, tmp_path):
