@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 _ALONE: list[Any] = []  # the innermost one_process() view, when active
@@ -89,6 +90,27 @@ def resolve_device(name: str | None) -> str:
         raise ErasekitError(f"--device {name}: no CUDA device is available")
     state = process_state(name)
     return name if name is not None else str(state.device)
+
+
+@contextmanager
+def shared_temporary_folder(prefix: str) -> Iterator[Path]:
+    """A temporary folder every process of a launch sees (the main process's), for collective
+    work such as evaluation; removed by the main process when all are done."""
+    import shutil
+    import tempfile
+
+    state = process_state()
+    folder = [tempfile.mkdtemp(prefix=prefix) if state.is_main_process else None]
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        folder = broadcast_object_list(folder)
+    try:
+        yield Path(folder[0])
+    finally:
+        state.wait_for_everyone()
+        if state.is_main_process:
+            shutil.rmtree(folder[0], ignore_errors=True)
 
 
 def close_process_group() -> None:

@@ -312,7 +312,6 @@ def compile_unet(unet, config: TrainConfig) -> None:
         unet.compile(mode=None if config.compile == "default" else config.compile)
 
 
-
 def _checkpoints(work_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (one being written is a hidden ``.partial`` folder;
     one without its state file is not complete)."""
@@ -428,9 +427,6 @@ class TrainingJob:
     sets_gradients: ClassVar[bool] = False
     # True: ``loss`` runs the (frozen) text encoder itself, so the loop keeps it on the device.
     uses_text_encoder: ClassVar[bool] = False
-    # Set (to the reason) when the job cannot yet share its work among processes: it refuses
-    # to start under accelerate launch / torchrun.
-    single_process: ClassVar[str | None] = None
     # True: the job's result is computed, not trained (UCE's closed form, NegMerge's merge of
     # copies it trained in ``prepare_data``), and applied in ``on_train_start``; the loop runs
     # no optimizer step.
@@ -455,14 +451,6 @@ class TrainingJob:
         cache_dir: str | Path | None = None,
         progress: bool = True,
     ) -> None:
-        if self.single_process:
-            from erasekit.distributed import process_state
-
-            if process_state().num_processes > 1:
-                raise ErasekitError(
-                    f"{self.name} runs in one process for now ({self.single_process}); run it"
-                    " without accelerate launch"
-                )
         self.config = config
         self.concept = concept
         self.model_path = Path(model_path)

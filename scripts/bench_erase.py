@@ -18,16 +18,20 @@ Parts:
          set, NudeNet) at 64 px (the U-Net's sample_size set to 8 latents, so training runs at
          that size too) with 4 sampler steps, each in its own process: wall seconds and the
          process's peak resident memory.
-  gpu    on a CUDA device: ESD and SalUn steps through erasekit's own method code vs a plain
-         fine-tuning step of the same U-Net (the floor): 512 px (64x64 latents), batch 8,
-         bf16 autocast, fp32 master weights, Adam; step time, peak GPU memory, TFLOP/s achieved
-         (FLOPs counted by torch.utils.flop_counter over one step).
+  gpu    on a CUDA device (or --device cpu --latent 8: the scaled profile): training steps
+         of the SD-1.5 U-Net through erasekit's own method code at 512 px (64x64 latents),
+         batch 8, bf16 autocast, fp32 master weights, Adam: a plain fine-tuning step (the
+         floor) eager, with channels-last + fused Adam, and compiled; SalUn; ESD-u with a fresh
+         teacher trajectory per step and with teacher_reuse 4. Step time, peak GPU memory,
+         TFLOP/s achieved (FLOPs counted by torch.utils.flop_counter over one step) and MFU
+         against the device's dense bf16 peak.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import shutil
@@ -41,13 +45,17 @@ from types import SimpleNamespace
 
 import torch
 
+# The GPU suite's CPU profile narrows every benchmark's SD-1.5 U-Net (same layout, blocks and
+# attention; channels (w, 2w, 4w, 4w)) by setting BENCH_UNET_WIDTH (default 320: SD-1.5).
+WIDTH = int(os.environ.get("BENCH_UNET_WIDTH", "320"))
+
 # SD-1.5 U-Net architecture (diffusers config values; the same for SD-1.4).
 SD15_UNET = {
     "sample_size": 64,
     "in_channels": 4,
     "out_channels": 4,
     "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280, 1280),
+    "block_out_channels": (WIDTH, 2 * WIDTH, 4 * WIDTH, 4 * WIDTH),
     "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     "cross_attention_dim": 768,
@@ -358,29 +366,58 @@ def _flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def bench_gpu(batch: int, steps: int) -> dict:
+# Dense bf16 tensor-core peak (TFLOP/s) by device name, for MFU; unknown devices get none.
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "4090": 165.2}
+
+STEP_VARIANTS = ("finetune", "finetune-fast", "finetune-compiled", "salun", "esd-u",
+                 "esd-u-reuse4")  # fmt: skip
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_steps(device: str, batch: int, steps: int, latent: int, variants: list[str]) -> dict:
+    """Training steps of the SD-1.5 U-Net through erasekit's own method code (bf16 autocast,
+    fp32 master weights): a plain fine-tuning step (the floor) eager, with channels-last +
+    the fused optimizer (``-fast``), and compiled; SalUn; ESD-u with a fresh teacher
+    trajectory per step and with ``teacher_reuse`` 4."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
     from erasekit.methods.esd import ESD, ESDConfig
     from erasekit.methods.salun import SalUn, SalUnConfig, masks_from_saliency, saliency
-    from erasekit.training import Split, TrainContext
+    from erasekit.training import Split, TrainConfig, TrainContext, _make_optimizer, compile_unet
 
-    acc = Accelerator(mixed_precision="bf16")
-    dev = acc.device
+    dev = torch.device(device)
+    AcceleratorState._reset_state()
+    acc = Accelerator(mixed_precision="bf16", cpu=dev.type == "cpu")
     g = torch.Generator().manual_seed(0)
+    arch = {**SD15_UNET, "sample_size": latent}
 
     def split(n):
         return Split(["x"] * n, torch.randn(n, 77, 768, generator=g),
-                     torch.randn(n, 4, 64, 64, generator=g))  # fmt: skip
+                     torch.randn(n, 4, latent, latent, generator=g))  # fmt: skip
 
     results = {}
-    for label in ("finetune", "salun", "esd-u"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        unet = UNet2DConditionModel(**SD15_UNET).to(dev)
-        cfg = (ESDConfig(variant="esd-u", batch_size=batch) if label == "esd-u"
-               else SalUnConfig(batch_size=batch))  # fmt: skip
+    for label in variants:
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        unet = UNet2DConditionModel(**arch).to(dev)
+        fast = label in ("finetune-fast", "finetune-compiled")
+        loop = {"batch_size": batch, "channels_last": fast, "fused_optimizer": fast,
+                "compile": "default" if label == "finetune-compiled" else "no"}  # fmt: skip
+        if label.startswith("esd-u"):
+            cfg = ESDConfig(variant="esd-u", teacher_reuse=4 if "reuse" in label else 1, **loop)
+        elif label == "salun":
+            cfg = SalUnConfig(**loop)
+        else:
+            cfg = TrainConfig(**loop)
+        if cfg.channels_last:
+            unet.to(memory_format=torch.channels_last)
         ctx = TrainContext(
             accelerator=acc, unet=unet,
             pipe=SimpleNamespace(unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULER)),
@@ -389,16 +426,14 @@ def bench_gpu(batch: int, steps: int) -> dict:
             noise_scheduler=DDPMScheduler.from_config(DDIMScheduler(**SD_SCHEDULER).config),
             weight_dtype=torch.bfloat16, device=dev, work_dir=Path("."),
         )  # fmt: skip
-        if label == "esd-u":
+        extra: dict = {}
+        if label.startswith("esd-u"):
             method = ESD(cfg, None, model_path=".")
             params = [p for _, p in method.trainable_parameters(unet)]
             unet.requires_grad_(False)
             for p in params:
                 p.requires_grad_(True)
             method.setup(ctx)
-            # Every partial sample stops at the schedule's mean depth, so that every timed step
-            # costs the same and FLOPs and time describe the same work.
-            method.teacher.fixed_stop = cfg.ddim_steps // 2
         elif label == "salun":
             method = SalUn(cfg, None, model_path=".")
             params = list(unet.parameters())
@@ -406,14 +441,15 @@ def bench_gpu(batch: int, steps: int) -> dict:
             scores = saliency(ctx, guidance=cfg.mask_guidance, batch_size=cfg.mask_batch_size,
                               seed=cfg.seed)  # fmt: skip
             masks, _ = masks_from_saliency(scores, cfg.mask_fraction)
-            torch.cuda.synchronize()
-            mask_s = time.time() - t0
+            _sync(dev)
+            extra["mask_pass_s"] = round(time.time() - t0, 2)
             method.masks = masks
             method._by_param = {p: masks[n] for n, p in unet.named_parameters()}
             method.surrogate_cond = torch.zeros(1, 77, 768, device=dev)
         else:
             method, params = None, list(unet.parameters())
-        opt = torch.optim.Adam(params, lr=1e-5)
+        compile_unet(unet, cfg)
+        opt = _make_optimizer(cfg, [{"params": params}], 1e-5)
         ctx.unet, opt = acc.prepare(unet, opt)
 
         def step(i, ctx=ctx, method=method, opt=opt):
@@ -428,43 +464,63 @@ def bench_gpu(batch: int, steps: int) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        for i in range(2):  # warm-up
+        t0 = time.time()
+        for i in range(2):  # warm-up (and compilation)
             step(i)
-        torch.cuda.synchronize()
+        _sync(dev)
+        extra["warmup_s"] = round(time.time() - t0, 2)
         times = []
+        # ESD: whole teacher groups, so a reused trajectory's cost is spread as in training
         for i in range(steps):
             t0 = time.time()
             step(100 + i)
-            torch.cuda.synchronize()
+            _sync(dev)
             times.append(time.time() - t0)
-        flops = _flops(lambda step=step: step(1000))
+        median = statistics.median(times)
         results[label] = {
-            "median_step_s": round(statistics.median(times), 4),
+            "median_step_s": round(median, 4),
             "mean_step_s": round(statistics.mean(times), 4),
-            "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "tflops_per_step_sample": round(flops / 1e12, 2),
-            "achieved_tflops": round(flops / 1e12 / statistics.median(times), 1),
+            "loop_settings": {
+                k: getattr(cfg, k) for k in ("channels_last", "fused_optimizer", "compile")
+            },  # fmt: skip
+            **extra,
         }
+        if dev.type == "cuda":
+            results[label]["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if not label.startswith("esd-u"):  # ESD's per-step work varies with the stop index
+            flops = _flops(lambda step=step: step(1000))
+            results[label]["tflops_per_step"] = round(flops / 1e12, 3)
+            results[label]["achieved_tflops"] = round(flops / 1e12 / median, 2)
         if label == "salun":
-            results[label]["mask_pass_s"] = round(mask_s, 2)
             results[label]["note"] = "one no-grad forward (surrogate target) + one fwd/bwd on " \
                 "forget+retain (2x batch)"  # fmt: skip
-        if label == "esd-u":
-            results[label]["note"] = ("every timed step partially samples 25 DDIM steps (the "
-                                      "mean of U{0..49}) with the bf16 teacher, x2 for CFG, "
-                                      "then one fwd/bwd of the trained U-Net")  # fmt: skip
+        if label.startswith("esd-u"):
+            results[label]["teacher_reuse"] = cfg.teacher_reuse
+            results[label]["note"] = ("mean over the timed steps of the partial sample (stops "
+                                      "uniform over 50 DDIM steps, x2 for CFG, with the bf16 "
+                                      "teacher) + one fwd/bwd of the trained U-Net")  # fmt: skip
         ctx = unet = opt = method = step = None  # free before the next model
         acc.free_memory()
-    results["device"] = torch.cuda.get_device_name()
-    results["setting"] = {"resolution": 512, "latents": "64x64", "batch": batch,
-                          "precision": "bf16 autocast, fp32 weights", "optimizer": "Adam",
-                          "timed_steps": steps}  # fmt: skip
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu"
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    if peak:
+        for r in results.values():
+            if "achieved_tflops" in r:
+                r["mfu"] = round(r["achieved_tflops"] / peak, 3)
+    results["device"] = name
+    results["peak_bf16_tflops"] = peak
+    results["setting"] = {"resolution": latent * 8, "latents": f"{latent}x{latent}",
+                          "batch": batch, "precision": "bf16 autocast, fp32 weights",
+                          "optimizer": "Adam", "timed_steps": steps}  # fmt: skip
     return results
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("part", choices=["world", "mask", "uce", "smoke", "gpu"])
+    ap.add_argument("--device", default="cuda", help="gpu part: cuda, or cpu (scaled profile)")
+    ap.add_argument("--latent", type=int, default=64, help="gpu part: latent side (64: 512 px)")
+    ap.add_argument("--variants", default=",".join(STEP_VARIANTS), help="gpu part: steps to time")
     ap.add_argument(
         "--out", default=None, help="JSON file (default docs/results/bench-erase-PART.json)"
     )
@@ -490,9 +546,10 @@ def main() -> None:
     elif args.part == "smoke":
         result = bench_smoke(["sd15", "sd21"])
     else:
-        if not torch.cuda.is_available():
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise SystemExit("bench gpu: no CUDA device")
-        result = bench_gpu(args.batch, args.steps)
+        result = bench_steps(args.device, args.batch, args.steps, args.latent,
+                             args.variants.split(","))  # fmt: skip
     part = f"mask-{args.dtype}" if args.part == "mask" else args.part
     write_record(f"bench_erase {args.part}", result,
                  Path(args.out or f"docs/results/bench-erase-{part}.json"))  # fmt: skip

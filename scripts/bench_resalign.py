@@ -2,7 +2,8 @@
 
   world  the ShapesWorld U-Net on the CPU (world defaults: k = 2 configurations from the world
          meta-distribution, outer batch 4, K = 5, alpha from 1/16; trainable = full U-Net)
-  gpu    the SD-1.5 U-Net architecture (random weights, 860M) on a CUDA device, rank-4 LoRA,
+  gpu    the SD-1.5 U-Net architecture (random weights, 860M) on a CUDA device (or --device cpu
+         --latent 8: the scaled profile), rank-4 LoRA,
          bf16 autocast, the shipped SD meta-distribution (k = 3), 64x64 latents: peak memory
          and step time (target <= 24 GB)
 
@@ -174,6 +175,8 @@ def main() -> None:
     ap.add_argument("part", choices=["world", "gpu"])
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--device", default="cuda", help="gpu part: cuda, or cpu (scaled profile)")
+    ap.add_argument("--latent", type=int, default=64, help="gpu part: latent side (64: 512 px)")
     args = ap.parse_args()
     out = Path(args.out or f"docs/results/bench-resalign-{args.part}.json")
     if args.part == "world":
@@ -188,10 +191,13 @@ def main() -> None:
     else:
         from diffusers import UNet2DConditionModel
 
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit("bench_resalign gpu: no CUDA device")
         torch.manual_seed(0)
-        unet = UNet2DConditionModel(**SD15_UNET)
-        result = bench(unet, ResAlignConfig(trainable="lora"), META_SD, "cuda", "bf16",
-                       args.steps)  # fmt: skip
+        unet = UNet2DConditionModel(**{**SD15_UNET, "sample_size": args.latent})
+        result = bench(unet, ResAlignConfig(trainable="lora"), META_SD,
+                       "cpu" if args.device == "cpu" else "cuda", "bf16", args.steps)  # fmt: skip
+        result["latents"] = f"{args.latent}x{args.latent}"
     write_record(f"bench_resalign {args.part}", result, out)
 
 

@@ -147,21 +147,21 @@ def world_erased(tmp_path_factory) -> Path:
     return shared_folder(tmp_path_factory, "world-erased", build)
 
 
-@pytest.fixture
-def as_two_processes(monkeypatch):
-    """accelerate's process state reports two processes (this one among them), as under
-    ``accelerate launch`` (real two-process launches: the erase, generate, audit torchrun tests)."""
-    import erasekit.distributed
+def one_and_two_processes(
+    args: list[str], one: list[str], two: list[str], tmp_path: Path, timeout: int = 900
+) -> tuple[Path, Path]:
+    """Run ``python -m erasekit ARGS`` in one process (+ ``one``) and under torchrun with 2 CPU
+    processes (+ ``two``), into tmp_path/one and tmp_path/two; both must succeed."""
+    import os
+    import subprocess
+    import sys
 
-    real = erasekit.distributed.process_state
-
-    class TwoProcesses:  # this process's state, as one of two
-        num_processes = 2
-
-        def __init__(self, device=None):
-            self.state = real(device)
-
-        def __getattr__(self, name):
-            return getattr(self.state, name)
-
-    monkeypatch.setattr(erasekit.distributed, "process_state", TwoProcesses)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ERASEKIT_CACHE": str(tmp_path / "cache")}
+    outs = tmp_path / "one", tmp_path / "two"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+              "--nproc_per_node", "2"]  # fmt: skip
+    for prefix, extra, out in (([sys.executable], one, outs[0]), (launch, two, outs[1])):
+        cmd = [*prefix, "-m", "erasekit", *args, *extra, "--out", str(out)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return outs

@@ -180,3 +180,31 @@ def test_bad_immunize_settings_exit_2(setting, needle, tiny_model_dir, tmp_path,
                       "--no-progress")  # fmt: skip
     assert_one_line_error(result, needle)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_two_process_step_equals_one_process_with_accumulation(tiny_model_dir, tmp_path):
+    """torchrun with 2 CPU processes x 1 micro-step = 1 process x 2 micro-steps: the U-Net's
+    and the text encoder's gradients and the logged condition numbers are averaged."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import one_and_two_processes
+
+    args = ["erase", "--model", str(tiny_model_dir), "--concept", "circle", "--method",
+            "immunize", "--no-progress", "--set", "steps=2", "--set", "images_per_prompt=1",
+            "--set", "batch_size=1", "--set", "covariance_prompts=2", "--set", "lr=1e-3",
+            "--set", "optimizer=sgd"]  # fmt: skip
+    one, two = one_and_two_processes(args, ["--set", "gradient_accumulation_steps=2"], [],
+                                     tmp_path)  # fmt: skip
+    logs = [[json.loads(ln) for ln in (f / "training_log.jsonl").read_text().splitlines()]
+            for f in (one, two)]  # fmt: skip
+    for a, b in zip(*logs, strict=True):
+        for key in ("loss", "kappa_harm", "kappa_benign", "immunization_ratio", "r1", "r2"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+    for sub, file in (("unet", "diffusion_pytorch_model.safetensors"),
+                      ("text_encoder", "model.safetensors")):  # fmt: skip
+        before = load_file(str(tiny_model_dir / sub / file))
+        w1, w2 = (load_file(str(f / sub / file)) for f in (one, two))
+        assert any(not torch.equal(before[k], w1[k]) for k in before), sub
+        for k in w1:
+            assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=0), (sub, k)

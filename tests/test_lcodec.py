@@ -97,3 +97,19 @@ def test_bad_lcodec_settings_exit_2(setting, needle, tiny_model_dir, tmp_path, c
                     "--no-progress")  # fmt: skip
     assert_one_line_error(result, needle)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_lcodec_mask_on_two_processes_is_the_one_process_mask(tiny_model_dir, tmp_path):
+    """torchrun with 2 CPU processes: the noise-perturbed batches are shared out and gathered
+    in order, so the statistic and the mask are those of one process."""
+    from tests.conftest import one_and_two_processes
+
+    args = ["erase", "--model", str(tiny_model_dir), "--concept", "circle", "--method",
+            "salun", "--no-progress", "--set", "steps=1", "--set", "images_per_prompt=1",
+            "--set", "mask_source=lcodec", "--set", "lcodec_samples=16",
+            "--set", "mask_batch_size=4"]  # fmt: skip
+    one, two = one_and_two_processes(args, [], [], tmp_path)
+    (m1, i1), (m2, i2) = load_mask(one / MASK_FILE), load_mask(two / MASK_FILE)
+    assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
+    assert i1["density"] == i2["density"] and i1["samples"] == i2["samples"] == 16

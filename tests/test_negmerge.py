@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -84,3 +85,28 @@ def test_bad_negmerge_settings_are_one_line(tiny_model_dir, tmp_path, capsys):
     for extra, fragment in cases:
         assert_one_line_error(run_main(capsys, *base, *extra), fragment)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_negmerge_on_two_processes_gives_the_one_process_merge(tiny_model_dir, tmp_path):
+    """torchrun with 2 CPU processes: each copy trains data-parallel (batch 1 per process =
+    one process's batch 2), the alpha search renders together and finds the same table."""
+    from tests.conftest import one_and_two_processes
+
+    args = ["erase", "--model", str(tiny_model_dir), "--concept", "circle", "--method",
+            "negmerge", "--no-progress", "--set", "copy_steps=2", "--set",
+            "images_per_prompt=1", "--set", "alphas=0.5,1", "--set",
+            "eval_per_prompt=1"]  # fmt: skip
+    # the copies train with SGD: Adam's first steps (about lr x sign(g)) would turn float
+    # rounding into whole steps, and the sign consensus into different survivors
+    sgd = ["--set", "grid=lr=0.5,optimizer=sgd;lr=1.0,seed=1,optimizer=sgd"]
+    one, two = one_and_two_processes([*args, *sgd], ["--set", "copy_batch_size=2"],
+                                     ["--set", "copy_batch_size=1"], tmp_path)  # fmt: skip
+    details = [json.loads((f / "negmerge.json").read_text()) for f in (one, two)]
+    assert details[0]["alpha_search"] == details[1]["alpha_search"]
+    assert details[0]["alpha"] == details[1]["alpha"]
+    file = "unet/diffusion_pytorch_model.safetensors"
+    before, w1, w2 = (load_file(str(f / file)) for f in (tiny_model_dir, one, two))
+    assert any(not torch.equal(before[k], w1[k]) for k in before)
+    off = sum(int(((w1[k] - w2[k]).abs() > 1e-5).sum()) for k in w1)
+    assert off <= 1e-3 * sum(w.numel() for w in w1.values()), off

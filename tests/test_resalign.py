@@ -293,15 +293,3 @@ def test_two_process_step_equals_one_process_with_accumulation(tiny_model_dir, t
     assert off <= 1e-4 * sum(w.numel() for w in w1.values())
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=5e-5, rtol=0), k
-
-
-@pytest.mark.parametrize("method", ["negmerge"])
-def test_several_processes_are_refused_before_any_work(method, tiny_model_dir, tmp_path,
-                                                       as_two_processes, monkeypatch,
-                                                       capsys):  # fmt: skip
-    """Under `accelerate launch` with two processes."""
-    monkeypatch.setenv("ERASEKIT_CACHE", str(tmp_path / "cache"))
-    r = run_main(capsys, "erase", "--model", str(tiny_model_dir), "--concept", "circle",
-                 "--method", method, "--out", str(tmp_path / "two"), "--no-progress")  # fmt: skip
-    assert r.returncode != 0 and f"{method} runs in one process" in r.stderr
-    assert not (tmp_path / "two").exists() and not (tmp_path / "cache").exists()

@@ -150,7 +150,6 @@ class Immunize(ResAlign):
     name = "immunize"
     Config = ImmunizeConfig
     uses_text_encoder = True
-    single_process = "its covariance statistics are not yet reduced across processes"
     one_concept = "its covariances are one concept's harmful and benign prompts"
 
     def prepare_data(self, pipe) -> dict[str, Split]:
@@ -224,7 +223,7 @@ class Immunize(ResAlign):
     def immunization_loss(self, ctx: TrainContext, micro: int):
         """feature_weight · benign feature MSE + λ1·r1(S_benign) + λ2·r2(S_harm), and stats."""
         cfg: ImmunizeConfig = self.config
-        gen = step_generator(cfg.seed, ctx.step, micro, 6173)
+        gen = step_generator(cfg.seed, ctx.step, ctx.global_micro(micro), 6173)
         harm_ids, benign_ids = self._pick(self.harm_ids, gen), self._pick(self.benign_ids, gen)
         a_harm = self._features(self.encoder, harm_ids)
         a_benign = self._features(self.encoder, benign_ids)

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from erasekit.distributed import gather_shares, my_share
 from erasekit.errors import ErasekitError
 
 
@@ -100,38 +101,43 @@ def unit_samples(ctx, *, samples: int, batch_size: int, seed: int):
         raise ErasekitError("mask_source=lcodec needs forget images (noise-perturbed inputs)")
     modules = {n: m for n, m in unet.named_modules()
                if any(True for _ in m.parameters(recurse=False))}  # fmt: skip
-    acts: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
-    recording = [False]
+    recording: list[dict[str, list[torch.Tensor]] | None] = [None]  # this batch's activations
 
     def hook(name, module):
         axis = _unit_axis(module)
 
         def record(_m, _inputs, output):
-            if recording[0] and isinstance(output, torch.Tensor):
+            if recording[0] is not None and isinstance(output, torch.Tensor):
                 o = output.float().movedim(axis, 1)
-                acts[name].append(o.reshape(o.shape[0], o.shape[1], -1).mean(2).cpu())
+                recording[0].setdefault(name, []).append(
+                    o.reshape(o.shape[0], o.shape[1], -1).mean(2).cpu())  # fmt: skip
 
         return record
 
     handles = [m.register_forward_hook(hook(n, m)) for n, m in modules.items()]
-    ys, ts = [], []
+    batches = []  # (start, Y, t, activations by module) of this process's batches
     try:
         gen = step_generator(seed, 5150)
         order = torch.randint(0, len(split), (samples,), generator=gen)
-        for start in range(0, samples, batch_size):
+        starts = range(0, samples, batch_size)
+        for start in [starts[i] for i in my_share(len(starts))]:  # processes share batches
             idx = order[start : start + batch_size]
             latents, cond = split.latents[idx].to(ctx.device), split.cond[idx].to(ctx.device)
             x_t, t, _ = ctx.noisy(latents, step_generator(seed, 5151, start))
             with ctx.accelerator.autocast():
-                recording[0] = True
+                recording[0] = {}
                 e_c = unet(x_t, t, cond).sample.float()
-                recording[0] = False
+                acts, recording[0] = recording[0], None
                 e_u = unet(x_t, t, ctx.empty_cond.expand_as(cond)).sample.float()
-            ys.append((e_c - e_u).pow(2).flatten(1).mean(1).cpu())
-            ts.append(t.float().cpu())
+            y = (e_c - e_u).pow(2).flatten(1).mean(1).cpu()
+            batches.append((start, y, t.float().cpu(), {n: torch.cat(a) for n, a in
+                                                         acts.items()}))  # fmt: skip
     finally:
         for h in handles:
             h.remove()
+    batches = sorted(gather_shares(batches), key=lambda b: b[0])
+    ys, ts = [b[1] for b in batches], [b[2] for b in batches]
+    acts = {n: [b[3][n] for b in batches if n in b[3]] for n in modules}
     z = {n: torch.cat(a).T for n, a in acts.items() if a}
     for name, values in z.items():
         if values.shape[1] != samples:
@@ -144,9 +150,6 @@ def lcodec_masks(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Boolean masks over the U-Net's weights: the units of highest T_n(Y, Z_u | t) until
     ``fraction`` of all weights is selected. Info: density, units, the statistic's range, cost."""
-    if ctx.accelerator.num_processes > 1:
-        raise ErasekitError("mask_source=lcodec runs in one process for now; compute the mask "
-                            "once and pass it with --mask")  # fmt: skip
     started = time.perf_counter()
     y, z, t, modules = unit_samples(ctx, samples=samples, batch_size=batch_size, seed=seed)
     sampled = time.perf_counter()

@@ -119,7 +119,6 @@ class NegMerge(Method):
     Config = NegMergeConfig
     closed_form = True
     needs_images = True
-    single_process = "its copies are trained one after another"
 
     @classmethod
     def defaults(cls, concept) -> dict[str, Any]:
@@ -186,9 +185,8 @@ class NegMerge(Method):
     def choose_alpha(self, pipe) -> tuple[float, list[dict[str, Any]]]:
         """The rule: lowest forget rate among the α keeping retain utility at ``retain_floor``
         of the original's (if none does, the smallest α, and the log says so)."""
-        import tempfile
-
         from erasekit.detectors import DetectorOptions
+        from erasekit.distributed import shared_temporary_folder
         from erasekit.evaluation import build_judges, evaluate_prompt_set, set_metrics
         from erasekit.sampling import SamplerSettings
 
@@ -222,8 +220,7 @@ class NegMerge(Method):
                                     " accuracy or CLIP score); pass alpha")  # fmt: skip
             return out
 
-        with tempfile.TemporaryDirectory(prefix="erasekit-negmerge-") as tmp:
-            root = Path(tmp)
+        with shared_temporary_folder("erasekit-negmerge-") as root:  # rendered together
             original = measure("original")
             rows = []
             for a in cfg.alpha_grid():
