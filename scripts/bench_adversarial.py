@@ -109,7 +109,14 @@ def bench_world(model: Path | None, limit: int) -> dict:
     return result
 
 
-def bench_gpu(device: str, batch: int, iterations: int, rab_prompts: int) -> dict:
+def bench_gpu(
+    device: str,
+    batch: int,
+    iterations: int,
+    rab_prompts: int,
+    latent: int = 64,
+    population: int = 200,
+) -> dict:
     from bench_erase import SD15_UNET, SD_SCHEDULER
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -149,7 +156,7 @@ def bench_gpu(device: str, batch: int, iterations: int, rab_prompts: int) -> dic
         opt = torch.optim.Adam([relaxed], lr=0.01, weight_decay=0.1)
         ids = torch.full((b, 77), tok.eos_token_id, device=dev)
         ids[:, 0] = tok.bos_token_id
-        x0 = torch.randn(b, 4, 64, 64, device=dev)
+        x0 = torch.randn(b, 4, latent, latent, device=dev)
         embeds = {}
         times = []
         with free_token_embeddings(te, embeds):
@@ -171,7 +178,8 @@ def bench_gpu(device: str, batch: int, iterations: int, rab_prompts: int) -> dic
         uda[b] = {"iteration_s": round(per_iter, 4), "prompts_per_hour_2000_iterations": rate}
     rab = {}
     for n in sorted({1, rab_prompts}):
-        cand = candidate_ids(tok, vocab[torch.randint(0, len(vocab), (200 * n, 16))].cpu())
+        cand = candidate_ids(tok, vocab[torch.randint(0, len(vocab), (population * n, 16))]
+                             .cpu())  # fmt: skip
         times = []
         for i in range(iterations + 1):
             sync()
@@ -201,6 +209,8 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--prompts", type=int, default=16, help="world: first N red forget prompts")
     ap.add_argument("--rab-prompts", type=int, default=16, help="gpu: Ring-A-Bell prompts")
+    ap.add_argument("--latent", type=int, default=64, help="gpu: latent side (64: 512 px)")
+    ap.add_argument("--population", type=int, default=200, help="gpu: Ring-A-Bell candidates")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -214,7 +224,8 @@ def main() -> None:
     else:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise SystemExit("the gpu part needs a CUDA device (or --device cpu for a check)")
-        result = bench_gpu(args.device, args.batch, args.iterations, args.rab_prompts)
+        result = bench_gpu(args.device, args.batch, args.iterations, args.rab_prompts,
+                           args.latent, args.population)  # fmt: skip
     out = args.out or Path(f"docs/results/bench-adversarial-{args.part}.json")
     write_record(f"bench_adversarial {args.part}", result, out)
 

@@ -106,7 +106,7 @@ def bench_world(n_prompts: int, n_per_prompt: int, batch: int) -> dict:
     }
 
 
-def bench_sd15(n_prompts: int, batch: int, device: str, steps: int) -> dict:
+def bench_sd15(n_prompts: int, batch: int, device: str, steps: int, latent: int = 64) -> dict:
     from bench_erase import SD15_UNET, SD_SCHEDULER
     from diffusers import (
         AutoencoderKL,
@@ -128,9 +128,10 @@ def bench_sd15(n_prompts: int, batch: int, device: str, steps: int) -> dict:
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
-                        sample_size=512)  # fmt: skip
+                        sample_size=8 * latent)  # fmt: skip
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=build_clip_tokenizer(),
-                                   unet=UNet2DConditionModel(**SD15_UNET),
+                                   unet=UNet2DConditionModel(**{**SD15_UNET,
+                                                                "sample_size": latent}),
                                    scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
                                    feature_extractor=None,
                                    requires_safety_checker=False)  # fmt: skip
@@ -142,8 +143,8 @@ def bench_sd15(n_prompts: int, batch: int, device: str, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         sd = timed_generate_and_eval(pipe, None, prompts, judges, 1, batch, Path(tmp), steps)
     return {
-        "model": f"SD-1.5 architecture, random weights, {dtype}, 512 px, DDIM {steps} steps, "
-        "guidance 7.5",
+        "model": f"SD-1.5 architecture, random weights, {dtype}, {8 * latent} px, "
+        f"DDIM {steps} steps, guidance 7.5",
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
         "detector": judges.concept.version,
         "sd15": sd,
@@ -160,6 +161,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--device", default="cuda", help="gpu part: cuda, or cpu for a smoke run")
     ap.add_argument("--steps", type=int, default=50, help="gpu part: sampler steps")
+    ap.add_argument("--latent", type=int, default=64, help="gpu part: latent side (64: 512 px)")
     args = ap.parse_args()
     from bench_erase import write_record
 
@@ -172,7 +174,7 @@ def main() -> None:
     else:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise SystemExit("bench gpu: no CUDA device")
-        result = bench_sd15(args.prompts, args.batch, args.device, args.steps)
+        result = bench_sd15(args.prompts, args.batch, args.device, args.steps, args.latent)
     out = Path(args.out or f"docs/results/bench-audit-{args.part}.json")
     write_record(f"bench_audit {args.part}", result, out)
 

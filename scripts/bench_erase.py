@@ -489,8 +489,8 @@ def bench_steps(device: str, batch: int, steps: int, latent: int, variants: list
             results[label]["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         if not label.startswith("esd-u"):  # ESD's per-step work varies with the stop index
             flops = _flops(lambda step=step: step(1000))
-            results[label]["tflops_per_step"] = round(flops / 1e12, 3)
-            results[label]["achieved_tflops"] = round(flops / 1e12 / median, 2)
+            results[label]["tflops_per_step"] = float(f"{flops / 1e12:.4g}")
+            results[label]["achieved_tflops"] = float(f"{flops / 1e12 / median:.4g}")
         if label == "salun":
             results[label]["note"] = "one no-grad forward (surrogate target) + one fwd/bwd on " \
                 "forget+retain (2x batch)"  # fmt: skip

@@ -13,8 +13,8 @@ within a time budget, and checks the measurements against the targets:
 
 Profiles: ``gpu`` (one CUDA device; fits in about 10 minutes on an H100-class GPU) and
 ``cpu`` (the same code paths scaled down: SD-1.5's U-Net layout at a tenth of its width,
-64 px, batch 1-2, 1-2 steps; checks that the suite runs and measures nothing a GPU target
-speaks of).
+64 px, batch 1-2, 1-2 steps, Ring-A-Bell populations of 8; checks that the suite runs and
+measures nothing a GPU target speaks of).
 
   python scripts/bench_gpu.py gpu
   python scripts/bench_gpu.py cpu
@@ -48,9 +48,10 @@ PARTS = {
         "resalign": ("bench_resalign.py", ["gpu", "--device", "cpu", "--latent", "8",
                                            "--steps", "1"]),
         "audit": ("bench_audit.py", ["gpu", "--device", "cpu", "--prompts", "2", "--batch", "2",
-                                     "--steps", "2"]),
+                                     "--steps", "2", "--latent", "8"]),
         "adversarial": ("bench_adversarial.py", ["gpu", "--device", "cpu", "--batch", "2",
-                                                 "--iterations", "2", "--rab-prompts", "2"]),
+                                                 "--iterations", "2", "--rab-prompts", "2",
+                                                 "--latent", "8", "--population", "8"]),
     },
 }  # fmt: skip
 
