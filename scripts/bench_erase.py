@@ -470,8 +470,10 @@ def bench_steps(device: str, batch: int, steps: int, latent: int, variants: list
         _sync(dev)
         extra["warmup_s"] = round(time.time() - t0, 2)
         times = []
-        # ESD: whole teacher groups, so a reused trajectory's cost is spread as in training
-        for i in range(steps):
+        # ESD: whole groups of 4 from a group boundary (100), so a reused trajectory's cost is
+        # spread as in training; its steps vary with the stops drawn: compare mean step times
+        timed = -(-steps // 4) * 4 if label.startswith("esd-u") else steps
+        for i in range(timed):
             t0 = time.time()
             step(100 + i)
             _sync(dev)
@@ -480,6 +482,7 @@ def bench_steps(device: str, batch: int, steps: int, latent: int, variants: list
         results[label] = {
             "median_step_s": round(median, 4),
             "mean_step_s": round(statistics.mean(times), 4),
+            "timed_steps": timed,
             "loop_settings": {
                 k: getattr(cfg, k) for k in ("channels_last", "fused_optimizer", "compile")
             },  # fmt: skip

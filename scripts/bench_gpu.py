@@ -73,8 +73,9 @@ def targets(parts: dict) -> list[dict]:
 
     best = max((steps[k].get("mfu") or 0 for k in steps if k.startswith("finetune")), default=None)
     add("plain fine-tuning step MFU", best or None, ">= 0.40", lambda v: v >= 0.40)
-    esd = [steps[k]["median_step_s"] for k in steps if k.startswith("esd-u")]
-    add("ESD-u step speed-up over 1.63 s", round(ESD_STEP_BEFORE_S / min(esd), 2) if esd
+    # the earlier 1.63 s was timed at the mean stop depth; these at random stops: mean times
+    esd = [steps[k]["mean_step_s"] for k in steps if k.startswith("esd-u")]
+    add("ESD-u mean step speed-up over 1.63 s", round(ESD_STEP_BEFORE_S / min(esd), 2) if esd
         else None, ">= 3", lambda v: v >= 3)  # fmt: skip
     peak = parts.get("resalign", {}).get("result", {}).get("peak_gpu_gb")
     add("ResAlign SD-1.5 + LoRA peak memory (GB)", peak, "<= 24", lambda v: v <= 24)
