@@ -64,7 +64,7 @@ class ESDConfig(TrainConfig):
     ddim_steps: int = 50  # schedule the partial sample's stopping step is drawn from
     sample_guidance: float = 3.0  # CFG scale of the partial sample
     # partial samples per teacher trajectory (1: a fresh trajectory every micro-step; k > 1:
-    # one trajectory of the group's prompts serves k micro-steps, see ESDTeacher.trajectory)
+    # one trajectory of the group's prompts serves k micro-steps, see ESD.training_pair)
     teacher_reuse: int = 1
 
     def validate(self) -> None:
