@@ -123,7 +123,7 @@ class ESDTeacher:
         self.negative_guidance = negative_guidance
         self.convention = convention
         self.sampler = None  # built lazily from the training context's scheduler config
-        self.fixed_stop: int | None = None  # benchmarks: every partial sample stops here
+        self.fixed_stop: int | None = None  # set: every partial sample stops here (tests)
 
     @classmethod
     def from_config(cls, teacher, config) -> ESDTeacher:
