@@ -161,7 +161,7 @@ def guidance_baselines(concept: Concept, own=None) -> dict[str, Any]:
     SLD uses the folder's own SLD settings when it has them, else the medium preset."""
     from erasekit.guidance import SLD_PRESETS, Guidance
 
-    words = ", ".join(w.replace("-", " ").replace("_", " ") for w in concept.words)
+    words = concept.phrase
     sld = own.sld if own is not None and own.sld is not None else SLD_PRESETS["medium"]
     out: dict[str, Any] = {"baseline-unguided": None} if own is not None else {}
     out["baseline-negative-prompt"] = Guidance("negative-prompt", words)

@@ -14,10 +14,20 @@ A study file (YAML)::
       esd-fast: {erase: esd, set: {steps: 50}}
       resalign-over-salun: {erase: resalign, from: salun}   # erased from another row's model
       mine: {path: models/my-erased} # a folder as it is
+      circle-after-red: {erase: salun, concept: circle, from: salun}  # another concept erased
+      words-negative: {guide: {mode: negative-prompt}, from: salun}    # inference-time guidance
+      cstar: {erase: negative-embedding, from: salun}
+      cstar-sld: {guide: {mode: sld, sld: medium, embedding: cstar}, from: salun}
     audit: {n_per_prompt: 2, limit: 8}   # erasekit.audit's settings
     attacks: {finetune: {steps: 50, eval_every: 25}}
     compare: [[salun, original]]     # paired differences
     outputs: [kappa_final.immunization_ratio]   # erasekit.json training.outputs to tabulate
+    masks: [[lcodec, salun]]         # SalUn-style masks of two rows compared, seed by seed
+
+A ``guide`` row renders its ``from`` row's weights (linked, not copied) with a ``guidance.json``:
+``mode`` negative-prompt or sld, ``concept`` the negative prompt / safety concept (default: the
+concept's words), ``sld`` a preset or the five numbers, ``embedding`` a negative-embedding row
+whose learned token becomes the concept (its own token; e.g. the c* of another model: transfer).
 
 Every cell (concept, model, seed) goes through ``erasekit.erase`` and ``erasekit.audit`` (the
 model as the audited role, no other role: each row is measured alone). Erased models are cached
@@ -47,14 +57,15 @@ from erasekit.outputs import atomic_file, output_lock, read_jsonl, write_json
 SCHEMA = "erasekit.leaderboard"
 SCHEMA_VERSION = 1
 STUDY_KEYS = {"name", "base", "concepts", "seeds", "models", "audit", "attacks", "compare",
-              "columns", "description", "profiles", "detectors", "claims", "outputs"}  # fmt: skip
+              "columns", "description", "profiles", "detectors", "claims", "outputs",
+              "masks"}  # fmt: skip
 AUDIT_KEYS = {"n_per_prompt", "limit", "steps", "batch_size", "guidance", "dtype", "device",
               "captions", "fid_images"}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class ModelRow:
-    """One row of the study: ``kind`` original | never-learned | path | erase."""
+    """One row of the study: ``kind`` original | never-learned | path | erase | guide."""
 
     name: str
     kind: str
@@ -62,11 +73,17 @@ class ModelRow:
     settings: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
     start: str | None = None  # ``from``: the row whose model this one is erased from
+    concept: str | None = None  # erase this concept instead of the cell's (audit: the cell's)
+    guide: dict[str, Any] | None = None  # a guide row's guidance.json (``embedding``: a row)
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind}
         if self.kind == "erase":
             out.update(method=self.method, settings=self.settings, start=self.start or "base")
+            if self.concept:
+                out["concept"] = self.concept
+        if self.kind == "guide":
+            out.update(guidance=self.guide, start=self.start or "base")
         if self.path:
             out["path"] = self.path
         return out
@@ -92,6 +109,8 @@ class Study:
     claims: list[dict[str, str]] = field(default_factory=list)
     # dotted paths into each erased model's erasekit.json training.outputs, tabulated per seed
     outputs: list[str] = field(default_factory=list)
+    # pairs of rows whose SalUn-style masks are compared (overlap, Jaccard, cost) seed by seed
+    masks: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _fail(path: Path, what: str) -> ErasekitError:
@@ -102,30 +121,68 @@ def _model_row(path: Path, name: str, value: Any, earlier: list[str]) -> ModelRo
     if value in ("original", "never-learned"):
         return ModelRow(name, value)
     if not isinstance(value, dict):
-        raise _fail(path, f"model {name!r}: original, never-learned, {{erase: METHOD}} or "
-                    "{path: FOLDER}")  # fmt: skip
+        raise _fail(path, f"model {name!r}: original, never-learned, {{erase: METHOD}}, "
+                    "{guide: {...}} or {path: FOLDER}")  # fmt: skip
     if "path" in value:
         if set(value) != {"path"}:
             raise _fail(path, f"model {name!r}: a path row takes only 'path'")
         folder = Path(str(value["path"]))
         return ModelRow(name, "path", path=str(folder if folder.is_absolute()
                                                else path.parent / folder))  # fmt: skip
-    unknown = sorted(set(value) - {"erase", "set", "from"})
-    if "erase" not in value or unknown:
-        extra = f" (unknown: {', '.join(unknown)})" if unknown else ""
-        raise _fail(path, f"model {name!r}: an erased row is {{erase: METHOD, set: {{...}}, "
-                    f"from: ROW}}{extra}")  # fmt: skip
-    settings = value.get("set") or {}
-    if not isinstance(settings, dict):
-        raise _fail(path, f"model {name!r}: 'set' must be a mapping of settings")
     start = value.get("from")
     if start is not None and start not in earlier:
         raise _fail(path, f"model {name!r}: 'from: {start}' must name a row listed before it")
+    if "guide" in value:
+        return _guide_row(path, name, value, earlier)
+    unknown = sorted(set(value) - {"erase", "set", "from", "concept"})
+    if "erase" not in value or unknown:
+        extra = f" (unknown: {', '.join(unknown)})" if unknown else ""
+        raise _fail(path, f"model {name!r}: an erased row is {{erase: METHOD, set: {{...}}, "
+                    f"from: ROW, concept: CONCEPT}}{extra}")  # fmt: skip
+    settings = value.get("set") or {}
+    if not isinstance(settings, dict):
+        raise _fail(path, f"model {name!r}: 'set' must be a mapping of settings")
+    concept = value.get("concept")
+    if concept is not None:
+        if not isinstance(concept, str) or not concept:
+            raise _fail(path, f"model {name!r}: 'concept' must be a concept name or spec file")
+        concept = _concept_arg(path, concept)
+    from dataclasses import fields
+
     from erasekit.methods import get_method
 
-    get_method(str(value["erase"]))  # an unknown method fails here, naming the known ones
+    method = get_method(str(value["erase"]))  # an unknown method fails here, naming them
+    unknown = sorted(set(settings) - {f.name for f in fields(method.Config)})
+    if unknown:  # before any cell runs, not as a failed cell hours later
+        raise _fail(path, f"model {name!r}: unknown {method.name} settings: "
+                    f"{', '.join(unknown)}")  # fmt: skip
     return ModelRow(name, "erase", method=str(value["erase"]), settings=dict(settings),
-                    start=start)  # fmt: skip
+                    start=start, concept=concept)  # fmt: skip
+
+
+def _guide_row(path: Path, name: str, value: dict, earlier: list[str]) -> ModelRow:
+    from erasekit.guidance import parse_guidance
+
+    guide = value["guide"]
+    unknown = sorted(set(value) - {"guide", "from"})
+    if unknown or not isinstance(guide, dict):
+        raise _fail(path, f"model {name!r}: a guide row is {{guide: {{mode: ..., concept: ..., "
+                    "sld: ..., embedding: ROW}, from: ROW}")  # fmt: skip
+    source = f"{path}: model {name!r}"
+    embedding = guide.get("embedding")
+    if embedding is not None and embedding not in earlier:
+        raise _fail(path, f"model {name!r}: 'embedding: {embedding}' must name a row listed "
+                    "before it (a negative-embedding row)")  # fmt: skip
+    # checked now with stand-ins for what the cell fills in (the concept's words, the token)
+    parse_guidance({"concept": "x", **{k: v for k, v in guide.items() if k != "embedding"}},
+                   source=source)  # fmt: skip
+    return ModelRow(name, "guide", start=value.get("from"), guide=dict(guide))
+
+
+def _concept_arg(path: Path, concept: str) -> str:
+    """A concept name, or a spec file given relative to the study's folder."""
+    relative = concept.endswith((".yaml", ".yml")) and not Path(concept).is_absolute()
+    return str(path.parent / concept) if relative else concept
 
 
 def _value_text(x: Any) -> str:
@@ -191,8 +248,7 @@ def load_study(path: str | Path, profile: str | None = None) -> Study:
     if not isinstance(concepts, list) or not all(isinstance(c, str) for c in concepts):
         raise _fail(path, "'concepts' must be a list of concept names or spec files")
     # spec files and attack inputs given relative to the study's folder
-    concepts = [str(path.parent / c) if c.endswith((".yaml", ".yml")) and not Path(c).is_absolute()
-                else c for c in concepts]  # fmt: skip
+    concepts = [_concept_arg(path, c) for c in concepts]
     seeds = spec.get("seeds", [0])
     if (
         not isinstance(seeds, list)
@@ -265,13 +321,18 @@ def load_study(path: str | Path, profile: str | None = None) -> Study:
     outputs = spec.get("outputs") or []
     if not (isinstance(outputs, list) and all(isinstance(o, str) and o for o in outputs)):
         raise _fail(path, "'outputs' must be a list of dotted keys of training.outputs")
+    masks = []
+    for pair in spec.get("masks") or []:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(p in models for p in pair)):
+            raise _fail(path, f"'masks' entries are [ROW, ROW] of listed rows, got {pair!r}")
+        masks.append((pair[0], pair[1]))
     return Study(name=str(spec["name"]), base=str(spec["base"]), concepts=concepts, seeds=seeds,
                  models=models, audit=dict(audit),
                  attacks={k: dict(v or {}) for k, v in attacks.items()}, compare=pairs,
                  columns=columns, source=str(path), sha256=sha256_bytes(data),
                  description=str(spec.get("description", "")).strip(),
                  profile=profile, detectors=dict(detectors), claims=list(claims),
-                 outputs=list(outputs))  # fmt: skip
+                 outputs=list(outputs), masks=masks)  # fmt: skip
 
 
 def resolve_base(base: str, study_path: str) -> Path:
@@ -309,6 +370,7 @@ class Runner:
         """The row's model folder for (concept, seed) and its content key; builds erasures."""
         from erasekit.api import erase
         from erasekit.auditing import never_learned_model
+        from erasekit.concepts import load_concept
 
         cached = self.built.get((row.name, concept.name, seed))
         if cached:
@@ -321,7 +383,7 @@ class Runner:
             path = never_learned_model(concept)
             if path is None:
                 raise ErasekitError(f"concept {concept.name!r} names no never-learned model")
-        if row.kind != "erase":
+        if row.kind not in ("erase", "guide"):
             if not path.exists():
                 raise ErasekitError(f"{row.name}: model not found: {path}")
             result = (path, self.content_hash(path))
@@ -330,19 +392,47 @@ class Runner:
                 start_path, start_key = self.model(self.study.models[row.start], concept, seed)
             else:
                 start_path, start_key = self.base, self.content_hash(self.base)
-            parts = [start_key, concept.sha256, row.method, row.settings, seed]
-            n = process_state().num_processes
-            if n > 1:  # the global batch grows with the processes: another model
-                parts.append(f"processes={n}")
-            key = _key(*parts)
-            folder = self.out / "models" / f"{row.name}-{concept.name}-seed{seed}-{key}"
-            if not (folder / "erasekit.json").is_file():  # erase writes its folder atomically
-                erase(start_path, concept, str(row.method), folder,
-                      settings={"seed": seed, **row.settings}, cache_dir=self.out / "cache",
-                      progress=False)  # fmt: skip
-            result = (folder, key)
+            if row.kind == "guide":
+                result = self.guided(row, concept, seed, start_path, start_key)
+            else:
+                target = load_concept(row.concept) if row.concept else concept
+                parts = [start_key, target.sha256, row.method, row.settings, seed]
+                n = process_state().num_processes
+                if n > 1:  # the global batch grows with the processes: another model
+                    parts.append(f"processes={n}")
+                key = _key(*parts)
+                folder = self.out / "models" / f"{row.name}-{concept.name}-seed{seed}-{key}"
+                if not (folder / "erasekit.json").is_file():  # erase writes it atomically
+                    erase(start_path, target, str(row.method), folder,
+                          settings={"seed": seed, **row.settings}, cache_dir=self.out / "cache",
+                          progress=False)  # fmt: skip
+                result = (folder, key)
         self.built[(row.name, concept.name, seed)] = result
         return result
+
+    def guided(self, row: ModelRow, concept, seed: int, start: Path, start_key: str):
+        """A guide row's folder: the start model's weights with the row's guidance.json."""
+        from erasekit.guidance import read_guidance, write_guided_model
+
+        guidance = {k: v for k, v in (row.guide or {}).items() if k != "embedding"}
+        embedding = embedding_key = None
+        if row.guide and row.guide.get("embedding"):
+            name = row.guide["embedding"]
+            source, embedding_key = self.model(self.study.models[name], concept, seed)
+            learned = read_guidance(source)
+            if learned is None or learned.embedding is None:
+                raise ErasekitError(f"{row.name}: row {name!r} holds no learned embedding "
+                                    "(a negative-embedding row does)")  # fmt: skip
+            embedding = source / learned.embedding
+            guidance = {"concept": learned.concept, **guidance, "embedding": learned.embedding}
+        guidance.setdefault("concept", concept.phrase)
+        key = _key(start_key, guidance, embedding_key)
+        folder = self.out / "models" / f"{row.name}-{concept.name}-seed{seed}-{key}"
+        state = process_state()
+        if state.is_main_process and not folder.is_dir():
+            write_guided_model(start, folder, guidance, embedding)
+        state.wait_for_everyone()
+        return folder, key
 
     def cell(self, row: ModelRow, concept, seed: int) -> dict[str, Any]:
         """Build and audit one cell, or reuse it when its key is unchanged."""
@@ -496,6 +586,7 @@ def pool(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 def leaderboard(study: Study, out: Path) -> dict[str, Any]:
     """The leaderboard document from the cells' result files (schema ``erasekit.leaderboard``)."""
     from erasekit.concepts import load_concept
+    from erasekit.methods.salun import MASK_OVERLAP_DEFINITIONS
     from erasekit.provenance import git_commit, library_versions
 
     names = [load_concept(c).name for c in study.concepts]
@@ -546,6 +637,8 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
                     differences.append({"a": a, "b": b, "metric": key, **d})
         claims = [check_claim(c, rows, differences) for c in study.claims]
         concepts[concept] = {"rows": rows, "differences": differences, "claims": claims}
+        if study.masks:
+            concepts[concept]["masks"] = _mask_pairs(study.masks, by, concept, study.seeds)
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -573,6 +666,7 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
             "curves": "each row's concept rate on the attack's curve prompts (primary protocol) "
             "after every eval_every steps of a recovery attack, pooled over seeds per step as "
             "hits / n, Wilson 95%",
+            **({"masks": MASK_OVERLAP_DEFINITIONS} if study.masks else {}),
             "differences": "a − b on the same images' prompts, k and seeds (primary protocol), "
             "percentile bootstrap 95% over (seed, prompt) groups, 2000 resamples, seed 0; on an "
             "attacked metric against the never-learned row: the residual memory",
@@ -592,6 +686,21 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
             ),
         },  # fmt: skip
     }
+
+
+def _mask_pairs(pairs: list[tuple[str, str]], by: dict, concept: str,
+                seeds: list[int]) -> list[dict[str, Any]]:  # fmt: skip
+    """Each declared pair's masks compared seed by seed (the seeds both rows finished)."""
+    from erasekit.methods.salun import mask_overlap
+
+    out = []
+    for a, b in pairs:
+        models = [{c["seed"]: c["model"] for c in by.get((concept, r), [])
+                   if c["status"] == "ok" and c["seed"] in seeds} for r in (a, b)]  # fmt: skip
+        for seed in sorted(set(models[0]) & set(models[1])):
+            out.append({"a": a, "b": b, "seed": seed,
+                        **mask_overlap(models[0][seed], models[1][seed])})  # fmt: skip
+    return out
 
 
 def _primary(out: Path, concept: str, row: str) -> str | None:
@@ -703,8 +812,8 @@ def render_markdown(board: dict[str, Any]) -> str:
             failed = (
                 f" (FAILED seeds {[f['seed'] for f in row['failed']]})" if row["failed"] else ""
             )
-            lines.append(f"| {name}{failed} | {cells} | "
-                         f"{'/'.join(f'{w:.0f}' for w in wall) if wall else '—'} |")  # fmt: skip
+            walls = "/".join(f"{w:.0f}" if w >= 10 else f"{w:.1f}" for w in wall) or "—"
+            lines.append(f"| {name}{failed} | {cells} | {walls} |")
         lines.append("")
         declared = study.get("outputs") or []
         if any(row.get("outputs") for row in rows.values()):
@@ -733,6 +842,12 @@ def render_markdown(board: dict[str, Any]) -> str:
                     f"{at[s]['value']:.2f} [{at[s]['ci95'][0]:.2f}, {at[s]['ci95'][1]:.2f}]"
                     if s in at else "—" for s in steps) + " |")  # fmt: skip
             lines.append("")
+        if entry.get("masks"):
+            lines += ["Masks compared (A against B, one line per seed; overlap = share of A's "
+                      "weights B also selects, chance = B's density; seconds: each mask's own "
+                      "cost):", "", f"| {' | '.join(MASK_HEADER)} |",
+                      "|---" * len(MASK_HEADER) + "|"]  # fmt: skip
+            lines += [f"| {' | '.join(_mask_cells(m))} |" for m in entry["masks"]] + [""]
         if entry["differences"]:
             lines += ["Paired differences (a − b on the same images):", ""]
         for d in entry["differences"]:
@@ -760,6 +875,22 @@ def render_markdown(board: dict[str, Any]) -> str:
     lines += ["", "## Models (from the study file)", ""]
     lines += [f"- {n}: `{json.dumps(m, sort_keys=True)}`" for n, m in study["models"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _mask_cells(m: dict[str, Any]) -> list[str]:
+    def num(x: Any, digits: int) -> str:
+        return "—" if x is None else f"{x:.{digits}f}"
+
+    return [m["a"], m["b"], str(m["seed"]),
+            f"{m['density_a']:.3f} / {m['density_b']:.3f}", num(m["overlap"], 3),
+            f"{m['chance_overlap']:.3f}", num(m["jaccard"], 3),
+            f"{m['tensors_touched_a']:.2f} / {m['tensors_touched_b']:.2f}",
+            "—" if m["units_a"] is None else str(m["units_a"]),
+            f"{num(m['seconds_a'], 1)} / {num(m['seconds_b'], 1)}"]  # fmt: skip
+
+
+MASK_HEADER = ["A", "B", "seed", "density A / B", "overlap", "chance", "Jaccard",
+               "tensors touched A / B", "units A", "s A / B"]  # fmt: skip
 
 
 def _attacks_with_curves(rows: dict[str, Any]) -> list[str]:
@@ -863,6 +994,13 @@ def render_html(board: dict[str, Any]) -> str:
             parts.append(f'<tr data-row="{escape(name)}"><td>{escape(name)}{failed}</td>'
                          f"{''.join(cells)}</tr>")  # fmt: skip
         parts.append("</tbody></table>")
+        if entry.get("masks"):
+            head = "".join(f"<th>{escape(h)}</th>" for h in MASK_HEADER)
+            body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in _mask_cells(m))
+                           + "</tr>" for m in entry["masks"])  # fmt: skip
+            parts.append(f"<p>Masks compared (overlap = share of A's weights B also selects; "
+                         f"chance = B's density)</p><table class='masks'><thead><tr>{head}"
+                         f"</tr></thead><tbody>{body}</tbody></table>")  # fmt: skip
         for caption, uri in _figures(rows):
             parts.append(f'<figure><img class="figure" alt="{escape(caption)}" src="{uri}">'
                          f"<figcaption>{escape(caption)} ({escape(concept)})</figcaption>"

@@ -241,6 +241,11 @@ class Concept:
         """The concept's name, or each combined concept's."""
         return [p.name for p in self.parts] or [self.name]
 
+    @property
+    def phrase(self) -> str:
+        """The concept's words as a hand-written negative prompt would name them."""
+        return ", ".join(w.replace("-", " ").replace("_", " ") for w in self.words)
+
     def describe(self) -> dict[str, Any]:
         if self.parts:
             return {"name": self.name, "kind": self.kind, "combined": True,

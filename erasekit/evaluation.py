@@ -413,7 +413,7 @@ def union_metrics(
     return out
 
 
-# ------------------ world helpers (scripts/world_quality.py, scripts/resalign_world.py; new code:
+# ------------------ world helpers (scripts/world_quality.py; new code:
 # erasekit.evaluate)
 
 

@@ -128,6 +128,38 @@ def read_guidance(folder: str | Path) -> Guidance | None:
     return guidance
 
 
+def write_guided_model(
+    model: str | Path,
+    out: str | Path,
+    guidance: dict[str, Any],
+    embedding: str | Path | None = None,
+) -> Path:
+    """A model folder that renders ``model``'s weights with ``guidance`` (a ``guidance.json``
+    mapping; with ``embedding``, the textual-inversion file its ``concept`` token needs, copied
+    in as ``guidance['embedding']``). The weights are linked, not copied; written atomically."""
+    import shutil
+
+    from erasekit.outputs import atomic_output_dir, write_json
+
+    model = Path(model)
+    parsed = parse_guidance(guidance, source="guidance")
+    if (embedding is None) != (parsed.embedding is None):
+        raise ErasekitError("guidance: an 'embedding' file name and an embedding to copy go "
+                            "together")  # fmt: skip
+    if embedding is not None and not Path(embedding).is_file():
+        raise ErasekitError(f"embedding file not found: {embedding}")
+    if read_guidance(model) is not None:
+        raise ErasekitError(f"{model} already carries {GUIDANCE_FILE}; guide its unguided folder")
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        for item in model.iterdir():
+            if item.name != "README.md":
+                (tmp / item.name).symlink_to(item.resolve())
+        write_json(tmp / GUIDANCE_FILE, guidance)
+        if embedding is not None:
+            shutil.copyfile(embedding, tmp / str(parsed.embedding))
+    return Path(out)
+
+
 def sld_step(
     eps_uncond: torch.Tensor,
     eps_text: torch.Tensor,

@@ -102,6 +102,71 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(tiny_model_dir, tmp
     assert order == sorted(rows, key=lambda n: values[n])  # stable: ties keep the table's order
 
 
+ROWS = """\
+name: rows
+base: {base}
+concepts: [circle]
+seeds: [0]
+models:
+  original: original
+  salun: {{erase: salun, set: {{steps: 1, images_per_prompt: 1, mask_batch_size: 4}}}}
+  lcodec: {{erase: salun, set: {{steps: 1, images_per_prompt: 1, mask_source: lcodec,
+                                lcodec_samples: 16}}}}
+  then-square: {{erase: esd, concept: square, from: salun,
+                 set: {{steps: 1, images_per_prompt: 1, ddim_steps: 4}}}}
+  words: {{guide: {{mode: negative-prompt}}, from: salun}}
+  cstar: {{erase: negative-embedding, from: salun, set: {{steps: 1, images_per_prompt: 1}}}}
+  cstar-sld: {{guide: {{mode: sld, sld: strong, embedding: cstar}}, from: lcodec}}
+audit: {{limit: 1, steps: 2}}
+masks: [[lcodec, salun]]
+"""
+
+
+def test_rows_erase_another_concept_carry_guidance_and_compare_masks(tiny_model_dir, tmp_path,
+                                                                      capsys):  # fmt: skip
+    from erasekit.guidance import GUIDANCE_FILE, read_guidance
+    from erasekit.inversion import EMBEDDING_FILE
+    from erasekit.methods.salun import MASK_FILE, load_mask
+    from erasekit.models import read_manifest
+
+    study, out = tmp_path / "study.yaml", tmp_path / "run"
+    study.write_text(ROWS.format(base=tiny_model_dir))
+    r = run_main(capsys, "bench", "run", str(study), "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    board = _board(out)
+    rows = board["concepts"]["circle"]["rows"]
+    assert all(row["seeds_ok"] == [0] for row in rows.values()), rows
+    model = {name: Path(json.loads((out / "cells/circle" / name / "seed0/cell.json")
+                                   .read_text())["model"]) for name in rows}  # fmt: skip
+    # erased from salun's model, on square; audited on the cell's concept
+    manifest = read_manifest(model["then-square"])
+    assert manifest["concept"]["name"] == "square"
+    assert Path(manifest["base_model"]["path"]) == model["salun"]
+    assert rows["then-square"]["model"]["concept"] == "square"
+    # a guide row: the start row's weights, linked, with its guidance (the concept's words)
+    assert read_guidance(model["words"]).describe()["concept"] == "circle"
+    assert (model["words"] / "unet").resolve() == (model["salun"] / "unet").resolve()
+    assert not (model["salun"] / GUIDANCE_FILE).exists()
+    # ... and with another row's learned token: its file copied in, SLD at the preset
+    moved = read_guidance(model["cstar-sld"])
+    own = read_guidance(model["cstar"])
+    assert moved.mode == "sld" and moved.concept == own.concept and moved.sld is not None
+    assert (model["cstar-sld"] / EMBEDDING_FILE).read_bytes() == (
+        model["cstar"] / EMBEDDING_FILE).read_bytes()  # fmt: skip
+    assert (model["cstar-sld"] / "unet").resolve() == (model["lcodec"] / "unet").resolve()
+    # the two masks compared, from the files themselves
+    (pair,) = board["concepts"]["circle"]["masks"]
+    a, _ = load_mask(model["lcodec"] / MASK_FILE)
+    b, _ = load_mask(model["salun"] / MASK_FILE)
+    both = sum(int((a[k] & b[k]).sum()) for k in a)
+    assert pair["a"] == "lcodec" and pair["source_a"] == "lcodec"
+    assert pair["overlap"] == both / sum(int(m.sum()) for m in a.values())
+    assert pair["chance_overlap"] == sum(int(m.sum()) for m in b.values()) / pair["n_weights"]
+    assert pair["seconds_a"] > 0
+    assert "| lcodec | salun | 0 |" in (out / "leaderboard.md").read_text()
+    assert "masks" in board["definitions"]
+
+
 def test_unknown_profile_is_one_line(tmp_path, capsys):
     study = tmp_path / "s.yaml"
     study.write_text("name: x\nbase: b\nconcepts: [red]\nmodels: {a: original}\n"
@@ -124,6 +189,14 @@ def test_unknown_profile_is_one_line(tmp_path, capsys):
          "'compare' entries"),
         ("name: x\nbase: /nonexistent\nconcepts: [red]\nmodels: {a: original}\n",
          "base model not found"),
+        ("name: x\nbase: b\nconcepts: [red]\nmodels: {a: {guide: {mode: nope}}}\n",
+         "guidance mode must be one of"),
+        ("name: x\nbase: b\nconcepts: [red]\nmodels: {a: {guide: {mode: sld, embedding: z}}}\n",
+         "'embedding: z' must name a row listed before it"),
+        ("name: x\nbase: b\nconcepts: [red]\nmodels: {a: original}\nmasks: [[a]]\n",
+         "'masks' entries"),
+        ("name: x\nbase: b\nconcepts: [red]\nmodels: {a: {erase: esd, set: {stpes: 1}}}\n",
+         "unknown esd settings: stpes"),
     ],
 )  # fmt: skip
 def test_bad_studies_are_one_line(text, fragment, tmp_path, capsys):

@@ -70,6 +70,8 @@ def test_negmerge_chooses_alpha_by_the_rule(tiny_model_dir, tmp_path):
         assert details["alpha"] == min(eligible, key=lambda r: (r["forget"], r["alpha"]))["alpha"]
     else:
         assert details["alpha"] == 0.5 and "no alpha kept" in search[-1]["note"]
+    # the chosen α's validation row, as a study tabulates it (outputs: [validated.forget])
+    assert details["validated"] == next(r for r in search[1:3] if r["alpha"] == details["alpha"])
 
 
 def test_bad_negmerge_settings_are_one_line(tiny_model_dir, tmp_path, capsys):

@@ -171,8 +171,11 @@ class NegMerge(Method):
         self.data_info = {"forget": images.describe(),
                           "copies": [{"folder": str(c), **dict(e)} for c, e in
                                      zip(copies, parse_grid(cfg.grid), strict=True)]}  # fmt: skip
+        # the search's own renders at the chosen α: what "best validated" compares
+        validated = next((r for r in search or [] if r.get("alpha") == alpha
+                          and r.get("role") != "original"), None)  # fmt: skip
         self.merge_info = {**merge_info, "alpha": alpha, "alpha_search": search,
-                           "n_copies": len(copies)}  # fmt: skip
+                           "validated": validated, "n_copies": len(copies)}  # fmt: skip
         return {}
 
     @torch.no_grad()

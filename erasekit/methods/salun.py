@@ -198,6 +198,54 @@ def load_mask(path: str | Path, unet=None) -> tuple[dict[str, torch.Tensor], dic
     return masks, json.loads(meta.get("info", "{}"))
 
 
+def mask_overlap(a: str | Path, b: str | Path) -> dict[str, Any]:
+    """How mask A relates to mask B (each a mask file or a model folder holding one): their
+    densities, A's overlap |A ∩ B| / |A| beside the overlap an unrelated mask would have (B's
+    density), the Jaccard index, the share of tensors each touches, and each mask's own cost
+    (seconds recorded in its info: L-CODEC's sampling + statistic, saliency's gradient pass)."""
+    files = [Path(p) / MASK_FILE if Path(p).is_dir() else Path(p) for p in (a, b)]
+    (ma, ia), (mb, ib) = (load_mask(f) for f in files)
+    if {n: m.shape for n, m in ma.items()} != {n: m.shape for n, m in mb.items()}:
+        raise ErasekitError(f"{files[0]} and {files[1]} cover different weights")
+    n = sum(m.numel() for m in ma.values())
+    kept_a = sum(int(m.sum()) for m in ma.values())
+    kept_b = sum(int(m.sum()) for m in mb.values())
+    both = sum(int((ma[k] & mb[k]).sum()) for k in ma)
+    either = sum(int((ma[k] | mb[k]).sum()) for k in ma)
+
+    def seconds(info: dict[str, Any]) -> float | None:
+        if info.get("source") == "lcodec":
+            return round(info["seconds_sampling"] + info["seconds_statistic"], 2)
+        return round(info["seconds"], 2) if "seconds" in info else None
+
+    return {
+        "n_weights": n,
+        "density_a": kept_a / n,
+        "density_b": kept_b / n,
+        "overlap": both / kept_a if kept_a else None,
+        "chance_overlap": kept_b / n,
+        "jaccard": both / either if either else None,
+        "tensors_touched_a": sum(bool(m.any()) for m in ma.values()) / len(ma),
+        "tensors_touched_b": sum(bool(m.any()) for m in mb.values()) / len(mb),
+        "source_a": ia.get("source", "saliency"),
+        "source_b": ib.get("source", "saliency"),
+        "units_a": ia.get("units"),
+        "units_b": ib.get("units"),
+        "seconds_a": seconds(ia),
+        "seconds_b": seconds(ib),
+    }
+
+
+MASK_OVERLAP_DEFINITIONS = {
+    "overlap": "|A ∩ B| / |A|: the share of mask A's weights that mask B also selects",
+    "chance_overlap": "B's density: the overlap an unrelated mask A would have",
+    "jaccard": "|A ∩ B| / |A ∪ B|",
+    "tensors_touched": "share of the U-Net's tensors with at least one selected weight",
+    "seconds": "each mask's own timing in its info (L-CODEC: sampling + statistic; saliency: "
+    "the gradient pass and threshold)",
+}
+
+
 # --- the method ------------------------------------------------------------------------------
 
 
