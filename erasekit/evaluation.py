@@ -18,7 +18,7 @@ from PIL import Image
 
 from erasekit.concepts import Concept, PromptSet
 from erasekit.detectors import DetectorOptions, Protocol, build_detector
-from erasekit.distributed import process_state, working_alone
+from erasekit.distributed import gather_shares, my_share, process_state, working_alone
 from erasekit.errors import ErasekitError, first_line
 from erasekit.provenance import sha256_bytes
 from erasekit.sampling import SamplerSettings, generate
@@ -99,11 +99,8 @@ def score_images(
     Under accelerate each process scores every n-th image; the results are gathered in order.
     A detector that raises is an error, never a silent pass.
     """
-    from accelerate.utils import gather_object
-
-    state = process_state()
     root = Path(root)
-    mine = list(range(state.process_index, len(records), state.num_processes))
+    mine = my_share(len(records))
     images = [Image.open(root / records[i]["image"]).convert("RGB") for i in mine]
     prompts = [records[i]["prompt"] for i in mine]
     per_detector = {}
@@ -119,9 +116,7 @@ def score_images(
             raise ErasekitError(f"detector {name!r} returned {len(per_detector[name])} records "
                                 f"for {len(images)} images")  # fmt: skip
     scored = [(i, {n: per_detector[n][j] for n in detectors}) for j, i in enumerate(mine)]
-    if state.num_processes > 1:
-        scored = gather_object(scored)
-    by_index = dict(scored)
+    by_index = dict(gather_shares(scored))
     return [by_index[i] for i in range(len(records))]
 
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from erasekit.concepts import PromptSet, check_seed
-from erasekit.distributed import process_state
+from erasekit.distributed import gather_shares, my_share, process_state
 from erasekit.errors import DegenerateOutput, ErasekitError
 from erasekit.models import read_manifest
 from erasekit.outputs import (
@@ -227,7 +227,6 @@ def generate_images(
 ) -> list[dict[str, Any]]:
     """Render ``plan`` into ``root`` (image paths are relative to it); all processes of an
     accelerate run take part, and every process returns the full, ordered list of records."""
-    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     state = process_state(str(pipe.device))
@@ -238,7 +237,7 @@ def generate_images(
     batches = make_batches(plan, batch_size)
     if state.is_main_process:
         warn_truncated(pipe, [r["prompt"] for r in plan])
-    mine = batches[state.process_index :: state.num_processes]
+    mine = [batches[i] for i in my_share(len(batches))]
     records = []
     bar = tqdm(
         total=sum(len(b) for b in batches),
@@ -254,9 +253,7 @@ def generate_images(
         # The bar counts this process's images times the number of processes: an estimate.
         bar.update(len(batch) * state.num_processes)
     bar.close()
-    if state.num_processes > 1:
-        records = gather_object(records)
-    return sorted(records, key=lambda r: r["index"])
+    return sorted(gather_shares(records), key=lambda r: r["index"])
 
 
 def generate(

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from erasekit.config import one_per, split_list
+from erasekit.distributed import my_share
 from erasekit.errors import ErasekitError
 from erasekit.methods import Method
 from erasekit.outputs import atomic_file
@@ -274,7 +275,7 @@ def saliency(
     handles = [p.register_post_accumulate_grad_hook(make_hook(n)) for n, p in params.items()]
     try:
         starts = list(range(0, len(split), batch_size))
-        for start in starts[acc.process_index :: acc.num_processes]:
+        for start in [starts[i] for i in my_share(len(starts))]:
             latents = split.latents[start : start + batch_size].to(ctx.device)
             cond = split.cond[start : start + batch_size].to(ctx.device)
             x_t, t, noise = ctx.noisy(latents, step_generator(seed, -1, start))
