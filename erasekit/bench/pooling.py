@@ -1,0 +1,299 @@
+"""Pooling a study's cells into the leaderboard document: rates over seeds, recovery curves,
+paired differences, claims and mask comparisons."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from erasekit.bench.study import Study
+from erasekit.outputs import read_jsonl
+
+SCHEMA = "erasekit.leaderboard"
+SCHEMA_VERSION = 1
+
+
+def _erase_outputs(keys: list[str], cells: list[dict]) -> dict[str, list]:
+    """Each declared ``training.outputs`` key (dotted) of every erased cell's model, by seed
+    order; keys a model does not record are left out."""
+    from erasekit.models import read_manifest
+
+    found: dict[str, list] = {}
+    for c in cells:
+        model = Path(c.get("model") or "")
+        if not (model / "erasekit.json").is_file():
+            continue
+        outputs = (read_manifest(model).get("training") or {}).get("outputs") or {}
+        for key in keys:
+            value: Any = outputs
+            for part in key.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            if value is not None:
+                found.setdefault(key, []).append(value)
+    return found
+
+
+def _cells(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(f.read_text()) for f in sorted((out / "cells").glob("*/*/seed*/cell.json"))]
+
+
+def _metrics(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A cell's audited-model metrics; attacked ones as ``<attack>:<key>``."""
+    from erasekit.reporting import audited_metrics
+
+    return {f"{a}:{k}" if a else k: m for a, _, k, m in audited_metrics(doc)}
+
+
+def split_attack(key: str) -> tuple[str, str]:
+    """('<attack>', '<metric>') of an attacked metric key, ('', key) of a plain one (a prompt
+    set's slice such as ``forget[:2]`` holds a colon too, after the metric's '/')."""
+    head, sep, tail = key.partition(":")
+    return (head, tail) if sep and "/" not in head else ("", key)
+
+
+def _curves(doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """A cell's audited-model recovery curve under each recovery attack."""
+    out = {}
+    for name, entry in (doc.get("attacks") or {}).items():
+        audited = entry.get("models", {}).get("audited", {})
+        if "curve" in audited:
+            out[name] = audited["curve"]
+    return out
+
+
+def pool_curve(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Recovery curves over seeds, step by step: pooled hits / n with a Wilson interval (the
+    steps every seed evaluated)."""
+    from erasekit.stats import wilson_interval
+
+    steps = sorted(set.intersection(*({p["step"] for p in c} for c in per_seed)))
+    out = []
+    for step in steps:
+        points = [next(p for p in c if p["step"] == step) for c in per_seed]
+        n = sum(p["n_images"] for p in points)
+        hits = sum(round(p["value"] * p["n_images"]) for p in points)
+        low, high = wilson_interval(hits, n)
+        out.append({"step": step, "value": round(hits / n, 6),
+                    "ci95": [round(low, 4), round(high, 4)], "n_images": n,
+                    "per_seed": [p["value"] for p in points]})  # fmt: skip
+    return out
+
+
+def pool(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """One metric over seeds: rates as pooled hits / n with a Wilson interval; means as the
+    mean of the seeds' means with the range of the seeds' values (not a 95% interval)."""
+    from erasekit.evaluation import RATE_INTERVAL
+    from erasekit.stats import wilson_interval
+
+    first = per_seed[0]
+    values = [m["value"] for m in per_seed]
+    n = sum(m["n_images"] for m in per_seed)
+    if first["definition"].get("interval") == RATE_INTERVAL:
+        hits = sum(round(m["value"] * m["n_images"]) for m in per_seed)
+        low, high = wilson_interval(hits, n)
+        value, interval = hits / n, "Wilson score 95% on hits / n pooled over seeds"
+    elif len(per_seed) == 1:
+        value, (low, high), interval = values[0], first["ci95"], first["definition"]["interval"]
+    else:
+        value, low, high = sum(values) / len(values), min(values), max(values)
+        interval = "range of the per-seed values (not a 95% interval)"
+    return {"metric": first["metric"], "value": round(value, 6),
+            "ci95": [round(low, 4), round(high, 4)], "n_images": n, "n_seeds": len(per_seed),
+            "per_seed": values, "higher_is_better": first["higher_is_better"],
+            "definition": {**first["definition"], "interval": interval}}  # fmt: skip
+
+
+def leaderboard(study: Study, out: Path) -> dict[str, Any]:
+    """The leaderboard document from the cells' result files (schema ``erasekit.leaderboard``)."""
+    from erasekit.concepts import load_concept
+    from erasekit.methods.salun import MASK_OVERLAP_DEFINITIONS
+    from erasekit.provenance import git_commit, library_versions
+
+    names = [load_concept(c).name for c in study.concepts]
+    by: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for c in _cells(out):
+        if c["row"] in study.models and c["concept"] in names:
+            by[(c["concept"], c["row"])].append(c)
+    concepts: dict[str, Any] = {}
+    for concept in names:
+        rows = {}
+        for name in study.models:
+            got = sorted(by.get((concept, name), []), key=lambda c: c["seed"])
+            ok = [c for c in got if c["status"] == "ok" and c["seed"] in study.seeds]
+            per_key: dict[str, list[dict]] = defaultdict(list)
+            per_attack: dict[str, list[list[dict]]] = defaultdict(list)
+            for c in ok:
+                cell_dir = out / "cells" / concept / name / f"seed{c['seed']}"
+                doc = json.loads((cell_dir / "audit" / "results.json").read_text())
+                for key, m in _metrics(doc).items():
+                    per_key[key].append(m)
+                for attack, curve in _curves(doc).items():
+                    per_attack[attack].append(curve)
+            rows[name] = {
+                "model": study.models[name].describe(),
+                "seeds_ok": [c["seed"] for c in ok],
+                "failed": [{"seed": c["seed"], "error": c["error"]} for c in got
+                           if c["status"] != "ok"],
+                "metrics": {k: pool(v) for k, v in per_key.items() if len(v) == len(ok)},
+                "erase_wall_s": [c["erase_wall_s"] for c in ok
+                                 if c.get("erase_wall_s") is not None],
+                "outputs": _erase_outputs(study.outputs, ok),
+                "curves": {a: pool_curve(v) for a, v in per_attack.items() if len(v) == len(ok)},
+            }  # fmt: skip
+        differences = []
+        for a, b in study.compare:
+            primary = _primary(out, concept, a)
+            for key, m in rows[a]["metrics"].items():
+                if m["metric"] != "concept_rate" or "[" in key or primary is None:
+                    continue  # primary-protocol concept rates, attacked ones included
+                attack, plain = split_attack(key)
+                prompt_set = plain.split("/", 1)[1]
+                seeds = [s for s in rows[a]["seeds_ok"] if s in rows[b]["seeds_ok"]]
+                pairs = [(out / "cells" / concept / a / f"seed{s}",
+                          out / "cells" / concept / b / f"seed{s}") for s in seeds]  # fmt: skip
+                model = f"{attack}:audited" if attack else "audited"
+                d = paired_difference(pairs, prompt_set, primary, model=model)
+                if d:
+                    differences.append({"a": a, "b": b, "metric": key, **d})
+        claims = [check_claim(c, rows, differences) for c in study.claims]
+        concepts[concept] = {"rows": rows, "differences": differences, "claims": claims}
+        if study.masks:
+            concepts[concept]["masks"] = _mask_pairs(study.masks, by, concept, study.seeds)
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "study": {
+            "name": study.name,
+            "source": study.source,
+            "sha256": study.sha256,
+            "profile": study.profile,
+            "detectors": study.detectors,
+            "description": study.description,
+            "base": study.base,
+            "seeds": study.seeds,
+            "audit": study.audit,
+            "attacks": study.attacks,
+            "models": {n: r.describe() for n, r in study.models.items()},
+            "outputs": study.outputs,
+        },  # fmt: skip
+        "columns": study.columns,
+        "concepts": concepts,
+        "definitions": {
+            "rows": "each row's model audited alone (erasekit.audit, no reference role), once "
+            "per seed (the seed of its erasure and of its evaluation)",
+            "pooling": "rates: hits / n pooled over seeds, Wilson 95%; per_seed: each seed's "
+            "value; attacked metrics are '<attack>:<metric>' (the audit's final attack step)",
+            "curves": "each row's concept rate on the attack's curve prompts (primary protocol) "
+            "after every eval_every steps of a recovery attack, pooled over seeds per step as "
+            "hits / n, Wilson 95%",
+            **({"masks": MASK_OVERLAP_DEFINITIONS} if study.masks else {}),
+            "differences": "a − b on the same images' prompts, k and seeds (primary protocol), "
+            "percentile bootstrap 95% over (seed, prompt) groups, 2000 resamples, seed 0; on an "
+            "attacked metric against the never-learned row: the residual memory",
+        },
+        "provenance": {
+            "erasekit_version": library_versions()["erasekit"],
+            "git_commit": git_commit(),
+            # each cell's erase and audit wall time, measured when it ran (resumes included)
+            "cells_wall_s": round(
+                sum(
+                    (c.get("erase_wall_s") or 0) + c.get("audit_wall_s", 0)
+                    for cells in by.values()
+                    for c in cells
+                    if c["status"] == "ok"
+                ),
+                1,
+            ),
+        },  # fmt: skip
+    }
+
+
+def _mask_pairs(pairs: list[tuple[str, str]], by: dict, concept: str,
+                seeds: list[int]) -> list[dict[str, Any]]:  # fmt: skip
+    """Each declared pair's masks compared seed by seed (the seeds both rows finished)."""
+    from erasekit.methods.salun import mask_overlap
+
+    out = []
+    for a, b in pairs:
+        models = [{c["seed"]: c["model"] for c in by.get((concept, r), [])
+                   if c["status"] == "ok" and c["seed"] in seeds} for r in (a, b)]  # fmt: skip
+        for seed in sorted(set(models[0]) & set(models[1])):
+            out.append({"a": a, "b": b, "seed": seed,
+                        **mask_overlap(models[0][seed], models[1][seed])})  # fmt: skip
+    return out
+
+
+def _primary(out: Path, concept: str, row: str) -> str | None:
+    for f in sorted((out / "cells" / concept / row).glob("seed*/audit/results.json")):
+        return json.loads(f.read_text())["evaluation"]["primary_protocol"]
+    return None
+
+
+def check_claim(claim: dict[str, str], rows: dict[str, Any], differences: list[dict]) -> dict:
+    """Whether "a is better than b on metric" holds, from the numbers: the paired difference's
+    95% interval when the study compares the pair on that metric, else the two pooled
+    intervals (non-overlap: a stricter rule). ``holds`` / ``reversed`` / ``not resolved``
+    (the intervals leave either order possible) / ``not measured``."""
+    a, b, key = claim["a"], claim["b"], claim["metric"]
+    out = {**claim, "status": "not measured"}
+    ma, mb = rows[a]["metrics"].get(key), rows[b]["metrics"].get(key)
+    if not (ma and mb):
+        return out
+    sign = 1 if ma["higher_is_better"] else -1  # better = higher, or lower
+    pair = next((d for d in differences if (d["a"], d["b"], d["metric"]) == (a, b, key)), None)
+    if pair is not None:
+        low, high = pair["ci95"]
+        evidence = f"paired a − b {pair['value']:+.2f} [{low:+.2f}, {high:+.2f}]"
+    else:
+        low, high = ma["ci95"][0] - mb["ci95"][1], ma["ci95"][1] - mb["ci95"][0]
+        evidence = (f"a {ma['value']:.2f} [{ma['ci95'][0]:.2f}, {ma['ci95'][1]:.2f}] vs b "
+                    f"{mb['value']:.2f} [{mb['ci95'][0]:.2f}, {mb['ci95'][1]:.2f}]")  # fmt: skip
+    # the interval of sign·(a − b): above 0 means a is better
+    better_low, better_high = sorted((sign * low, sign * high))
+    if better_low > 0:
+        status = "holds"
+    elif better_high < 0:
+        status = "reversed"
+    else:
+        status = "not resolved"
+    return {**out, "status": status, "evidence": evidence}
+
+
+def _samples(path: Path) -> list[dict[str, Any]]:
+    """A cell's samples.jsonl, read once per version of the file (every compared metric of a
+    pair reads the same two files)."""
+    return _read_samples(path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _read_samples(path: Path, mtime_ns: int) -> list[dict[str, Any]]:
+    return read_jsonl(path)
+
+
+def paired_difference(
+    pairs: list[tuple[Path, Path]], prompt_set: str, protocol: str, model: str = "audited"
+) -> dict[str, Any] | None:
+    """Mean of (flag_a − flag_b) over images matched by seed, prompt and k (each pair: two
+    rows' cells of one seed; ``model``: the samples' role, e.g. ``finetune:audited`` for the
+    images after an attack), with a percentile bootstrap interval resampling (seed, prompt)
+    groups; None without matched images."""
+    from erasekit.stats import bootstrap_interval
+
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for a, b in pairs:
+        fa = {(s["prompt_index"], s["k"], s["seed"]): float(s["flags"][protocol])
+              for s in _samples(a / "audit" / "samples.jsonl")
+              if s.get("model") == model and s["prompt_set"] == prompt_set}  # fmt: skip
+        for s in _samples(b / "audit" / "samples.jsonl"):
+            key = (s["prompt_index"], s["k"], s["seed"])
+            if s.get("model") == model and s["prompt_set"] == prompt_set and key in fa:
+                groups[(a.name, key[0])].append(fa[key] - float(s["flags"][protocol]))
+    diffs = [d for g in groups.values() for d in g]
+    if not diffs:
+        return None
+    low, high = bootstrap_interval(list(groups.values()), 2000, seed=0)
+    return {"value": round(sum(diffs) / len(diffs), 6), "ci95": [round(low, 4), round(high, 4)],
+            "n_pairs": len(diffs)}  # fmt: skip

@@ -1,0 +1,205 @@
+"""Running a study's cells (resumable, cached by content) and re-rendering its leaderboard."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from erasekit.bench.pooling import leaderboard
+from erasekit.bench.render import write_leaderboard
+from erasekit.bench.study import ModelRow, Study, load_study, resolve_base
+from erasekit.distributed import process_state
+from erasekit.errors import ErasekitError, first_line
+from erasekit.outputs import atomic_file, output_lock, write_json
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Runner:
+    """Runs a study's cells into ``out`` (resumable) and writes its leaderboard."""
+
+    def __init__(self, study: Study, out: str | Path, *, progress: bool = True) -> None:
+        self.study, self.out, self.progress = study, Path(out), progress
+        self.base = resolve_base(study.base, study.source)
+        if not self.base.exists():
+            raise ErasekitError(f"base model not found: {self.base}")
+        self.built: dict[tuple[str, str, int], tuple[Path, str]] = {}
+        self.hashes: dict[Path, str] = {}
+
+    def content_hash(self, path: Path) -> str:
+        from erasekit.provenance import model_content_hash
+
+        if path not in self.hashes:
+            self.hashes[path] = model_content_hash(path)
+        return self.hashes[path]
+
+    def model(self, row: ModelRow, concept, seed: int) -> tuple[Path, str]:
+        """The row's model folder for (concept, seed) and its content key; builds erasures."""
+        from erasekit.api import erase
+        from erasekit.auditing import never_learned_model
+        from erasekit.concepts import load_concept
+
+        cached = self.built.get((row.name, concept.name, seed))
+        if cached:
+            return cached
+        if row.kind == "original":
+            path = self.base
+        elif row.kind == "path":
+            path = Path(str(row.path))
+        elif row.kind == "never-learned":
+            path = never_learned_model(concept)
+            if path is None:
+                raise ErasekitError(f"concept {concept.name!r} names no never-learned model")
+        if row.kind not in ("erase", "guide"):
+            if not path.exists():
+                raise ErasekitError(f"{row.name}: model not found: {path}")
+            result = (path, self.content_hash(path))
+        else:
+            if row.start:
+                start_path, start_key = self.model(self.study.models[row.start], concept, seed)
+            else:
+                start_path, start_key = self.base, self.content_hash(self.base)
+            if row.kind == "guide":
+                result = self.guided(row, concept, seed, start_path, start_key)
+            else:
+                target = load_concept(row.concept) if row.concept else concept
+                parts = [start_key, target.sha256, row.method, row.settings, seed]
+                n = process_state().num_processes
+                if n > 1:  # the global batch grows with the processes: another model
+                    parts.append(f"processes={n}")
+                key = _key(*parts)
+                folder = self.out / "models" / f"{row.name}-{concept.name}-seed{seed}-{key}"
+                if not (folder / "erasekit.json").is_file():  # erase writes it atomically
+                    erase(start_path, target, str(row.method), folder,
+                          settings={"seed": seed, **row.settings}, cache_dir=self.out / "cache",
+                          progress=False)  # fmt: skip
+                result = (folder, key)
+        self.built[(row.name, concept.name, seed)] = result
+        return result
+
+    def guided(self, row: ModelRow, concept, seed: int, start: Path, start_key: str):
+        """A guide row's folder: the start model's weights with the row's guidance.json."""
+        from erasekit.guidance import read_guidance, write_guided_model
+
+        guidance = {k: v for k, v in (row.guide or {}).items() if k != "embedding"}
+        embedding = embedding_key = None
+        if row.guide and row.guide.get("embedding"):
+            name = row.guide["embedding"]
+            source, embedding_key = self.model(self.study.models[name], concept, seed)
+            learned = read_guidance(source)
+            if learned is None or learned.embedding is None:
+                raise ErasekitError(f"{row.name}: row {name!r} holds no learned embedding "
+                                    "(a negative-embedding row does)")  # fmt: skip
+            embedding = source / learned.embedding
+            guidance = {"concept": learned.concept, **guidance, "embedding": learned.embedding}
+        guidance.setdefault("concept", concept.phrase)
+        key = _key(start_key, guidance, embedding_key)
+        folder = self.out / "models" / f"{row.name}-{concept.name}-seed{seed}-{key}"
+        state = process_state()
+        if state.is_main_process and not folder.is_dir():
+            write_guided_model(start, folder, guidance, embedding)
+        state.wait_for_everyone()
+        return folder, key
+
+    def cell(self, row: ModelRow, concept, seed: int) -> dict[str, Any]:
+        """Build and audit one cell, or reuse it when its key is unchanged."""
+        from erasekit.api import audit
+        from erasekit.detectors import DetectorOptions
+        from erasekit.models import read_manifest
+
+        folder = self.out / "cells" / concept.name / row.name / f"seed{seed}"
+        record_file = folder / "cell.json"
+        try:
+            path, model_key = self.model(row, concept, seed)
+            key = _key(
+                model_key,
+                concept.sha256,
+                self.study.audit,
+                self.study.attacks,
+                self.study.detectors,
+                seed,
+            )
+            if record_file.is_file():
+                old = json.loads(record_file.read_text())
+                if old.get("key") == key and old.get("status") == "ok":
+                    return old
+            started = time.perf_counter()
+            audit(path, concept, folder / "audit", seed=seed, overwrite=True,
+                  roles={"reference": None, "never-learned": None},
+                  attacks=self.study.attacks or None, original=self.base, progress=False,
+                  detectors=DetectorOptions(**self.study.detectors),
+                  invocation={"bench": {"study": self.study.source, "row": row.name,
+                                        "concept": concept.name, "seed": seed}},
+                  **self.study.audit)  # fmt: skip
+            record = {"status": "ok", "key": key, "model": str(path),
+                      "audit_wall_s": round(time.perf_counter() - started, 1)}  # fmt: skip
+            if row.kind == "erase":  # the erasure's own wall time, as its manifest records it
+                record["erase_wall_s"] = read_manifest(path).get("wall_time_s")
+        except Exception as e:  # recorded, and the study goes on (Ctrl-C still stops it)
+            record = {"status": "failed", "error": f"{type(e).__name__}: {first_line(e)}",
+                      "traceback": traceback.format_exc(limit=5)}  # fmt: skip
+        state = process_state()
+        if state.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_file(record_file) as tmp:
+                write_json(tmp, {"row": row.name, "concept": concept.name, "seed": seed,
+                                 **record})  # fmt: skip
+        state.wait_for_everyone()
+        return record
+
+    def run(self) -> dict[str, Any]:
+        from erasekit.concepts import load_concept
+
+        # Under accelerate launch / torchrun every process takes part in every cell: the
+        # erasure trains data-parallel, the audit and its attacks share prompts and batches.
+        main = process_state().is_main_process
+        concepts = [load_concept(c) for c in self.study.concepts]
+        cells = [(c, row, s) for c in concepts for s in self.study.seeds
+                 for row in self.study.models.values()]  # fmt: skip
+        started = time.perf_counter()
+        with output_lock(self.out, enabled=main):
+            for i, (concept, row, seed) in enumerate(cells, start=1):
+                record = self.cell(row, concept, seed)
+                if self.progress and main:
+                    spent = time.perf_counter() - started
+                    eta = spent / i * (len(cells) - i)
+                    status = "ok" if record["status"] == "ok" else f"FAILED ({record['error']})"
+                    print(f"bench: [{i}/{len(cells)}] {concept.name} {row.name} seed {seed}: "
+                          f"{status}; {spent:.0f} s, about {eta:.0f} s left",
+                          file=sys.stderr)  # fmt: skip
+            board = leaderboard(self.study, self.out)
+            # this run only: cells reused from earlier runs cost nothing here (cells_wall_s
+            # sums every cell's own erase and audit time)
+            board["provenance"]["last_run_wall_s"] = round(time.perf_counter() - started, 1)
+            board["provenance"]["last_run_processes"] = process_state().num_processes
+            if main:
+                write_leaderboard(board, self.out)
+        return board
+
+
+def report(out: str | Path) -> dict[str, Any]:
+    """Re-pool and re-render the leaderboard of a study folder from its result files."""
+    out = Path(out)
+    record = out / "leaderboard.json"
+    if not record.is_file():
+        raise ErasekitError(f"no leaderboard.json in {out} (run 'erasekit bench run' first)")
+    recorded = json.loads(record.read_text())["study"]
+    study = load_study(recorded["source"], recorded.get("profile"))
+    board = leaderboard(study, out)
+    write_leaderboard(board, out)
+    return board
+
+
+def run_study(
+    study: str | Path, out: str | Path, *, profile: str | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Run (or resume) a study file (or one of its profiles) into ``out``; returns the
+    leaderboard document."""
+    return Runner(load_study(study, profile), out, progress=progress).run()
