@@ -136,7 +136,9 @@ def write_guided_model(
 ) -> Path:
     """A model folder that renders ``model``'s weights with ``guidance`` (a ``guidance.json``
     mapping; with ``embedding``, the textual-inversion file its ``concept`` token needs, copied
-    in as ``guidance['embedding']``). The weights are linked, not copied; written atomically."""
+    in as ``guidance['embedding']``). The weights are linked (relative links), not copied;
+    written atomically."""
+    import os
     import shutil
 
     from erasekit.outputs import atomic_output_dir, write_json
@@ -150,10 +152,11 @@ def write_guided_model(
         raise ErasekitError(f"embedding file not found: {embedding}")
     if read_guidance(model) is not None:
         raise ErasekitError(f"{model} already carries {GUIDANCE_FILE}; guide its unguided folder")
-    with atomic_output_dir(out, overwrite=True) as tmp:
+    here = Path(out).resolve()
+    with atomic_output_dir(out, overwrite=True) as tmp:  # a sibling of out: same relative links
         for item in model.iterdir():
-            if item.name != "README.md":
-                (tmp / item.name).symlink_to(item.resolve())
+            if item.name != "README.md":  # relative links: a study folder can move whole
+                (tmp / item.name).symlink_to(os.path.relpath(item.resolve(), here))
         write_json(tmp / GUIDANCE_FILE, guidance)
         if embedding is not None:
             shutil.copyfile(embedding, tmp / str(parsed.embedding))

@@ -146,6 +146,7 @@ def test_rows_erase_another_concept_carry_guidance_and_compare_masks(tiny_model_
     # a guide row: the start row's weights, linked, with its guidance (the concept's words)
     assert read_guidance(model["words"]).describe()["concept"] == "circle"
     assert (model["words"] / "unet").resolve() == (model["salun"] / "unet").resolve()
+    assert not os.path.isabs(os.readlink(model["words"] / "unet"))  # the folder can move whole
     assert not (model["salun"] / GUIDANCE_FILE).exists()
     # ... and with another row's learned token: its file copied in, SLD at the preset
     moved = read_guidance(model["cstar-sld"])
