@@ -85,10 +85,12 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(tiny_model_dir, tmp
     assert all(os.stat(p).st_mtime_ns == t for p, t in stamps.items())
     assert all(os.stat(p).st_mtime_ns == t for p, t in cells.items())
     assert _board(out)["concepts"] == board["concepts"]
-    # the leaderboard re-renders from the result files alone
+    # the leaderboard re-renders from the result files alone (and the last run's record)
+    md = (out / "leaderboard.md").read_text()
     (out / "leaderboard.md").unlink()
     assert run_main(capsys, "bench", "report", str(out)).returncode == 0
     assert (out / "leaderboard.md").read_text() == md
+    assert _board(out)["provenance"]["last_run_wall_s"] > 0  # the run's time is kept
     # the HTML table sorts in a real browser (#sort=KEY: ascending by that column)
     key = "concept_rate/direct"
     url = (out / "leaderboard.html").resolve().as_uri() + "#sort=" + key
@@ -316,6 +318,9 @@ def test_claims_are_judged_by_their_intervals():
     paired = [{"a": "a", "b": "b", "metric": "acc", "value": 0.05, "ci95": [0.01, 0.09]}]
     judged = check_claim({**claim, "metric": "acc"}, rows, paired)
     assert judged["status"] == "holds" and "paired" in judged["evidence"]
+    # ... compared the other way round: b − a is −(a − b)
+    judged = check_claim({"a": "b", "b": "a", "metric": "acc"}, rows, paired)
+    assert judged["status"] == "reversed" and "-0.05 [-0.09, -0.01]" in judged["evidence"]
 
 
 MULTI = """\

@@ -243,10 +243,13 @@ def check_claim(claim: dict[str, str], rows: dict[str, Any], differences: list[d
     if not (ma and mb):
         return out
     sign = 1 if ma["higher_is_better"] else -1  # better = higher, or lower
-    pair = next((d for d in differences if (d["a"], d["b"], d["metric"]) == (a, b, key)), None)
-    if pair is not None:
-        low, high = pair["ci95"]
-        evidence = f"paired a − b {pair['value']:+.2f} [{low:+.2f}, {high:+.2f}]"
+    pair = next((d for d in differences if d["metric"] == key and (d["a"], d["b"]) in
+                 ((a, b), (b, a))), None)  # fmt: skip
+    if pair is not None:  # compared either way round: a − b is −(b − a)
+        flip = 1 if pair["a"] == a else -1
+        value = flip * pair["value"] + 0.0  # + 0.0: a flipped zero prints 0.00, not -0.00
+        low, high = sorted(flip * x + 0.0 for x in pair["ci95"])
+        evidence = f"paired a − b {value:+.2f} [{low:+.2f}, {high:+.2f}]"
     else:
         low, high = ma["ci95"][0] - mb["ci95"][1], ma["ci95"][1] - mb["ci95"][0]
         evidence = (f"a {ma['value']:.2f} [{ma['ci95'][0]:.2f}, {ma['ci95'][1]:.2f}] vs b "

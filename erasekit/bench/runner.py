@@ -190,9 +190,13 @@ def report(out: str | Path) -> dict[str, Any]:
     record = out / "leaderboard.json"
     if not record.is_file():
         raise ErasekitError(f"no leaderboard.json in {out} (run 'erasekit bench run' first)")
-    recorded = json.loads(record.read_text())["study"]
+    previous = json.loads(record.read_text())
+    recorded = previous["study"]
     study = load_study(recorded["source"], recorded.get("profile"))
     board = leaderboard(study, out)
+    for key in ("last_run_wall_s", "last_run_processes"):  # what the last run measured
+        if key in previous.get("provenance", {}):
+            board["provenance"][key] = previous["provenance"][key]
     write_leaderboard(board, out)
     return board
 
