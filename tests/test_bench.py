@@ -80,8 +80,10 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(tiny_model_dir, tmp
     models = sorted((out / "models").iterdir())
     cells = {p: os.stat(p).st_mtime_ns for p in (out / "cells").glob("*/salun/*/cell.json")}
     stamps = {p: os.stat(p).st_mtime_ns for p in models}
-    r = run_main(capsys, "bench", "run", str(study), "--out", str(out), "--no-progress")
+    r = run_main(capsys, "bench", "run", str(study), "--out", str(out))
     assert r.returncode == 1 and sorted((out / "models").iterdir()) == models
+    # the reused cells cost nothing and make no estimate; the failed row is tried again
+    assert "[1/6] circle original seed 0: ok; 0 s, reused" in r.stderr
     assert all(os.stat(p).st_mtime_ns == t for p, t in stamps.items())
     assert all(os.stat(p).st_mtime_ns == t for p, t in cells.items())
     assert _board(out)["concepts"] == board["concepts"]
@@ -90,7 +92,7 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(tiny_model_dir, tmp
     (out / "leaderboard.md").unlink()
     assert run_main(capsys, "bench", "report", str(out)).returncode == 0
     assert (out / "leaderboard.md").read_text() == md
-    assert _board(out)["provenance"]["last_run_wall_s"] > 0  # the run's time is kept
+    assert "last_run_wall_s" in _board(out)["provenance"]  # the last run's time is kept
     # the HTML table sorts in a real browser (#sort=KEY: ascending by that column)
     key = "concept_rate/direct"
     url = (out / "leaderboard.html").resolve().as_uri() + "#sort=" + key

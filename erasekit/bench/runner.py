@@ -129,7 +129,7 @@ class Runner:
             if record_file.is_file():
                 old = json.loads(record_file.read_text())
                 if old.get("key") == key and old.get("status") == "ok":
-                    return old
+                    return {**old, "reused": True}  # (the flag is not written)
             started = time.perf_counter()
             audit(path, concept, folder / "audit", seed=seed, overwrite=True,
                   roles={"reference": None, "never-learned": None},
@@ -164,16 +164,17 @@ class Runner:
         cells = [(c, row, s) for c in concepts for s in self.study.seeds
                  for row in self.study.models.values()]  # fmt: skip
         started = time.perf_counter()
+        ran = 0  # cells this run worked on: the estimate's basis (reused cells cost nothing)
         with output_lock(self.out, enabled=main):
             for i, (concept, row, seed) in enumerate(cells, start=1):
                 record = self.cell(row, concept, seed)
+                ran += not record.get("reused")
                 if self.progress and main:
                     spent = time.perf_counter() - started
-                    eta = spent / i * (len(cells) - i)
+                    left = f"about {spent / ran * (len(cells) - i):.0f} s left" if ran else "reused"
                     status = "ok" if record["status"] == "ok" else f"FAILED ({record['error']})"
                     print(f"bench: [{i}/{len(cells)}] {concept.name} {row.name} seed {seed}: "
-                          f"{status}; {spent:.0f} s, about {eta:.0f} s left",
-                          file=sys.stderr)  # fmt: skip
+                          f"{status}; {spent:.0f} s, {left}", file=sys.stderr)  # fmt: skip
             board = leaderboard(self.study, self.out)
             # this run only: cells reused from earlier runs cost nothing here (cells_wall_s
             # sums every cell's own erase and audit time)
