@@ -36,8 +36,16 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
+def archived_commit(text: str) -> str | None:
+    """The commit ``git archive`` wrote into erasekit/COMMIT (export-subst), or None when the
+    file still holds its placeholder (a checkout) or anything else."""
+    text = text.strip()
+    return text if len(text) == 40 and all(c in "0123456789abcdef" for c in text) else None
+
+
 def git_commit() -> str | None:
-    """The commit of the erasekit source tree, when it runs from a git checkout."""
+    """The commit of the erasekit source tree: from a git checkout (``-dirty`` with local
+    changes), else the one an exported tree (``git archive``) recorded in erasekit/COMMIT."""
     src = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(
@@ -48,7 +56,8 @@ def git_commit() -> str | None:
             check=True,
         )
     except (OSError, subprocess.SubprocessError):
-        return None
+        stamp = Path(__file__).resolve().parent / "COMMIT"
+        return archived_commit(stamp.read_text()) if stamp.is_file() else None
     dirty = subprocess.run(
         ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
         capture_output=True,

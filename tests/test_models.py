@@ -327,3 +327,26 @@ def test_sdxl_refusals_are_one_line(tiny_sdxl_dir, tmp_path, capsys):
     for args, needle in cases:
         assert_one_line_error(run_main(capsys, *args), needle)
         assert not (tmp_path / "o").exists() and not (tmp_path / "xl.safetensors").exists()
+
+
+def test_an_exported_tree_records_its_commit(tmp_path: Path):
+    """Evidence runs from `git archive` snapshots: erasekit/COMMIT carries the commit there
+    (export-subst) and git_commit() reads it; a checkout's placeholder is not a commit."""
+    from erasekit.provenance import archived_commit
+
+    root = Path(__file__).resolve().parents[1]
+    assert archived_commit((root / "erasekit" / "COMMIT").read_text()) is None  # placeholder
+    assert archived_commit("0" * 39) is None and archived_commit("a" * 40) == "a" * 40
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                          text=True)  # fmt: skip
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    archive = subprocess.run(["git", "-C", str(root), "archive", "HEAD", "erasekit"],
+                             capture_output=True, check=True).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "from erasekit.provenance import git_commit; print(git_commit())"],
+        capture_output=True, text=True, check=True, cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert out.stdout.strip() == head.stdout.strip()
