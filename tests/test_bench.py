@@ -121,6 +121,7 @@ models:
   words: {{guide: {{mode: negative-prompt}}, from: salun}}
   cstar: {{erase: negative-embedding, from: salun, set: {{steps: 1, images_per_prompt: 1}}}}
   cstar-sld: {{guide: {{mode: sld, sld: strong, embedding: cstar}}, from: lcodec}}
+  twice: {{guide: {{mode: negative-prompt}}, from: words}}
 audit: {{limit: 1, steps: 2}}
 masks: [[lcodec, salun]]
 """
@@ -136,9 +137,11 @@ def test_rows_erase_another_concept_carry_guidance_and_compare_masks(tiny_model_
     study, out = tmp_path / "study.yaml", tmp_path / "run"
     study.write_text(ROWS.format(base=tiny_model_dir))
     r = run_main(capsys, "bench", "run", str(study), "--out", str(out), "--no-progress")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr  # one row cannot be built: recorded, the rest ran
     board = _board(out)
     rows = board["concepts"]["circle"]["rows"]
+    (failure,) = rows.pop("twice")["failed"]
+    assert "already carries guidance.json" in failure["error"]
     assert all(row["seeds_ok"] == [0] for row in rows.values()), rows
     model = {name: Path(json.loads((out / "cells/circle" / name / "seed0/cell.json")
                                    .read_text())["model"]) for name in rows}  # fmt: skip

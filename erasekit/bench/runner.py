@@ -103,9 +103,17 @@ class Runner:
         key = _key(start_key, guidance, embedding_key)
         folder = self.out / "models" / f"{row.name}-{concept.name}-seed{seed}-{key}"
         state = process_state()
+        failed = None
         if state.is_main_process and not folder.is_dir():
-            write_guided_model(start, folder, guidance, embedding)
+            try:
+                write_guided_model(start, folder, guidance, embedding)
+            except ErasekitError as e:  # raised after the others stopped waiting for it
+                failed = e
         state.wait_for_everyone()
+        if failed is not None:
+            raise failed
+        if not folder.is_dir():
+            raise ErasekitError(f"{row.name}: the guided model folder was not written")
         return folder, key
 
     def cell(self, row: ModelRow, concept, seed: int) -> dict[str, Any]:
