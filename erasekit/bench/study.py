@@ -131,6 +131,16 @@ def _guide_row(path: Path, name: str, value: dict, earlier: list[str]) -> ModelR
     return ModelRow(name, "guide", start=value.get("from"), guide=dict(guide))
 
 
+def _row_pairs(path: Path, key: str, value: Any, models: dict) -> list[tuple[str, str]]:
+    """A study key listing [ROW, ROW] pairs of listed rows (``compare``, ``masks``)."""
+    pairs = []
+    for pair in value if isinstance(value, list) else [value]:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(p in models for p in pair)):
+            raise _fail(path, f"'{key}' entries are [ROW, ROW] of listed rows, got {pair!r}")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
 def _concept_arg(path: Path, concept: str) -> str:
     """A concept name, or a spec file given relative to the study's folder."""
     relative = concept.endswith((".yaml", ".yml")) and not Path(concept).is_absolute()
@@ -207,11 +217,7 @@ def load_study(path: str | Path, profile: str | None = None) -> Study:
             if isinstance(value, str) and value and not Path(value).is_absolute():
                 settings[key] = str(path.parent / value)
     compare = spec.get("compare") or []
-    pairs = []
-    for pair in compare:
-        if not (isinstance(pair, list) and len(pair) == 2 and all(p in models for p in pair)):
-            raise _fail(path, f"'compare' entries are [ROW, ROW] of listed rows, got {pair!r}")
-        pairs.append((pair[0], pair[1]))
+    pairs = _row_pairs(path, "compare", compare, models)
     claims = spec.get("claims") or []
     for claim in claims:
         if not (isinstance(claim, dict) and set(claim) <= {"a", "b", "metric", "says"}
@@ -249,11 +255,7 @@ def load_study(path: str | Path, profile: str | None = None) -> Study:
     outputs = spec.get("outputs") or []
     if not (isinstance(outputs, list) and all(isinstance(o, str) and o for o in outputs)):
         raise _fail(path, "'outputs' must be a list of dotted keys of training.outputs")
-    masks = []
-    for pair in spec.get("masks") or []:
-        if not (isinstance(pair, list) and len(pair) == 2 and all(p in models for p in pair)):
-            raise _fail(path, f"'masks' entries are [ROW, ROW] of listed rows, got {pair!r}")
-        masks.append((pair[0], pair[1]))
+    masks = _row_pairs(path, "masks", spec.get("masks") or [], models)
     return Study(name=str(spec["name"]), base=str(spec["base"]), concepts=concepts, seeds=seeds,
                  models=models, audit=dict(audit),
                  attacks={k: dict(v or {}) for k, v in attacks.items()}, compare=pairs,
