@@ -29,17 +29,50 @@ class _Alone:
         """Nothing to wait for."""
 
 
+_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "ACCELERATE_TORCH_DEVICE")
+
+
 @contextmanager
 def one_process() -> Iterator[None]:
     """While active, ``process_state()`` describes this process alone, so collective paths
-    (generate, scoring, render caches) run on this process's items with no exchange. For work
-    the processes share out item by item (an attack's prompts); outputs written inside must be
-    named per item, never per process."""
-    _ALONE.append(_Alone(process_state().device))
+    (generate, scoring, render caches) run on this process's items with no exchange, and an
+    Accelerator made inside (a training) is a one-process one on this process's device: no
+    gradient exchange. For work the processes share out item by item (an attack's prompts, a
+    study's cells); outputs written inside must be named per item, never per process."""
+    import os
+
+    import torch.distributed
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    device = process_state().device
+    states = (PartialState, AcceleratorState, GradientState)
+    saved = [dict(cls._shared_state) for cls in states]
+    env = {k: os.environ.get(k) for k in _LAUNCH_ENV}
+    for key in _LAUNCH_ENV:  # what accelerate reads to decide it is one of several processes
+        os.environ.pop(key, None)
+    os.environ["WORLD_SIZE"] = "1"
+    if getattr(device, "type", "cpu") != "cpu":
+        os.environ["ACCELERATE_TORCH_DEVICE"] = str(device)
+    for cls in states:  # accelerate's shared state, in place (see accelerate.state.SharedDict)
+        cls._shared_state.clear()
+    # libraries that ask torch directly (transformers writes weights on rank 0 only) see no
+    # process group either: nothing inside may exchange with the other processes
+    group_initialized = torch.distributed.is_initialized
+    torch.distributed.is_initialized = lambda: False
+    _ALONE.append(_Alone(device))
     try:
         yield
     finally:
         _ALONE.pop()
+        torch.distributed.is_initialized = group_initialized
+        for cls, state in zip(states, saved, strict=True):
+            cls._shared_state.clear()
+            cls._shared_state.update(state)
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def working_alone() -> bool:

@@ -336,6 +336,7 @@ seeds: [0]
 models:
   original: original
   salun: {{erase: salun, set: {{steps: 1, images_per_prompt: 1}}}}
+  salun+words: {{guide: {{mode: negative-prompt}}, from: salun}}
 audit: {{limit: 2, steps: 2}}
 attacks:
   unlearndiffatk: {{blocks: 1, steps_per_block: 1, batch_size: 1}}
@@ -344,37 +345,51 @@ attacks:
 
 @pytest.mark.slow
 def test_a_study_runs_on_two_processes(tiny_model_dir, tmp_path):
-    """torchrun with 2 CPU processes: every cell runs on both (erasure data-parallel, audit and
-    attack shared); one leaderboard; the original's cell gives the one-process numbers."""
+    """torchrun with 2 CPU processes. Sharing cells (the default): each process claims whole
+    groups of cells (SalUn with the guide row built from it) and runs them alone, so every
+    model and number equals the one-process run's. Sharing batches: every cell on both
+    processes (the erasure data-parallel, so another model), the original's numbers unchanged."""
     import sys
 
     study = tmp_path / "study.yaml"
     study.write_text(MULTI.format(base=tiny_model_dir))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ERASEKIT_CACHE": str(tmp_path / "cache")}
-    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "erasekit", "bench", "run", str(study), "--out",
-           str(tmp_path / "two")]  # fmt: skip
-    r = subprocess.run(two, capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("leaderboard:") == 1 and r.stderr.count("[2/2]") == 1
-    board = _board(tmp_path / "two")
-    assert board["provenance"]["last_run_processes"] == 2
-    rows = board["concepts"]["circle"]["rows"]
-    assert rows["original"]["seeds_ok"] == [0] and rows["salun"]["seeds_ok"] == [0]
-    manifest = json.loads(next((tmp_path / "two" / "models").glob("salun-*/erasekit.json"))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+              "2"]  # fmt: skip
+    runs = {"one": [sys.executable], "cells": launch, "batches": launch}
+    for name, prefix in runs.items():
+        share = ["--share", name] if name == "batches" else []
+        cmd = [*prefix, "-m", "erasekit", "bench", "run", str(study), "--out",
+               str(tmp_path / name), *share]  # fmt: skip
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count("leaderboard:") == 1, r.stdout
+        if name == "cells":
+            assert re.search(r"process \d: \[3/3\]", r.stderr), r.stderr[-2000:]
+            assert not list((tmp_path / name).glob(".claims-*"))
+    boards = {name: _board(tmp_path / name) for name in runs}
+    assert boards["cells"]["provenance"]["last_run_processes"] == 2
+    assert boards["cells"]["provenance"]["last_run_share"] == "cells"
+    assert "each running whole cells" in (tmp_path / "cells" / "leaderboard.md").read_text()
+
+    def models(name):
+        return sorted(p.name for p in (tmp_path / name / "models").iterdir())
+
+    assert models("cells") == models("one")  # the same cache keys: one-process models
+    one = boards["one"]["concepts"]["circle"]["rows"]
+    for name in ("cells", "batches"):
+        rows = boards[name]["concepts"]["circle"]["rows"]
+        for row in ("original", "salun", "salun+words") if name == "cells" else ("original",):
+            assert rows[row]["seeds_ok"] == [0] and one[row]["metrics"], (name, row)
+            assert set(rows[row]["metrics"]) == set(one[row]["metrics"]), (name, row)
+            for key, m in one[row]["metrics"].items():
+                assert rows[row]["metrics"][key]["value"] == m["value"], (name, row, key)
+    processes = {json.loads(p.read_text())["process"]
+                 for p in (tmp_path / "cells" / "cells").glob("*/*/seed0/cell.json")}  # fmt: skip
+    assert processes <= {0, 1} and processes
+    manifest = json.loads(next((tmp_path / "batches" / "models").glob("salun-*/erasekit.json"))
                           .read_text())  # fmt: skip
     assert manifest["training"]["n_processes"] == 2
-    # the original's cell (audit + attack) is the one-process cell
-    (tmp_path / "one.yaml").write_text(MULTI.format(base=tiny_model_dir).replace(
-        "  salun: {erase: salun, set: {steps: 1, images_per_prompt: 1}}\n", ""))  # fmt: skip
-    r = subprocess.run([sys.executable, "-m", "erasekit", "bench", "run",
-                        str(tmp_path / "one.yaml"), "--out", str(tmp_path / "one")],
-                       capture_output=True, text=True, env=env, timeout=900)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    one = _board(tmp_path / "one")["concepts"]["circle"]["rows"]["original"]["metrics"]
-    assert one and set(one) == set(rows["original"]["metrics"])
-    for key, m in one.items():
-        assert rows["original"]["metrics"][key]["value"] == m["value"], key
 
 
 def test_attacked_metric_keys_split_at_the_attack_not_at_a_slice():

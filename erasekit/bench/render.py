@@ -35,8 +35,12 @@ def _cost_line(provenance: dict[str, Any]) -> str:
     if "last_run_wall_s" in provenance:
         n = provenance.get("last_run_processes", 1)
         text += (f"; the last `bench run` took {provenance['last_run_wall_s'] / 60:.1f} min on "
-                 f"{n} process{'es' if n > 1 else ''} (cells done earlier cost it "
-                 "nothing)")  # fmt: skip
+                 f"{n} process{'es' if n > 1 else ''}")  # fmt: skip
+        share = provenance.get("last_run_share")
+        if n > 1 and share:
+            text += (", each running whole cells" if share == "cells"
+                     else ", all of them on every cell")  # fmt: skip
+        text += " (cells done earlier cost it nothing)"
     return text + "."
 
 

@@ -116,8 +116,9 @@ class Runner:
             raise ErasekitError(f"{row.name}: the guided model folder was not written")
         return folder, key
 
-    def cell(self, row: ModelRow, concept, seed: int) -> dict[str, Any]:
-        """Build and audit one cell, or reuse it when its key is unchanged."""
+    def cell(self, row: ModelRow, concept, seed: int, process: int | None = None) -> dict[str, Any]:
+        """Build and audit one cell, or reuse it when its key is unchanged (``process``: the
+        launch's process that runs it alone, recorded)."""
         from erasekit.api import audit
         from erasekit.detectors import DetectorOptions
         from erasekit.models import read_manifest
@@ -148,6 +149,8 @@ class Runner:
                   **self.study.audit)  # fmt: skip
             record = {"status": "ok", "key": key, "model": str(path),
                       "audit_wall_s": round(time.perf_counter() - started, 1)}  # fmt: skip
+            if process is not None:
+                record["process"] = process
             if row.kind == "erase":  # the erasure's own wall time, as its manifest records it
                 record["erase_wall_s"] = read_manifest(path).get("wall_time_s")
         except Exception as e:  # recorded, and the study goes on (Ctrl-C still stops it)
@@ -162,35 +165,119 @@ class Runner:
         state.wait_for_everyone()
         return record
 
-    def run(self) -> dict[str, Any]:
+    def groups(self, cells: list) -> list[list[int]]:
+        """The cells (by index) in groups one process runs together: a concept and seed's rows
+        linked by ``from`` or a guide's embedding (their models are built from one another)."""
+        rows = self.study.models
+        root = {name: name for name in rows}
+
+        def find(name: str) -> str:
+            while root[name] != name:
+                name = root[name]
+            return name
+
+        for row in rows.values():
+            for other in (row.start, (row.guide or {}).get("embedding")):
+                if other:
+                    root[find(row.name)] = find(other)
+        grouped: dict[tuple, list[int]] = {}
+        for i, (concept, row, seed) in enumerate(cells):
+            grouped.setdefault((concept.name, seed, find(row.name)), []).append(i)
+        return list(grouped.values())
+
+    def run(self, share: str = "cells") -> dict[str, Any]:
+        """Run every cell (or reuse it). Under accelerate launch / torchrun, ``share="cells"``
+        gives each process whole cells (claimed one group at a time, each run as on one process:
+        the same models and numbers as a one-process run), ``"batches"`` runs every cell on all
+        processes (the erasure data-parallel, the audit and its attacks sharing prompts)."""
         from erasekit.concepts import load_concept
 
-        # Under accelerate launch / torchrun every process takes part in every cell: the
-        # erasure trains data-parallel, the audit and its attacks share prompts and batches.
-        main = process_state().is_main_process
+        if share not in ("cells", "batches"):
+            raise ErasekitError(f"share must be cells or batches, not {share!r}")
+        state = process_state()
+        main = state.is_main_process
         concepts = [load_concept(c) for c in self.study.concepts]
         cells = [(c, row, s) for c in concepts for s in self.study.seeds
                  for row in self.study.models.values()]  # fmt: skip
         started = time.perf_counter()
-        ran = 0  # cells this run worked on: the estimate's basis (reused cells cost nothing)
         with output_lock(self.out, enabled=main):
-            for i, (concept, row, seed) in enumerate(cells, start=1):
-                record = self.cell(row, concept, seed)
-                ran += not record.get("reused")
-                if self.progress and main:
-                    spent = time.perf_counter() - started
-                    left = f"about {spent / ran * (len(cells) - i):.0f} s left" if ran else "reused"
-                    status = "ok" if record["status"] == "ok" else f"FAILED ({record['error']})"
-                    print(f"bench: [{i}/{len(cells)}] {concept.name} {row.name} seed {seed}: "
-                          f"{status}; {spent:.0f} s, {left}", file=sys.stderr)  # fmt: skip
+            if state.num_processes > 1 and share == "cells":
+                self.run_shared(cells, started)
+            else:
+                ran = 0  # cells this run worked on: the estimate's basis (reused cost nothing)
+                for i, (concept, row, seed) in enumerate(cells, start=1):
+                    record = self.cell(row, concept, seed)
+                    ran += not record.get("reused")
+                    if self.progress and main:
+                        spent = time.perf_counter() - started
+                        left = spent / ran * (len(cells) - i) if ran else None
+                        self.say(f"[{i}/{len(cells)}]", concept, row, seed, record, spent, left)
             board = leaderboard(self.study, self.out)
             # this run only: cells reused from earlier runs cost nothing here (cells_wall_s
             # sums every cell's own erase and audit time)
             board["provenance"]["last_run_wall_s"] = round(time.perf_counter() - started, 1)
-            board["provenance"]["last_run_processes"] = process_state().num_processes
+            board["provenance"]["last_run_processes"] = state.num_processes
+            board["provenance"]["last_run_share"] = share if state.num_processes > 1 else None
             if main:
                 write_leaderboard(board, self.out)
         return board
+
+    def say(self, where: str, concept, row, seed, record, spent: float, left) -> None:
+        """One progress line for a finished cell."""
+        left_text = f"about {left:.0f} s left" if left is not None else "reused"
+        status = "ok" if record["status"] == "ok" else f"FAILED ({record['error']})"
+        print(f"bench: {where} {concept.name} {row.name} seed {seed}: {status}; {spent:.0f} s, "
+              f"{left_text}", file=sys.stderr)  # fmt: skip
+
+    def run_shared(self, cells: list, started: float) -> None:
+        """Each process claims the next unclaimed group of cells (an atomic mkdir in a folder
+        of this run) and runs its cells alone; a process out of groups waits on files, not on
+        a collective (a study's cells take hours, and collectives time out)."""
+        import shutil
+        import tempfile
+
+        from accelerate.utils import broadcast_object_list
+
+        from erasekit.distributed import one_process
+
+        state = process_state()
+        me, n = state.process_index, state.num_processes
+        claims = None
+        if state.is_main_process:  # the lock is held: folders of earlier runs are stale
+            self.out.mkdir(parents=True, exist_ok=True)
+            for old in self.out.glob(".claims-*"):
+                shutil.rmtree(old, ignore_errors=True)
+            claims = tempfile.mkdtemp(prefix=".claims-", dir=self.out)
+        claims = Path(broadcast_object_list([claims])[0])
+
+        def count(prefix: str) -> int:
+            return sum(1 for p in claims.iterdir() if p.name.startswith(prefix))
+
+        ran = 0
+        for j, group in enumerate(self.groups(cells)):
+            try:
+                (claims / f"group-{j}").mkdir()
+            except FileExistsError:
+                continue  # another process runs it
+            for i in group:
+                concept, row, seed = cells[i]
+                with one_process():
+                    record = self.cell(row, concept, seed, process=me)
+                ran += not record.get("reused")
+                (claims / f"cell-{i}").touch()
+                if self.progress:
+                    done, spent = count("cell-"), time.perf_counter() - started
+                    left = spent / ran * (len(cells) - done) / n if ran else None
+                    self.say(f"process {me}: [{done}/{len(cells)}]", concept, row, seed, record,
+                             spent, left)  # fmt: skip
+        (claims / f"finished-{me}").touch()
+        while count("finished-") < n:
+            time.sleep(1.0)
+        (claims / f"seen-{me}").touch()
+        if state.is_main_process:  # removed once no process reads it any more
+            while count("seen-") < n:
+                time.sleep(0.2)
+            shutil.rmtree(claims, ignore_errors=True)
 
 
 def report(out: str | Path) -> dict[str, Any]:
@@ -203,7 +290,7 @@ def report(out: str | Path) -> dict[str, Any]:
     recorded = previous["study"]
     study = load_study(recorded["source"], recorded.get("profile"))
     board = leaderboard(study, out)
-    for key in ("last_run_wall_s", "last_run_processes"):  # what the last run measured
+    for key in ("last_run_wall_s", "last_run_processes", "last_run_share"):  # the last run
         if key in previous.get("provenance", {}):
             board["provenance"][key] = previous["provenance"][key]
     write_leaderboard(board, out)
@@ -211,8 +298,14 @@ def report(out: str | Path) -> dict[str, Any]:
 
 
 def run_study(
-    study: str | Path, out: str | Path, *, profile: str | None = None, progress: bool = True
+    study: str | Path,
+    out: str | Path,
+    *,
+    profile: str | None = None,
+    progress: bool = True,
+    share: str = "cells",
 ) -> dict[str, Any]:
     """Run (or resume) a study file (or one of its profiles) into ``out``; returns the
-    leaderboard document."""
-    return Runner(load_study(study, profile), out, progress=progress).run()
+    leaderboard document. ``share``: how the processes of a launch split the work (see
+    ``Runner.run``)."""
+    return Runner(load_study(study, profile), out, progress=progress).run(share)

@@ -21,6 +21,10 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
     r.add_argument("--out", required=True, help="the study folder (resumable)")
     r.add_argument("--profile", help="one of the study's profiles (e.g. quick)")
     r.add_argument("--no-progress", action="store_true", help="no per-cell progress lines")
+    r.add_argument("--share", choices=("cells", "batches"), default="cells",
+                   help="several processes (accelerate launch / torchrun): each runs whole cells "
+                   "(default; the same models and numbers as one process), or all of them run "
+                   "every cell (data-parallel erasure, shared prompts)")  # fmt: skip
     r.set_defaults(func=run)
     rep = sub.add_parser("report", parents=[parent], help="re-pool and re-render a study folder")
     rep.add_argument("folder", metavar="DIR")
@@ -38,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from erasekit.bench import run_study
     from erasekit.distributed import process_state
 
-    board = run_study(args.study, args.out, profile=args.profile, progress=not args.no_progress)
+    board = run_study(args.study, args.out, profile=args.profile, progress=not args.no_progress,
+                      share=args.share)  # fmt: skip
     if process_state().is_main_process:
         _summary(board, args.out)
     return (
