@@ -182,6 +182,10 @@ def test_unknown_profile_is_one_line(tmp_path, capsys):
     r = run_main(capsys, "bench", "run", str(study), "--out", str(tmp_path / "o"), "--profile",
                  "fast")  # fmt: skip
     assert_one_line_error(r, "no profile 'fast' (profiles: quick)")
+    study.write_text(study.read_text().replace("quick:", "standard:"))
+    r = run_main(capsys, "bench", "run", str(study), "--out", str(tmp_path / "o"), "--quick")
+    assert_one_line_error(r, "no profile 'quick' (profiles: standard)")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(

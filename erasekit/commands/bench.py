@@ -19,7 +19,10 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
     r = sub.add_parser("run", parents=[parent], help="run (or resume) a study")
     r.add_argument("study", metavar="STUDY.yaml")
     r.add_argument("--out", required=True, help="the study folder (resumable)")
-    r.add_argument("--profile", help="one of the study's profiles (e.g. quick)")
+    which = r.add_mutually_exclusive_group()
+    which.add_argument("--profile", help="one of the study's profiles (e.g. standard)")
+    which.add_argument("--quick", action="store_const", const="quick", dest="profile",
+                       help="the study's quick profile (same as --profile quick)")  # fmt: skip
     r.add_argument("--no-progress", action="store_true", help="no per-cell progress lines")
     r.add_argument("--share", choices=("cells", "batches"), default="cells",
                    help="several processes (accelerate launch / torchrun): each runs whole cells "
