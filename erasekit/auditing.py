@@ -28,12 +28,14 @@ from erasekit.detectors import DetectorOptions
 from erasekit.distributed import process_state, resolve_device
 from erasekit.errors import DegenerateOutput, ErasekitError
 from erasekit.evaluation import (
+    PAIRED_DEFINITION,
     Judges,
     build_judges,
     distribution_metrics,
     evaluate_prompt_set,
     make_metric,
     metric_key,
+    paired_differences,
     sampling_definition,
     set_metrics,
     union_metrics,
@@ -631,6 +633,10 @@ def run_audit(
                 "primary_protocol": judges.protocols[0].name,
             },
             "results": results,
+            "paired": {
+                "definition": PAIRED_DEFINITION,
+                "audited_minus": paired_differences(samples, results),
+            },
             "breakdowns": breakdowns,
             "attacks": attack_entries,
             "provenance": {

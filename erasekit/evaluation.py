@@ -22,7 +22,7 @@ from erasekit.distributed import gather_shares, my_share, process_state, working
 from erasekit.errors import ErasekitError, first_line
 from erasekit.provenance import sha256_bytes
 from erasekit.sampling import SamplerSettings, generate
-from erasekit.stats import bootstrap_interval, wilson_interval
+from erasekit.stats import bootstrap_interval, paired_difference, wilson_interval
 
 BOOTSTRAP_RESAMPLES = 2000
 RATE_INTERVAL = "Wilson score 95%"
@@ -339,8 +339,12 @@ def set_metrics(
     if not utility:
         return metrics, breakdown
     judge = _retain_labels(judges) if retain else (lambda sample: None)
-    judged = [(s["prompt_index"], judge(s)) for s in samples]
-    judged = [(i, float(ok)) for i, ok in judged if ok is not None]
+    judged = []
+    for s in samples:
+        ok = judge(s)
+        if ok is not None:
+            s["retain_correct"] = bool(ok)  # per image: paired differences read it
+            judged.append((s["prompt_index"], float(ok)))
     if judged:
         definition = {"statistic": "share of images judged correct", "rule": det.retain_rule,
                       "detector": det.name, "detector_version": det.version, **base}  # fmt: skip
@@ -356,6 +360,58 @@ def set_metrics(
             "clip_score", values, kind="mean", higher_is_better=True, prompt_set=prompt_set,
             definition=definition)  # fmt: skip
     return metrics, breakdown
+
+
+PAIRED_DEFINITION = ("audited − role on the same images (matched by prompt set, prompt, k and "
+                     "seed): mean of the per-image differences, percentile bootstrap 95% over "
+                     f"prompts ({BOOTSTRAP_RESAMPLES} resamples, seed 0)")  # fmt: skip
+
+
+def image_value(sample: dict[str, Any], metric: dict[str, Any]) -> float | None:
+    """One image's value in ``metric`` (a record of ``set_metrics``): its protocol flag for a
+    concept rate, its judgement for retain accuracy, its CLIP score; None when it has none."""
+    name = metric["metric"]
+    if name == "concept_rate":
+        flag = sample.get("flags", {}).get(metric.get("protocol"))
+        return None if flag is None else float(flag)
+    if name == "retain_accuracy":
+        ok = sample.get("retain_correct")
+        return None if ok is None else float(ok)
+    if name == "clip_score":
+        return sample.get("scores", {}).get("clip", {}).get("clip_score")
+    return None
+
+
+def paired_differences(
+    samples: list[dict[str, Any]], results: dict[str, dict[str, Any]], audited: str = "audited"
+) -> dict[str, dict[str, Any]]:
+    """For every other evaluated role (reference, never-learned, guidance baselines) and every
+    per-image metric: audited − role on the same images, with a bootstrap interval over
+    prompts. {role: {metric key: {"value", "ci95", "n_pairs"}}}."""
+    by_role: dict[str, dict[tuple, dict[str, Any]]] = defaultdict(dict)
+    for s in samples:
+        if "attack_step" not in s:  # an attack's images are compared in its own table
+            by_role[s["model"]][(s["prompt_set"], s["prompt_index"], s["k"], s["seed"])] = s
+    mine = by_role.get(audited, {})
+    out: dict[str, dict[str, Any]] = {}
+    for role, theirs in by_role.items():
+        if role == audited or role not in results:
+            continue
+        for key, metric in results.get(audited, {}).items():
+            if key not in results[role] or "prompt_set" not in metric:
+                continue
+            groups: dict[int, list[float]] = defaultdict(list)
+            for match, sample in mine.items():
+                other = theirs.get(match)
+                if match[0] != metric["prompt_set"] or other is None:
+                    continue
+                a, b = image_value(sample, metric), image_value(other, metric)
+                if a is not None and b is not None:
+                    groups[match[1]].append(a - b)
+            if groups:
+                out.setdefault(role, {})[key] = paired_difference(
+                    list(groups.values()), BOOTSTRAP_RESAMPLES, seed=0)  # fmt: skip
+    return out
 
 
 def union_metrics(

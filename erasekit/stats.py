@@ -35,3 +35,13 @@ def bootstrap_interval(
     alpha = (1 - level) / 2
     low, high = np.quantile(means, [alpha, 1 - alpha], method="inverted_cdf")
     return float(low), float(high)
+
+
+def paired_difference(groups: list[list[float]], n_resamples: int = 2000, seed: int = 0) -> dict:
+    """Mean of paired per-image differences (a − b on the same prompt, k and seed), grouped by
+    prompt, with the percentile bootstrap 95% interval of ``bootstrap_interval`` (whole groups
+    resampled): {"value", "ci95", "n_pairs"}."""
+    diffs = [d for g in groups for d in g]
+    low, high = bootstrap_interval(groups, n_resamples, seed=seed)
+    return {"value": round(sum(diffs) / len(diffs), 6), "ci95": [round(low, 4), round(high, 4)],
+            "n_pairs": len(diffs)}  # fmt: skip

@@ -70,6 +70,29 @@ def test_world_audit_results_schema(world_audit, world_erased):
     md = (world_audit / "report.md").read_text()
     assert "| concept rate (argmax) on 'direct' |" in md and "sha256" in md
     assert not re.search(r"\bsafe\b", md, re.I)
+    # paired differences: audited − each role on the same images, recomputed from the samples
+    assert "same images" in doc["paired"]["definition"]
+    minus = doc["paired"]["audited_minus"]
+    assert set(minus) == {"reference", "never-learned"}
+    for role, by_key in minus.items():
+        assert set(by_key) == set(res["audited"]), role
+        for key, p in by_key.items():
+            field = "retain_correct" if key.startswith("retain_accuracy") else None
+            prompt_set = res["audited"][key]["prompt_set"]
+
+            def values(model, field=field, prompt_set=prompt_set):
+                return {(s["prompt_index"], s["k"], s["seed"]):
+                        float(s[field] if field else s["flags"]["argmax"])
+                        for s in samples if s["model"] == model
+                        and s["prompt_set"] == prompt_set}  # fmt: skip
+
+            a, b = values("audited"), values(role)
+            assert a.keys() == b.keys() and len(a) == p["n_pairs"] == 6
+            assert p["value"] == pytest.approx(sum(a[k] - b[k] for k in a) / 6, abs=1e-6)
+            assert p["ci95"][0] <= p["value"] <= p["ci95"][1]
+            assert res["audited"][key]["value"] - res[role][key]["value"] == pytest.approx(
+                p["value"], abs=1e-6)  # fmt: skip
+    assert "(paired on the same images)" in md
 
 
 @pytest.mark.slow

@@ -283,7 +283,7 @@ def paired_difference(
     rows' cells of one seed; ``model``: the samples' role, e.g. ``finetune:audited`` for the
     images after an attack), with a percentile bootstrap interval resampling (seed, prompt)
     groups; None without matched images."""
-    from erasekit.stats import bootstrap_interval
+    from erasekit.stats import paired_difference as paired
 
     groups: dict[tuple, list[float]] = defaultdict(list)
     for a, b in pairs:
@@ -294,9 +294,4 @@ def paired_difference(
             key = (s["prompt_index"], s["k"], s["seed"])
             if s.get("model") == model and s["prompt_set"] == prompt_set and key in fa:
                 groups[(a.name, key[0])].append(fa[key] - float(s["flags"][protocol]))
-    diffs = [d for g in groups.values() for d in g]
-    if not diffs:
-        return None
-    low, high = bootstrap_interval(list(groups.values()), 2000, seed=0)
-    return {"value": round(sum(diffs) / len(diffs), 6), "ci95": [round(low, 4), round(high, 4)],
-            "n_pairs": len(diffs)}  # fmt: skip
+    return paired(list(groups.values())) if groups else None

@@ -340,6 +340,7 @@ def summary_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per metric key: the metric of every role and Δ = audited - reference; concept
     rate rows carry ``utility_warning`` when it applies."""
     warning = utility_warning(doc)
+    minus = doc.get("paired", {}).get("audited_minus", {})  # audits before 0.1 have none
     keys: list[str] = []
     for role in roles_of(doc):
         keys += [k for k in doc["results"][role] if k not in keys]
@@ -350,8 +351,9 @@ def summary_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
         audited, ref = per_role.get("audited"), per_role.get("reference")
         delta = audited["value"] - ref["value"] if audited and ref else None
         note = warning if first["metric"] == "concept_rate" and audited else None
+        paired = {role: by_key[key] for role, by_key in minus.items() if key in by_key}
         rows.append({"key": key, "first": first, "roles": per_role, "delta": delta,
-                     "warning": note})  # fmt: skip
+                     "paired": paired, "warning": note})  # fmt: skip
     return rows
 
 
@@ -379,6 +381,12 @@ def metric_title(m: dict[str, Any]) -> str:
     return f"{name}{proto} on '{m['prompt_set']}'"
 
 
+def _paired(p: dict[str, Any], digits: int = 2) -> str:
+    """A paired difference: value [95% interval] (n pairs)."""
+    low, high = p["ci95"]
+    return f"{p['value']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] (n={p['n_pairs']})"
+
+
 def verdict(row: dict[str, Any]) -> str:
     """A plain statement of what was measured: values, intervals, n, and whether the audited
     and reference intervals overlap. It never calls a model safe."""
@@ -393,11 +401,16 @@ def verdict(row: dict[str, Any]) -> str:
     if never:
         parts.append(f"vs never-learned {_fmt(never, d)}")
     text = " ".join(parts)
-    if audited and ref:
+    paired = row.get("paired", {})
+    if audited and ref and "reference" in paired:
+        text += f"; Δ {_paired(paired['reference'], d)} (paired on the same images)"
+    elif audited and ref:
         overlap = audited["ci95"][0] <= ref["ci95"][1] and ref["ci95"][0] <= audited["ci95"][1]
         text += (
             f"; Δ {row['delta']:+.{d}f}, 95% intervals {'overlap' if overlap else 'do not overlap'}"
         )
+    if audited and never and "never-learned" in paired:
+        text += f"; audited − never-learned {_paired(paired['never-learned'], d)}"
     if audited and first["metric"] == "concept_rate":
         hits = round(audited["value"] * audited["n_images"])
         text += f"; the detector flags {hits} of {audited['n_images']} audited images"
@@ -549,6 +562,7 @@ def render_html(
         roles=roles,
         rows=rows,
         fmt=_fmt,
+        paired=_paired,
         digits=_digits,
         title=metric_title,
         verdicts=[verdict(r) for r in rows],
@@ -603,11 +617,15 @@ def render_markdown(doc: dict[str, Any], censored: bool = True, censor_reason: s
         d = _digits(row)
         cells = [_fmt(row["roles"].get(r), d) for r in roles]
         delta = f"{row['delta']:+.{d}f}" if row["delta"] is not None else "—"
+        if "reference" in row["paired"]:
+            delta = _paired(row["paired"]["reference"], d).rsplit(" (", 1)[0]
         audited = row["roles"].get("audited")
         n = f"{audited['n_images']} img / {audited['n_prompts']} prompts" if audited else "—"
         lines.append(f"| {metric_title(row['first'])} | " + " | ".join(cells) +
                      f" | {delta} | {n} |")  # fmt: skip
-    lines += ["", "Values: mean [95% interval]. Rates: Wilson; means: bootstrap over prompts.", ""]
+    lines += ["", "Values: mean [95% interval]. Rates: Wilson; means: bootstrap over prompts. "
+              "Δ with an interval: paired on the same images (" +
+              doc.get("paired", {}).get("definition", "not recorded") + ").", ""]  # fmt: skip
     lines += ["## Verdicts", ""] + [f"- {verdict(r)}" for r in summary_rows(doc)]
     if guidance_verdicts(doc):
         lines += ["", "## Guidance on the audited weights", "",
