@@ -404,3 +404,18 @@ def test_attacked_metric_keys_split_at_the_attack_not_at_a_slice():
         "finetune@lora", "concept_rate/direct")  # fmt: skip
     assert split_attack("concept_rate/forget[:2]") == ("", "concept_rate/forget[:2]")
     assert split_attack("retain_accuracy/retain") == ("", "retain_accuracy/retain")
+
+
+def test_readme_leaderboard_tables_are_generated(capsys):
+    """Every `<!-- generated: FILE CONCEPT -->` block of the README is that leaderboard's table,
+    as `erasekit bench report DIR --table` prints it: a table typed by hand fails."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    blocks = re.findall(r"<!-- generated: (\S+) (\S+) -->\n(.*?)\n<!-- end generated -->", readme,
+                        re.S)  # fmt: skip
+    assert blocks
+    for file, concept, body in blocks:
+        r = run_main(capsys, "bench", "report", str((root / file).parent), "--table")
+        assert r.returncode == 0, r.stderr
+        printed = r.stdout.split(f"{concept}:\n\n", 1)[1].split("\n\n", 1)[0].strip()
+        assert body.strip() == printed, file

@@ -47,11 +47,12 @@ from erasekit.bench.pooling import (
     pool_curve,
     split_attack,
 )
-from erasekit.bench.render import render_html, render_markdown, write_leaderboard
+from erasekit.bench.render import metrics_table, render_html, render_markdown, write_leaderboard
 from erasekit.bench.runner import Runner, report, run_study
 from erasekit.bench.study import ModelRow, Study, load_study
 
 __all__ = [
+    "metrics_table",
     "SCHEMA",
     "SCHEMA_VERSION",
     "ModelRow",

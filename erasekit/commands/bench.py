@@ -31,6 +31,9 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
     r.set_defaults(func=run)
     rep = sub.add_parser("report", parents=[parent], help="re-pool and re-render a study folder")
     rep.add_argument("folder", metavar="DIR")
+    rep.add_argument("--table", action="store_true",
+                     help="print each concept's metric table from DIR/leaderboard.json (no "
+                     "re-pooling, nothing written; for a README)")  # fmt: skip
     rep.set_defaults(func=report)
 
 
@@ -57,5 +60,19 @@ def run(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace) -> int:
     from erasekit.bench import report as render
 
+    if args.table:
+        import json
+        from pathlib import Path
+
+        from erasekit.bench import metrics_table
+        from erasekit.errors import ErasekitError
+
+        record = Path(args.folder) / "leaderboard.json"
+        if not record.is_file():
+            raise ErasekitError(f"no leaderboard.json in {args.folder}")
+        board = json.loads(record.read_text())
+        for concept in board["concepts"]:
+            print("\n".join([f"{concept}:", "", *metrics_table(board, concept), ""]))
+        return 0
     _summary(render(args.folder), args.folder)
     return 0
