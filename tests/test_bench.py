@@ -419,3 +419,37 @@ def test_readme_leaderboard_tables_are_generated(capsys):
         assert r.returncode == 0, r.stderr
         printed = r.stdout.split(f"{concept}:\n\n", 1)[1].split("\n\n", 1)[0].strip()
         assert body.strip() == printed, file
+
+
+def test_cells_are_grouped_by_the_rows_they_are_built_from(tmp_path):
+    """A process runs a concept and seed's rows linked by `from` or a guide's embedding
+    together (one builds the other's model); unlinked rows are groups of their own."""
+    from erasekit.bench import Runner
+    from erasekit.concepts import load_concept
+
+    (tmp_path / "base").mkdir()
+    study = tmp_path / "s.yaml"
+    study.write_text(f"""\
+name: g
+base: {tmp_path / "base"}
+concepts: [red, circle]
+seeds: [0, 1]
+models:
+  original: original
+  salun: {{erase: salun}}
+  esd: {{erase: esd}}
+  resalign: {{erase: resalign, from: salun}}
+  esd+cstar: {{erase: negative-embedding, from: esd}}
+  salun+transfer: {{guide: {{mode: negative-prompt, embedding: esd+cstar}}, from: salun}}
+  uce: {{erase: uce}}
+""")
+    runner = Runner(load_study(study), tmp_path / "out")
+    cells = [(load_concept(c), row, s) for c in ("red", "circle") for s in (0, 1)
+             for row in runner.study.models.values()]  # fmt: skip
+    groups = [[(cells[i][0].name, cells[i][1].name, cells[i][2]) for i in g]
+              for g in runner.groups(cells)]  # fmt: skip
+    assert len(groups) == 4 * 3 and sorted(i for g in runner.groups(cells) for i in g) == list(
+        range(len(cells)))  # fmt: skip
+    assert [("red", r, 0) for r in ("salun", "esd", "resalign", "esd+cstar", "salun+transfer")
+            ] in groups  # fmt: skip
+    assert [("red", "original", 0)] in groups and [("circle", "uce", 1)] in groups
