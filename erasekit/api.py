@@ -66,6 +66,31 @@ def _split_settings(settings: Settings) -> tuple[list[str], dict | None]:
     return list(settings), None
 
 
+def erase_config(
+    method: str,
+    concept: str | Path | Concept,
+    settings: Settings = None,
+    *,
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+):
+    """The method's full configuration ``erase`` would run with (its dataclass): the method's
+    defaults for the concept (e.g. its ShapesWorld preset), then the named ``preset``, then
+    ``config_file``, then ``settings``."""
+    from erasekit.config import build_config
+    from erasekit.methods import get_method
+
+    method_cls = get_method(method)
+    spec = _concept(concept)
+    method_cls.check_concept(spec)
+    sets, mapping = _split_settings(settings)
+    defaults = method_cls.defaults(spec)
+    if preset is not None:
+        defaults = {**defaults, **method_cls.preset(preset)}
+    return build_config(method_cls.Config, defaults, config_file, sets,
+                        mappings=[("settings", mapping)] if mapping else None)  # fmt: skip
+
+
 def erase(
     model,
     concept: str | Path | Concept,
@@ -94,19 +119,12 @@ def erase(
     ``diffusers-code``), then ``config_file`` (YAML), then ``settings`` (a mapping, or
     ``key=value`` strings). ``resume``: "latest" or a checkpoint path of an interrupted run.
     """
-    from erasekit.config import build_config
     from erasekit.methods import get_method
     from erasekit.training import train
 
     method_cls = get_method(method)
     spec = _concept(concept)
-    method_cls.check_concept(spec)
-    sets, mapping = _split_settings(settings)
-    defaults = method_cls.defaults(spec)
-    if preset is not None:
-        defaults = {**defaults, **method_cls.preset(preset)}
-    config = build_config(method_cls.Config, defaults, config_file, sets,
-                          mappings=[("settings", mapping)] if mapping else None)  # fmt: skip
+    config = erase_config(method, spec, settings, preset=preset, config_file=config_file)
     if mask is not None and method != "salun":
         raise ErasekitError("--mask applies to --method salun only")
     pipe, path = _load(model, device=device, model_config=model_config,

@@ -38,7 +38,9 @@ def _board(out):
     return json.loads((out / "leaderboard.json").read_text())
 
 
-def test_tiny_study_pools_seeds_records_failures_and_resumes(tiny_model_dir, tmp_path, capsys):
+def test_tiny_study_pools_seeds_records_failures_and_resumes(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
     study, out = tmp_path / "study.yaml", tmp_path / "run"
     study.write_text(STUDY.format(base=tiny_model_dir))
     r = run_main(capsys, "bench", "run", str(study), "--out", str(out))
@@ -104,6 +106,17 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(tiny_model_dir, tmp
     order = re.findall(r'<tr data-row="([^"]+)"', r.stdout)
     values = {n: rows[n]["metrics"].get(key, {}).get("value", math.inf) for n in rows}
     assert order == sorted(rows, key=lambda n: values[n])  # stable: ties keep the table's order
+    # a changed method default (its preset) makes another model: erased and audited again
+    from erasekit.methods.salun import SalUn
+
+    monkeypatch.setattr(SalUn, "defaults", classmethod(lambda cls, concept: {"alpha": 0.25}))
+    r = run_main(capsys, "bench", "run", str(study), "--out", str(out))
+    assert r.returncode == 1 and "[1/6] circle original seed 0: ok; 0 s, reused" in r.stderr
+    assert "circle salun seed 0: ok; 0 s, reused" not in r.stderr
+    new = sorted(set((out / "models").iterdir()) - set(models))
+    assert [p.name.split("-")[0] for p in new] == ["salun", "salun"]
+    for p in new:
+        assert json.loads((p / "erasekit.json").read_text())["method"]["config"]["alpha"] == 0.25
 
 
 ROWS = """\

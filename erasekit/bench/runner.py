@@ -7,6 +7,7 @@ import json
 import sys
 import time
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,19 @@ from erasekit.outputs import atomic_file, output_lock, write_json
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples as lists)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _erased_with(folder: Path) -> dict[str, Any] | None:
+    """The method configuration an erased model folder records, or None without a model."""
+    manifest = folder / "erasekit.json"
+    if not manifest.is_file():
+        return None
+    return json.loads(manifest.read_text()).get("method", {}).get("config", {})
 
 
 class Runner:
@@ -42,7 +56,7 @@ class Runner:
 
     def model(self, row: ModelRow, concept, seed: int) -> tuple[Path, str]:
         """The row's model folder for (concept, seed) and its content key; builds erasures."""
-        from erasekit.api import erase
+        from erasekit.api import erase, erase_config
         from erasekit.auditing import never_learned_model
         from erasekit.concepts import load_concept
 
@@ -70,16 +84,22 @@ class Runner:
                 result = self.guided(row, concept, seed, start_path, start_key)
             else:
                 target = load_concept(row.concept) if row.concept else concept
+                settings = {"seed": seed, **row.settings}
                 parts = [start_key, target.sha256, row.method, row.settings, seed]
                 n = process_state().num_processes
                 if n > 1:  # the global batch grows with the processes: another model
                     parts.append(f"processes={n}")
                 key = _key(*parts)
                 folder = self.out / "models" / f"{row.name}-{concept.name}-seed{seed}-{key}"
-                if not (folder / "erasekit.json").is_file():  # erase writes it atomically
-                    erase(start_path, target, str(row.method), folder,
-                          settings={"seed": seed, **row.settings}, cache_dir=self.out / "cache",
-                          progress=False)  # fmt: skip
+                config = _plain(asdict(erase_config(str(row.method), target, settings)))
+                if _erased_with(folder) not in (None, config):
+                    # the method's defaults (its world preset) changed since this model was
+                    # erased: the full configuration joins the key, so it is erased again
+                    key = _key(*parts, config)
+                    folder = folder.with_name(f"{row.name}-{concept.name}-seed{seed}-{key}")
+                if _erased_with(folder) is None:  # erase writes erasekit.json atomically
+                    erase(start_path, target, str(row.method), folder, settings=settings,
+                          cache_dir=self.out / "cache", progress=False)  # fmt: skip
                 result = (folder, key)
         self.built[(row.name, concept.name, seed)] = result
         return result
