@@ -51,6 +51,10 @@ def test_salun_relabels_every_concept_word_a_prompt_holds():
     assert defaults["surrogate_replacement"] == "blue,square"
     # a relabel never lands on a concept erased in the same run
     assert SalUn.defaults(load_concept("red,blue"))["surrogate_replacement"] == "green,green"
+    # the world learning rate by dimension: a run erasing several takes the highest
+    assert [SalUn.defaults(load_concept(c))["lr"] for c in ("red", "circle", "outlined")] == [
+        3e-5, 1e-4, 1e-4]  # fmt: skip
+    assert defaults["lr"] == 1e-4 and SalUn.defaults(load_concept("red,blue"))["lr"] == 3e-5
 
 
 MULTI = {

@@ -53,6 +53,11 @@ MASK_FILE = "salun_mask.safetensors"
 WORLD_PRESET = {"alpha": 1.0, "epochs": 4, "lr": 3e-5, "image_source": "world",
                 "surrogate_mode": "replace"}  # fmt: skip
 WORLD_RELABEL = {"colour": "blue", "shape": "square", "style": "filled"}
+# The learning rate by dimension: at 3e-5 SalUn removes red but leaves circle at 0.88 and
+# outlined at 0.23 of direct prompts; at 1e-4 they fall to 0.09 and 0.02, at a cost in retain
+# accuracy (docs/results/salun-world-tuning*/). A run erasing several concepts takes the
+# highest of their rates.
+WORLD_LR = {"colour": 3e-5, "shape": 1e-4, "style": 1e-4}
 MASK_FORMAT = "erasekit-salun-mask/1"
 
 
@@ -324,6 +329,11 @@ def forget_masks(ctx: TrainContext, cfg) -> tuple[dict[str, torch.Tensor], dict[
                    "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
 
 
+def world_lr(concept) -> float:
+    """SalUn's ShapesWorld learning rate for a concept's dimension (``WORLD_LR``)."""
+    return WORLD_LR.get(concept.detector.get("dimension"), WORLD_PRESET["lr"])
+
+
 def world_relabel(concept, avoid: frozenset[str] = frozenset()) -> str:
     """Another value of a ShapesWorld concept's dimension (``WORLD_RELABEL``, else the first
     other one, never one in ``avoid``: concepts erased in the same run) that its forget prompts
@@ -360,10 +370,12 @@ class SalUn(Method):
         if concept.scale == "world" and concept.parts:  # each concept to its own relabel
             avoid = frozenset(str(p.detector.get("target")) for p in concept.parts)
             relabels = [world_relabel(p, avoid) for p in concept.parts]
-            return {**WORLD_PRESET, "surrogate_word": ",".join(concept.words),
+            lr = max(world_lr(p) for p in concept.parts)
+            return {**WORLD_PRESET, "lr": lr, "surrogate_word": ",".join(concept.words),
                     "surrogate_replacement": ",".join(relabels)}  # fmt: skip
         if concept.scale == "world":
-            return {**WORLD_PRESET, "surrogate_replacement": world_relabel(concept)}
+            return {**WORLD_PRESET, "lr": world_lr(concept),
+                    "surrogate_replacement": world_relabel(concept)}  # fmt: skip
         return {"alpha": 0.5, "epochs": 5}
 
     def replacements(self) -> list[tuple[str, str]]:
