@@ -340,7 +340,7 @@ def summary_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per metric key: the metric of every role and Δ = audited - reference; concept
     rate rows carry ``utility_warning`` when it applies."""
     warning = utility_warning(doc)
-    minus = doc.get("paired", {}).get("audited_minus", {})  # audits before 0.1 have none
+    minus = doc.get("paired", {}).get("audited_minus", {})  # older results files have none
     keys: list[str] = []
     for role in roles_of(doc):
         keys += [k for k in doc["results"][role] if k not in keys]
@@ -388,8 +388,9 @@ def _paired(p: dict[str, Any], digits: int = 2) -> str:
 
 
 def verdict(row: dict[str, Any]) -> str:
-    """A plain statement of what was measured: values, intervals, n, and whether the audited
-    and reference intervals overlap. It never calls a model safe."""
+    """A plain statement of what was measured: values, intervals, n, and Δ audited − reference
+    as a paired difference on the same images (or, in older results files, whether the two
+    intervals overlap). It never calls a model safe."""
     first, roles, d = row["first"], row["roles"], _digits(row)
     parts = [f"{metric_title(first)}:"]
     audited, ref, never = roles.get("audited"), roles.get("reference"), roles.get("never-learned")
