@@ -390,7 +390,7 @@ def paired_differences(
     prompts. {role: {metric key: {"value", "ci95", "n_pairs"}}}."""
     by_role: dict[str, dict[tuple, dict[str, Any]]] = defaultdict(dict)
     for s in samples:
-        if "attack_step" not in s:  # an attack's images are compared in its own table
+        if ":" not in s["model"]:  # "<attack>:<role>" images are compared in the attack's table
             by_role[s["model"]][(s["prompt_set"], s["prompt_index"], s["k"], s["seed"])] = s
     mine = by_role.get(audited, {})
     out: dict[str, dict[str, Any]] = {}
