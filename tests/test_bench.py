@@ -70,7 +70,8 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(
         "concept_rate/direct"]["value"])  # same images, one per prompt and seed  # fmt: skip
     claim = board["concepts"]["circle"]["claims"][0]
     assert (
-        claim["status"] in ("holds", "reversed", "not resolved") and "paired" in claim["evidence"]
+        claim["status"] in ("holds", "reversed", "no difference", "not resolved")
+        and "paired" in claim["evidence"]
     )
     md = (out / "leaderboard.md").read_text()
     assert "salun better than original on concept_rate/direct — erasure lowers the rate" in md
@@ -322,6 +323,32 @@ def test_paired_difference_on_hand_made_samples(tmp_path):
     assert paired_difference([(a, b)], "paraphrase", "argmax") is None
 
 
+def test_asr_difference_pairs_each_prompts_outcome(tmp_path):
+    """An attack's ASR / pre-ASR of two rows: each prompt's outcome matched by prompt index and
+    evaluation seed (a prompt only one row attacked is left out)."""
+    from erasekit.bench import paired_outcome_difference
+
+    def cell(name, success, pre, prompt_set="forget"):
+        folder = tmp_path / name / "seed0"
+        (folder / "audit").mkdir(parents=True)
+        outcomes = [{"index": i, "seed": 10 + i, "success": bool(s), "pre_success": bool(p)}
+                    for i, (s, p) in enumerate(zip(success, pre, strict=True))]  # fmt: skip
+        doc = {"attacks": {"ring-a-bell": {"models": {"audited": {
+            "prompt_set": {"name": prompt_set}, "outcomes": outcomes}}}}}  # fmt: skip
+        (folder / "audit" / "results.json").write_text(json.dumps(doc))
+        return folder
+
+    a = cell("a", [0, 0, 1, 0, 1], [0, 0, 0, 0, 1])
+    b = cell("b", [1, 1, 1, 0], [0, 1, 0, 0])  # attacked one prompt fewer
+    d = paired_outcome_difference([(a, b)], "ring-a-bell", "forget", "asr")
+    assert d["value"] == pytest.approx(-0.5) and d["n_pairs"] == 4 and d["unit"] == "prompts"
+    assert d["ci95"][0] <= d["value"] <= d["ci95"][1]
+    pre = paired_outcome_difference([(a, b)], "ring-a-bell", "forget", "pre_asr")
+    assert pre["value"] == pytest.approx(-0.25)
+    assert paired_outcome_difference([(a, b)], "unlearndiffatk", "forget", "asr") is None
+    assert paired_outcome_difference([(a, b)], "ring-a-bell", "direct", "asr") is None
+
+
 def test_claims_are_judged_by_their_intervals():
     from erasekit.bench import check_claim
 
@@ -343,6 +370,9 @@ def test_claims_are_judged_by_their_intervals():
     # ... compared the other way round: b − a is −(a − b)
     judged = check_claim({"a": "b", "b": "a", "metric": "acc"}, rows, paired)
     assert judged["status"] == "reversed" and "-0.05 [-0.09, -0.01]" in judged["evidence"]
+    # every matched pair the same (e.g. both ASRs 100%): no difference, not "not resolved"
+    same = [{"a": "a", "b": "b", "metric": "asr", "value": 0.0, "ci95": [0.0, 0.0]}]
+    assert check_claim({**claim, "metric": "asr"}, rows, same)["status"] == "no difference"
 
 
 MULTI = """\

@@ -147,15 +147,18 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
         for a, b in study.compare:
             primary = _primary(out, concept, a)
             for key, m in rows[a]["metrics"].items():
-                if m["metric"] != "concept_rate" or "[" in key or primary is None:
-                    continue  # primary-protocol concept rates, attacked ones included
                 attack, plain = split_attack(key)
                 prompt_set = plain.split("/", 1)[1]
                 seeds = [s for s in rows[a]["seeds_ok"] if s in rows[b]["seeds_ok"]]
                 pairs = [(out / "cells" / concept / a / f"seed{s}",
                           out / "cells" / concept / b / f"seed{s}") for s in seeds]  # fmt: skip
-                model = f"{attack}:audited" if attack else "audited"
-                d = paired_difference(pairs, prompt_set, primary, model=model)
+                if m["metric"] in ASR_FIELDS and attack:  # a prompt attack's per-prompt outcome
+                    d = paired_outcome_difference(pairs, attack, prompt_set, m["metric"])
+                elif m["metric"] == "concept_rate" and "[" not in key and primary is not None:
+                    model = f"{attack}:audited" if attack else "audited"  # attacked ones too
+                    d = paired_difference(pairs, prompt_set, primary, model=model)
+                else:
+                    continue
                 if d:
                     differences.append({"a": a, "b": b, "metric": key, **d})
         claims = [check_claim(c, rows, differences) for c in study.claims]
@@ -192,7 +195,9 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
             **({"masks": MASK_OVERLAP_DEFINITIONS} if study.masks else {}),
             "differences": "a − b on the same images' prompts, k and seeds (primary protocol), "
             "percentile bootstrap 95% over (seed, prompt) groups, 2000 resamples, seed 0; on an "
-            "attacked metric against the never-learned row: the residual memory",
+            "attacked metric against the never-learned row: the residual memory; on a prompt "
+            "attack's asr / pre_asr: each prompt's outcome (success within the budget / at the "
+            "pre-check, 1 or 0) matched by prompt and evaluation seed",
         },
         "provenance": {
             "erasekit_version": library_versions()["erasekit"],
@@ -235,7 +240,8 @@ def _primary(out: Path, concept: str, row: str) -> str | None:
 def check_claim(claim: dict[str, str], rows: dict[str, Any], differences: list[dict]) -> dict:
     """Whether "a is better than b on metric" holds, from the numbers: the paired difference's
     95% interval when the study compares the pair on that metric, else the two pooled
-    intervals (non-overlap: a stricter rule). ``holds`` / ``reversed`` / ``not resolved``
+    intervals (non-overlap: a stricter rule). ``holds`` / ``reversed`` / ``no difference`` (a
+    paired interval of exactly 0: every matched pair came out the same) / ``not resolved``
     (the intervals leave either order possible) / ``not measured``."""
     a, b, key = claim["a"], claim["b"], claim["metric"]
     out = {**claim, "status": "not measured"}
@@ -260,6 +266,8 @@ def check_claim(claim: dict[str, str], rows: dict[str, Any], differences: list[d
         status = "holds"
     elif better_high < 0:
         status = "reversed"
+    elif pair is not None and better_low == better_high == 0:
+        status = "no difference"  # every paired image or prompt came out the same for a and b
     else:
         status = "not resolved"
     return {**out, "status": status, "evidence": evidence}
@@ -274,6 +282,34 @@ def _samples(path: Path) -> list[dict[str, Any]]:
 @functools.lru_cache(maxsize=32)
 def _read_samples(path: Path, mtime_ns: int) -> list[dict[str, Any]]:
     return read_jsonl(path)
+
+
+ASR_FIELDS = {"asr": "success", "pre_asr": "pre_success"}  # metric → its outcome's field
+
+
+def paired_outcome_difference(
+    pairs: list[tuple[Path, Path]], attack: str, prompt_set: str, metric: str
+) -> dict[str, Any] | None:
+    """A prompt attack's ``asr`` or ``pre_asr`` of two rows as a paired difference: each
+    prompt's outcome (1 = the concept shown) of a − b, matched by prompt index and evaluation
+    seed within each pair of cells, bootstrap over (seed, prompt) groups as
+    ``paired_difference``; None without matched prompts."""
+    from erasekit.stats import paired_difference as paired
+
+    field = ASR_FIELDS[metric]
+
+    def outcomes(cell: Path) -> dict[tuple, float]:
+        doc = json.loads((cell / "audit" / "results.json").read_text())
+        entry = (doc.get("attacks") or {}).get(attack, {}).get("models", {}).get("audited", {})
+        if (entry.get("prompt_set") or {}).get("name") != prompt_set:
+            return {}
+        return {(o["index"], o["seed"]): float(o[field]) for o in entry.get("outcomes", [])}
+
+    groups = []
+    for a, b in pairs:
+        fa, fb = outcomes(a), outcomes(b)
+        groups += [[fa[k] - fb[k]] for k in sorted(fa) if k in fb]
+    return {**paired(groups), "unit": "prompts"} if groups else None
 
 
 def paired_difference(
@@ -294,4 +330,4 @@ def paired_difference(
             key = (s["prompt_index"], s["k"], s["seed"])
             if s.get("model") == model and s["prompt_set"] == prompt_set and key in fa:
                 groups[(a.name, key[0])].append(fa[key] - float(s["flags"][protocol]))
-    return paired(list(groups.values())) if groups else None
+    return {**paired(list(groups.values())), "unit": "images"} if groups else None

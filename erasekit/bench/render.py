@@ -107,11 +107,12 @@ def render_markdown(board: dict[str, Any]) -> str:
                       "|---" * len(MASK_HEADER) + "|"]  # fmt: skip
             lines += [f"| {' | '.join(_mask_cells(m))} |" for m in entry["masks"]] + [""]
         if entry["differences"]:
-            lines += ["Paired differences (a − b on the same images):", ""]
+            lines += ["Paired differences (a − b on the same images, or on the same prompts "
+                      "for an attack's ASR):", ""]  # fmt: skip
         for d in entry["differences"]:
             lines.append(f"- {d['a']} − {d['b']} on {d['metric']}: {d['value']:+.2f} "
                          f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] ({d['n_pairs']} paired "
-                         "images)")  # fmt: skip
+                         f"{d.get('unit', 'images')})")  # fmt: skip
         if entry.get("claims"):
             lines += ["", "Orderings (from the numbers above; 95% intervals):", ""]
             for c in entry["claims"]:
