@@ -25,7 +25,9 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--concept", default="red", choices=["red", "circle", "outlined"])
     p.add_argument("--out", default="demo-output", help="output folder")
-    p.add_argument("--n-per-prompt", type=int, default=4)
+    p.add_argument("--n-per-prompt", type=int, default=6,
+                   help="images per prompt (6: 72 retain images a model, so the retain-accuracy "
+                   "interval is within ±10 points)")  # fmt: skip
     p.add_argument("--erase-steps", type=int, default=0, help="SalUn steps (0: its epochs)")
     p.add_argument("--attack-steps", type=int, default=100, help="benign fine-tuning steps")
     p.add_argument("--attack-eval-every", type=int, default=50, help="recovery-curve spacing")
