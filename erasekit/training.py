@@ -739,7 +739,7 @@ def _run_steps(job, ctx: TrainContext, fingerprint: str, progress: bool) -> int:
     found = _checkpoints(ctx.work_dir)
     last_good = str(found[-1]) if found else None
     bar = tqdm(total=ctx.total, initial=ctx.step, desc=job.name, unit="step",
-               disable=not (progress and accelerator.is_main_process))  # fmt: skip
+               disable=not (progress and accelerator.is_main_process and ctx.total))  # fmt: skip
     t_last = time.time()
     while ctx.step < ctx.total:
         try:
