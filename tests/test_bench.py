@@ -118,6 +118,14 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(
     assert [p.name.split("-")[0] for p in new] == ["salun", "salun"]
     for p in new:
         assert json.loads((p / "erasekit.json").read_text())["method"]["config"]["alpha"] == 0.25
+    # the first preset's cells were kept aside, not overwritten: back to it, they are reused
+    kept = sorted(p.name for p in (out / "cells/circle/salun").iterdir())
+    assert kept[2:] == ["seed0", "seed1"] and all(k.startswith(".seed") for k in kept[:2])
+    monkeypatch.undo()
+    r = run_main(capsys, "bench", "run", str(study), "--out", str(out))
+    assert r.returncode == 1 and "circle salun seed 0: ok; 0 s, reused" in r.stderr
+    assert all(os.stat(p).st_mtime_ns == t for p, t in cells.items())
+    assert _board(out)["concepts"] == board["concepts"]
 
 
 ROWS = """\

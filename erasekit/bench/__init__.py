@@ -33,8 +33,9 @@ Every cell (concept, model, seed) goes through ``erasekit.erase`` and ``erasekit
 model as the audited role, no other role: each row is measured alone). Erased models are cached
 under OUT/models by content (base content hash, concept spec hash, method, settings, seed and the
 model it starts from), audits under OUT/cells with the key they were run with, so an
-interrupted or extended study redoes only what changed. A cell that fails is recorded as failed
-with its error, and the study goes on.
+interrupted or extended study redoes only what changed; a finished cell of other settings
+(another profile) is kept aside (``.seedN-KEY``) and comes back when asked for again. A cell
+that fails is recorded as failed with its error, and the study goes on.
 """
 
 from erasekit.bench.pooling import (

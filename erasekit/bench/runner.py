@@ -23,6 +23,33 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _keep_aside(folder: Path, key: str) -> None:
+    """Cells of other settings are kept, not overwritten: before a cell runs with ``key``, a
+    finished cell in its folder with another key (another profile's audit or attacks, an
+    earlier preset) moves to the hidden sibling ``.seedN-<its key>``, and a kept cell with
+    ``key`` moves back, so profiles sharing a study folder reuse each other's cells."""
+    import shutil
+
+    state = process_state()
+    if state.is_main_process:
+        current = _record(folder)
+        kept = folder.with_name(f".{folder.name}-{key}")
+        if current is not None and current.get("key") != key:
+            if current.get("status") == "ok":
+                aside = folder.with_name(f".{folder.name}-{current['key']}")
+                shutil.rmtree(aside, ignore_errors=True)
+                folder.rename(aside)
+            if (_record(kept) or {}).get("status") == "ok":
+                shutil.rmtree(folder, ignore_errors=True)  # a failed cell's leftovers
+                kept.rename(folder)
+    state.wait_for_everyone()
+
+
+def _record(folder: Path) -> dict[str, Any] | None:
+    path = folder / "cell.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _plain(value: Any) -> Any:
     """``value`` as it reads back from JSON (tuples as lists)."""
     return json.loads(json.dumps(value, default=str))
@@ -155,6 +182,7 @@ class Runner:
                 self.study.detectors,
                 seed,
             )
+            _keep_aside(folder, key)
             if record_file.is_file():
                 old = json.loads(record_file.read_text())
                 if old.get("key") == key and old.get("status") == "ok":
