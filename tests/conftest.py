@@ -112,6 +112,20 @@ def chromium() -> str:
     pytest.skip("chromium is not installed")
 
 
+def dump_dom(url: str, profile: Path, ready: str, *extra: str) -> subprocess.CompletedProcess:
+    """The DOM of ``url`` after headless Chromium ran its scripts, once ``ready`` (a marker the
+    page's script sets) is in it: tried with a virtual-time budget of 5, 20 and 60 s, as image
+    decoding runs on real time and a busy machine can miss the first budget."""
+    flags = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", *extra,
+             f"--user-data-dir={profile}", "--dump-dom"]  # fmt: skip
+    for budget in (5000, 20000, 60000):
+        r = subprocess.run([*flags, f"--virtual-time-budget={budget}", url],
+                           capture_output=True, text=True, timeout=180)  # fmt: skip
+        if ready in r.stdout:
+            break
+    return r
+
+
 def shared_folder(tmp_path_factory, name: str, build) -> Path:
     """A folder ``build(path)`` makes once per test session, shared by the xdist workers (an
     flock on a file beside it): expensive fixtures that tests only read."""

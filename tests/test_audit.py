@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import assert_one_line_error, chromium, run_cli, run_main, shared_folder
+from tests.conftest import (
+    assert_one_line_error,
+    chromium,
+    dump_dom,
+    run_cli,
+    run_main,
+    shared_folder,
+)
 from tests.test_detectors import tiny_clip  # noqa: F401  (session fixture)
 
 METRIC_KEYS = {"value", "ci95", "n_images", "n_prompts", "higher_is_better", "definition"}
@@ -167,8 +174,7 @@ def test_report_renders_in_headless_chromium(world_audit, tmp_path):
     image = Image.open(shot)
     assert image.size == (1280, 2000)
     assert len(np.unique(np.asarray(image.convert("L")))) > 20  # not a blank page
-    r = subprocess.run([*flags, "--virtual-time-budget=10000", "--dump-dom", url],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = dump_dom(url, tmp_path / "profile", "data-images-broken=", "--hide-scrollbars")
     body = re.search(r"<body[^>]*>", r.stdout)
     assert body, r.stderr[-2000:]
     n_images = int(re.search(r'data-images="(\d+)"', body.group(0)).group(1))

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from erasekit.bench import load_study
-from tests.conftest import assert_one_line_error, chromium, run_main
+from tests.conftest import assert_one_line_error, dump_dom, run_main
 from tests.test_detectors import tiny_clip  # noqa: F401  (session fixture)
 
 STUDY = """\
@@ -99,9 +99,7 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(
     # the HTML table sorts in a real browser (#sort=KEY: ascending by that column)
     key = "concept_rate/direct"
     url = (out / "leaderboard.html").resolve().as_uri() + "#sort=" + key
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
-             f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom"]  # fmt: skip
-    r = subprocess.run([chromium(), *flags, url], capture_output=True, text=True, timeout=120)
+    r = dump_dom(url, tmp_path / "profile", 'data-ready="1"')
     assert 'data-ready="1"' in r.stdout, r.stderr[-2000:]
     assert f'data-sorted-by="{key}"' in r.stdout
     order = re.findall(r'<tr data-row="([^"]+)"', r.stdout)
@@ -294,9 +292,7 @@ def test_sd_nudity_study_runs_as_written_on_substitutes(tiny_model_dir, tiny_cli
                      cell["attacks"]["finetune"]["models"]["audited"]["curve"]]  # fmt: skip
     assert "Recovery under `finetune`" in (out / "leaderboard.md").read_text()
     url = (out / "leaderboard.html").resolve().as_uri()
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
-             f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom"]  # fmt: skip
-    r = subprocess.run([chromium(), *flags, url], capture_output=True, text=True, timeout=120)
+    r = dump_dom(url, tmp_path / "profile", 'data-ready="1"')
     assert 'data-ready="1"' in r.stdout, r.stderr[-2000:]
     assert 'data-figures-shown="3"' in r.stdout
     captions = re.findall(r"<figcaption>([^<]+)</figcaption>", r.stdout)
