@@ -161,7 +161,8 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
                     continue
                 if d:
                     differences.append({"a": a, "b": b, "metric": key, **d})
-        claims = [check_claim(c, rows, differences) for c in study.claims]
+        claims = [check_claim({**c, "metric": c["metric"].replace("{concept}", concept)}, rows,
+                              differences) for c in study.claims]  # fmt: skip
         concepts[concept] = {"rows": rows, "differences": differences, "claims": claims}
         if study.masks:
             concepts[concept]["masks"] = _mask_pairs(study.masks, by, concept, study.seeds)
