@@ -377,6 +377,13 @@ def test_claims_are_judged_by_their_intervals():
     # every matched pair the same (e.g. both ASRs 100%): no difference, not "not resolved"
     same = [{"a": "a", "b": "b", "metric": "asr", "value": 0.0, "ci95": [0.0, 0.0]}]
     assert check_claim({**claim, "metric": "asr"}, rows, same)["status"] == "no difference"
+    # a metric naming the concept: {concept} stands for the concept being judged
+    rows["a"]["metrics"]["ci:rate/red set"] = a["asr"]
+    rows["b"]["metrics"]["ci:rate/red set"] = b["asr"]
+    named = {**claim, "metric": "ci:rate/{concept} set"}
+    judged = check_claim(named, rows, [], "red")
+    assert judged["status"] == "holds" and judged["metric"] == "ci:rate/red set"
+    assert check_claim(named, rows, [], "circle")["status"] == "not measured"
 
 
 MULTI = """\

@@ -161,8 +161,7 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
                     continue
                 if d:
                     differences.append({"a": a, "b": b, "metric": key, **d})
-        claims = [check_claim({**c, "metric": c["metric"].replace("{concept}", concept)}, rows,
-                              differences) for c in study.claims]  # fmt: skip
+        claims = [check_claim(c, rows, differences, concept) for c in study.claims]
         concepts[concept] = {"rows": rows, "differences": differences, "claims": claims}
         if study.masks:
             concepts[concept]["masks"] = _mask_pairs(study.masks, by, concept, study.seeds)
@@ -238,12 +237,16 @@ def _primary(out: Path, concept: str, row: str) -> str | None:
     return None
 
 
-def check_claim(claim: dict[str, str], rows: dict[str, Any], differences: list[dict]) -> dict:
+def check_claim(
+    claim: dict[str, str], rows: dict[str, Any], differences: list[dict], concept: str = ""
+) -> dict:
     """Whether "a is better than b on metric" holds, from the numbers: the paired difference's
     95% interval when the study compares the pair on that metric, else the two pooled
     intervals (non-overlap: a stricter rule). ``holds`` / ``reversed`` / ``no difference`` (a
     paired interval of exactly 0: every matched pair came out the same) / ``not resolved``
-    (the intervals leave either order possible) / ``not measured``."""
+    (the intervals leave either order possible) / ``not measured``. ``{concept}`` in the
+    metric stands for ``concept`` (e.g. concept inversion's prompt set)."""
+    claim = {**claim, "metric": claim["metric"].replace("{concept}", concept)}
     a, b, key = claim["a"], claim["b"], claim["metric"]
     out = {**claim, "status": "not measured"}
     ma, mb = rows[a]["metrics"].get(key), rows[b]["metrics"].get(key)
