@@ -183,10 +183,9 @@ class Runner:
                 seed,
             )
             _keep_aside(folder, key)
-            if record_file.is_file():
-                old = json.loads(record_file.read_text())
-                if old.get("key") == key and old.get("status") == "ok":
-                    return {**old, "reused": True}  # (the flag is not written)
+            old = _record(folder)
+            if old is not None and old.get("key") == key and old.get("status") == "ok":
+                return {**old, "reused": True}  # (the flag is not written)
             started = time.perf_counter()
             audit(path, concept, folder / "audit", seed=seed, overwrite=True,
                   roles={"reference": None, "never-learned": None},
