@@ -127,7 +127,7 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
             per_attack: dict[str, list[list[dict]]] = defaultdict(list)
             for c in ok:
                 cell_dir = out / "cells" / concept / name / f"seed{c['seed']}"
-                doc = json.loads((cell_dir / "audit" / "results.json").read_text())
+                doc = _results(cell_dir)
                 for key, m in _metrics(doc).items():
                     per_key[key].append(m)
                 for attack, curve in _curves(doc).items():
@@ -146,17 +146,17 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
         differences = []
         for a, b in study.compare:
             primary = _primary(out, concept, a)
+            seeds = [s for s in rows[a]["seeds_ok"] if s in rows[b]["seeds_ok"]]
+            pairs = [(out / "cells" / concept / a / f"seed{s}",
+                      out / "cells" / concept / b / f"seed{s}") for s in seeds]  # fmt: skip
             for key, m in rows[a]["metrics"].items():
                 attack, plain = split_attack(key)
-                prompt_set = plain.split("/", 1)[1]
-                seeds = [s for s in rows[a]["seeds_ok"] if s in rows[b]["seeds_ok"]]
-                pairs = [(out / "cells" / concept / a / f"seed{s}",
-                          out / "cells" / concept / b / f"seed{s}") for s in seeds]  # fmt: skip
                 if m["metric"] in ASR_FIELDS and attack:  # a prompt attack's per-prompt outcome
-                    d = paired_outcome_difference(pairs, attack, prompt_set, m["metric"])
+                    d = paired_outcome_difference(pairs, attack, plain.split("/", 1)[1],
+                                                  m["metric"])  # fmt: skip
                 elif m["metric"] == "concept_rate" and "[" not in key and primary is not None:
                     model = f"{attack}:audited" if attack else "audited"  # attacked ones too
-                    d = paired_difference(pairs, prompt_set, primary, model=model)
+                    d = paired_difference(pairs, plain.split("/", 1)[1], primary, model=model)
                 else:
                     continue
                 if d:
@@ -233,7 +233,7 @@ def _mask_pairs(pairs: list[tuple[str, str]], by: dict, concept: str,
 
 def _primary(out: Path, concept: str, row: str) -> str | None:
     for f in sorted((out / "cells" / concept / row).glob("seed*/audit/results.json")):
-        return json.loads(f.read_text())["evaluation"]["primary_protocol"]
+        return _results(f.parents[1])["evaluation"]["primary_protocol"]
     return None
 
 
@@ -288,6 +288,18 @@ def _read_samples(path: Path, mtime_ns: int) -> list[dict[str, Any]]:
     return read_jsonl(path)
 
 
+def _results(cell: Path) -> dict[str, Any]:
+    """A cell's audit results.json, read once per version of the file (rows, the primary
+    protocol and every compared attack metric read the same files)."""
+    path = cell / "audit" / "results.json"
+    return _read_results(path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_results(path: Path, mtime_ns: int) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
 ASR_FIELDS = {"asr": "success", "pre_asr": "pre_success"}  # metric → its outcome's field
 
 
@@ -303,7 +315,7 @@ def paired_outcome_difference(
     field = ASR_FIELDS[metric]
 
     def outcomes(cell: Path) -> dict[tuple, float]:
-        doc = json.loads((cell / "audit" / "results.json").read_text())
+        doc = _results(cell)
         entry = (doc.get("attacks") or {}).get(attack, {}).get("models", {}).get("audited", {})
         if (entry.get("prompt_set") or {}).get("name") != prompt_set:
             return {}
