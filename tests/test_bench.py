@@ -30,7 +30,7 @@ models:
 audit: {{limit: 2, steps: 2}}
 compare: [[salun, original]]
 claims: [{{a: salun, b: original, metric: concept_rate/direct, says: erasure lowers the rate}}]
-outputs: [density]
+outputs: [density, "log:loss"]
 """
 
 
@@ -79,6 +79,12 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(
     # declared erasure outputs, one per seed, from each erased model's erasekit.json
     assert rows["salun"]["outputs"]["density"] == [pytest.approx(0.5)] * 2
     assert rows["original"]["outputs"] == {} and "| salun | 0.5/0.5 |" in md
+    # log:FIELD: the mean of FIELD over each erased model's training log
+    for seed, value in zip((0, 1), rows["salun"]["outputs"]["log:loss"], strict=True):
+        model = Path(json.loads((out / f"cells/circle/salun/seed{seed}/cell.json").read_text())[
+            "model"])  # fmt: skip
+        losses = [json.loads(line)["loss"] for line in (model / "training_log.jsonl").open()]
+        assert losses and value == pytest.approx(sum(losses) / len(losses))
     # resumed: nothing is erased or audited again
     models = sorted((out / "models").iterdir())
     cells = {p: os.stat(p).st_mtime_ns for p in (out / "cells").glob("*/salun/*/cell.json")}

@@ -191,6 +191,8 @@ def test_resalign_lora_run_logs_its_statistics_and_saves_a_loadable_lora(tiny_mo
             assert key in r, key
         assert r["inner_steps"] == 4 and len(r["configs"].split(",")) == 2
         assert r["hvps"] >= 2 * 4  # K - 1 = 4 HVPs per configuration at least
+        ratio = r["resilience_norm"] / r["g_theta_norm"]
+        assert r["resilience_to_gradient"] == pytest.approx(ratio)
     assert [r["w_r"] for r in log] == [1.6, 2.0]  # w_r rises in the second half
     manifest = json.loads((out / "erasekit.json").read_text())
     outputs = manifest["training"]["outputs"]

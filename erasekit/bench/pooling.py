@@ -16,9 +16,21 @@ SCHEMA = "erasekit.leaderboard"
 SCHEMA_VERSION = 1
 
 
+def _log_mean(model: Path, field: str) -> float | None:
+    """The mean of ``field`` over the rows of a model's training log that record it."""
+    from erasekit.training import TRAINING_LOG
+
+    path = model / TRAINING_LOG
+    if not path.is_file():
+        return None
+    values = [r[field] for r in read_jsonl(path) if isinstance(r.get(field), (int, float))]
+    return sum(values) / len(values) if values else None
+
+
 def _erase_outputs(keys: list[str], cells: list[dict]) -> dict[str, list]:
-    """Each declared ``training.outputs`` key (dotted) of every erased cell's model, by seed
-    order; keys a model does not record are left out."""
+    """Each declared output of every erased cell's model, by seed order: a dotted key of its
+    ``erasekit.json`` ``training.outputs``, or ``log:FIELD``, the mean of FIELD over its
+    training log's steps; keys a model does not record are left out."""
     from erasekit.models import read_manifest
 
     found: dict[str, list] = {}
@@ -28,9 +40,12 @@ def _erase_outputs(keys: list[str], cells: list[dict]) -> dict[str, list]:
             continue
         outputs = (read_manifest(model).get("training") or {}).get("outputs") or {}
         for key in keys:
-            value: Any = outputs
-            for part in key.split("."):
-                value = value.get(part) if isinstance(value, dict) else None
+            if key.startswith("log:"):
+                value: Any = _log_mean(model, key[len("log:") :])
+            else:
+                value = outputs
+                for part in key.split("."):
+                    value = value.get(part) if isinstance(value, dict) else None
             if value is not None:
                 found.setdefault(key, []).append(value)
     return found

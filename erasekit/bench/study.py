@@ -254,7 +254,9 @@ def load_study(path: str | Path, profile: str | None = None) -> Study:
         raise _fail(path, "'columns' must be a list of metric keys")
     outputs = spec.get("outputs") or []
     if not (isinstance(outputs, list) and all(isinstance(o, str) and o for o in outputs)):
-        raise _fail(path, "'outputs' must be a list of dotted keys of training.outputs")
+        raise _fail(
+            path, "'outputs' must be a list of dotted keys of training.outputs or log:FIELD"
+        )
     masks = _row_pairs(path, "masks", spec.get("masks") or [], models)
     return Study(name=str(spec["name"]), base=str(spec["base"]), concepts=concepts, seeds=seeds,
                  models=models, audit=dict(audit),

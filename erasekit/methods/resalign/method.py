@@ -405,6 +405,8 @@ class ResAlign(Method):
                 self.totals[key] += getattr(step, key)
             logs["outer_passes"] = 2 + k  # L_h(θ), R(θ) and one L_h(φ) per configuration
         logs["g_theta_norm"] = norm(g_theta)
+        if "resilience_norm" in logs and logs["g_theta_norm"] > 0:  # the term's weight in the step
+            logs["resilience_to_gradient"] = logs["resilience_norm"] / logs["g_theta_norm"]
         logs["hypergrad_norm"] = norm(hyper)
         scale = 1.0 / cfg.gradient_accumulation_steps
         for p, g in zip(theta, hyper, strict=True):
