@@ -75,9 +75,11 @@ def render_markdown(board: dict[str, Any]) -> str:
         lines += [f"## {concept}", "", *metrics_table(board, concept), ""]
         declared = study.get("outputs") or []
         if any(row.get("outputs") for row in rows.values()):
+            logged = any(k.startswith("log:") for k in declared)
             lines += ["Erasure outputs (each erased model's `erasekit.json` training.outputs;"
-                      " `log:FIELD`: the mean of FIELD over its training log's steps; one value per"
-                      " seed):", "", "| model | " + " | ".join(declared) + " |",
+                      + (" `log:FIELD`: the mean of FIELD over its training log's steps;"
+                         if logged else "")
+                      + " one value per seed):", "", "| model | " + " | ".join(declared) + " |",
                       "|---|" + "---|" * len(declared)]  # fmt: skip
             for name, row in rows.items():
                 if row.get("outputs"):
