@@ -50,7 +50,7 @@ PRESETS = {
 # its own η 2, ESD-u left red at 0.97 of direct prompts on world v2
 # (docs/results/esd-world-code-preset.json). The partial sample is drawn on the world's own
 # 25-step DDIM schedule (the teacher's sampling is what an ESD step costs). Measured in
-# docs/results/erase-world.md.
+# docs/results/erase-world/.
 WORLD_PRESET = {**PRESETS["diffusers-code"], "negative_guidance": 3.0, "ddim_steps": 25}
 
 

@@ -110,7 +110,7 @@ def merge_task_vectors(base: Path, copies: list[Path]) -> tuple[dict[str, torch.
 
 
 # ShapesWorld was trained at lr 1e-3: copies at 10x SD's learning rates, on the world
-# renderer's images of the forget prompts. Measured in docs/results/erase-world.md.
+# renderer's images of the forget prompts. Measured in docs/results/erase-world/.
 WORLD_PRESET = {"grid": "lr=5e-5;lr=1e-4;lr=2e-4", "copy_steps": 100, "image_source": "world"}
 
 

@@ -49,7 +49,7 @@ MASK_FILE = "salun_mask.safetensors"
 # the world renderer's images (the world's training data, as SalUn uses the real training set)
 # and the concept relabelled as another value of its dimension (SalUn's random relabelling;
 # remapping to the colourless "a shape" on the model's own renders turned the other colours too,
-# retain accuracy 0.96 -> 0.38). Measured in docs/results/erase-world.md.
+# retain accuracy 0.96 -> 0.38 in a trial). Measured in docs/results/erase-world/.
 WORLD_PRESET = {"alpha": 1.0, "epochs": 4, "lr": 3e-5, "image_source": "world",
                 "surrogate_mode": "replace"}  # fmt: skip
 WORLD_RELABEL = {"colour": "blue", "shape": "square", "style": "filled"}
