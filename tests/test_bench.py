@@ -85,6 +85,7 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(
             "model"])  # fmt: skip
         losses = [json.loads(line)["loss"] for line in (model / "training_log.jsonl").open()]
         assert losses and value == pytest.approx(sum(losses) / len(losses))
+    assert "log:FIELD" in board["definitions"]["outputs"]
     # resumed: nothing is erased or audited again
     models = sorted((out / "models").iterdir())
     cells = {p: os.stat(p).st_mtime_ns for p in (out / "cells").glob("*/salun/*/cell.json")}

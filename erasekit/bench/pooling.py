@@ -23,7 +23,7 @@ def _log_mean(model: Path, field: str) -> float | None:
     path = model / TRAINING_LOG
     if not path.is_file():
         return None
-    values = [r[field] for r in read_jsonl(path) if isinstance(r.get(field), (int, float))]
+    values = [r[field] for r in _samples(path) if isinstance(r.get(field), (int, float))]
     return sum(values) / len(values) if values else None
 
 
@@ -213,6 +213,7 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
             "attacked metric against the never-learned row: the residual memory; on a prompt "
             "attack's asr / pre_asr: each prompt's outcome (success within the budget / at the "
             "pre-check, 1 or 0) matched by prompt and evaluation seed",
+            **({"outputs": OUTPUTS_DEFINITION} if study.outputs else {}),
         },
         "provenance": {
             "erasekit_version": library_versions()["erasekit"],
@@ -293,13 +294,14 @@ def check_claim(
 
 
 def _samples(path: Path) -> list[dict[str, Any]]:
-    """A cell's samples.jsonl, read once per version of the file (every compared metric of a
-    pair reads the same two files)."""
-    return _read_samples(path, path.stat().st_mtime_ns)
+    """A JSONL file (a cell's samples.jsonl, a model's training log), read once per version of
+    the file (every compared metric of a pair reads the same two files; every ``log:`` output
+    the same log)."""
+    return _read_jsonl(path, path.stat().st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=32)
-def _read_samples(path: Path, mtime_ns: int) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path, mtime_ns: int) -> list[dict[str, Any]]:
     return read_jsonl(path)
 
 
@@ -315,6 +317,10 @@ def _read_results(path: Path, mtime_ns: int) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+OUTPUTS_DEFINITION = (
+    "per erased row and seed: a dotted key of the model's erasekit.json training.outputs as "
+    "recorded, or log:FIELD, the mean of FIELD over the steps of its training log that record it"
+)
 ASR_FIELDS = {"asr": "success", "pre_asr": "pre_success"}  # metric → its outcome's field
 
 
