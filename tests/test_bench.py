@@ -103,6 +103,7 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(
     assert run_main(capsys, "bench", "report", str(out)).returncode == 0
     assert (out / "leaderboard.md").read_text() == md
     assert "last_run_wall_s" in _board(out)["provenance"]  # the last run's time is kept
+    first = (out / "leaderboard.json").read_text()
     # the HTML table sorts in a real browser (#sort=KEY: ascending by that column)
     key = "concept_rate/direct"
     url = (out / "leaderboard.html").resolve().as_uri() + "#sort=" + key
@@ -127,6 +128,21 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(
     kept = sorted(p.name for p in (out / "cells/circle/salun").iterdir())
     assert kept[2:] == ["seed0", "seed1"] and all(k.startswith(".seed") for k in kept[:2])
     monkeypatch.undo()
+    # bench report pools the cells its leaderboard.json pooled, not the ones the folder holds
+    # now (here another run's, as an interrupted run or another profile leaves them)
+    (out / "leaderboard.json").write_text(first)
+    assert run_main(capsys, "bench", "report", str(out)).returncode == 0
+    assert _board(out)["concepts"] == board["concepts"]
+    assert all(os.stat(p).st_mtime_ns == t for p, t in cells.items())
+    keys = _board(out)["provenance"]["cell_keys"]
+    cell = out / "cells/circle/salun/seed0/cell.json"
+    assert keys["circle/salun/seed0"] == json.loads(cell.read_text())["key"]
+    # a pooled cell that is gone: one line, nothing re-rendered
+    gone = out / "cells/circle/salun/seed1"
+    shutil.move(gone, tmp_path / "gone")
+    assert_one_line_error(run_main(capsys, "bench", "report", str(out)),
+                          "circle/salun/seed1")  # fmt: skip
+    shutil.move(tmp_path / "gone", gone)
     r = run_main(capsys, "bench", "run", str(study), "--out", str(out))
     assert r.returncode == 1 and "circle salun seed 0: ok; 0 s, reused" in r.stderr
     assert all(os.stat(p).st_mtime_ns == t for p, t in cells.items())

@@ -217,6 +217,14 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
         },
         "provenance": {
             "erasekit_version": library_versions()["erasekit"],
+            # the key of every cell pooled (CONCEPT/ROW/seedN): bench report restores these
+            # cells in a folder that other profiles' runs share
+            "cell_keys": {
+                f"{c['concept']}/{c['row']}/seed{c['seed']}": c["key"]
+                for cells in by.values()
+                for c in cells
+                if c["status"] == "ok" and c["seed"] in study.seeds
+            },  # fmt: skip
             "git_commit": git_commit(),
             # each cell's erase and audit wall time, measured when it ran (resumes included)
             "cells_wall_s": round(

@@ -34,8 +34,8 @@ def _keep_aside(folder: Path, key: str) -> None:
     if state.is_main_process:
         current = _record(folder)
         kept = folder.with_name(f".{folder.name}-{key}")
-        if current is not None and current.get("key") != key:
-            if current.get("status") == "ok":
+        if current is None or current.get("key") != key:
+            if current is not None and current.get("status") == "ok":
                 aside = folder.with_name(f".{folder.name}-{current['key']}")
                 shutil.rmtree(aside, ignore_errors=True)
                 folder.rename(aside)
@@ -336,11 +336,24 @@ def report(out: str | Path) -> dict[str, Any]:
     previous = json.loads(record.read_text())
     recorded = previous["study"]
     study = load_study(recorded["source"], recorded.get("profile"))
-    board = leaderboard(study, out)
-    for key in ("last_run_wall_s", "last_run_processes", "last_run_share"):  # the last run
-        if key in previous.get("provenance", {}):
-            board["provenance"][key] = previous["provenance"][key]
-    write_leaderboard(board, out)
+    cell_keys = previous.get("provenance", {}).get("cell_keys", {})
+    with output_lock(out):  # not while a run moves cells
+        for name, key in cell_keys.items():  # the run's cells back, where another run moved them
+            _keep_aside(out / "cells" / name, key)
+        stale = sorted(name for name, key in cell_keys.items()
+                       if (_record(out / "cells" / name) or {}).get("key") != key)  # fmt: skip
+        if stale:
+            more = ", …" if len(stale) > 3 else ""
+            raise ErasekitError(
+                f"{out}: {len(stale)} cell(s) the leaderboard pooled are gone or were run again "
+                f"with other settings ({', '.join(stale[:3])}{more}); run the study again "
+                f"with 'erasekit bench run'"
+            )
+        board = leaderboard(study, out)
+        for key in ("last_run_wall_s", "last_run_processes", "last_run_share"):  # the last run
+            if key in previous.get("provenance", {}):
+                board["provenance"][key] = previous["provenance"][key]
+        write_leaderboard(board, out)
     return board
 
 
