@@ -42,7 +42,7 @@ def test_edit_equals_the_closed_form_solution():
     )
 
 
-@pytest.mark.parametrize("tokens", ["last", "all"])
+@pytest.mark.parametrize("tokens", ["last", "all", "padded"])
 def test_uce_edits_only_cross_attention_keys_and_values(tokens, tiny_model_dir, tmp_path):
     out = erasekit.erase(tiny_model_dir, "circle", "uce", tmp_path / "u",
                          settings={"tokens": tokens}, progress=False)  # fmt: skip
@@ -57,6 +57,11 @@ def test_uce_edits_only_cross_attention_keys_and_values(tokens, tiny_model_dir, 
     info = json.loads((out / "erasekit.json").read_text())["training"]
     assert info["outputs"]["projections_edited"] == len(edited)
     assert info["data"]["tokens"] == tokens and info["data"]["erase"] == ["circle"]
+    if tokens == "padded":  # every position the U-Net attends to, padding included
+        from transformers import CLIPTokenizer
+
+        length = CLIPTokenizer.from_pretrained(tiny_model_dir / "tokenizer").model_max_length
+        assert info["data"]["n_preserve_rows"] == len(info["data"]["preserve"]) * length
 
 
 def test_bad_uce_settings_are_one_line(tiny_model_dir, tmp_path, capsys):
@@ -65,10 +70,11 @@ def test_bad_uce_settings_are_one_line(tiny_model_dir, tmp_path, capsys):
     cases = [
         (["--set", "steps=5"], "closed-form edit: steps must be 0"),
         (["--set", "lam=0"], "lam must be positive"),
-        (["--set", "tokens=some"], "tokens must be last or all"),
+        (["--set", "tokens=some"], "tokens must be one of last, all, padded"),
         (["--set", "guide=a,b,c"], "3 guide texts for 1 erased concepts"),
         (["--set", "erase=a red square", "--set", "tokens=last"], "both erased and preserved"),
         (["--set", "erase=zebra", "--set", "tokens=all"], "no forget prompt contains zebra"),
+        (["--set", "erase=zebra", "--set", "tokens=padded"], "no forget prompt contains zebra"),
     ]
     for extra, fragment in cases:
         assert_one_line_error(run_main(capsys, *base, *extra), fragment)

@@ -12,7 +12,9 @@ the empty guide "" that is the start token): ``tokens: last``. With ``tokens: al
 embeddings are every token of the concept's forget prompts from the concept word on (a causal
 text encoder carries the word into every later token), each mapped to the aligned token of the
 same prompt with the word replaced by its guide, and every token of the preserved texts is
-kept. Solved in float64 and written as a normal erased folder through the shared loop, which
+kept. ``tokens: padded`` does the same over every position the U-Net attends to: the padding
+after end-of-text too, which a causal encoder fills with states that still carry the word.
+Solved in float64 and written as a normal erased folder through the shared loop, which
 runs no optimizer step (``steps`` is 0).
 """
 
@@ -31,6 +33,7 @@ from erasekit.methods import Method
 from erasekit.training import TrainConfig, TrainContext
 
 PROJECTIONS = ("attn2.to_k", "attn2.to_v")
+TOKENS = ("last", "all", "padded")
 
 
 @dataclass
@@ -43,7 +46,7 @@ class UCEConfig(TrainConfig):
     erase_scale: float = 1.0  # s_e
     preserve_scale: float = 1.0  # s_p
     max_preserve: int = 256  # at most this many preserved texts (the first ones)
-    tokens: str = "last"  # last: each text's last token (UCE); all: every token, see above
+    tokens: str = "last"  # last: each text's last token (UCE); all / padded: see above
 
     def validate(self) -> None:
         super().validate()
@@ -58,8 +61,8 @@ class UCEConfig(TrainConfig):
                 raise ErasekitError(f"{key} must be non-negative, got {getattr(self, key)}")
         if self.max_preserve < 0:
             raise ErasekitError("max_preserve must be non-negative")
-        if self.tokens not in ("last", "all"):
-            raise ErasekitError(f"tokens must be last or all, got {self.tokens!r}")
+        if self.tokens not in TOKENS:
+            raise ErasekitError(f"tokens must be one of {', '.join(TOKENS)}, got {self.tokens!r}")
 
 
 @torch.no_grad()
@@ -76,25 +79,29 @@ def concept_embeddings(pipe, texts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def token_embeddings(pipe, texts: list[str]) -> torch.Tensor:
-    """(n, d) float64: the hidden states of every token (start to end-of-text) of every text."""
+def token_embeddings(pipe, texts: list[str], padded: bool = False) -> torch.Tensor:
+    """(n, d) float64: the hidden states of every token (start to end-of-text; ``padded``: the
+    padding too) of every text."""
     from erasekit.training import condition_width, encode_prompts
 
     if not texts:
         return torch.zeros((0, condition_width(pipe)), dtype=torch.float64)
     hidden = encode_prompts(pipe, texts).double().cpu()  # one batched pass
+    if padded:
+        return hidden.flatten(0, 1)
     lengths = [len(ids) for ids in pipe.tokenizer(texts, truncation=True).input_ids]
     return torch.cat([h[:n] for h, n in zip(hidden, lengths, strict=True)])
 
 
 @torch.no_grad()
 def aligned_token_pairs(
-    pipe, prompts: list[str], words: list[str], guides: list[str]
+    pipe, prompts: list[str], words: list[str], guides: list[str], padded: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(erase, guide) rows for ``tokens: all``: in each prompt, every token from the first erased
     word on, and the aligned token of the prompt with every erased word it holds replaced by
     its guide (tokens after the word align from the prompt's end; the word's extra tokens map
-    to the guide's first token, or to the token before the word when the guide is empty)."""
+    to the guide's first token, or to the token before the word when the guide is empty);
+    ``padded``: through the padding positions too."""
     from erasekit.training import encode_prompts
 
     erase, guide = [], []
@@ -115,14 +122,16 @@ def aligned_token_pairs(
         pairs = zip(ids_p, ids_g, strict=False)
         start = next(i for i, (a, b) in enumerate(pairs) if a != b)
         shift = len(ids_p) - len(ids_g)  # the word's tokens minus the guide's
-        for j in range(start, len(ids_p)):
+        end = len(h_p) if padded else len(ids_p)
+        last = len(h_g) - 1 if padded else len(ids_g) - 1
+        for j in range(start, end):
             k = j - shift
             if k < start:  # the word's own tokens
                 k = start - 1 if shift > 0 and not target else start
             erase.append(h_p[j])
-            guide.append(h_g[min(max(k, 0), len(ids_g) - 1)])
+            guide.append(h_g[min(max(k, 0), last)])
     if not erase:
-        raise ErasekitError(f"uce tokens=all: no forget prompt contains {', '.join(words)}")
+        raise ErasekitError(f"uce tokens=all/padded: no forget prompt contains {', '.join(words)}")
     return torch.stack(erase), torch.stack(guide)
 
 
@@ -179,10 +188,10 @@ class UCE(Method):
 
     def prepare_data(self, pipe):
         erase, guides, preserve = self.texts()
-        if self.config.tokens == "all":
-            forget = list(self.concept.forget.prompts)
-            rows, targets = aligned_token_pairs(pipe, forget, erase, guides)
-            kept = token_embeddings(pipe, preserve)
+        if self.config.tokens in ("all", "padded"):
+            forget, padded = list(self.concept.forget.prompts), self.config.tokens == "padded"
+            rows, targets = aligned_token_pairs(pipe, forget, erase, guides, padded=padded)
+            kept = token_embeddings(pipe, preserve, padded=padded)
         else:
             rows, targets = concept_embeddings(pipe, erase), concept_embeddings(pipe, guides)
             kept = concept_embeddings(pipe, preserve)
