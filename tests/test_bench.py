@@ -43,6 +43,12 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(
 ):
     study, out = tmp_path / "study.yaml", tmp_path / "run"
     study.write_text(STUDY.format(base=tiny_model_dir))
+    # --plan: what each cell would do, nothing built or written
+    r = run_main(capsys, "bench", "run", str(study), "--out", str(out), "--plan")
+    assert r.returncode == 0 and not out.exists(), r.stderr
+    assert "circle salun seed 1: erase + audit (needs salun)" in r.stdout
+    assert "circle original seed 0: audit" in r.stdout and "broken seed 0: fails (" in r.stdout
+    assert "plan: 6 cells: 0 reuse, 0 restore, 2 audit, 2 erase + audit, 2 fails" in r.stdout
     r = run_main(capsys, "bench", "run", str(study), "--out", str(out))
     assert r.returncode == 1, r.stderr  # the study ran; the broken row's cells failed
     assert "[6/6]" in r.stderr and "left" in r.stderr and "leaderboard:" in r.stdout
@@ -86,7 +92,9 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(
         losses = [json.loads(line)["loss"] for line in (model / "training_log.jsonl").open()]
         assert losses and value == pytest.approx(sum(losses) / len(losses))
     assert "log:FIELD" in board["definitions"]["outputs"]
-    # resumed: nothing is erased or audited again
+    # resumed: nothing is erased or audited again (as the plan says)
+    r = run_main(capsys, "bench", "run", str(study), "--out", str(out), "--plan")
+    assert "plan: 6 cells: 4 reuse, 0 restore, 0 audit, 0 erase + audit, 2 fails" in r.stdout
     models = sorted((out / "models").iterdir())
     cells = {p: os.stat(p).st_mtime_ns for p in (out / "cells").glob("*/salun/*/cell.json")}
     stamps = {p: os.stat(p).st_mtime_ns for p in models}
@@ -128,6 +136,8 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(
     kept = sorted(p.name for p in (out / "cells/circle/salun").iterdir())
     assert kept[2:] == ["seed0", "seed1"] and all(k.startswith(".seed") for k in kept[:2])
     monkeypatch.undo()
+    r = run_main(capsys, "bench", "run", str(study), "--out", str(out), "--plan")
+    assert "circle salun seed 0: restore" in r.stdout and "2 restore" in r.stdout
     # bench report pools the cells its leaderboard.json pooled, not the ones the folder holds
     # now (here another run's, as an interrupted run or another profile leaves them)
     (out / "leaderboard.json").write_text(first)

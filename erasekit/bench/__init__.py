@@ -50,7 +50,7 @@ from erasekit.bench.pooling import (
     split_attack,
 )
 from erasekit.bench.render import metrics_table, render_html, render_markdown, write_leaderboard
-from erasekit.bench.runner import Runner, report, run_study
+from erasekit.bench.runner import Runner, plan_study, report, run_study
 from erasekit.bench.study import ModelRow, Study, load_study
 
 __all__ = [
@@ -64,6 +64,7 @@ __all__ = [
     "leaderboard",
     "load_study",
     "paired_difference",
+    "plan_study",
     "paired_outcome_difference",
     "pool",
     "pool_curve",

@@ -39,7 +39,7 @@ def _keep_aside(folder: Path, key: str) -> None:
                 aside = folder.with_name(f".{folder.name}-{current['key']}")
                 shutil.rmtree(aside, ignore_errors=True)
                 folder.rename(aside)
-            if (_record(kept) or {}).get("status") == "ok":
+            if _done(_record(kept), key):
                 shutil.rmtree(folder, ignore_errors=True)  # a failed cell's leftovers
                 kept.rename(folder)
     state.wait_for_everyone()
@@ -48,6 +48,11 @@ def _keep_aside(folder: Path, key: str) -> None:
 def _record(folder: Path) -> dict[str, Any] | None:
     path = folder / "cell.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _done(record: dict[str, Any] | None, key: str) -> bool:
+    """Whether a cell record is a finished cell with ``key``."""
+    return record is not None and record.get("key") == key and record.get("status") == "ok"
 
 
 def _plain(value: Any) -> Any:
@@ -63,11 +68,18 @@ def _erased_with(folder: Path) -> dict[str, Any] | None:
     return json.loads(manifest.read_text()).get("method", {}).get("config", {})
 
 
-class Runner:
-    """Runs a study's cells into ``out`` (resumable) and writes its leaderboard."""
+class _NotBuilt(Exception):
+    """Planning only: a model the cell needs is not erased yet."""
 
-    def __init__(self, study: Study, out: str | Path, *, progress: bool = True) -> None:
-        self.study, self.out, self.progress = study, Path(out), progress
+
+class Runner:
+    """Runs a study's cells into ``out`` (resumable) and writes its leaderboard; ``dry``: builds
+    nothing (``plan``)."""
+
+    def __init__(
+        self, study: Study, out: str | Path, *, progress: bool = True, dry: bool = False
+    ) -> None:
+        self.study, self.out, self.progress, self.dry = study, Path(out), progress, dry
         self.base = resolve_base(study.base, study.source)
         if not self.base.exists():
             raise ErasekitError(f"base model not found: {self.base}")
@@ -124,6 +136,8 @@ class Runner:
                     # erased: the full configuration joins the key, so it is erased again
                     key = _key(*parts, config)
                     folder = folder.with_name(f"{row.name}-{concept.name}-seed{seed}-{key}")
+                if _erased_with(folder) is None and self.dry:
+                    raise _NotBuilt(row.name)
                 if _erased_with(folder) is None:  # erase writes erasekit.json atomically
                     erase(start_path, target, str(row.method), folder, settings=settings,
                           cache_dir=self.out / "cache", progress=False)  # fmt: skip
@@ -149,6 +163,8 @@ class Runner:
         guidance.setdefault("concept", concept.phrase)
         key = _key(start_key, guidance, embedding_key)
         folder = self.out / "models" / f"{row.name}-{concept.name}-seed{seed}-{key}"
+        if self.dry:  # written in moments when the cell runs
+            return folder, key
         state = process_state()
         failed = None
         if state.is_main_process and not folder.is_dir():
@@ -163,6 +179,39 @@ class Runner:
             raise ErasekitError(f"{row.name}: the guided model folder was not written")
         return folder, key
 
+    def plan(self) -> list[dict[str, Any]]:
+        """What ``run`` would do for each cell, building and writing nothing: ``reuse`` (done
+        with these settings), ``restore`` (kept aside by a run of other settings), ``audit``,
+        ``erase + audit`` (a model it needs is not erased yet: ``needs`` names its row), or
+        ``fails`` (its settings are refused: ``error``)."""
+        from erasekit.concepts import load_concept
+
+        rows = []
+        for concept in [load_concept(c) for c in self.study.concepts]:
+            for seed in self.study.seeds:
+                for row in self.study.models.values():
+                    entry = {"concept": concept.name, "row": row.name, "seed": seed}
+                    folder = self.out / "cells" / concept.name / row.name / f"seed{seed}"
+                    try:
+                        _, model_key = self.model(row, concept, seed)
+                    except _NotBuilt as missing:
+                        rows.append({**entry, "action": "erase + audit", "needs": str(missing)})
+                        continue
+                    except ErasekitError as e:  # as the run would record it
+                        rows.append({**entry, "action": "fails", "error": first_line(e)})
+                        continue
+                    key = self.cell_key(model_key, concept, seed)
+                    kept = folder.with_name(f".{folder.name}-{key}")
+                    action = ("reuse" if _done(_record(folder), key)
+                              else "restore" if _done(_record(kept), key) else "audit")  # fmt: skip
+                    rows.append({**entry, "action": action})
+        return rows
+
+    def cell_key(self, model_key: str, concept, seed: int) -> str:
+        """A cell's key: its model, the concept spec, the audit, attacks, detectors and seed."""
+        s = self.study
+        return _key(model_key, concept.sha256, s.audit, s.attacks, s.detectors, seed)
+
     def cell(self, row: ModelRow, concept, seed: int, process: int | None = None) -> dict[str, Any]:
         """Build and audit one cell, or reuse it when its key is unchanged (``process``: the
         launch's process that runs it alone, recorded)."""
@@ -174,17 +223,10 @@ class Runner:
         record_file = folder / "cell.json"
         try:
             path, model_key = self.model(row, concept, seed)
-            key = _key(
-                model_key,
-                concept.sha256,
-                self.study.audit,
-                self.study.attacks,
-                self.study.detectors,
-                seed,
-            )
+            key = self.cell_key(model_key, concept, seed)
             _keep_aside(folder, key)
             old = _record(folder)
-            if old is not None and old.get("key") == key and old.get("status") == "ok":
+            if _done(old, key):
                 return {**old, "reused": True}  # (the flag is not written)
             started = time.perf_counter()
             audit(path, concept, folder / "audit", seed=seed, overwrite=True,
@@ -341,7 +383,7 @@ def report(out: str | Path) -> dict[str, Any]:
         for name, key in cell_keys.items():  # the run's cells back, where another run moved them
             _keep_aside(out / "cells" / name, key)
         stale = sorted(name for name, key in cell_keys.items()
-                       if (_record(out / "cells" / name) or {}).get("key") != key)  # fmt: skip
+                       if not _done(_record(out / "cells" / name), key))  # fmt: skip
         if stale:
             more = ", …" if len(stale) > 3 else ""
             raise ErasekitError(
@@ -355,6 +397,14 @@ def report(out: str | Path) -> dict[str, Any]:
                 board["provenance"][key] = previous["provenance"][key]
         write_leaderboard(board, out)
     return board
+
+
+def plan_study(
+    study: str | Path, out: str | Path, *, profile: str | None = None
+) -> list[dict[str, Any]]:
+    """What ``run_study`` would do for each cell of a study in ``out`` (see ``Runner.plan``);
+    nothing is built or written."""
+    return Runner(load_study(study, profile), out, progress=False, dry=True).plan()
 
 
 def run_study(

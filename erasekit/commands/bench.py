@@ -24,6 +24,9 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
     which.add_argument("--quick", action="store_const", const="quick", dest="profile",
                        help="the study's quick profile (same as --profile quick)")  # fmt: skip
     r.add_argument("--no-progress", action="store_true", help="no per-cell progress lines")
+    r.add_argument("--plan", action="store_true",
+                   help="print what each cell would do (reuse, restore, audit, erase + audit) "
+                   "and run nothing; nothing is written")  # fmt: skip
     r.add_argument("--share", choices=("cells", "batches"), default="cells",
                    help="several processes (accelerate launch / torchrun): each runs whole cells "
                    "(default; the same models and numbers as one process), or all of them run "
@@ -44,9 +47,29 @@ def _summary(board: dict, folder: str) -> int:
     return failed
 
 
+def plan(args: argparse.Namespace) -> int:
+    """One line per cell and a count of each action."""
+    from collections import Counter
+
+    from erasekit.bench import plan_study
+
+    cells = plan_study(args.study, args.out, profile=args.profile)
+    for c in cells:
+        why = f" (needs {c['needs']})" if c.get("needs") else ""
+        why = f" ({c['error']})" if c.get("error") else why
+        print(f"{c['concept']} {c['row']} seed {c['seed']}: {c['action']}{why}")
+    counts = Counter(c["action"] for c in cells)
+    order = ("reuse", "restore", "audit", "erase + audit", "fails")
+    print(f"plan: {len(cells)} cells: " + ", ".join(f"{counts[a]} {a}" for a in order))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from erasekit.bench import run_study
     from erasekit.distributed import process_state
+
+    if args.plan:
+        return plan(args)
 
     board = run_study(args.study, args.out, profile=args.profile, progress=not args.no_progress,
                       share=args.share)  # fmt: skip
