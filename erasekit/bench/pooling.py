@@ -224,7 +224,7 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
                 for cells in by.values()
                 for c in cells
                 if c["status"] == "ok" and c["seed"] in study.seeds
-            },  # fmt: skip
+            },
             "git_commit": git_commit(),
             # each cell's erase and audit wall time, measured when it ran (resumes included)
             "cells_wall_s": round(
