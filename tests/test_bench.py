@@ -540,3 +540,29 @@ models:
     assert [("red", r, 0) for r in ("salun", "esd", "resalign", "esd+cstar", "salun+transfer")
             ] in groups  # fmt: skip
     assert [("red", "original", 0)] in groups and [("circle", "uce", 1)] in groups
+
+
+def test_a_kept_cell_comes_back_and_the_current_one_is_kept(tmp_path):
+    """`_keep_aside`: a finished cell of another key moves to `.seedN-KEY`; the kept cell with
+    the asked key moves back, also where no cell is in place; a failed cell is not kept."""
+    from erasekit.bench.runner import _keep_aside
+
+    def cell(folder, key, status="ok"):
+        folder.mkdir(parents=True)
+        (folder / "cell.json").write_text(json.dumps({"key": key, "status": status}))
+
+    seed0 = tmp_path / "cells/red/salun/seed0"
+    cell(seed0, "a")
+    _keep_aside(seed0, "b")  # nothing kept with b: a is set aside, the folder is free
+    assert not seed0.exists() and (tmp_path / "cells/red/salun/.seed0-a").is_dir()
+    cell(seed0, "b")
+    _keep_aside(seed0, "a")  # a back, b aside
+    assert json.loads((seed0 / "cell.json").read_text())["key"] == "a"
+    shutil.rmtree(seed0)
+    _keep_aside(seed0, "b")  # no cell in place: b comes back all the same
+    assert json.loads((seed0 / "cell.json").read_text())["key"] == "b"
+    _keep_aside(seed0, "a")  # b aside again (nothing kept with a: the folder is free)
+    cell(seed0, "c", status="failed")
+    _keep_aside(seed0, "b")  # b replaces the failed cell, which is not kept
+    assert json.loads((seed0 / "cell.json").read_text())["key"] == "b"
+    assert sorted(p.name for p in seed0.parent.iterdir()) == ["seed0"]
