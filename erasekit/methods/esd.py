@@ -47,8 +47,8 @@ PRESETS = {
 }  # fmt: skip
 
 # ShapesWorld: the newer ESD code's conventions with its η raised to 3 (= the paper's η 2): at
-# its own η 2, ESD-u left red at 0.97 of direct prompts on world v2
-# (docs/results/esd-world-code-preset.json). The partial sample is drawn on the world's own
+# its own η 2, ESD-u leaves red at 0.90 of direct prompts on world v2, at η 3 0.32 (three seeds,
+# docs/results/erase-world-esd-code-eta/). The partial sample is drawn on the world's own
 # 25-step DDIM schedule (the teacher's sampling is what an ESD step costs). Measured in
 # docs/results/erase-world/.
 WORLD_PRESET = {**PRESETS["diffusers-code"], "negative_guidance": 3.0, "ddim_steps": 25}
