@@ -189,6 +189,9 @@ def test_rows_erase_another_concept_carry_guidance_and_compare_masks(tiny_model_
 
     study, out = tmp_path / "study.yaml", tmp_path / "run"
     study.write_text(ROWS.format(base=tiny_model_dir))
+    r = run_main(capsys, "bench", "run", str(study), "--out", str(out), "--plan")
+    assert "circle then-square seed 0: erase + audit (needs salun)" in r.stdout
+    assert "circle cstar-sld seed 0: erase + audit (needs lcodec)" in r.stdout and not out.exists()
     r = run_main(capsys, "bench", "run", str(study), "--out", str(out), "--no-progress")
     assert r.returncode == 1, r.stderr  # one row cannot be built: recorded, the rest ran
     board = _board(out)
@@ -223,6 +226,9 @@ def test_rows_erase_another_concept_carry_guidance_and_compare_masks(tiny_model_
     assert pair["a"] == "lcodec" and pair["source_a"] == "lcodec"
     assert pair["overlap"] == both / sum(int(m.sum()) for m in a.values())
     assert pair["chance_overlap"] == sum(int(m.sum()) for m in b.values()) / pair["n_weights"]
+    # planned again: every built row is reused, guide rows included
+    r = run_main(capsys, "bench", "run", str(study), "--out", str(out), "--plan")
+    assert "circle cstar-sld seed 0: reuse" in r.stdout and "7 reuse" in r.stdout
     assert pair["seconds_a"] > 0
     assert "| lcodec | salun | 0 |" in (out / "leaderboard.md").read_text()
     assert "masks" in board["definitions"]
