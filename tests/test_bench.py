@@ -464,6 +464,12 @@ def test_a_study_runs_on_two_processes(tiny_model_dir, tmp_path):
         if name == "cells":
             assert re.search(r"process \d: \[3/3\]", r.stderr), r.stderr[-2000:]
             assert not list((tmp_path / name).glob(".claims-*"))
+    # planned under the same launch: the models keyed as each process built them, one report
+    cmd = [*launch, "-m", "erasekit", "bench", "run", str(study), "--out", str(tmp_path / "cells"),
+           "--plan"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0 and r.stdout.count("plan: ") == 1, r.stderr[-3000:]
+    assert "plan: 3 cells: 3 reuse" in r.stdout, r.stdout
     boards = {name: _board(tmp_path / name) for name in runs}
     assert boards["cells"]["provenance"]["last_run_processes"] == 2
     assert boards["cells"]["provenance"]["last_run_share"] == "cells"

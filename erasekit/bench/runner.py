@@ -400,11 +400,18 @@ def report(out: str | Path) -> dict[str, Any]:
 
 
 def plan_study(
-    study: str | Path, out: str | Path, *, profile: str | None = None
+    study: str | Path, out: str | Path, *, profile: str | None = None, share: str = "cells"
 ) -> list[dict[str, Any]]:
     """What ``run_study`` would do for each cell of a study in ``out`` (see ``Runner.plan``);
-    nothing is built or written."""
-    return Runner(load_study(study, profile), out, progress=False, dry=True).plan()
+    nothing is built or written. Under a launch, ``share="cells"`` keys the models as each
+    process builds them there: alone."""
+    from erasekit.distributed import one_process
+
+    runner = Runner(load_study(study, profile), out, progress=False, dry=True)
+    if share == "cells" and process_state().num_processes > 1:
+        with one_process():
+            return runner.plan()
+    return runner.plan()
 
 
 def run_study(

@@ -52,8 +52,11 @@ def plan(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from erasekit.bench import plan_study
+    from erasekit.distributed import process_state
 
-    cells = plan_study(args.study, args.out, profile=args.profile)
+    cells = plan_study(args.study, args.out, profile=args.profile, share=args.share)
+    if not process_state().is_main_process:
+        return 0
     for c in cells:
         why = f" (needs {c['needs']})" if c.get("needs") else ""
         why = f" ({c['error']})" if c.get("error") else why
