@@ -179,32 +179,39 @@ class Runner:
             raise ErasekitError(f"{row.name}: the guided model folder was not written")
         return folder, key
 
+    def cells(self) -> list[tuple[Any, ModelRow, int]]:
+        """Every cell as (concept, row, seed), in the study's order."""
+        from erasekit.concepts import load_concept
+
+        concepts = [load_concept(c) for c in self.study.concepts]
+        return [(c, row, s) for c in concepts for s in self.study.seeds
+                for row in self.study.models.values()]  # fmt: skip
+
+    def cell_folder(self, concept, row: ModelRow, seed: int) -> Path:
+        return self.out / "cells" / concept.name / row.name / f"seed{seed}"
+
     def plan(self) -> list[dict[str, Any]]:
         """What ``run`` would do for each cell, building and writing nothing: ``reuse`` (done
         with these settings), ``restore`` (kept aside by a run of other settings), ``audit``,
         ``erase + audit`` (a model it needs is not erased yet: ``needs`` names its row), or
         ``fails`` (its settings are refused: ``error``)."""
-        from erasekit.concepts import load_concept
-
         rows = []
-        for concept in [load_concept(c) for c in self.study.concepts]:
-            for seed in self.study.seeds:
-                for row in self.study.models.values():
-                    entry = {"concept": concept.name, "row": row.name, "seed": seed}
-                    folder = self.out / "cells" / concept.name / row.name / f"seed{seed}"
-                    try:
-                        _, model_key = self.model(row, concept, seed)
-                    except _NotBuilt as missing:
-                        rows.append({**entry, "action": "erase + audit", "needs": str(missing)})
-                        continue
-                    except ErasekitError as e:  # as the run would record it
-                        rows.append({**entry, "action": "fails", "error": first_line(e)})
-                        continue
-                    key = self.cell_key(model_key, concept, seed)
-                    kept = folder.with_name(f".{folder.name}-{key}")
-                    action = ("reuse" if _done(_record(folder), key)
-                              else "restore" if _done(_record(kept), key) else "audit")  # fmt: skip
-                    rows.append({**entry, "action": action})
+        for concept, row, seed in self.cells():
+            entry = {"concept": concept.name, "row": row.name, "seed": seed}
+            try:
+                _, model_key = self.model(row, concept, seed)
+            except _NotBuilt as missing:
+                rows.append({**entry, "action": "erase + audit", "needs": str(missing)})
+                continue
+            except ErasekitError as e:  # as the run would record it
+                rows.append({**entry, "action": "fails", "error": first_line(e)})
+                continue
+            key = self.cell_key(model_key, concept, seed)
+            folder = self.cell_folder(concept, row, seed)
+            kept = folder.with_name(f".{folder.name}-{key}")
+            action = ("reuse" if _done(_record(folder), key)
+                      else "restore" if _done(_record(kept), key) else "audit")  # fmt: skip
+            rows.append({**entry, "action": action})
         return rows
 
     def cell_key(self, model_key: str, concept, seed: int) -> str:
@@ -219,7 +226,7 @@ class Runner:
         from erasekit.detectors import DetectorOptions
         from erasekit.models import read_manifest
 
-        folder = self.out / "cells" / concept.name / row.name / f"seed{seed}"
+        folder = self.cell_folder(concept, row, seed)
         record_file = folder / "cell.json"
         try:
             path, model_key = self.model(row, concept, seed)
@@ -279,15 +286,11 @@ class Runner:
         gives each process whole cells (claimed one group at a time, each run as on one process:
         the same models and numbers as a one-process run), ``"batches"`` runs every cell on all
         processes (the erasure data-parallel, the audit and its attacks sharing prompts)."""
-        from erasekit.concepts import load_concept
-
         if share not in ("cells", "batches"):
             raise ErasekitError(f"share must be cells or batches, not {share!r}")
         state = process_state()
         main = state.is_main_process
-        concepts = [load_concept(c) for c in self.study.concepts]
-        cells = [(c, row, s) for c in concepts for s in self.study.seeds
-                 for row in self.study.models.values()]  # fmt: skip
+        cells = self.cells()
         started = time.perf_counter()
         with output_lock(self.out, enabled=main):
             if state.num_processes > 1 and share == "cells":

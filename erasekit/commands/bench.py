@@ -25,8 +25,8 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
                        help="the study's quick profile (same as --profile quick)")  # fmt: skip
     r.add_argument("--no-progress", action="store_true", help="no per-cell progress lines")
     r.add_argument("--plan", action="store_true",
-                   help="print what each cell would do (reuse, restore, audit, erase + audit) "
-                   "and run nothing; nothing is written")  # fmt: skip
+                   help="print what each cell would do (reuse, restore, audit, erase + audit, "
+                   "fails) and run nothing; nothing is written")  # fmt: skip
     r.add_argument("--share", choices=("cells", "batches"), default="cells",
                    help="several processes (accelerate launch / torchrun): each runs whole cells "
                    "(default; the same models and numbers as one process), or all of them run "
