@@ -376,6 +376,7 @@ def run_attacks(
 
     entries, results, samples = {}, {}, []
     for name, config in configs.items():
+        started = time.perf_counter()
         ctx = AttackContext(concept=concept, original=original,
                             audited=roles.get("audited"), work_dir=root / "attacks" / name,
                             device=device, progress=False)  # fmt: skip
@@ -387,6 +388,7 @@ def run_attacks(
                                                         audit, progress)  # fmt: skip
             results.update(res)
             samples += smp
+            entries[name]["wall_time_s"] = round(time.perf_counter() - started, 2)
             continue
         data = attack.prepare()
         models = {}
@@ -423,6 +425,8 @@ def run_attacks(
             "data": data,
             "metric": "concept_rate (primary protocol) on the curve prompts",
             "models": models,
+            # the attack on every attacked role: its data, runs and evaluations
+            "wall_time_s": round(time.perf_counter() - started, 2),
         }
     return entries, results, samples
 

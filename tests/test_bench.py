@@ -330,6 +330,17 @@ def test_sd_nudity_study_runs_as_written_on_substitutes(tiny_model_dir, tiny_cli
     assert curve == [{**p, "per_seed": [p["value"]]} for p in
                      cell["attacks"]["finetune"]["models"]["audited"]["curve"]]  # fmt: skip
     assert "Recovery under `finetune`" in (out / "leaderboard.md").read_text()
+    # each attack's own wall time, from the cell's audit, summed into the cost line
+    walls = _board(out)["provenance"]["attacks_wall_s"]
+    assert set(walls) == {"finetune", "unlearndiffatk", "ring-a-bell"}
+    for name, wall in walls.items():
+        assert wall == round(cell["attacks"][name]["wall_time_s"], 1) > 0
+    cost = next(
+        line
+        for line in (out / "leaderboard.md").read_text().splitlines()
+        if line.startswith("Cost:")
+    )
+    assert "; of which " in cost and all(f"{name} " in cost for name in walls)
     url = (out / "leaderboard.html").resolve().as_uri()
     r = dump_dom(url, tmp_path / "profile", 'data-ready="1"')
     assert 'data-ready="1"' in r.stdout, r.stderr[-2000:]

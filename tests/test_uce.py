@@ -64,6 +64,30 @@ def test_uce_edits_only_cross_attention_keys_and_values(tokens, tiny_model_dir, 
         assert info["data"]["n_preserve_rows"] == len(info["data"]["preserve"]) * length
 
 
+@pytest.mark.parametrize(
+    ("prompt", "guide", "padded", "erase_rows", "guide_rows"),
+    [  # token ids: <s> a photo of a circle </s> | <s> a photo of a big square </s>
+        ("a photo of a circle", "big square", False, [5, 6], [6, 7]),
+        ("a photo of a circle", "big square", True, list(range(5, 77)), [*range(6, 77), 76]),
+        # <s> a circle on the left </s> | <s> a on the left </s>: the word maps to the token
+        # before it, what follows aligns from the end
+        ("a circle on the left", "", False, [2, 3, 4, 5, 6], [1, 2, 3, 4, 5]),
+        ("a circle on the left", "", True, list(range(2, 77)), [1, *range(2, 76)]),
+    ],
+)
+def test_token_pairs_align_the_prompt_with_its_guided_text(
+    prompt, guide, padded, erase_rows, guide_rows, tiny_pipe
+):
+    from erasekit.methods.uce import aligned_token_pairs
+    from erasekit.training import encode_prompts
+
+    replaced = " ".join(prompt.replace("circle", guide).split())
+    erase, target = aligned_token_pairs(tiny_pipe, [prompt], ["circle"], [guide], padded=padded)
+    h_p, h_g = encode_prompts(tiny_pipe, [prompt, replaced]).double().cpu()
+    assert h_p.shape[0] == 77  # every position the U-Net attends to
+    assert torch.equal(erase, h_p[erase_rows]) and torch.equal(target, h_g[guide_rows])
+
+
 def test_bad_uce_settings_are_one_line(tiny_model_dir, tmp_path, capsys):
     base = ["erase", "--model", str(tiny_model_dir), "--concept", "circle", "--method", "uce",
             "--out", str(tmp_path / "o"), "--no-progress"]  # fmt: skip

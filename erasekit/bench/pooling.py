@@ -133,6 +133,7 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
         if c["row"] in study.models and c["concept"] in names:
             by[(c["concept"], c["row"])].append(c)
     concepts: dict[str, Any] = {}
+    attack_wall: dict[str, float] = defaultdict(float)  # each attack's time over the cells
     for concept in names:
         rows = {}
         for name in study.models:
@@ -147,6 +148,8 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
                     per_key[key].append(m)
                 for attack, curve in _curves(doc).items():
                     per_attack[attack].append(curve)
+                for attack, entry in (doc.get("attacks") or {}).items():
+                    attack_wall[attack] += entry.get("wall_time_s") or 0.0
             rows[name] = {
                 "model": study.models[name].describe(),
                 "seeds_ok": [c["seed"] for c in ok],
@@ -236,6 +239,8 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
                 ),
                 1,
             ),
+            # of that, each attack's own wall time over the pooled cells (audits that record it)
+            "attacks_wall_s": {a: round(w, 1) for a, w in attack_wall.items() if w},
         },  # fmt: skip
     }
 

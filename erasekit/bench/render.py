@@ -32,6 +32,9 @@ def _cost_line(provenance: dict[str, Any]) -> str:
     """The study's measured cost: every cell's own erase + audit time, and the last run's."""
     text = (f"Cost: {provenance['cells_wall_s'] / 60:.1f} min of cell time (each cell's erase + "
             "audit wall time, measured when it ran)")  # fmt: skip
+    attacks = provenance.get("attacks_wall_s") or {}
+    if attacks:
+        text += "; of which " + ", ".join(f"{a} {w / 60:.1f} min" for a, w in attacks.items())
     if "last_run_wall_s" in provenance:
         n = provenance.get("last_run_processes", 1)
         text += (f"; the last `bench run` took {provenance['last_run_wall_s'] / 60:.1f} min on "
