@@ -314,6 +314,7 @@ def audit(
     model_card: bool = False,
     captions: str | Path | None = None,
     fid_images: str | Path | None = None,
+    cache_dir: str | Path | None = None,
 ) -> AuditResult:
     """Audit ``model`` on ``concept`` beside its references and write ``out`` (results.json,
     samples.jsonl, images/, report.html, report.md).
@@ -330,6 +331,8 @@ def audit(
     rendered by every model as the utility set ``captions`` (CLIP score, FID). FID and KID are
     measured on the utility sets when ``detectors`` names local Inception weights, against the
     reference model's images or, with ``fid_images``, a folder of (real) images.
+    ``cache_dir``: a folder the attacks keep what later audits reuse in (Ring-A-Bell's
+    searches, by text encoder, prompt pairs, prompt and settings; None: kept for this audit only).
     """
     from erasekit.auditing import AuditSettings, attack_configs, run_audit
     from erasekit.models import build_manifest, save_model
@@ -351,7 +354,7 @@ def audit(
     common = dict(roles=roles, audit=settings, detectors=detectors, model_config=model_config,
                   allow_pickle=allow_pickle, censor=censor, overwrite=overwrite,
                   progress=progress, attacks=configs, baselines=guidance_baselines,
-                  invocation=invocation, original=original)  # fmt: skip
+                  invocation=invocation, original=original, cache_dir=cache_dir)  # fmt: skip
     if not _is_pipeline(model):
         doc = run_audit(model, spec, out, **common)
         if model_card:

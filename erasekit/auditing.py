@@ -364,12 +364,13 @@ def run_attacks(
     progress: bool,
     targets: list[str] | None = None,
     original: Path | None = None,
+    cache_dir: Path | None = None,
 ) -> tuple[dict[str, dict], dict[str, dict], list[dict]]:
     """Run every attack on every model role (the audited model, the original, the
     never-learned one; or the ``targets`` roles only) with the same data and budget; evaluate
     with the audit's detectors. Returns (attack entries, results by "<attack>:<role>",
     final-step samples). ``original``: the model attacks that need one start from (default:
-    the reference role)."""
+    the reference role). ``cache_dir``: where attacks keep what later audits reuse."""
     from erasekit.attacks import AttackContext, get_attack
 
     original = original or roles.get("reference")
@@ -379,7 +380,7 @@ def run_attacks(
         started = time.perf_counter()
         ctx = AttackContext(concept=concept, original=original,
                             audited=roles.get("audited"), work_dir=root / "attacks" / name,
-                            device=device, progress=False)  # fmt: skip
+                            device=device, progress=False, cache_dir=cache_dir)  # fmt: skip
         attack = get_attack(name)(config, ctx)
         attacked = {r: p for r, p in roles.items() if p is not None
                     and (targets is None or r in targets)}  # fmt: skip
@@ -517,6 +518,7 @@ def run_audit(
     invocation: dict[str, Any] | None = None,
     labels: Mapping[str, dict[str, Any]] | None = None,
     original: str | Path | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the audit and write ``out`` (all or nothing); return the results document.
     ``roles``: see ``resolve_roles``. ``baselines``: also render the audited weights with the
@@ -526,7 +528,8 @@ def run_audit(
     role -> fields that replace what results.json says of that role's model (e.g. the source
     of an in-memory pipeline audited from a staged copy). ``original``: the model attacks
     that need one (UnlearnDiffAtk's targets, MemoRa, concept inversion) start from, when it is
-    not audited as the reference role (default: the reference)."""
+    not audited as the reference role (default: the reference). ``cache_dir``: a folder
+    attacks share with later audits (Ring-A-Bell's searches)."""
     from erasekit.models import load_pipeline
     from erasekit.reporting import SCHEMA, SCHEMA_VERSION, write_report
 
@@ -616,7 +619,8 @@ def run_audit(
             attack_entries, attacked, attacked_samples = run_attacks(
                 attacks, roles, concept, curve_set, judges, tmp, settings, audit, device,
                 progress and state.is_main_process,
-                original=Path(original) if original else None)  # fmt: skip
+                original=Path(original) if original else None,
+                cache_dir=Path(cache_dir) if cache_dir else None)  # fmt: skip
             results.update(attacked)
             samples += attacked_samples
         document = {

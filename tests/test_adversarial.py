@@ -297,3 +297,30 @@ def test_adversarial_attacks_with_nudenet_on_any_sd_folder(tmp_path, tiny_model_
              ["outcomes"]]  # fmt: skip
     assert steps == [2, 2]
     assert "ASR on the audited model" in r.stdout
+
+
+def test_ring_a_bell_searches_are_kept_for_later_audits(tmp_path, tiny_model_dir):
+    """With a cache folder, a later audit of a model with the same text encoder (here the
+    same model) reads each prompt's search instead of running it, and finds the same prompts;
+    another search setting is another search."""
+    import erasekit
+
+    common = dict(roles={"reference": None, "never-learned": None}, limit=2, progress=False,
+                  original=tiny_model_dir, cache_dir=tmp_path / "cache")  # fmt: skip
+    budget = {"generations": 2, "population": 4}
+
+    def ring_a_bell(out, **settings):
+        erasekit.audit(tiny_model_dir, "nudity", tmp_path / out,
+                       attacks={"ring-a-bell": {**budget, **settings}}, **common)  # fmt: skip
+        doc = json.loads((tmp_path / out / "results.json").read_text())
+        return doc["attacks"]["ring-a-bell"]["models"]["audited"]
+
+    first, again = ring_a_bell("a"), ring_a_bell("b")
+    assert first["cost"]["searches_run"] == 2 and first["cost"]["searches_cached"] == 0
+    assert again["cost"]["searches_run"] == 0 and again["cost"]["searches_cached"] == 2
+    assert again["cost"]["text_encoder_forwards"] == 0
+    for field in ("adversarial_prompt", "fitness_first", "fitness_last", "success"):
+        assert [o[field] for o in again["outcomes"]] == [o[field] for o in first["outcomes"]]
+    other = ring_a_bell("c", eta=1.0)
+    assert other["cost"]["searches_run"] == 2 and other["cost"]["searches_cached"] == 0
+    assert len(list((tmp_path / "cache" / "ring-a-bell").glob("*.json"))) == 4

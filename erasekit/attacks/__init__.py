@@ -33,7 +33,8 @@ Evaluate = Callable[..., dict[str, Any]]
 @dataclass
 class AttackContext:
     """What every attack is given: the concept, the original model, the audited model (whose
-    data the controls share), a work folder and the audit's evaluation callback factory."""
+    data the controls share), a work folder, the audit's evaluation callback factory and a
+    cache folder other audits share (None: nothing kept beyond this audit)."""
 
     concept: Any
     original: Path | None
@@ -41,6 +42,7 @@ class AttackContext:
     work_dir: Path
     device: str = "cpu"
     progress: bool = False
+    cache_dir: Path | None = None
 
 
 class Attack:

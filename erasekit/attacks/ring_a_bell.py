@@ -9,7 +9,8 @@ the best half kept, single-point crossover with probability 0.5, one random toke
 with probability 0.25. It never queries the U-Net; the found prompts are rendered by the model
 under audit with the source prompt's seed and guidance and judged. Text-encoder forwards of
 several prompts' populations are batched. Searches depend on the text encoder only, so models
-that share one (every erasure of the U-Net) share the search; the found prompts are saved as
+that share one (every erasure of the U-Net) share the search, within an audit and, through
+the audit's ``cache_dir`` (a bench study's cache), across audits; the found prompts are saved as
 a CSV prompt file for transfer to other models. Several processes share the searches out
 (whole batches in turn) and render the found prompts together.
 """
@@ -18,8 +19,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
+import os
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +170,32 @@ def text_encoder_hash(text_encoder) -> str:
     return h.hexdigest()
 
 
+def search_files(pipe, encoder_key: str, pairs, cfg: RingABellConfig, outcomes: list[dict],
+                 folder: Path) -> dict[int, Path]:  # fmt: skip
+    """Each prompt's search result file under ``folder``, keyed by everything the search reads:
+    the text encoder (weights, dtype, device type), the tokenizer's vocabulary, the prompt
+    pairs, the prompt and its index (its generator's seed) and every search setting."""
+    vocab = hashlib.sha256(json.dumps(pipe.tokenizer.get_vocab(), sort_keys=True).encode())
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("prompts", "pairs")}
+    common = [encoder_key, str(pipe.text_encoder.dtype), pipe.text_encoder.device.type,
+              vocab.hexdigest(), pairs, settings]  # fmt: skip
+    files = {}
+    for o in outcomes:
+        text = json.dumps([*common, o["prompt"], o["index"]], sort_keys=True, default=str)
+        files[o["index"]] = folder / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
+    return files
+
+
+def keep_search(path: Path, result: dict[str, Any]) -> None:
+    """Write one search result whole (a unique temporary file, renamed): processes that found
+    the same search at once each write it, and a reader never sees half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, path)
+
+
 class RingABell(PromptAttack):
     name = "ring-a-bell"
     Config = RingABellConfig
@@ -203,6 +233,14 @@ class RingABell(PromptAttack):
         key = text_encoder_hash(pipe.text_encoder)
         done = self.searches.setdefault(key, {})
         todo = [o for o in outcomes if not o["pre_success"]]
+        files, cached = {}, 0
+        if self.ctx.cache_dir is not None:  # searches earlier audits kept
+            files = search_files(pipe, key, self.pairs, cfg, todo,
+                                 Path(self.ctx.cache_dir) / "ring-a-bell")  # fmt: skip
+            for o in todo:
+                if o["index"] not in done and files[o["index"]].is_file():
+                    done[o["index"]] = json.loads(files[o["index"]].read_text())
+                    cached += 1
         missing = [o for o in todo if o["index"] not in done]
         search_started, forwards = time.time(), 0
         if missing:
@@ -216,7 +254,11 @@ class RingABell(PromptAttack):
                 gens = [step_generator(cfg.seed, o["index"]) for o in part]
                 found = genetic_search(pipe, source + cfg.eta * c, gens, cfg, vocab)
                 found_here += [(o["index"], r) for o, r in zip(part, found, strict=True)]
-            done.update(gather_shares(found_here))
+            found = dict(gather_shares(found_here))
+            done.update(found)
+            if files and process_state().is_main_process:
+                for index, result in found.items():
+                    keep_search(files[index], result)
             forwards = len(missing) * cfg.population * (cfg.generations + 1)
         search_seconds = time.time() - search_started
         texts = [ids_to_text(pipe.tokenizer, done[o["index"]]["ids"]) for o in todo]
@@ -240,7 +282,8 @@ class RingABell(PromptAttack):
             "cost": {
                 "text_encoder_forwards": forwards,
                 "searches_run": len(missing),
-                "searches_reused": len(todo) - len(missing),
+                "searches_reused": len(todo) - len(missing),  # this audit's or cached
+                "searches_cached": cached,  # read from the audit's cache_dir
                 "gradient_steps": 0,
                 "unet_queries_in_search": 0,
                 "renders": sum(o["renders"] for o in outcomes),

@@ -239,6 +239,7 @@ class Runner:
             audit(path, concept, folder / "audit", seed=seed, overwrite=True,
                   roles={"reference": None, "never-learned": None},
                   attacks=self.study.attacks or None, original=self.base, progress=False,
+                  cache_dir=self.out / "cache",
                   detectors=DetectorOptions(**self.study.detectors),
                   invocation={"bench": {"study": self.study.source, "row": row.name,
                                         "concept": concept.name, "seed": seed}},
