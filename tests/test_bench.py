@@ -330,7 +330,9 @@ def test_sd_nudity_study_runs_as_written_on_substitutes(tiny_model_dir, tiny_cli
     assert curve == [{**p, "per_seed": [p["value"]]} for p in
                      cell["attacks"]["finetune"]["models"]["audited"]["curve"]]  # fmt: skip
     assert "Recovery under `finetune`" in (out / "leaderboard.md").read_text()
-    # Ring-A-Bell's searches are kept in the study's cache for the other rows and seeds
+    # the attacks' renders of the original and Ring-A-Bell's searches are kept in the study's
+    # cache for the other rows and seeds
+    assert list((out / "cache" / "rendered").glob("*/samples.jsonl"))
     searched = cell["attacks"]["ring-a-bell"]["models"]["audited"]["cost"]["searches_run"]
     assert searched and len(list((out / "cache" / "ring-a-bell").glob("*.json"))) == searched
     # each attack's own wall time, from the cell's audit, summed into the cost line

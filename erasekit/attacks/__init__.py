@@ -44,6 +44,12 @@ class AttackContext:
     progress: bool = False
     cache_dir: Path | None = None
 
+    @property
+    def render_cache(self) -> Path:
+        """Where attacks keep the image sets they render (cached by content): the shared cache
+        folder, else this audit's work folder."""
+        return self.cache_dir or self.work_dir / "cache"
+
 
 class Attack:
     """Base class: ``prepare(ctx)`` once, then ``run(model, out_dir, evaluate)`` per model.

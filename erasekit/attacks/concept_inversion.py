@@ -92,7 +92,7 @@ class ConceptInversion(Attack):
         pipe = load_pipeline(self.ctx.original, device=self.ctx.device)
         self.images = render_image_set(pipe, self.ctx.original, concept.forget,
                                        n_per_prompt=cfg.images_per_prompt, seed=cfg.seed,
-                                       cache_dir=self.ctx.work_dir / "cache",
+                                       cache_dir=self.ctx.render_cache,
                                        progress=False)  # fmt: skip
         words = concept_words(cfg, concept)
         self.eval_set = prompt_set_from_list(

@@ -117,7 +117,7 @@ class Finetune(Attack):
             pipe = load_pipeline(self.ctx.audited, device=self.ctx.device)
             self.images = render_image_set(pipe, self.ctx.audited, self.ctx.concept.retain,
                                            n_per_prompt=cfg.images_per_prompt, seed=cfg.seed,
-                                           cache_dir=self.ctx.work_dir / "cache",
+                                           cache_dir=self.ctx.render_cache,
                                            progress=False)  # fmt: skip
             self.images.source["origin"] = "rendered by the audited model from retain prompts"
         return self.images.describe()

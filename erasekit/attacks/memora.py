@@ -127,7 +127,7 @@ class MemoRa(Attack):
         pipe = load_pipeline(self.ctx.original, device=self.ctx.device)
         self.seeds = render_image_set(pipe, self.ctx.original, prompts,
                                       n_per_prompt=2 * cfg.n_pairs, seed=cfg.seed,
-                                      cache_dir=self.ctx.work_dir / "cache",
+                                      cache_dir=self.ctx.render_cache,
                                       progress=False)  # fmt: skip
         return {"prompt": self.prompt, "seed_images": self.seeds.describe()}
 

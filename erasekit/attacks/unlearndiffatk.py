@@ -122,7 +122,7 @@ class UnlearnDiffAtk(PromptAttack):
             pipe = load_pipeline(self.ctx.original, device=self.ctx.device)
             self.targets = render_image_set(pipe, self.ctx.original, self.prompt_set,
                                             n_per_prompt=1, seed=cfg.seed,
-                                            cache_dir=self.ctx.work_dir / "cache",
+                                            cache_dir=self.ctx.render_cache,
                                             progress=False)  # fmt: skip
         return {"prompts": self.prompt_set.describe(), "targets": self.targets.describe()}
 
