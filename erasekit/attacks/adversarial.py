@@ -33,28 +33,22 @@ from erasekit.errors import ErasekitError
 Judge = Callable[..., list[dict[str, Any]]]
 
 
-def _simplex_threshold(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For rows ``u`` sorted in descending order: the projection's threshold theta and whether
-    the support may extend past the last column (the support condition is monotone)."""
-    cssv = u.cumsum(-1) - 1
-    ranks = torch.arange(1, u.shape[-1] + 1, device=u.device, dtype=u.dtype)
-    support = (u - cssv / ranks) > 0
-    rho = support.to(u.dtype).cumsum(-1).argmax(-1, keepdim=True)  # last index in the support
-    return cssv.gather(-1, rho) / (rho + 1).to(u.dtype), support[..., -1:]
-
-
-def project_simplex(x: torch.Tensor, candidates: int = 256) -> torch.Tensor:
+def project_simplex(x: torch.Tensor) -> torch.Tensor:
     """Euclidean projection of every row (last dimension) onto the probability simplex
-    {w >= 0, sum w = 1}, exact. The support is found among each row's ``candidates`` largest
-    entries (a full sort only for rows whose support is wider), which makes it cheap over a
-    vocabulary."""
-    m = min(candidates, x.shape[-1])
-    top = torch.topk(x, m, dim=-1).values
-    theta, wider = _simplex_threshold(top)
-    if m < x.shape[-1] and bool(wider.any()):
-        full, _ = _simplex_threshold(torch.sort(x, dim=-1, descending=True).values)
-        theta = torch.where(wider, full, theta)
-    return (x - theta).clamp_min(0)
+    {w >= 0, sum w = 1}, exact, without sorting (Michelot's algorithm): the threshold of the
+    current support, then the entries above it, until the support stops changing. The
+    threshold only rises, so the support only shrinks (also under rounding: an entry once out
+    stays out) and this ends; over a vocabulary it takes a few passes, where a sort of every
+    row was the attack's costliest step."""
+    support = torch.ones_like(x, dtype=torch.bool)
+    while True:
+        count = support.sum(-1, keepdim=True)
+        theta = (torch.where(support, x, 0).sum(-1, keepdim=True, dtype=torch.float64) - 1) / count
+        theta = theta.to(x.dtype)
+        inside = support & (x > theta)
+        if torch.equal(inside, support):
+            return (x - theta).clamp_min(0)
+        support = inside
 
 
 def straight_through(x: torch.Tensor) -> torch.Tensor:
