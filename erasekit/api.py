@@ -331,8 +331,9 @@ def audit(
     rendered by every model as the utility set ``captions`` (CLIP score, FID). FID and KID are
     measured on the utility sets when ``detectors`` names local Inception weights, against the
     reference model's images or, with ``fid_images``, a folder of (real) images.
-    ``cache_dir``: a folder the attacks keep what later audits reuse in (Ring-A-Bell's
-    searches, by text encoder, prompt pairs, prompt and settings; None: kept for this audit only).
+    ``cache_dir``: a folder the attacks keep what later audits reuse in: the image sets they
+    render (by content) and Ring-A-Bell's searches (by text encoder, prompt pairs, prompt and
+    settings); None: kept inside this audit only.
     """
     from erasekit.auditing import AuditSettings, attack_configs, run_audit
     from erasekit.models import build_manifest, save_model

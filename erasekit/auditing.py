@@ -529,7 +529,7 @@ def run_audit(
     of an in-memory pipeline audited from a staged copy). ``original``: the model attacks
     that need one (UnlearnDiffAtk's targets, MemoRa, concept inversion) start from, when it is
     not audited as the reference role (default: the reference). ``cache_dir``: a folder
-    attacks share with later audits (Ring-A-Bell's searches)."""
+    attacks share with later audits (rendered image sets, Ring-A-Bell's searches)."""
     from erasekit.models import load_pipeline
     from erasekit.reporting import SCHEMA, SCHEMA_VERSION, write_report
 
