@@ -216,9 +216,10 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a hidden temporary path that replaces ``path`` only when the block succeeds."""
+    """Yield a hidden temporary path that replaces ``path`` only when the block succeeds (one per
+    process: processes writing the same file at once each replace it whole)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         with disk_errors(tmp):
             yield tmp

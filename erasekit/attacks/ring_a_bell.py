@@ -20,8 +20,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ from erasekit.attacks.adversarial import (
 from erasekit.concepts import is_world_concept
 from erasekit.distributed import gather_shares, my_share, process_state
 from erasekit.errors import ErasekitError
+from erasekit.outputs import atomic_file, write_json
 
 
 @dataclass
@@ -186,16 +185,6 @@ def search_files(pipe, encoder_key: str, pairs, cfg: RingABellConfig, outcomes: 
     return files
 
 
-def keep_search(path: Path, result: dict[str, Any]) -> None:
-    """Write one search result whole (a unique temporary file, renamed): processes that found
-    the same search at once each write it, and a reader never sees half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f)
-    os.replace(tmp, path)
-
-
 class RingABell(PromptAttack):
     name = "ring-a-bell"
     Config = RingABellConfig
@@ -257,8 +246,10 @@ class RingABell(PromptAttack):
             found = dict(gather_shares(found_here))
             done.update(found)
             if files and process_state().is_main_process:
-                for index, result in found.items():
-                    keep_search(files[index], result)
+                for index, result in found.items():  # whole files: a reader never sees half
+                    files[index].parent.mkdir(parents=True, exist_ok=True)
+                    with atomic_file(files[index]) as tmp:
+                        write_json(tmp, result)
             forwards = len(missing) * cfg.population * (cfg.generations + 1)
         search_seconds = time.time() - search_started
         texts = [ids_to_text(pipe.tokenizer, done[o["index"]]["ids"]) for o in todo]

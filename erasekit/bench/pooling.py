@@ -229,13 +229,13 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
                 if c["status"] == "ok" and c["seed"] in study.seeds
             },
             "git_commit": git_commit(),
-            # each cell's erase and audit wall time, measured when it ran (resumes included)
+            # each pooled cell's erase and audit wall time, measured when it ran
             "cells_wall_s": round(
                 sum(
                     (c.get("erase_wall_s") or 0) + c.get("audit_wall_s", 0)
                     for cells in by.values()
                     for c in cells
-                    if c["status"] == "ok"
+                    if c["status"] == "ok" and c["seed"] in study.seeds
                 ),
                 1,
             ),
