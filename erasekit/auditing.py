@@ -365,12 +365,16 @@ def run_attacks(
     targets: list[str] | None = None,
     original: Path | None = None,
     cache_dir: Path | None = None,
+    unattacked: Mapping[str, list[dict]] | None = None,
 ) -> tuple[dict[str, dict], dict[str, dict], list[dict]]:
     """Run every attack on every model role (the audited model, the original, the
     never-learned one; or the ``targets`` roles only) with the same data and budget; evaluate
     with the audit's detectors. Returns (attack entries, results by "<attack>:<role>",
     final-step samples). ``original``: the model attacks that need one start from (default:
-    the reference role). ``cache_dir``: where attacks keep what later audits reuse."""
+    the reference role). ``cache_dir``: where attacks keep what later audits reuse.
+    ``unattacked``: role -> the audit's own samples of ``curve_set`` (same seed, images per
+    prompt and sampler); a recovery curve's step 0 on those prompts is the unattacked model,
+    so it takes them instead of rendering them again."""
     from erasekit.attacks import AttackContext, get_attack
 
     original = original or roles.get("reference")
@@ -400,11 +404,15 @@ def run_attacks(
 
             def evaluate(pipe, step, prompts=None, _name=name, _role=role, _last=last):
                 ps = prompts.limit(audit.limit) if prompts else curve_set
-                part = evaluate_prompt_set(pipe, ps, root,
-                                           f"attacks/{_name}/{_role}-curve/step-{step:06d}",
-                                           judges, model_path=None, settings=settings,
-                                           n_per_prompt=audit.n_per_prompt, seed=audit.seed,
-                                           batch_size=audit.batch_size)  # fmt: skip
+                if step == 0 and prompts is None and (unattacked or {}).get(_role):
+                    part = unattacked[_role]
+                else:
+                    part = evaluate_prompt_set(pipe, ps, root,
+                                               f"attacks/{_name}/{_role}-curve/step-{step:06d}",
+                                               judges, model_path=None, settings=settings,
+                                               n_per_prompt=audit.n_per_prompt,
+                                               seed=audit.seed,
+                                               batch_size=audit.batch_size)  # fmt: skip
                 metrics, _ = set_metrics(part, ps, judges, seed=audit.seed, utility=False)
                 _last.update(step=step, samples=part, metrics=metrics)
                 return metrics[metric_key("concept_rate", ps.name)]
@@ -620,7 +628,11 @@ def run_audit(
                 attacks, roles, concept, curve_set, judges, tmp, settings, audit, device,
                 progress and state.is_main_process,
                 original=Path(original) if original else None,
-                cache_dir=Path(cache_dir) if cache_dir else None)  # fmt: skip
+                cache_dir=Path(cache_dir) if cache_dir else None,
+                unattacked={role: [s for s in samples if s["model"] == role
+                                   and s["prompt_set"] == curve_set.name]
+                            for role, path in roles.items() if path is not None},
+            )  # fmt: skip
             results.update(attacked)
             samples += attacked_samples
         document = {

@@ -200,6 +200,11 @@ def test_audit_runs_attacks_on_the_model_and_its_controls(world_erased, tmp_path
         assert (out / m["artefact"]).is_file() and m["cost"]["steps"] == 2
         final = doc["results"][f"finetune:{role}"]["concept_rate/direct"]
         assert final["value"] == m["curve"][-1]["value"] and final["n_images"] == 2
+        # step 0 is the unattacked model: the audit's own images, not rendered again
+        before = doc["results"][role]["concept_rate/direct"]
+        assert m["curve"][0]["value"] == before["value"] and m["curve"][0]["n_images"] == 2
+        assert not (out / "attacks" / "finetune" / f"{role}-curve" / "step-000000").exists()
+        assert (out / "attacks" / "finetune" / f"{role}-curve" / "step-000001").is_dir()
     # the same benign data (rendered once by the audited model) for every model
     assert entry["data"]["origin"].startswith("rendered by the audited model")
     assert entry["models"]["reference"]["curve"][0]["value"] >= 0.5
