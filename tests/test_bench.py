@@ -157,6 +157,18 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(
     assert r.returncode == 1 and "circle salun seed 0: ok; 0 s, reused" in r.stderr
     assert all(os.stat(p).st_mtime_ns == t for p, t in cells.items())
     assert _board(out)["concepts"] == board["concepts"]
+    # a one-seed study on the same folder counts the cost of the cells it pools, not the
+    # other seeds' the folder holds
+    from erasekit.bench.pooling import leaderboard
+
+    one = tmp_path / "one.yaml"
+    one.write_text(STUDY.format(base=tiny_model_dir).replace("seeds: [0, 1]", "seeds: [0]"))
+    wall = leaderboard(load_study(one), out)["provenance"]["cells_wall_s"]
+    seed0 = [json.loads(p.read_text()) for p in (out / "cells").glob("circle/*/seed0/cell.json")]
+    assert [c["status"] for c in seed0].count("ok") == 2
+    expected = sum((c.get("erase_wall_s") or 0) + c["audit_wall_s"] for c in seed0
+                   if c["status"] == "ok")  # fmt: skip
+    assert wall == round(expected, 1) < _board(out)["provenance"]["cells_wall_s"]
 
 
 ROWS = """\
