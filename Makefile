@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/erasekit demo --out demo-output --overwrite
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist worksteal
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
