@@ -606,3 +606,21 @@ def test_a_kept_cell_comes_back_and_the_current_one_is_kept(tmp_path):
     _keep_aside(seed0, "b")  # b replaces the failed cell, which is not kept
     assert json.loads((seed0 / "cell.json").read_text())["key"] == "b"
     assert sorted(p.name for p in seed0.parent.iterdir()) == ["seed0"]
+
+
+def test_an_option_added_at_its_default_keeps_a_cached_erasure():
+    """A model erased before its method gained an option is reused while the option keeps its
+    default; a changed value, or a recorded setting the method no longer has, erases again."""
+    from dataclasses import asdict
+
+    from erasekit.bench.runner import _plain, _same_erasure
+    from erasekit.methods.resalign import ResAlignConfig
+
+    config = ResAlignConfig(base="salun")
+    recorded = _plain(asdict(config))
+    assert _same_erasure(recorded, config)
+    older = {k: v for k, v in recorded.items() if not k.startswith("surrogate_")}
+    assert _same_erasure(older, config)  # recorded before the surrogate_* options existed
+    assert not _same_erasure(older, ResAlignConfig(base="salun", surrogate_mode="replace"))
+    assert not _same_erasure({**recorded, "base": "esd"}, config)
+    assert not _same_erasure({**recorded, "retired_option": 1}, config)

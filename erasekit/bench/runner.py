@@ -68,6 +68,19 @@ def _erased_with(folder: Path) -> dict[str, Any] | None:
     return json.loads(manifest.read_text()).get("method", {}).get("config", {})
 
 
+def _same_erasure(recorded: dict[str, Any], config) -> bool:
+    """Whether a model erased with the ``recorded`` configuration is the one ``config`` (a
+    method's dataclass) would erase. A setting the method gained since, absent from the record
+    and at its default, counts as the same: a new option's default keeps the old behaviour."""
+    current = _plain(asdict(config))
+    default = _plain(asdict(type(config)()))
+    if set(recorded) - set(current):
+        return False
+    return all(
+        recorded[k] == v if k in recorded else v == default.get(k) for k, v in current.items()
+    )
+
+
 class _NotBuilt(Exception):
     """Planning only: a model the cell needs is not erased yet."""
 
@@ -130,11 +143,12 @@ class Runner:
                     parts.append(f"processes={n}")
                 key = _key(*parts)
                 folder = self.out / "models" / f"{row.name}-{concept.name}-seed{seed}-{key}"
-                config = _plain(asdict(erase_config(str(row.method), target, settings)))
-                if _erased_with(folder) not in (None, config):
+                config = erase_config(str(row.method), target, settings)
+                recorded = _erased_with(folder)
+                if recorded is not None and not _same_erasure(recorded, config):
                     # the method's defaults (its world preset) changed since this model was
                     # erased: the full configuration joins the key, so it is erased again
-                    key = _key(*parts, config)
+                    key = _key(*parts, _plain(asdict(config)))
                     folder = folder.with_name(f"{row.name}-{concept.name}-seed{seed}-{key}")
                 if _erased_with(folder) is None and self.dry:
                     raise _NotBuilt(row.name)

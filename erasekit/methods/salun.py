@@ -349,6 +349,33 @@ def world_relabel(concept, avoid: frozenset[str] = frozenset()) -> str:
                                                    if v not in taken)  # fmt: skip
 
 
+def surrogate_pairs(cfg, concept, owner: str = "salun") -> list[tuple[str, str]]:
+    """surrogate_mode=replace: (word, replacement) pairs from ``cfg.surrogate_word`` (default
+    the concept's words) and ``cfg.surrogate_replacement``; comma lists pair up in order (one
+    replacement serves every word)."""
+    words = split_list(cfg.surrogate_word) or concept.words
+    given = split_list(cfg.surrogate_replacement) or [""]
+    replacements = one_per(given, words, owner=owner, what="surrogate replacements",
+                           per="words")  # fmt: skip
+    return list(zip(words, replacements, strict=True))
+
+
+def relabel_prompts(prompts: list[str], pairs: list[tuple[str, str]]) -> list[str]:
+    """Each prompt with every concept word it holds replaced (anchor prompts); a prompt that
+    holds none of the words is an error."""
+    patterns = [(re.compile(rf"\b{re.escape(w)}\b", re.IGNORECASE), r) for w, r in pairs]
+    out = []
+    for p in prompts:
+        held = [(pattern, r) for pattern, r in patterns if pattern.search(p)]
+        if not held:
+            words = ", ".join(repr(w) for w, _ in pairs)
+            raise ErasekitError(f"surrogate_mode=replace: forget prompt {p!r} lacks {words}")
+        for pattern, r in held:
+            p = pattern.sub(r, p)
+        out.append(" ".join(p.split()))
+    return out
+
+
 class SalUn(Method):
     name = "salun"
     Config = SalUnConfig
@@ -379,29 +406,12 @@ class SalUn(Method):
         return {"alpha": 0.5, "epochs": 5}
 
     def replacements(self) -> list[tuple[str, str]]:
-        """surrogate_mode=replace: (word, replacement) pairs; comma lists pair up in order
-        (one replacement serves every word)."""
-        cfg = self.config
-        words = split_list(cfg.surrogate_word) or self.concept.words
-        given = split_list(cfg.surrogate_replacement) or [""]
-        replacements = one_per(given, words, owner="salun", what="surrogate replacements",
-                               per="words")  # fmt: skip
-        return list(zip(words, replacements, strict=True))
+        """surrogate_mode=replace: (word, replacement) pairs."""
+        return surrogate_pairs(self.config, self.concept)
 
     def anchor_prompts(self, prompts: list[str]) -> list[str]:
         """surrogate_mode=replace: each prompt with every concept word it holds replaced."""
-        pairs = [(re.compile(rf"\b{re.escape(w)}\b", re.IGNORECASE), r)
-                 for w, r in self.replacements()]  # fmt: skip
-        out = []
-        for p in prompts:
-            held = [(pattern, r) for pattern, r in pairs if pattern.search(p)]
-            if not held:
-                words = ", ".join(repr(w) for w, _ in self.replacements())
-                raise ErasekitError(f"surrogate_mode=replace: forget prompt {p!r} lacks {words}")
-            for pattern, r in held:
-                p = pattern.sub(r, p)
-            out.append(" ".join(p.split()))
-        return out
+        return relabel_prompts(prompts, self.replacements())
 
     def prepare_data(self, pipe):
         data = super().prepare_data(pipe)

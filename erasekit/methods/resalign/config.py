@@ -39,6 +39,11 @@ class ResAlignConfig(TrainConfig):
     ddim_steps: int = 50  # esd: partial-sample schedule
     sample_guidance: float = 3.0  # esd: CFG of the partial sample
     surrogate: str = ""  # salun: "" = the concept's surrogate prompt
+    # salun: fixed (one surrogate prompt) | replace (per image, its prompt with the concept
+    # word replaced, as SalUn's option); other bases ignore the three
+    surrogate_mode: str = "fixed"
+    surrogate_word: str = ""  # "" = the concept's words
+    surrogate_replacement: str = ""  # "" on ShapesWorld = SalUn's world relabel (red -> blue)
     mask_fraction: float = 0.5  # trainable=mask: share of weights trained
     mask_guidance: float = 7.5
     mask_batch_size: int = 8
@@ -74,6 +79,8 @@ class ResAlignConfig(TrainConfig):
             raise ErasekitError("max_retries must be non-negative")
         if not 0.0 < self.mask_fraction <= 1.0:
             raise ErasekitError("mask_fraction must be in (0, 1]")
+        if self.surrogate_mode not in ("fixed", "replace"):
+            raise ErasekitError("surrogate_mode must be fixed or replace")
         from erasekit.methods.salun import check_mask_source
 
         check_mask_source(self.mask_source, self.lcodec_samples)

@@ -128,6 +128,16 @@ class ResAlign(Method):
             images = self.image_set(pipe, "forget")
             data["forget"] = make_split(pipe, [], images)
             self.data_info["forget"] = images.describe()
+        if cfg.base == "salun" and cfg.surrogate_mode == "replace":
+            from erasekit.methods.salun import relabel_prompts, surrogate_pairs, world_relabel
+            from erasekit.training import encode_prompt_list
+
+            pairs = surrogate_pairs(cfg, self.concept, owner="resalign")
+            if not cfg.surrogate_replacement and self._world():
+                pairs = [(w, world_relabel(self.concept)) for w, _ in pairs]
+            anchors = relabel_prompts(data["forget"].prompts, pairs)
+            data["forget"].anchor = encode_prompt_list(pipe, anchors)
+            self.data_info["anchor_examples"] = sorted(set(anchors))[:5]
         images = self.image_set(pipe, "retain")
         data["retain"] = make_split(pipe, [], images)
         self.data_info["retain"] = images.describe()
@@ -208,21 +218,24 @@ class ResAlign(Method):
             x_t, t, target = self.esd.forget_target(ctx, batch["cond"], ctx.generator(micro))
             return {"x": x_t, "t": t, "cond": batch["cond"], "target": target}
         x_t, t, noise = ctx.noisy(batch["latents"], ctx.item_generators(micro))
-        out = {"x": x_t, "t": t, "cond": batch["cond"]}
+        out = {"x": x_t, "t": t, "cond": batch["cond"], "anchor": batch.get("anchor")}
         if cfg.base == "ga":
             out["target"] = ctx.denoising_target(batch["latents"], noise, t).float()
         return out
 
     def harmful_loss(self, ctx: TrainContext, inputs: dict[str, Any], overrides=None):
         """L_h at θ (no overrides) or at φ: ga = −ε-MSE, esd = MSE to ESD's target, salun =
-        MSE to the same parameters' (detached) prediction for the surrogate prompt."""
+        MSE to the same parameters' (detached) prediction for the surrogate prompt (or, with
+        surrogate_mode=replace, each image's anchor prompt)."""
         pred = self._eps(ctx, inputs["x"], inputs["t"], inputs["cond"], overrides)
         if self.config.base == "ga":
             return -F.mse_loss(pred, inputs["target"])
         if self.config.base == "esd":
             return F.mse_loss(pred, inputs["target"])
         with torch.no_grad():
-            anchor = self.surrogate_cond.expand_as(inputs["cond"])
+            anchor = inputs.get("anchor")
+            if anchor is None:
+                anchor = self.surrogate_cond.expand_as(inputs["cond"])
             target = self._eps(ctx, inputs["x"], inputs["t"], anchor, overrides)
         return F.mse_loss(pred, target)
 
