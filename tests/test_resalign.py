@@ -168,7 +168,7 @@ def test_lambda_zero_reduces_to_the_base_methods_gradient(base, tiny_model_dir, 
         # renders (SalUn's world preset relabels, on the world renderer's images)
         ref = _erase(tiny_model_dir, tmp_path / "base", "salun", alpha=0.0, mask_fraction=1.0,
                      surrogate_mode="fixed", image_source="original", **common)  # fmt: skip
-        trainable = {"trainable": "full"}
+        trainable = {"trainable": "full", "surrogate_mode": "fixed"}  # circle's default: replace
     ours = _erase(tiny_model_dir, tmp_path / "resalign", "resalign", base=base, lam=0.0,
                   retain_weight=0.0, retain_weight_late=0.0, weight_decay=0.0,
                   **trainable, **common)  # fmt: skip
@@ -304,3 +304,13 @@ def test_two_process_step_equals_one_process_with_accumulation(tiny_model_dir, t
     assert off <= 1e-4 * sum(w.numel() for w in w1.values())
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=5e-5, rtol=0), k
+
+
+def test_world_surrogate_mode_follows_the_concepts_dimension():
+    """ResAlign over SalUn relabels shapes and styles on ShapesWorld (a fixed surrogate leaves
+    the style), and keeps the fixed surrogate for colours (the relabel costs retain accuracy)."""
+    from erasekit.methods.resalign import ResAlign
+
+    modes = {c: ResAlign.defaults(load_concept(c))["surrogate_mode"]
+             for c in ("red", "circle", "outlined")}  # fmt: skip
+    assert modes == {"red": "fixed", "circle": "replace", "outlined": "replace"}

@@ -20,6 +20,15 @@ from erasekit.methods.resalign.solver import double_backward_ready, make_hvp, no
 from erasekit.training import Split, TrainContext, make_split, step_generator
 
 
+# ResAlign over SalUn on ShapesWorld, the surrogate by the concept's dimension. The fixed
+# surrogate ("a solid shape") leaves the outlined style at 0.97 of direct prompts (SalUn 0.03)
+# and circle climbs back to 0.59 under benign fine-tuning; each image's prompt relabelled as
+# SalUn's world preset does (outlined -> filled, circle -> square) erases the style (0.09) and
+# holds circle at 0.09 after fine-tuning, but on red it costs retain accuracy (0.42 against the
+# fixed surrogate's 0.92). Measured in docs/results/resalign-world-anchors/.
+WORLD_SURROGATE_MODE = {"colour": "fixed", "shape": "replace", "style": "replace"}
+
+
 @dataclass
 class StepStats:
     """What one outer step's simulated fine-tunings did: the step's log fields, and the counts
@@ -95,8 +104,9 @@ class ResAlign(Method):
             # ShapesWorld was trained at lr 1e-3 on a CPU: world-scale lr and budget. Its
             # full-weight Hessians reach eigenvalues near 30, where the fixed-point iteration
             # only contracts for α below ~1/16: starting there saves four failing retries.
+            mode = WORLD_SURROGATE_MODE.get(concept.detector.get("dimension"), "fixed")
             return {"steps": 60, "configs_per_step": 2, "batch_size": 4, "alpha": 1 / 16,
-                    "world_scale": True}  # fmt: skip
+                    "world_scale": True, "surrogate_mode": mode}  # fmt: skip
         return {}
 
     def __init__(self, *args, **kwargs) -> None:
