@@ -314,3 +314,8 @@ def test_world_surrogate_mode_follows_the_concepts_dimension():
     modes = {c: ResAlign.defaults(load_concept(c))["surrogate_mode"]
              for c in ("red", "circle", "outlined")}  # fmt: skip
     assert modes == {"red": "fixed", "circle": "replace", "outlined": "replace"}
+    from erasekit.api import erase_config
+
+    # another base has no surrogate: its configuration records the default, not the world's
+    assert erase_config("resalign", "circle", {"base": "esd"}).surrogate_mode == "fixed"
+    assert erase_config("resalign", "circle", {"base": "salun"}).surrogate_mode == "replace"

@@ -81,6 +81,8 @@ class ResAlignConfig(TrainConfig):
             raise ErasekitError("mask_fraction must be in (0, 1]")
         if self.surrogate_mode not in ("fixed", "replace"):
             raise ErasekitError("surrogate_mode must be fixed or replace")
+        if self.base != "salun":  # SalUn's surrogate only: another base records the default
+            self.surrogate_mode = "fixed"
         from erasekit.methods.salun import check_mask_source
 
         check_mask_source(self.mask_source, self.lcodec_samples)

@@ -19,7 +19,6 @@ from erasekit.methods.resalign.meta import META_SD, META_WORLD, SimConfig, load_
 from erasekit.methods.resalign.solver import double_backward_ready, make_hvp, norm, proximal_solve
 from erasekit.training import Split, TrainContext, make_split, step_generator
 
-
 # ResAlign over SalUn on ShapesWorld, the surrogate by the concept's dimension. The fixed
 # surrogate ("a solid shape") leaves the outlined style at 0.97 of direct prompts (SalUn 0.03)
 # and circle climbs back to 0.59 under benign fine-tuning; each image's prompt relabelled as
