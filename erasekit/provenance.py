@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import os
 import platform
 import resource
 import subprocess
@@ -131,3 +132,24 @@ def peak_memory() -> dict[str, int | None]:
     except Exception:  # pragma: no cover - torch missing or broken CUDA
         cuda = None
     return {"host_peak_rss_bytes": int(host), "cuda_peak_allocated_bytes": cuda}
+
+
+def machine() -> str:
+    """The machine a wall time was measured on: architecture, CPU model, CPUs, GPU if used."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{platform.machine()}, {cpu}, {os.cpu_count()} CPUs"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            text += f", {torch.cuda.get_device_name(0)}"
+    except Exception:  # pragma: no cover - torch missing or broken CUDA
+        pass
+    return text

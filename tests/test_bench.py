@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -110,7 +111,10 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(
     (out / "leaderboard.md").unlink()
     assert run_main(capsys, "bench", "report", str(out)).returncode == 0
     assert (out / "leaderboard.md").read_text() == md
-    assert "last_run_wall_s" in _board(out)["provenance"]  # the last run's time is kept
+    provenance = _board(out)["provenance"]  # the last run's time and machine are kept
+    assert "last_run_wall_s" in provenance
+    assert provenance["last_run_machine"].startswith(platform.machine())
+    assert provenance["last_run_machine"] in md
     first = (out / "leaderboard.json").read_text()
     # the HTML table sorts in a real browser (#sort=KEY: ascending by that column)
     key = "concept_rate/direct"

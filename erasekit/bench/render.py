@@ -43,6 +43,8 @@ def _cost_line(provenance: dict[str, Any]) -> str:
         if n > 1 and share:
             text += (", each running whole cells" if share == "cells"
                      else ", all of them on every cell")  # fmt: skip
+        if provenance.get("last_run_machine"):
+            text += f", on {provenance['last_run_machine']}"
         text += " (cells done earlier cost it nothing)"
     return text + "."
 

@@ -17,6 +17,7 @@ from erasekit.bench.study import ModelRow, Study, load_study, resolve_base
 from erasekit.distributed import process_state
 from erasekit.errors import ErasekitError, first_line
 from erasekit.outputs import atomic_file, output_lock, write_json
+from erasekit.provenance import machine
 
 
 def _key(*parts: Any) -> str:
@@ -325,6 +326,7 @@ class Runner:
             board["provenance"]["last_run_wall_s"] = round(time.perf_counter() - started, 1)
             board["provenance"]["last_run_processes"] = state.num_processes
             board["provenance"]["last_run_share"] = share if state.num_processes > 1 else None
+            board["provenance"]["last_run_machine"] = machine()
             if main:
                 write_leaderboard(board, self.out)
         return board
@@ -410,7 +412,8 @@ def report(out: str | Path) -> dict[str, Any]:
                 f"with 'erasekit bench run'"
             )
         board = leaderboard(study, out)
-        for key in ("last_run_wall_s", "last_run_processes", "last_run_share"):  # the last run
+        last_run = ("last_run_wall_s", "last_run_processes", "last_run_share", "last_run_machine")
+        for key in last_run:  # the last run's, kept
             if key in previous.get("provenance", {}):
                 board["provenance"][key] = previous["provenance"][key]
         write_leaderboard(board, out)
