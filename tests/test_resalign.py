@@ -168,7 +168,7 @@ def test_lambda_zero_reduces_to_the_base_methods_gradient(base, tiny_model_dir, 
         # renders (SalUn's world preset relabels, on the world renderer's images)
         ref = _erase(tiny_model_dir, tmp_path / "base", "salun", alpha=0.0, mask_fraction=1.0,
                      surrogate_mode="fixed", image_source="original", **common)  # fmt: skip
-        trainable = {"trainable": "full", "surrogate_mode": "fixed"}  # circle's default: replace
+        trainable = {"trainable": "full", "surrogate_mode": "fixed"}
     ours = _erase(tiny_model_dir, tmp_path / "resalign", "resalign", base=base, lam=0.0,
                   retain_weight=0.0, retain_weight_late=0.0, weight_decay=0.0,
                   **trainable, **common)  # fmt: skip
@@ -315,15 +315,15 @@ def test_two_process_step_equals_one_process_with_accumulation(tiny_model_dir, t
 
 
 def test_world_surrogate_mode_follows_the_concepts_dimension():
-    """ResAlign over SalUn relabels shapes and styles on ShapesWorld (a fixed surrogate leaves
-    the style), and keeps the fixed surrogate for colours (the relabel costs retain accuracy)."""
+    """ResAlign over SalUn relabels styles on ShapesWorld (a fixed surrogate leaves the style),
+    and keeps the fixed surrogate for colours and shapes (where its LoRA erases further)."""
     from erasekit.methods.resalign import ResAlign
 
     modes = {c: ResAlign.defaults(load_concept(c))["surrogate_mode"]
              for c in ("red", "circle", "outlined")}  # fmt: skip
-    assert modes == {"red": "fixed", "circle": "replace", "outlined": "replace"}
+    assert modes == {"red": "fixed", "circle": "fixed", "outlined": "replace"}
     from erasekit.api import erase_config
 
     # another base has no surrogate: its configuration records the default, not the world's
-    assert erase_config("resalign", "circle", {"base": "esd"}).surrogate_mode == "fixed"
-    assert erase_config("resalign", "circle", {"base": "salun"}).surrogate_mode == "replace"
+    assert erase_config("resalign", "outlined", {"base": "esd"}).surrogate_mode == "fixed"
+    assert erase_config("resalign", "outlined", {"base": "salun"}).surrogate_mode == "replace"
