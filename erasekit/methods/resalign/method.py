@@ -20,12 +20,12 @@ from erasekit.methods.resalign.solver import double_backward_ready, make_hvp, no
 from erasekit.training import Split, TrainContext, make_split, step_generator
 
 # ResAlign over SalUn on ShapesWorld, the surrogate by the concept's dimension
-# (docs/results/resalign-world-anchors/). With the fixed surrogate ("a solid shape") the outlined
-# style stays at 0.97 of direct prompts (SalUn 0.03); each image's prompt relabelled as SalUn's
-# world preset does (outlined -> filled) erases it (0.06 with the default LoRA). On circle the
-# default LoRA erases further with the fixed surrogate (0.03 against 0.34 relabelled, 0.00
-# against 0.16 after fine-tuning; SalUn's mask as the trainable set turns that round), and on
-# red the relabel costs retain accuracy (0.42 against 0.92 with the mask).
+# (docs/results/resalign-world-anchors/, the default LoRA): with the fixed surrogate ("a solid
+# shape") the outlined style stays at 0.97 of direct prompts (SalUn 0.03), each image's prompt
+# relabelled as SalUn's world preset does (outlined -> filled) erases it (0.06); on circle the
+# fixed surrogate erases further (0.00 against 0.38 relabelled; 0.00 against 0.16 after benign
+# fine-tuning; with SalUn's mask as the trainable set the relabel holds better); on red the
+# relabel costs retain accuracy (0.58 against 0.96).
 WORLD_SURROGATE_MODE = {"colour": "fixed", "shape": "fixed", "style": "replace"}
 
 
