@@ -75,10 +75,12 @@ SD_SCHEDULER = {
 
 def write_record(benchmark: str, result: dict, out: Path) -> None:
     """Write (and print) a benchmark's JSON record with the machine it ran on."""
+    from erasekit.provenance import machine
+
     record = {
         "benchmark": benchmark,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": f"{machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "result": result,
     }

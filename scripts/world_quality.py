@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from erasekit.evaluation import (
 )
 from erasekit.models import load_pipeline
 from erasekit.outputs import write_json
+from erasekit.provenance import machine
 from erasekit.sampling import SamplerSettings
 from erasekit.world import ASSETS, world_path
 from erasekit.world.render import COLOURS, SHAPES
@@ -270,7 +270,7 @@ def main() -> None:
             "seed": args.seed,
             "seed_rule": "derive_seed(seed, prompt_index, k)",
             "interval": "95% Wilson",
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+            "machine": f"{machine()}, {torch.get_num_threads()} threads",
         },
         "summary": summary(results),
         **results,
