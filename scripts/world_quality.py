@@ -7,7 +7,8 @@ Bars (ShapesWorld v2), every rate with n images and a 95% Wilson interval, >= 64
 - never-learned references: the held-out concept, prompted by its word, <= 0.02; the other
   values of its dimension >= 0.93;
 - robustness: the retain-only control (SalUn's world preset with the forget term off, on the
-  full model) changes retain accuracy on red's retain set by <= 3 points (paired seeds);
+  full model) changes retain accuracy on red's retain set by <= 3 points (mean over five
+  training seeds, paired images);
 - steerability: UnlearnDiffAtk at its world budget on `no-red` reaches <= 20% ASR on red's
   forget prompts, judged by the abstaining world detector;
 - shipped size (fp16) <= 40 MB; generation >= 8 images/s on 2 cores.
@@ -16,6 +17,8 @@ Each part's numbers are kept in ``--work`` (default: a folder beside the doc), s
 interrupted run resumes and ``--parts`` re-measures a subset.
 
   python scripts/world_quality.py [--root ASSETS] [--parts direct,paraphrase,...]
+  python scripts/world_quality.py --parts robustness --control-set images_per_prompt=32 \
+      --control-set epochs=1 --doc OTHER.md     # the control with other SalUn settings
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ DIMENSION = {**{c: "colour" for c in COLOURS}, **{s: "shape" for s in SHAPES}, "
 NEVER_LEARNED = {"no-red": "red", "no-circle": "circle", "no-outlined": "outlined"}
 PARTS = ("speed", "direct", "paraphrase", "retain", "never_learned", "robustness", "steerability")
 MIN_IMAGES = 64
+DOC = "docs/results/world.md"
+CONTROL_SEEDS = (0, 1, 2, 3, 4)  # training seeds of the retain-only control
+CONTROL_IMAGES_FACTOR = 8  # the control's images per retain prompt: 8 x per_prompt (576 for red)
 BARS = {
     "direct_min": (">=", 0.95),
     "paraphrase_min": (">=", 0.85),
@@ -80,8 +86,9 @@ def per_prompt(prompt_set) -> int:
 
 
 class Quality:
-    def __init__(self, root: Path, tmp: Path, seed: int) -> None:
+    def __init__(self, root: Path, tmp: Path, seed: int, control_sets: list[str]) -> None:
         self.root, self.tmp, self.seed = root, tmp, seed
+        self.control_sets = control_sets  # extra SalUn settings for the control (experiments)
         self.detector = WorldDetector(root / "classifier")
         self.pipes: dict[str, object] = {}
 
@@ -147,33 +154,56 @@ class Quality:
 
     def robustness(self) -> dict:
         """SalUn's world preset with the forget term off (the surrogate is the prompt itself),
-        on the full model; retain accuracy on red's retain set before and after, same seeds."""
+        on the full model, once per training seed in CONTROL_SEEDS; retain accuracy on red's
+        retain set before and after on the same images (prompt, k, sampling seed). One control
+        run is not enough: with the same settings the change swings by several points from one
+        training seed to the next, so the bar takes the mean over the seeds, with a paired
+        bootstrap interval over prompts."""
         from erasekit.config import build_config
+        from erasekit.detectors.world import WorldDetector
         from erasekit.methods.salun import SalUn
+        from erasekit.stats import paired_difference
         from erasekit.training import train
 
         concept = load_concept("red")
         full = world_path("full", self.root)
-        sets = ["surrogate_mode=replace", "surrogate_replacement=red"]
-        config = build_config(SalUn.Config, SalUn.defaults(concept), sets=sets)
-        out_dir = self.tmp / "control"
-        t0 = time.time()
-        method = SalUn(config, concept, model_path=full, cache_dir=self.tmp / "cache")
-        train(method, load_pipeline(full), model_path=full, out_dir=out_dir, concept=concept,
-              progress=False)  # fmt: skip
-        seconds = time.time() - t0
         ps = concept.retain
-        before_records, before = render_and_score(
-            self.pipe("full"), ps, self.tmp / "ctl-before", self.detector, model_path=full,
-            n_per_prompt=4 * per_prompt(ps), seed=self.seed)  # fmt: skip
-        after_records, after = render_and_score(
-            load_pipeline(out_dir), ps, self.tmp / "ctl-after", self.detector, model_path=out_dir,
-            n_per_prompt=4 * per_prompt(ps), seed=self.seed)  # fmt: skip
-        b = attribute_accuracy(before_records, before, ps)
-        a = attribute_accuracy(after_records, after, ps)
-        return {"settings": sets, "config": {k: v for k, v in vars(config).items()},
-                "before": b, "after": a, "erase_s": round(seconds, 1),
-                "change_points": round(100 * (a["value"] - b["value"]), 2)}  # fmt: skip
+        n = CONTROL_IMAGES_FACTOR * per_prompt(ps)
+
+        def correct(pipe, model_path, tag):
+            records, scores = render_and_score(pipe, ps, self.tmp / tag, self.detector,
+                                               model_path=model_path, n_per_prompt=n,
+                                               seed=self.seed)  # fmt: skip
+            hits = [WorldDetector.retain_correct(r["prompt"], sc) for r, sc in
+                    zip(records, scores, strict=True)]  # fmt: skip
+            return records, hits, attribute_accuracy(records, scores, ps)
+
+        before_records, before_hits, before = correct(self.pipe("full"), full, "ctl-before")
+        sets = ["surrogate_mode=replace", "surrogate_replacement=red", *self.control_sets]
+        runs, groups = [], {}
+        for seed in CONTROL_SEEDS:
+            config = build_config(SalUn.Config, SalUn.defaults(concept),
+                                  sets=[*sets, f"seed={seed}"])  # fmt: skip
+            out_dir = self.tmp / f"control-{seed}"
+            t0 = time.time()
+            method = SalUn(config, concept, model_path=full, cache_dir=self.tmp / "cache")
+            train(method, load_pipeline(full), model_path=full, out_dir=out_dir,
+                  concept=concept, progress=False)  # fmt: skip
+            seconds = time.time() - t0
+            records, hits, after = correct(load_pipeline(out_dir), out_dir, f"ctl-after-{seed}")
+            for rb, ra, hb, ha in zip(before_records, records, before_hits, hits, strict=True):
+                if (rb["prompt"], rb["seed"]) != (ra["prompt"], ra["seed"]):
+                    raise RuntimeError("the control's images do not pair with the original's")
+                groups.setdefault(rb["prompt"], []).append(float(ha) - float(hb))
+            change_points = round(100 * (after["value"] - before["value"]), 2)
+            runs.append({"seed": seed, "after": after, "erase_s": round(seconds, 1),
+                         "change_points": change_points})  # fmt: skip
+        change = paired_difference(list(groups.values()))
+        return {"settings": sets, "config": {k: v for k, v in vars(config).items() if k != "seed"},
+                "seeds": list(CONTROL_SEEDS), "before": before, "runs": runs,
+                "change": change, "change_points": round(100 * change["value"], 2),
+                "interval": "mean over the seeds of the paired per-image differences, "
+                "percentile bootstrap 95% over prompts (2000 resamples, seed 0)"}  # fmt: skip
 
     def steerability(self) -> dict:
         from erasekit.auditing import AuditSettings, attack_configs, run_attacks
@@ -239,9 +269,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--root", default=str(ASSETS), help="world assets folder")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--doc", default="docs/results/world.md")
+    ap.add_argument(
+        "--doc",
+        default=DOC,
+        help="the report; any other than the default gets "
+        "its numbers beside it (DOC.json) instead of in the assets' quality.json",
+    )
     ap.add_argument("--work", default=None, help="per-part results (default: DOC's .parts/)")
     ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--control-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="robustness: another SalUn setting for the control (an experiment; the "
+                    "bar is the preset's)")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(2)
     quiet_libraries()
@@ -249,7 +287,7 @@ def main() -> None:
     work = Path(args.work) if args.work else doc.parent / f".{doc.stem}.parts"
     work.mkdir(parents=True, exist_ok=True)
     scratch = tempfile.TemporaryDirectory(prefix="world-quality-")
-    q = Quality(root, Path(scratch.name), args.seed)
+    q = Quality(root, Path(scratch.name), args.seed, args.control_set)
     version = json.loads((root / "build.json").read_text()).get("world_version", 1)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     for part in parts:
@@ -275,8 +313,8 @@ def main() -> None:
         "summary": summary(results),
         **results,
     }
-    write_json(root / "quality.json", record)
     doc.parent.mkdir(parents=True, exist_ok=True)
+    write_json(root / "quality.json" if args.doc == DOC else doc.with_suffix(".json"), record)
     doc.write_text(markdown(record))
     print(json.dumps(record["summary"], indent=2))
 
@@ -338,12 +376,17 @@ def markdown(rec: dict) -> str:
         r = rec["robustness"]
         lines += ["## Robustness: the retain-only control", "",
                   f"SalUn's world preset with `{' '.join(r['settings'])}` (the forget term off), "
-                  f"on the full model ({r['erase_s']} s); retain accuracy on red's retain set with "
-                  "the same seeds before and after.", "",
+                  f"on the full model, once per training seed {r['seeds']}; retain accuracy on "
+                  "red's retain set on the same images (prompt, k, sampling seed) before and "
+                  "after.", "",
                   "| model | retain accuracy | 95% CI | n images | n prompts |",
-                  "|---|---|---|---|---|", _row("full", r["before"]),
-                  _row("after the control", r["after"]), "",
-                  f"Change: {r['change_points']:+.1f} points.", ""]  # fmt: skip
+                  "|---|---|---|---|---|", _row("full", r["before"])]  # fmt: skip
+        lines += [_row(f"after the control, seed {run['seed']} ({run['erase_s']} s; "
+                       f"{run['change_points']:+.1f} points)", run["after"])
+                  for run in r["runs"]]  # fmt: skip
+        lo, hi = (100 * v for v in r["change"]["ci95"])
+        lines += ["", f"Change: {r['change_points']:+.1f} points [{lo:+.1f}, {hi:+.1f}] "
+                  f"({r['interval']}; {r['change']['n_pairs']} pairs).", ""]  # fmt: skip
     if "steerability" in rec:
         st = rec["steerability"]
         lines += ["## Steerability: UnlearnDiffAtk on `no-red`", "",

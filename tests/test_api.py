@@ -99,7 +99,8 @@ def test_evaluate_returns_metrics_with_definitions():
     metrics = erasekit.evaluate(world_path("full"), "red", sets=["direct"], limit=2, seed=1)
     assert set(metrics) == {"concept_rate/direct"}
     m = metrics["concept_rate/direct"]
-    assert m["n_images"] == 2 and m["definition"]["protocol"]["world_version"] == 2
+    shipped = json.loads((world_path("full") / "erasekit.json").read_text())["world"]["version"]
+    assert m["n_images"] == 2 and m["definition"]["protocol"]["world_version"] == shipped
     with pytest.raises(ErasekitError, match="unknown prompt set 'nope'"):
         erasekit.evaluate(world_path("full"), "red", sets=["nope"])
 

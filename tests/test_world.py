@@ -215,9 +215,14 @@ def test_world_build_runs_end_to_end(tmp_path: Path, capsys):
     assert result.returncode == 0, result.stderr[-2000:]
     build = json.loads((out / "build.json").read_text())
     assert build["variants"] == ["full", "no-red"] and build["recipe"]["unet_steps"] == 2
-    assert build["world_version"] == 2 and not (tmp_path / ".world.build").exists()
+    from erasekit.world.build import WORLD_VERSION
+
+    assert build["world_version"] == WORLD_VERSION and not (tmp_path / ".world.build").exists()
     manifest = json.loads((out / "no-red" / "erasekit.json").read_text())
-    assert manifest["world"]["held_out_concept"] == "red" and manifest["world"]["version"] == 2
+    assert (
+        manifest["world"]["held_out_concept"] == "red"
+        and manifest["world"]["version"] == WORLD_VERSION
+    )
     assert "red" not in manifest["world"]["colours"]
     assert manifest["sampler"]["steps"] > 0
     assert (out / "classifier" / "model.safetensors").is_file()
@@ -235,6 +240,17 @@ def test_world_build_runs_end_to_end(tmp_path: Path, capsys):
         "--no-progress",
     )
     assert gen.returncode == 0, gen.stderr
+
+
+def test_world_build_reuse_from_refuses_a_folder_that_is_not_a_build(tmp_path: Path, capsys):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "build.json").write_text(json.dumps({"recipe": {}, "variants": []}))
+    for source, fragment in ((tmp_path / "nope", "not a world build"),
+                             (tmp_path / "half", "differs in seed")):  # fmt: skip
+        result = run_main(capsys, "world", "build", "--out", str(tmp_path / "w"),
+                          "--reuse-from", str(source), "--no-progress")  # fmt: skip
+        assert_one_line_error(result, "--reuse-from", fragment)
+        assert not (tmp_path / "w").exists() and not (tmp_path / ".w.build").exists()
 
 
 TINY_RECIPE = dict(n_images=64, vae_steps=2, vae_batch=8, classifier_steps=2, text_encoder_steps=2,
@@ -284,6 +300,25 @@ def test_world_build_resumes_to_identical_weights(tmp_path: Path, monkeypatch):
         a = load_file(str(tmp_path / "a" / "no-red" / part))
         b = load_file(str(tmp_path / "b" / "no-red" / part))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+    # --reuse-from: the earlier build's VAE, classifier and text encoder, new U-Nets only
+    longer = wb.WorldRecipe(**{**TINY_RECIPE, "unet_steps": 6})
+    with pytest.raises(ErasekitError, match="differs in vae_steps"):
+        wb.build_world(tmp_path / "c", wb.WorldRecipe(**{**TINY_RECIPE, "vae_steps": 3}),
+                       ("no-red",), progress=False, reuse_from=tmp_path / "a")  # fmt: skip
+    assert not wb.work_dir(tmp_path / "c").exists() and not (tmp_path / "c").exists()
+    info = wb.build_world(tmp_path / "c", longer, ("no-red",), progress=False,
+                          reuse_from=tmp_path / "a")  # fmt: skip
+    assert info["reused_stages"]["stages"] == ["vae", "classifier", "text_encoder"]
+    assert set(info["timings_s"]) == {"unet-base_s", "unet-no-red_s", "total_s"}
+    for part in ("classifier/model.safetensors", "classifier/config.json"):
+        assert (tmp_path / "a" / part).read_bytes() == (tmp_path / "c" / part).read_bytes()
+    for part in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                 "unet/diffusion_pytorch_model.safetensors"):  # fmt: skip
+        a = load_file(str(tmp_path / "a" / "no-red" / part))
+        c = load_file(str(tmp_path / "c" / "no-red" / part))
+        same = all(torch.equal(a[k], c[k]) for k in a)
+        assert same == (not part.startswith("unet")), part  # the U-Net trained 6 steps, not 5
 
 
 def test_world_detector_abstains_on_off_world_renders():

@@ -36,6 +36,13 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continue an interrupted build from its work folder (.OUT.build beside --out)",
     )
+    b.add_argument(
+        "--reuse-from",
+        default=None,
+        metavar="DIR",
+        help="take the VAE, classifier and text encoder of an earlier build (e.g. the shipped "
+        "assets) and train only the U-Nets; its recipe must agree on what those stages use",
+    )
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=run_build)
 
@@ -79,7 +86,8 @@ def run_build(args: argparse.Namespace) -> int:
     out = args.out or str(ASSETS)
     command = "erasekit " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
     info = build_world(out, recipe, variants, progress=not args.no_progress, device=args.device,
-                       command=command, resume=args.resume)  # fmt: skip
+                       command=command, resume=args.resume,
+                       reuse_from=args.reuse_from)  # fmt: skip
     print(f"wrote ShapesWorld ({', '.join(variants)}) to {out} in {info['timings_s']['total_s']} s")
     return 0
 

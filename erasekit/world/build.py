@@ -486,6 +486,59 @@ def declare_float32(model_dir: str | Path) -> None:
     config.write_text(json.dumps(data, indent=2) + "\n")
 
 
+# The recipe fields the shared stages (VAE, classifier, text encoder) depend on: a build may take
+# those stages from an earlier build whose recipe agrees on every one of them.
+SHARED_STAGE_FIELDS = ("seed", "vae_steps", "vae_batch", "vae_lr", "classifier_steps",
+                       "text_encoder_steps", "text_encoder_batch", "text_encoder_lr", "warmup",
+                       "heldout_n")  # fmt: skip
+SHARED_STAGES = ("vae", "classifier", "text_encoder")
+
+
+def _seed_shared_stages(work: Path, source: Path, recipe: WorldRecipe) -> dict:
+    """Copy an earlier build's VAE, classifier and text encoder into ``work`` as finished
+    stages, so that only the U-Nets are trained (the detector and the latent space stay those of
+    ``source``). Weights stored in fp16 are loaded back as fp32. Returns what was reused."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    from erasekit.outputs import write_json
+
+    info_file = source / "build.json"
+    if not info_file.is_file():
+        raise ErasekitError(f"--reuse-from {source}: not a world build (no build.json)")
+    built = json.loads(info_file.read_text())
+    ours = _recipe_record(recipe)
+    differ = [k for k in SHARED_STAGE_FIELDS if built.get("recipe", {}).get(k) != ours[k]]
+    if differ:
+        raise ErasekitError(
+            f"--reuse-from {source}: its recipe differs in {', '.join(differ)}, which its VAE, "
+            "classifier or text encoder depend on"
+        )
+    try:
+        model = source / built["variants"][0]
+        vae = AutoencoderKL.from_pretrained(str(model / "vae"), torch_dtype=torch.float32)
+        encoder = CLIPTextModel.from_pretrained(str(model / "text_encoder"),
+                                                torch_dtype=torch.float32)  # fmt: skip
+        shutil.copytree(source / "classifier", work / "classifier")
+    except (KeyError, IndexError, OSError, ValueError) as e:
+        raise ErasekitError(f"--reuse-from {source}: an incomplete world build ({e})") from None
+    vae.save_pretrained(str(work / "vae"))
+    config_file = work / "classifier" / "config.json"
+    config = json.loads(config_file.read_text())
+    if config.get("world_version") != WORLD_VERSION:  # the detector of this world now
+        config["trained_for_world_version"] = config.get("world_version", 1)
+        config["world_version"] = WORLD_VERSION
+        config_file.write_text(json.dumps(config, indent=2) + "\n")
+    encoder.save_pretrained(str(work / "text_encoder"))
+    write_json(work / "text_encoder" / "training.json", built.get("text_encoder", {}))
+    for name in SHARED_STAGES:
+        (work / name / ".done").write_text("")
+    timings = built.get("timings_s", {})
+    return {"from": str(source), "stages": list(SHARED_STAGES),
+            "source_timings_s": {k: timings[f"{k}_s"] for k in SHARED_STAGES
+                                 if f"{k}_s" in timings}}  # fmt: skip
+
+
 def work_dir(out_dir: str | Path) -> Path:
     """Where a build keeps its finished stages and checkpoints until the output is complete."""
     out = Path(out_dir)
@@ -537,8 +590,10 @@ def _build_world(
     command: str | None = None,
     device: str = "cpu",
     resume: bool = False,
+    reuse_from: str | Path | None = None,
 ) -> dict:
-    """The build's stages (see ``build_world``)."""
+    """The build's stages (see ``build_world``). With ``reuse_from`` (an earlier build), its
+    VAE, classifier and text encoder are taken as they are and only the U-Nets are trained."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
 
@@ -556,6 +611,9 @@ def _build_world(
     recipe = recipe or WorldRecipe()
     work = work_dir(out_dir)
     record = {"recipe": _recipe_record(recipe), "variants": list(variants)}
+    if reuse_from is not None:
+        reuse_from = Path(reuse_from).resolve()
+        record["reuse_from"] = str(reuse_from)
     if work.exists():
         if not resume:
             raise ErasekitError(
@@ -563,13 +621,20 @@ def _build_world(
                 "remove that folder to start over"
             )
         stored = json.loads((work / "recipe.json").read_text())
-        if stored != record:
+        if {k: v for k, v in stored.items() if k != "reused"} != record:
             raise ErasekitError(
                 f"the unfinished build in {work} used another recipe or variant list; remove "
                 "that folder to start over"
             )
+        record = stored
     else:
         work.mkdir(parents=True)
+        if reuse_from is not None:
+            try:
+                record["reused"] = _seed_shared_stages(work, reuse_from, recipe)
+            except BaseException:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
         write_json(work / "recipe.json", record)
     stages = _Stages(work)
     started = time.time()
@@ -684,7 +749,7 @@ def _build_world(
                 declare_float32(tmp / variant)
             vae.float()
             encoder.float()
-        timings = dict(stages.timings)
+        timings = dict(stages.timings)  # this build's stages only
         timings["total_s"] = round(sum(timings.values()) + 0.0, 1)
         info = {
             "world_version": WORLD_VERSION,
@@ -700,6 +765,8 @@ def _build_world(
             "device": device,
             "threads": torch.get_num_threads(),
         }
+        if "reused" in record:  # stages taken from an earlier build, with what they cost there
+            info["reused_stages"] = record["reused"]
         write_json(tmp / "build.json", info)
     shutil.rmtree(work, ignore_errors=True)
     return info
