@@ -319,6 +319,16 @@ def test_world_build_resumes_to_identical_weights(tmp_path: Path, monkeypatch):
         c = load_file(str(tmp_path / "c" / "no-red" / part))
         same = all(torch.equal(a[k], c[k]) for k in a)
         assert same == (not part.startswith("unet")), part  # the U-Net trained 6 steps, not 5
+    # a U-Net replicate: its own seed, the same shared stages; refused if the seed itself changes
+    replicate = wb.WorldRecipe(**{**TINY_RECIPE, "unet_seed": 7})
+    wb.build_world(tmp_path / "d", replicate, ("no-red",), progress=False,
+                   reuse_from=tmp_path / "a")  # fmt: skip
+    unet = "no-red/unet/diffusion_pytorch_model.safetensors"
+    a, d = load_file(str(tmp_path / "a" / unet)), load_file(str(tmp_path / "d" / unet))
+    assert not all(torch.equal(a[k], d[k]) for k in a)
+    with pytest.raises(ErasekitError, match="differs in seed"):
+        wb.build_world(tmp_path / "e", wb.WorldRecipe(**{**TINY_RECIPE, "seed": 7}),
+                       ("no-red",), progress=False, reuse_from=tmp_path / "a")  # fmt: skip
 
 
 def test_world_detector_abstains_on_off_world_renders():

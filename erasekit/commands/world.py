@@ -29,6 +29,13 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
         kind = int if name == "seed" else positive_int
         b.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name))
     b.add_argument(
+        "--unet-seed",
+        type=int,
+        default=None,
+        help="the U-Nets' own seed (default: --seed): replicates of a U-Net recipe that can "
+        "share one VAE, classifier and text encoder (--reuse-from)",
+    )
+    b.add_argument(
         "--variants", default=",".join(WORLD_VARIANTS), help="comma-separated subset to train"
     )
     b.add_argument(
@@ -74,6 +81,7 @@ def run_build(args: argparse.Namespace) -> int:
     recipe = replace(
         WorldRecipe(),
         seed=args.seed,
+        unet_seed=args.unet_seed,
         n_images=args.n_images,
         vae_steps=args.vae_steps,
         classifier_steps=args.classifier_steps,

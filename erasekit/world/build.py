@@ -58,6 +58,10 @@ BASE = {
 class WorldRecipe:
     version: int = WORLD_VERSION
     seed: int = 0
+    # The U-Nets' own seed (their data, initialisation and steps); None: ``seed``. Only the U-Net
+    # stages depend on it, so replicates of a U-Net recipe can share one VAE, classifier and
+    # text encoder (``--reuse-from``).
+    unet_seed: int | None = None
     n_images: int = 30000
     vae_steps: int = 1000
     vae_batch: int = 64
@@ -701,10 +705,11 @@ def _build_world(
         stages.finish(name, seconds)
         shutil.rmtree(work / name / "checkpoints", ignore_errors=True)
 
-    unet_stage("unet-base", BASE, recipe.seed + 100, recipe.base_steps)
+    unet_seed = recipe.seed if recipe.unet_seed is None else recipe.unet_seed
+    unet_stage("unet-base", BASE, unet_seed + 100, recipe.base_steps)
     for variant in variants:
         index = list(VARIANTS).index(variant)
-        unet_stage(f"unet-{variant}", VARIANTS[variant], recipe.seed + 101 + index,
+        unet_stage(f"unet-{variant}", VARIANTS[variant], unet_seed + 101 + index,
                    recipe.unet_steps, init=work / "unet-base")  # fmt: skip
 
     with atomic_output_dir(out_dir, overwrite=True) as tmp:
