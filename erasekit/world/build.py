@@ -1,17 +1,19 @@
-"""Train ShapesWorld v2: VAE, world classifier, and per variant a text encoder and a U-Net.
+"""Train ShapesWorld: VAE, world classifier, text encoder, and a U-Net per variant.
 
 Recipe (measured on a 2-core CPU; docs/world.md has the reasoning and docs/results/world.md the
 bars it meets):
 - 32x32 RGB renders -> AutoencoderKL with 4x downsampling -> 8x8x4 latents.
-- CLIPTextModel (hidden 32, 2 layers), pre-trained per variant to name the colour, shape and
-  style of a caption from its pooled output (synonyms and indirect phrasings included), then
-  frozen: the U-Net gets conditioning that already separates the concepts.
-- UNet2DConditionModel, cross-attention in both levels, epsilon prediction, DDPM's linear betas
-  (1e-4..0.02; SD's scaled-linear schedule leaves so much signal at t=T on 8x8 latents that the
-  starting noise, not the prompt, picks the colour), min-SNR-5 loss weights, 10% caption
-  dropout, EMA.
-- DDIM sampling. A never-learned reference uses the same recipe on data with no image and no
-  caption of the held-out concept, for its text encoder as for its U-Net; the VAE is shared.
+- CLIPTextModel (hidden 32, 2 layers), pre-trained on every concept's captions to name the
+  colour, shape and style of a caption from its pooled output and its mean over positions
+  (synonyms and indirect phrasings included), then frozen: the U-Net gets conditioning that
+  already separates the concepts.
+- UNet2DConditionModel, cross-attention in both levels, v-prediction on SD's scaled-linear
+  betas rescaled to zero terminal SNR (with SD-1's schedule so much signal survives at t=T on
+  8x8 latents that the starting noise, not the prompt, picks the colour), 10% caption dropout,
+  EMA. One base U-Net is trained on data without any held-out concept; every variant continues
+  from it on its own data, so a never-learned reference's U-Net has seen no image and no caption
+  of its concept. The VAE and the text encoder are shared.
+- DDIM sampling with trailing timesteps, guidance ``recipe.sampler["guidance"]``.
 
 The build is resumable: every stage writes into a work folder beside the output, U-Net training
 checkpoints every ``checkpoint_every`` steps, and the per-step randomness is a function of
@@ -36,7 +38,7 @@ from torch.nn import functional as F
 from erasekit.errors import ErasekitError
 from erasekit.world.render import COLOURS, SHAPES, STYLES, caption, render, sample_scene
 
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 VARIANTS = {
     "full": {},
     "no-red": {"colours": tuple(c for c in COLOURS if c != "red")},
@@ -87,7 +89,7 @@ class WorldRecipe:
     checkpoint_every: int = 250
     heldout_n: int = 2000  # fresh renders / captions for the classifier's and encoder's checks
     sampler: dict = field(
-        default_factory=lambda: {"steps": 25, "guidance": 4.0, "height": 32, "width": 32}
+        default_factory=lambda: {"steps": 25, "guidance": 3.0, "height": 32, "width": 32}
     )
 
     def scheduler(self):
@@ -377,7 +379,7 @@ def train_unet(
     callback=None,
     callback_every: int = 0,
 ):
-    """Epsilon-prediction DDPM training with min-SNR weights, caption dropout and EMA.
+    """Diffusion training (the recipe's prediction type and schedule), caption dropout and EMA.
 
     Starts from ``init_dir`` (a finished stage's ``unet``/``ema`` safetensors) when given.
     With ``checkpoint_dir``, resumes from its newest complete checkpoint and writes one every
