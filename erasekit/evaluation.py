@@ -478,13 +478,16 @@ def render_and_score(
     n_per_prompt: int = 1,
     seed: int = 0,
     batch_size: int = 64,
+    settings: SamplerSettings | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Render ``prompt_set`` into ``out_dir`` (the one generate path) and score every image
-    with one detector: (sample records, detector records), in the same order."""
+    """Render ``prompt_set`` into ``out_dir`` (the one generate path; ``settings`` default to
+    the model's recorded sampler) and score every image with one detector: (sample records,
+    detector records), in the same order."""
     out_dir = Path(out_dir)
-    records = generate(pipe, prompt_set, out_dir, model_path=model_path,
-                       settings=SamplerSettings.for_model(model_path), n_per_prompt=n_per_prompt,
-                       seed=seed, batch_size=batch_size, progress=False)  # fmt: skip
+    settings = settings or SamplerSettings.for_model(model_path)
+    records = generate(pipe, prompt_set, out_dir, model_path=model_path, settings=settings,
+                       n_per_prompt=n_per_prompt, seed=seed, batch_size=batch_size,
+                       progress=False)  # fmt: skip
     scores = score_images(records, out_dir, {detector.name: detector})
     return records, [s[detector.name] for s in scores]
 

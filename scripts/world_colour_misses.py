@@ -19,10 +19,10 @@ import torch
 from erasekit.cli import quiet_libraries
 from erasekit.concepts import load_concept
 from erasekit.detectors.world import WorldDetector
-from erasekit.evaluation import score_images
-from erasekit.models import load_pipeline
+from erasekit.evaluation import render_and_score
+from erasekit.models import load_pipeline, read_manifest
 from erasekit.outputs import write_json
-from erasekit.sampling import SamplerSettings, generate
+from erasekit.sampling import SamplerSettings
 from erasekit.world import ASSETS, world_path
 from erasekit.world.classifier import LABELS
 from erasekit.world.render import COLOURS
@@ -34,11 +34,10 @@ def count_labels(pipe, model: Path, detector, colour: str, guidance: float, seed
     prompts = load_concept(colour).forget
     settings = SamplerSettings.for_model(model, guidance=guidance)
     with tempfile.TemporaryDirectory() as tmp:
-        records = generate(pipe, prompts, Path(tmp) / "out", model_path=model, settings=settings,
-                           n_per_prompt=N_PER_PROMPT, seed=seed, batch_size=64,
-                           progress=False)  # fmt: skip
-        scores = score_images(records, Path(tmp) / "out", {detector.name: detector})
-    counts = Counter(s[detector.name]["pred"]["colour"] for s in scores)
+        _, scores = render_and_score(pipe, prompts, Path(tmp) / "out", detector, model_path=model,
+                                     n_per_prompt=N_PER_PROMPT, seed=seed,
+                                     settings=settings)  # fmt: skip
+    counts = Counter(s["pred"]["colour"] for s in scores)
     return {"prompt_set": prompts.describe(), "n_images": len(scores),
             "labels": {label: counts.get(label, 0) for label in LABELS["colour"]}}  # fmt: skip
 
@@ -50,10 +49,10 @@ def markdown(result: dict) -> str:
         "",
         "Written by `scripts/world_colour_misses.py`; do not edit by hand.",
         "",
-        f"- Model: `{result['model']}`; detector: `{result['detector']}`, its colour label "
-        "(`none`: off the palette).",
-        f"- {N_PER_PROMPT} images per prompt of each colour's direct prompt set (16 prompts), "
-        f"base seed {result['seed']}; sampler as the model records it but for the guidance.",
+        f"- Model: ShapesWorld v{result['world_version']} `full` (`{result['model']}`); "
+        f"detector: `{result['detector']}`, its colour label (`none`: off the palette).",
+        f"- {N_PER_PROMPT} images per prompt of each colour's direct prompt set, base seed "
+        f"{result['seed']}; the sampler the model records, but for the guidance.",
         "",
         "| guidance | prompted | " + " | ".join(labels) + " | n |",
         "|---|---|" + "---|" * (len(labels) + 1),
@@ -78,8 +77,8 @@ def main() -> None:
     model = world_path("full", root)
     detector = WorldDetector(root / "classifier")
     pipe = load_pipeline(model)
-    result = {"model": str(model), "detector": f"{detector.name} {detector.version}",
-              "seed": args.seed, "guidance": {}}  # fmt: skip
+    result = {"model": str(model), "world_version": read_manifest(model)["world"]["version"],
+              "detector": detector.version, "seed": args.seed, "guidance": {}}  # fmt: skip
     for g in (float(x) for x in args.guidance.split(",")):
         result["guidance"][str(g)] = {
             c: count_labels(pipe, model, detector, c, g, args.seed) for c in COLOURS
