@@ -48,9 +48,10 @@ def test_salun_relabels_every_concept_word_a_prompt_holds():
     both = load_concept("red,circle")
     defaults = SalUn.defaults(both)
     assert defaults["surrogate_word"] == "red,circle"
-    assert defaults["surrogate_replacement"] == "blue,square"
+    assert defaults["surrogate_replacement"] == "yellow,square"
     # a relabel never lands on a concept erased in the same run
-    assert SalUn.defaults(load_concept("red,blue"))["surrogate_replacement"] == "green,green"
+    assert SalUn.defaults(load_concept("red,yellow"))["surrogate_replacement"] == "green,green"
+    assert SalUn.defaults(load_concept("red,blue"))["surrogate_replacement"] == "yellow,yellow"
     # the world learning rate by dimension: a run erasing several takes the highest
     assert [SalUn.defaults(load_concept(c))["lr"] for c in ("red", "circle", "outlined")] == [
         3e-5, 1e-4, 1e-4]  # fmt: skip

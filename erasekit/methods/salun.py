@@ -50,9 +50,12 @@ MASK_FILE = "salun_mask.safetensors"
 # and the concept relabelled as another value of its dimension (SalUn's random relabelling;
 # remapping to the colourless "a shape" on the model's own renders turned the other colours too,
 # retain accuracy 0.96 -> 0.38 in a trial). Measured in docs/results/erase-world/.
+# Red relabels to yellow: on world v3, over seeds 0-2, relabelling to blue cost 3 points of
+# retain accuracy (0.98 -> 0.95, 0.89 at seed 0) and to yellow none (0.98; 0.96 / 0.99 / 0.99),
+# red 0.01 either way (docs/results/salun-world-tuning-red-seeds/).
 WORLD_PRESET = {"alpha": 1.0, "epochs": 4, "lr": 3e-5, "image_source": "world",
                 "surrogate_mode": "replace"}  # fmt: skip
-WORLD_RELABEL = {"colour": "blue", "shape": "square", "style": "filled"}
+WORLD_RELABEL = {"colour": "yellow", "shape": "square", "style": "filled"}
 # The learning rate by dimension: at 3e-5 SalUn removes red but leaves circle at 0.88 and
 # outlined at 0.23 of direct prompts; at 1e-4 they fall to 0.09 and 0.02, at a cost in retain
 # accuracy (docs/results/salun-world-tuning*/). A run erasing several concepts takes the
