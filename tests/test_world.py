@@ -331,6 +331,38 @@ def test_world_build_resumes_to_identical_weights(tmp_path: Path, monkeypatch):
                        ("no-red",), progress=False, reuse_from=tmp_path / "a")  # fmt: skip
 
 
+@pytest.mark.slow
+def test_world_build_variant_text_encoders(tmp_path: Path):
+    """--variant-text-encoders: a never-learned model ships an encoder that never read its
+    concept's word (that embedding row keeps its initial value), the full model the shared one,
+    and --reuse-from takes the shared encoder."""
+    from safetensors.torch import load_file
+
+    from erasekit.tokenizer import build_clip_tokenizer
+    from erasekit.world import build as wb
+
+    recipe = wb.WorldRecipe(**{**TINY_RECIPE, "variant_text_encoders": True})
+    info = wb.build_world(tmp_path / "a", recipe, ("full", "no-red"), progress=False)
+    assert set(info["variant_text_encoders"]) == {"no-red"}
+    assert {"text_encoder-no-red_s", "unet-no-red_s"} <= set(info["timings_s"])
+    red = build_clip_tokenizer()("red").input_ids[1]
+    initial = wb.build_text_encoder(recipe.seed).embeddings.token_embedding.weight
+    row = {}
+    for variant in ("full", "no-red"):
+        weights = load_file(str(tmp_path / "a" / variant / "text_encoder" / "model.safetensors"))
+        row[variant] = weights["embeddings.token_embedding.weight"][red]
+        world = json.loads((tmp_path / "a" / variant / "erasekit.json").read_text())["world"]
+        assert world["text_encoder"].startswith("shared" if variant == "full" else "its own")
+    assert torch.equal(row["no-red"], initial[red].detach().half())
+    assert not torch.equal(row["full"], initial[red].detach().half())
+    info = wb.build_world(tmp_path / "b", wb.WorldRecipe(**TINY_RECIPE), ("no-red",),
+                          progress=False, reuse_from=tmp_path / "a")  # fmt: skip
+    shared = load_file(str(tmp_path / "b" / "no-red" / "text_encoder" / "model.safetensors"))
+    full = load_file(str(tmp_path / "a" / "full" / "text_encoder" / "model.safetensors"))
+    assert all(torch.equal(shared[k], full[k]) for k in full)
+    assert "variant_text_encoders" not in info
+
+
 def test_world_detector_abstains_on_off_world_renders():
     """Blends and off-palette colours are "none", not the nearest colour; distractor shapes
     are "none", not the nearest shape (rates measured on fresh renders, seeds unseen)."""

@@ -36,6 +36,12 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
         "share one VAE, classifier and text encoder (--reuse-from)",
     )
     b.add_argument(
+        "--variant-text-encoders",
+        action="store_true",
+        help="give each never-learned model its own text encoder, trained on its captions only "
+        "(default: one encoder, trained on every caption, shared by all models)",
+    )
+    b.add_argument(
         "--variants", default=",".join(WORLD_VARIANTS), help="comma-separated subset to train"
     )
     b.add_argument(
@@ -90,6 +96,7 @@ def run_build(args: argparse.Namespace) -> int:
         unet_steps=args.unet_steps,
         checkpoint_every=args.checkpoint_every,
         heldout_n=args.heldout_n,
+        variant_text_encoders=args.variant_text_encoders,
     )
     out = args.out or str(ASSETS)
     command = "erasekit " + " ".join(sys.argv[1:]) if sys.argv[1:] else None

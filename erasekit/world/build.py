@@ -72,6 +72,11 @@ class WorldRecipe:
     text_encoder_steps: int = 400
     text_encoder_batch: int = 128
     text_encoder_lr: float = 1e-3
+    # Each never-learned variant's own text encoder, trained on its captions only (its concept's
+    # word is never read, so its embedding row keeps its initial values); False: every model
+    # shares the encoder trained on all captions. Its U-Net continues from the base U-Net
+    # (trained with the shared encoder) under its own encoder.
+    variant_text_encoders: bool = False
     base_steps: int = 2400
     unet_steps: int = 900
     unet_batch: int = 64
@@ -498,6 +503,7 @@ SHARED_STAGE_FIELDS = ("seed", "vae_steps", "vae_batch", "vae_lr", "classifier_s
                        "text_encoder_steps", "text_encoder_batch", "text_encoder_lr", "warmup",
                        "heldout_n")  # fmt: skip
 SHARED_STAGES = ("vae", "classifier", "text_encoder")
+TEXT_ENCODER_NOTE = {True: "shared", False: "its own (trained on its captions only)"}
 
 
 def _seed_shared_stages(work: Path, source: Path, recipe: WorldRecipe) -> dict:
@@ -521,7 +527,10 @@ def _seed_shared_stages(work: Path, source: Path, recipe: WorldRecipe) -> dict:
             "classifier or text encoder depend on"
         )
     try:
-        model = source / built["variants"][0]
+        names = built["variants"]
+        if built.get("recipe", {}).get("variant_text_encoders"):
+            names = [v for v in names if HELD_OUT.get(v) is None]  # the shared encoder's models
+        model = source / names[0]
         vae = AutoencoderKL.from_pretrained(str(model / "vae"), torch_dtype=torch.float32)
         encoder = CLIPTextModel.from_pretrained(str(model / "text_encoder"),
                                                 torch_dtype=torch.float32)  # fmt: skip
@@ -689,14 +698,34 @@ def _build_world(
     encoder = CLIPTextModel.from_pretrained(str(work / "text_encoder"))
     encoder = encoder.eval().requires_grad_(False).to(device)
 
-    def unet_stage(name: str, concepts: dict, data_seed: int, steps: int, init=None) -> None:
+    def encoder_stage(variant: str) -> str:
+        """The text encoder's stage ``variant``'s U-Net is trained and shipped with."""
+        if not recipe.variant_text_encoders or HELD_OUT[variant] is None:
+            return "text_encoder"
+        name = f"text_encoder-{variant}"
+        if not stages.done(name):
+            t0 = time.time()
+            own, info = train_text_encoder(recipe, tokenizer, variant, progress, device)
+            own.save_pretrained(str(work / name))
+            write_json(work / name / "training.json", info)
+            stages.finish(name, time.time() - t0)
+        return name
+
+    def load_encoder(name: str):
+        if name == "text_encoder":
+            return encoder
+        own = CLIPTextModel.from_pretrained(str(work / name))
+        return own.eval().requires_grad_(False).to(encoder.device)
+
+    def unet_stage(name: str, concepts: dict, data_seed: int, steps: int, init=None,
+                   text_encoder=encoder) -> None:  # fmt: skip
         if stages.done(name):
             return
         from safetensors.torch import save_file
 
         data = encode_dataset(vae, recipe.n_images, seed=data_seed, device=device, **concepts)
         unet, ema, log, seconds = train_unet(
-            recipe, data, encoder, tokenizer, scaling, seed=data_seed, progress=progress,
+            recipe, data, text_encoder, tokenizer, scaling, seed=data_seed, progress=progress,
             desc=f"world unet ({name})", device=device, steps=steps, init_dir=init,
             checkpoint_dir=work / name / "checkpoints",
         )  # fmt: skip
@@ -712,7 +741,8 @@ def _build_world(
     for variant in variants:
         index = list(VARIANTS).index(variant)
         unet_stage(f"unet-{variant}", VARIANTS[variant], unet_seed + 101 + index,
-                   recipe.unet_steps, init=work / "unet-base")  # fmt: skip
+                   recipe.unet_steps, init=work / "unet-base",
+                   text_encoder=load_encoder(encoder_stage(variant)))  # fmt: skip
 
     with atomic_output_dir(out_dir, overwrite=True) as tmp:
         shutil.copytree(work / "classifier", tmp / "classifier",
@@ -725,7 +755,9 @@ def _build_world(
             unet = build_unet(recipe.seed, recipe.unet_channels)
             unet.load_state_dict(load_file(str(work / f"unet-{variant}" / "ema.safetensors")))
             log = json.loads((work / f"unet-{variant}" / "training.json").read_text())
-            pipe = assemble_pipeline(unet, vae.cpu(), encoder, tokenizer, recipe)
+            encoder_name = encoder_stage(variant)
+            own_encoder = load_encoder(encoder_name).cpu()
+            pipe = assemble_pipeline(unet, vae.cpu(), own_encoder, tokenizer, recipe)
             if fp16:
                 pipe = pipe.to(torch.float16)
             values = variant_values(variant)
@@ -743,6 +775,7 @@ def _build_world(
                         "colours": list(values["colour"]),
                         "styles": list(values["style"]),
                         "weights_dtype": "float16" if fp16 else "float32",
+                        "text_encoder": TEXT_ENCODER_NOTE[encoder_name == "text_encoder"],
                     },
                     "sampler": dict(recipe.sampler),
                     "training_log": {
@@ -772,6 +805,12 @@ def _build_world(
             "device": device,
             "threads": torch.get_num_threads(),
         }
+        own = {v: encoder_stage(v) for v in variants if encoder_stage(v) != "text_encoder"}
+        if own:  # the never-learned models' own encoders
+            info["variant_text_encoders"] = {
+                v: json.loads((work / name / "training.json").read_text())
+                for v, name in own.items()
+            }
         if "reused" in record:  # stages taken from an earlier build, with what they cost there
             info["reused_stages"] = record["reused"]
         write_json(tmp / "build.json", info)
