@@ -552,6 +552,17 @@ def test_readme_leaderboard_tables_are_generated(capsys):
         assert body.strip() == printed, file
 
 
+def test_shipped_leaderboard_is_rendered_from_its_results_and_names_its_world():
+    """docs/results/erase-world's Markdown is its JSON rendered, and says which world it is."""
+    from erasekit.bench.render import render_markdown
+
+    folder = Path(__file__).resolve().parents[1] / "docs" / "results" / "erase-world"
+    board = json.loads((folder / "leaderboard.json").read_text())
+    markdown = render_markdown(board)
+    assert markdown == (folder / "leaderboard.md").read_text()
+    assert "; measured on ShapesWorld v3\n" in markdown
+
+
 def test_cells_are_grouped_by_the_rows_they_are_built_from(tmp_path):
     """A process runs a concept and seed's rows linked by `from` or a guide's embedding
     together (one builds the other's model); unlinked rows are groups of their own."""

@@ -137,8 +137,10 @@ def render_markdown(board: dict[str, Any]) -> str:
     first = next((m for e in board["concepts"].values() for r in e["rows"].values()
                   for m in r["metrics"].values()), None)  # fmt: skip
     if first:
+        world = (first["definition"].get("protocol") or {}).get("world_version")
         lines.append(f"- detector: {first['definition'].get('detector')} "
-                     f"({first['definition'].get('detector_version')})")  # fmt: skip
+                     f"({first['definition'].get('detector_version')})"
+                     + (f"; measured on ShapesWorld v{world}" if world else ""))  # fmt: skip
     lines += ["", "## Models (from the study file)", ""]
     lines += [f"- {n}: `{json.dumps(m, sort_keys=True)}`" for n, m in study["models"].items()]
     return "\n".join(lines) + "\n"
