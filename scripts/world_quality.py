@@ -19,6 +19,7 @@ interrupted run resumes and ``--parts`` re-measures a subset.
   python scripts/world_quality.py [--root ASSETS] [--parts direct,paraphrase,...]
   python scripts/world_quality.py --parts robustness --control-set images_per_prompt=32 \
       --control-set epochs=1 --doc OTHER.md     # the control with other SalUn settings
+  python scripts/world_quality.py --render      # rewrite the doc from its stored numbers
 """
 
 from __future__ import annotations
@@ -280,10 +281,17 @@ def main() -> None:
     ap.add_argument("--control-set", action="append", default=[], metavar="KEY=VALUE",
                     help="robustness: another SalUn setting for the control (an experiment; the "
                     "bar is the preset's)")  # fmt: skip
+    ap.add_argument("--render", action="store_true",
+                    help="rewrite DOC from its stored numbers (DOC.json, or the assets' "
+                    "quality.json for the default DOC); nothing is measured")  # fmt: skip
     args = ap.parse_args()
+    root, doc = Path(args.root), Path(args.doc)
+    stored = root / "quality.json" if args.doc == DOC else doc.with_suffix(".json")
+    if args.render:
+        doc.write_text(markdown(json.loads(stored.read_text())))
+        return
     torch.set_num_threads(2)
     quiet_libraries()
-    root, doc = Path(args.root), Path(args.doc)
     work = Path(args.work) if args.work else doc.parent / f".{doc.stem}.parts"
     work.mkdir(parents=True, exist_ok=True)
     scratch = tempfile.TemporaryDirectory(prefix="world-quality-")
@@ -314,7 +322,7 @@ def main() -> None:
         **results,
     }
     doc.parent.mkdir(parents=True, exist_ok=True)
-    write_json(root / "quality.json" if args.doc == DOC else doc.with_suffix(".json"), record)
+    write_json(stored, record)
     doc.write_text(markdown(record))
     print(json.dumps(record["summary"], indent=2))
 
@@ -353,6 +361,11 @@ def markdown(rec: dict) -> str:
             lines.append(f"| {text} | {v['value']:.3f} | {v['bar']} | {v['met']} |")
         else:
             lines.append(f"| {text} | not measured | {' '.join(map(str, BARS[key]))} | – |")
+    missed = [BAR_TEXT[k] for k in BAR_TEXT if k in s and not s[k]["met"]]
+    if missed:
+        lines += ["", f"Not met: {'; '.join(missed)}. What was tried for "
+                  f"{'them' if len(missed) > 1 else 'it'}, each with its measured values: "
+                  "`docs/world.md` (Quality)."]  # fmt: skip
     lines.append("")
     sections = (
         ("direct", "Direct prompts (full model)"),

@@ -363,6 +363,22 @@ def test_world_build_variant_text_encoders(tmp_path: Path):
     assert "variant_text_encoders" not in info
 
 
+def test_world_quality_doc_is_rendered_from_the_shipped_numbers(tmp_path: Path):
+    """docs/results/world.md is scripts/world_quality.py's rendering of the assets'
+    quality.json, and names the bar it misses."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copy(root / "erasekit" / "world" / "assets" / "quality.json", tmp_path / "world.json")
+    r = subprocess.run([sys.executable, str(root / "scripts" / "world_quality.py"), "--render",
+                        "--doc", str(tmp_path / "world.md")], capture_output=True, text=True,
+                       cwd=root)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rendered = (tmp_path / "world.md").read_text()
+    assert rendered == (root / "docs" / "results" / "world.md").read_text()
+    assert "Not met: steerability" in rendered
+
+
 def test_world_detector_abstains_on_off_world_renders():
     """Blends and off-palette colours are "none", not the nearest colour; distractor shapes
     are "none", not the nearest shape (rates measured on fresh renders, seeds unseen)."""
