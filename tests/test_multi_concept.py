@@ -48,14 +48,17 @@ def test_salun_relabels_every_concept_word_a_prompt_holds():
     both = load_concept("red,circle")
     defaults = SalUn.defaults(both)
     assert defaults["surrogate_word"] == "red,circle"
-    assert defaults["surrogate_replacement"] == "yellow,square"
+    assert defaults["surrogate_replacement"] == "blue,square"
     # a relabel never lands on a concept erased in the same run
-    assert SalUn.defaults(load_concept("red,yellow"))["surrogate_replacement"] == "green,green"
-    assert SalUn.defaults(load_concept("red,blue"))["surrogate_replacement"] == "yellow,yellow"
+    assert SalUn.defaults(load_concept("red,blue"))["surrogate_replacement"] == "green,green"
     # the world learning rate by dimension: a run erasing several takes the highest
     assert [SalUn.defaults(load_concept(c))["lr"] for c in ("red", "circle", "outlined")] == [
         3e-5, 1e-4, 1e-4]  # fmt: skip
     assert defaults["lr"] == 1e-4 and SalUn.defaults(load_concept("red,blue"))["lr"] == 3e-5
+    # the retain weight by dimension: a run erasing several takes the lowest
+    assert [SalUn.defaults(load_concept(c))["alpha"] for c in ("red", "circle", "outlined")] == [
+        8.0, 1.0, 1.0]  # fmt: skip
+    assert defaults["alpha"] == 1.0 and SalUn.defaults(load_concept("red,blue"))["alpha"] == 8.0
 
 
 MULTI = {

@@ -50,12 +50,16 @@ MASK_FILE = "salun_mask.safetensors"
 # and the concept relabelled as another value of its dimension (SalUn's random relabelling;
 # remapping to the colourless "a shape" on the model's own renders turned the other colours too,
 # retain accuracy 0.96 -> 0.38 in a trial). Measured in docs/results/erase-world/.
-# Red relabels to yellow: on world v3, over seeds 0-2, relabelling to blue cost 3 points of
-# retain accuracy (0.98 -> 0.95, 0.89 at seed 0) and to yellow none (0.98; 0.96 / 0.99 / 0.99),
-# red 0.01 either way (docs/results/salun-world-tuning-red-seeds/).
+# A colour: relabelled to blue with the retain term at alpha 8. On world v3, seeds 0-2, red
+# erased by every variant; at alpha 1 the blue relabel cost 3 points of retain accuracy (0.89
+# at seed 0), alpha 8 one (0.98 -> 0.97; 0.94 / 0.97 / 1.00), and red stayed at 0.00 after 200
+# steps of benign fine-tuning, where the yellow relabel kept retain accuracy at alpha 1 but its
+# red came back to 0.81 (docs/results/salun-world-tuning-red-seeds/, -red-recovery/).
 WORLD_PRESET = {"alpha": 1.0, "epochs": 4, "lr": 3e-5, "image_source": "world",
                 "surrogate_mode": "replace"}  # fmt: skip
-WORLD_RELABEL = {"colour": "yellow", "shape": "square", "style": "filled"}
+WORLD_RELABEL = {"colour": "blue", "shape": "square", "style": "filled"}
+# The retain weight by dimension (above); a run erasing several concepts takes the lowest.
+WORLD_ALPHA = {"colour": 8.0, "shape": 1.0, "style": 1.0}
 # The learning rate by dimension: at 3e-5 SalUn removes red but leaves circle at 0.88 and
 # outlined at 0.23 of direct prompts; at 1e-4 they fall to 0.09 and 0.02, at a cost in retain
 # accuracy (docs/results/salun-world-tuning*/). A run erasing several concepts takes the
@@ -337,6 +341,11 @@ def world_lr(concept) -> float:
     return WORLD_LR.get(concept.detector.get("dimension"), WORLD_PRESET["lr"])
 
 
+def world_alpha(concept) -> float:
+    """SalUn's ShapesWorld retain weight α for a concept's dimension (``WORLD_ALPHA``)."""
+    return WORLD_ALPHA.get(concept.detector.get("dimension"), WORLD_PRESET["alpha"])
+
+
 def world_relabel(concept, avoid: frozenset[str] = frozenset()) -> str:
     """Another value of a ShapesWorld concept's dimension (``WORLD_RELABEL``, else the first
     other one, never one in ``avoid``: concepts erased in the same run) that its forget prompts
@@ -401,10 +410,12 @@ class SalUn(Method):
             avoid = frozenset(str(p.detector.get("target")) for p in concept.parts)
             relabels = [world_relabel(p, avoid) for p in concept.parts]
             lr = max(world_lr(p) for p in concept.parts)
-            return {**WORLD_PRESET, "lr": lr, "surrogate_word": ",".join(concept.words),
+            alpha = min(world_alpha(p) for p in concept.parts)
+            return {**WORLD_PRESET, "lr": lr, "alpha": alpha,
+                    "surrogate_word": ",".join(concept.words),
                     "surrogate_replacement": ",".join(relabels)}  # fmt: skip
         if concept.scale == "world":
-            return {**WORLD_PRESET, "lr": world_lr(concept),
+            return {**WORLD_PRESET, "lr": world_lr(concept), "alpha": world_alpha(concept),
                     "surrogate_replacement": world_relabel(concept)}  # fmt: skip
         return {"alpha": 0.5, "epochs": 5}
 

@@ -43,7 +43,7 @@ class ResAlignConfig(TrainConfig):
     # word replaced, as SalUn's option); other bases ignore the three
     surrogate_mode: str = "fixed"
     surrogate_word: str = ""  # "" = the concept's words
-    surrogate_replacement: str = ""  # "" on ShapesWorld = SalUn's world relabel (red -> yellow)
+    surrogate_replacement: str = ""  # "" on ShapesWorld = SalUn's world relabel (red -> blue)
     mask_fraction: float = 0.5  # trainable=mask: share of weights trained
     mask_guidance: float = 7.5
     mask_batch_size: int = 8
