@@ -552,15 +552,24 @@ def test_readme_leaderboard_tables_are_generated(capsys):
         assert body.strip() == printed, file
 
 
-def test_shipped_leaderboard_is_rendered_from_its_results_and_names_its_world():
-    """docs/results/erase-world's Markdown is its JSON rendered, and says which world it is."""
-    from erasekit.bench.render import render_markdown
+def test_shipped_leaderboards_are_rendered_from_their_results_and_name_their_world():
+    """Every docs/results leaderboard's Markdown and HTML are its JSON rendered, and their
+    first line says which ShapesWorld the numbers were measured on."""
+    from erasekit.bench.render import render_html, render_markdown
 
-    folder = Path(__file__).resolve().parents[1] / "docs" / "results" / "erase-world"
-    board = json.loads((folder / "leaderboard.json").read_text())
-    markdown = render_markdown(board)
-    assert markdown == (folder / "leaderboard.md").read_text()
-    assert "; measured on ShapesWorld v3\n" in markdown
+    boards = sorted((Path(__file__).resolve().parents[1] / "docs" / "results").glob(
+        "*/leaderboard.json"))  # fmt: skip
+    assert boards
+    for file in boards:
+        board = json.loads(file.read_text())
+        markdown = render_markdown(board)
+        assert markdown == file.with_suffix(".md").read_text(), file
+        assert render_html(board) == file.with_suffix(".html").read_text(), file
+        if board["study"]["base"].startswith("world:"):
+            assert "; measured on ShapesWorld v" in markdown.splitlines()[0], file
+    erase_world = boards[[f.parent.name for f in boards].index("erase-world")]
+    assert render_markdown(json.loads(erase_world.read_text())).splitlines()[0].endswith(
+        "; measured on ShapesWorld v3)")  # fmt: skip
 
 
 def test_cells_are_grouped_by_the_rows_they_are_built_from(tmp_path):
