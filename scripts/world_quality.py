@@ -13,10 +13,13 @@ Bars (ShapesWorld v2), every rate with n images and a 95% Wilson interval, >= 64
   forget prompts, judged by the abstaining world detector;
 - shipped size (fp16) <= 40 MB; generation >= 8 images/s on 2 cores.
 
-Each part's numbers are kept in ``--work`` (default: a folder beside the doc), so an
-interrupted run resumes and ``--parts`` re-measures a subset.
+Each part's numbers are kept in ``--work`` (default: a folder beside the doc) with the key
+they were measured under (the world's build and sampler records, the seed, the control's
+settings): ``--resume`` keeps a part whose key matches instead of measuring it again, so an
+interrupted run continues, and ``--parts`` re-measures a subset. The doc is written from the
+parts whose key matches only; a part measured on another world or seed is ignored, and said so.
 
-  python scripts/world_quality.py [--root ASSETS] [--parts direct,paraphrase,...]
+  python scripts/world_quality.py [--root ASSETS] [--parts direct,paraphrase,...] [--resume]
   python scripts/world_quality.py --parts robustness --control-set images_per_prompt=32 \
       --control-set epochs=1 --doc OTHER.md     # the control with other SalUn settings
   python scripts/world_quality.py --render      # rewrite the doc from its stored numbers
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+import erasekit
 from erasekit.cli import quiet_libraries
 from erasekit.concepts import load_concept
 from erasekit.detectors.world import WorldDetector
@@ -43,8 +47,8 @@ from erasekit.evaluation import (
     world_retain_accuracy,
 )
 from erasekit.models import load_pipeline
-from erasekit.outputs import write_json
-from erasekit.provenance import machine
+from erasekit.outputs import atomic_file, write_json
+from erasekit.provenance import machine, sha256_bytes
 from erasekit.sampling import SamplerSettings
 from erasekit.world import ASSETS, world_path
 from erasekit.world.render import COLOURS, SHAPES
@@ -79,6 +83,26 @@ BAR_TEXT = {
     "size_mb": "shipped size, all variants + classifier (MB, fp16)",
     "images_per_s": "generation speed (images/s, batch 64, 2 threads)",
 }
+
+
+def _files_sha256(files: list[Path], base: Path) -> str:
+    return sha256_bytes(b"".join(f.relative_to(base).as_posix().encode() + f.read_bytes()
+                                 for f in files))  # fmt: skip
+
+
+def part_key(root: Path, seed: int, control_sets: list[str]) -> dict:
+    """What a part's numbers depend on: the world's build and per-variant records (weights,
+    sampler, guidance), the code that measures (erasekit's sources, prompt sets, concept
+    specs and this script; not the shipped weights), the base seed and the control's extra
+    settings."""
+    world = [root / "build.json", *sorted(root.glob("*/erasekit.json"))]
+    package = Path(erasekit.__file__).resolve().parent
+    code = sorted(f for f in package.rglob("*") if f.is_file() and f.suffix != ".pyc"
+                  and ASSETS.resolve() not in f.resolve().parents)  # fmt: skip
+    return {"world_sha256": _files_sha256(world, root),
+            "code_sha256": _files_sha256(code, package)[:32]
+            + sha256_bytes(Path(__file__).read_bytes())[:32],
+            "seed": seed, "control_set": sorted(control_sets)}  # fmt: skip
 
 
 def per_prompt(prompt_set) -> int:
@@ -278,6 +302,8 @@ def main() -> None:
     )
     ap.add_argument("--work", default=None, help="per-part results (default: DOC's .parts/)")
     ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the parts in --work whose key matches this run's")  # fmt: skip
     ap.add_argument("--control-set", action="append", default=[], metavar="KEY=VALUE",
                     help="robustness: another SalUn setting for the control (an experiment; the "
                     "bar is the preset's)")  # fmt: skip
@@ -290,6 +316,10 @@ def main() -> None:
     if args.render:
         doc.write_text(markdown(json.loads(stored.read_text())))
         return
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        ap.error(f"unknown part(s) {', '.join(unknown)}; parts: {', '.join(PARTS)}")
     torch.set_num_threads(2)
     quiet_libraries()
     work = Path(args.work) if args.work else doc.parent / f".{doc.stem}.parts"
@@ -297,15 +327,27 @@ def main() -> None:
     scratch = tempfile.TemporaryDirectory(prefix="world-quality-")
     q = Quality(root, Path(scratch.name), args.seed, args.control_set)
     version = json.loads((root / "build.json").read_text()).get("world_version", 1)
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    key = part_key(root, args.seed, args.control_set)
+    stored_parts = {p: json.loads((work / f"{p}.json").read_text())
+                    for p in PARTS if (work / f"{p}.json").is_file()}  # fmt: skip
     for part in parts:
-        fn = getattr(q, part)
+        if args.resume and stored_parts.get(part, {}).get("key") == key:
+            print(f"{part}: kept (measured before under the same key)", flush=True)
+            continue
         t0 = time.time()
-        result = {"measured": fn(), "wall_s": round(time.time() - t0, 1)}
-        write_json(work / f"{part}.json", result)
+        result = {"measured": getattr(q, part)(), "wall_s": round(time.time() - t0, 1), "key": key}
+        with atomic_file(work / f"{part}.json") as tmp:  # a part is complete or absent
+            write_json(tmp, result)
+        stored_parts[part] = result
         print(f"{part}: {time.time() - t0:.0f} s", flush=True)
-    results = {p: json.loads((work / f"{p}.json").read_text())["measured"]
-               for p in PARTS if (work / f"{p}.json").is_file()}  # fmt: skip
+    results = {}
+    for p, stored_part in stored_parts.items():
+        if stored_part.get("key") == key:
+            results[p] = stored_part["measured"]
+        else:
+            print(
+                f"{p}: ignored (in {work}, measured on another world, seed or control)", flush=True
+            )
     settings = SamplerSettings.for_model(world_path("full", root))
     record = {
         "definition": {
@@ -322,8 +364,10 @@ def main() -> None:
         **results,
     }
     doc.parent.mkdir(parents=True, exist_ok=True)
-    write_json(stored, record)
-    doc.write_text(markdown(record))
+    with atomic_file(stored) as tmp:
+        write_json(tmp, record)
+    with atomic_file(doc) as tmp:
+        tmp.write_text(markdown(record))
     print(json.dumps(record["summary"], indent=2))
 
 

@@ -379,6 +379,29 @@ def test_world_quality_doc_is_rendered_from_the_shipped_numbers(tmp_path: Path):
     assert "Not met: steerability" in rendered
 
 
+def test_world_quality_resumes_only_parts_measured_under_the_same_key(tmp_path: Path):
+    """--resume keeps a part measured on the same world, code and seed; a part without that
+    key (another world, or a folder written before keys) is neither kept nor reported."""
+    root = Path(__file__).resolve().parents[1]
+    doc, work = tmp_path / "w.md", tmp_path / "parts"
+    cmd = [sys.executable, str(root / "scripts" / "world_quality.py"), "--parts", "speed",
+           "--doc", str(doc), "--work", str(work)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stderr
+    first = (work / "speed.json").read_text()
+    assert json.loads(first)["key"]["seed"] == 0
+    legacy = {"measured": {"rates": {}}, "wall_s": 1.0}  # another run's part, no key
+    (work / "direct.json").write_text(json.dumps(legacy))
+    r = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert "speed: kept" in r.stdout and "direct: ignored" in r.stdout
+    assert (work / "speed.json").read_text() == first
+    record = json.loads(doc.with_suffix(".json").read_text())
+    assert "speed" in record and "direct" not in record
+    r = subprocess.run([*cmd[:3], "speed,colour"], capture_output=True, text=True, cwd=root)
+    assert r.returncode == 2 and "unknown part(s) colour" in r.stderr
+
+
 def test_world_detector_abstains_on_off_world_renders():
     """Blends and off-palette colours are "none", not the nearest colour; distractor shapes
     are "none", not the nearest shape (rates measured on fresh renders, seeds unseen)."""
