@@ -14,10 +14,11 @@ Bars (ShapesWorld v2), every rate with n images and a 95% Wilson interval, >= 64
 - shipped size (fp16) <= 40 MB; generation >= 8 images/s on 2 cores.
 
 Each part's numbers are kept in ``--work`` (default: a folder beside the doc) with the key
-they were measured under (the world's build and sampler records, the seed, the control's
-settings): ``--resume`` keeps a part whose key matches instead of measuring it again, so an
-interrupted run continues, and ``--parts`` re-measures a subset. The doc is written from the
-parts whose key matches only; a part measured on another world or seed is ignored, and said so.
+they were measured under (the world's build and sampler records, erasekit's code and this
+script, the seed, the control's settings): ``--resume`` keeps a part whose key matches
+instead of measuring it again, so an interrupted run continues, and ``--parts`` re-measures
+a subset. The doc is written from the parts whose key matches only; a part measured under
+another key is ignored, and said so.
 
   python scripts/world_quality.py [--root ASSETS] [--parts direct,paraphrase,...] [--resume]
   python scripts/world_quality.py --parts robustness --control-set images_per_prompt=32 \
@@ -314,7 +315,8 @@ def main() -> None:
     root, doc = Path(args.root), Path(args.doc)
     stored = root / "quality.json" if args.doc == DOC else doc.with_suffix(".json")
     if args.render:
-        doc.write_text(markdown(json.loads(stored.read_text())))
+        with atomic_file(doc) as tmp:
+            tmp.write_text(markdown(json.loads(stored.read_text())))
         return
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
@@ -346,7 +348,8 @@ def main() -> None:
             results[p] = stored_part["measured"]
         else:
             print(
-                f"{p}: ignored (in {work}, measured on another world, seed or control)", flush=True
+                f"{p}: ignored (in {work}, measured under another world, code, seed or control)",
+                flush=True,
             )
     settings = SamplerSettings.for_model(world_path("full", root))
     record = {
