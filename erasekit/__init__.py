@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from erasekit.api import AuditResult, audit, erase, evaluate, export, generate, report
 from erasekit.concepts import load_concept
+from erasekit.errors import ErasekitError, UsageError
 from erasekit.world import world_path
 
 try:
@@ -28,6 +29,8 @@ def load_pipeline(*args, **kwargs):
 
 __all__ = [
     "AuditResult",
+    "ErasekitError",
+    "UsageError",
     "__version__",
     "audit",
     "erase",

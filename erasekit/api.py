@@ -21,6 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from erasekit.arguments import (
+    check_concept,
+    check_float,
+    check_int,
+    check_model,
+    check_name,
+    check_path,
+    check_prompts,
+    check_settings,
+    is_pipeline,
+)
 from erasekit.concepts import Concept, PromptSet, load_concept, resolve_prompts
 from erasekit.errors import ErasekitError
 from erasekit.outputs import check_not_input, output_lock
@@ -29,11 +40,11 @@ Settings = Mapping[str, Any] | Sequence[str] | None
 
 
 def _concept(concept: str | Path | Concept) -> Concept:
+    check_concept(concept)
     return concept if isinstance(concept, Concept) else load_concept(str(concept))
 
 
-def _is_pipeline(model: Any) -> bool:
-    return hasattr(model, "unet") and hasattr(model, "scheduler")
+_is_pipeline = is_pipeline
 
 
 def _source_path(pipe) -> Path | None:
@@ -55,14 +66,25 @@ def _load(model, *, device: str | None, dtype: str = "fp32", model_config=None,
     return pipe, Path(model)
 
 
+def _check_common(model, out, *, n_per_prompt, seed, batch_size, limit, steps, guidance) -> None:
+    """The arguments generate, evaluate and audit share."""
+    check_model(model)
+    check_path(out, "out", optional=out is None)
+    check_int(n_per_prompt, "n_per_prompt")
+    check_int(seed, "seed", minimum=0)
+    check_int(batch_size, "batch_size")
+    check_int(limit, "limit", optional=True)
+    check_int(steps, "steps", optional=True)
+    check_float(guidance, "guidance")
+
+
 def _split_settings(settings: Settings) -> tuple[list[str], dict | None]:
     """``key=value`` strings (as on the command line) or a mapping of settings."""
+    check_settings(settings)
     if settings is None:
         return [], None
     if isinstance(settings, Mapping):
         return [], dict(settings)
-    if isinstance(settings, str):
-        raise ErasekitError("settings: a mapping or a list of key=value strings, not one string")
     return list(settings), None
 
 
@@ -80,6 +102,7 @@ def erase_config(
     from erasekit.config import build_config
     from erasekit.methods import get_method
 
+    check_name(method, "method")
     method_cls = get_method(method)
     spec = _concept(concept)
     method_cls.check_concept(spec)
@@ -120,16 +143,21 @@ def erase(
     ``key=value`` strings). ``resume``: "latest" or a checkpoint path of an interrupted run.
     """
     from erasekit.methods import get_method
+    from erasekit.models import check_finite_weights
     from erasekit.training import train
 
+    check_model(model)
+    check_name(method, "method")
+    check_path(out, "out")
     method_cls = get_method(method)
     spec = _concept(concept)
     config = erase_config(method, spec, settings, preset=preset, config_file=config_file)
     if mask is not None and method != "salun":
         raise ErasekitError("--mask applies to --method salun only")
+    check_not_input(out, [model, model_config, config_file, forget_images, retain_images, mask])
     pipe, path = _load(model, device=device, model_config=model_config,
                        allow_pickle=allow_pickle)  # fmt: skip
-    check_not_input(out, [model, model_config, config_file, forget_images, retain_images, mask])
+    check_finite_weights(pipe, "the base model")
     if path is None:
         raise ErasekitError("erase needs the model's folder (the manifest records the base "
                             "model): pass its path, or a pipeline loaded from one")  # fmt: skip
@@ -168,6 +196,9 @@ def generate(
     from erasekit.sampling import SamplerSettings
     from erasekit.sampling import generate as render
 
+    _check_common(model, out, n_per_prompt=n_per_prompt, seed=seed, batch_size=batch_size,
+                  limit=limit, steps=steps, guidance=guidance)  # fmt: skip
+    check_prompts(prompts)
     if isinstance(prompts, PromptSet):
         prompt_set = prompts
     elif isinstance(prompts, (str, Path)):
@@ -216,6 +247,8 @@ def evaluate(
     from erasekit.evaluation import build_judges
     from erasekit.sampling import SamplerSettings
 
+    _check_common(model, None, n_per_prompt=n_per_prompt, seed=seed, batch_size=batch_size,
+                  limit=limit, steps=steps, guidance=guidance)  # fmt: skip
     spec = _concept(concept)
     dev = resolve_device(device)
     options = DetectorOptions(**{**asdict(detectors or DetectorOptions()), "device": dev})
@@ -338,6 +371,8 @@ def audit(
     from erasekit.auditing import AuditSettings, attack_configs, run_audit
     from erasekit.models import build_manifest, save_model
 
+    _check_common(model, out, n_per_prompt=n_per_prompt, seed=seed, batch_size=batch_size,
+                  limit=limit, steps=steps, guidance=guidance)  # fmt: skip
     if model_card and (_is_pipeline(model) or not (Path(model) / "model_index.json").is_file()):
         raise ErasekitError("--model-card needs the audited model as a diffusers folder")
     spec = _concept(concept)
@@ -390,8 +425,10 @@ def export(
 ) -> Path:  # fmt: skip
     """Write ``model`` (a folder, a single file with ``model_config``, or a pipeline) as one
     .safetensors file: the original LDM single-file layout, or ``layout="components"``."""
-    from erasekit.models import export_single_file, load_pipeline
+    from erasekit.models import check_finite_weights, export_single_file, load_pipeline
 
+    check_model(model)
+    check_path(out, "out")
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ErasekitError(f"the single file must end in .safetensors, got {out}")
@@ -399,6 +436,7 @@ def export(
         raise ErasekitError(f"{out} exists (pass --overwrite to replace it)")
     pipe = model if _is_pipeline(model) else load_pipeline(
         model, config=model_config, allow_pickle=allow_pickle)  # fmt: skip
+    check_finite_weights(pipe)
     return export_single_file(pipe, out, layout=layout)
 
 
@@ -406,6 +444,7 @@ def report(audit_dir: str | Path, *, censor: bool | None = None) -> tuple[Path, 
     """Re-render report.html and report.md of an audit folder; returns their paths."""
     from erasekit.reporting import write_report
 
+    check_path(audit_dir, "audit_dir")
     with output_lock(audit_dir):
         return write_report(audit_dir, censor=censor)
 

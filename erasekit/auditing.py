@@ -58,7 +58,7 @@ from erasekit.provenance import (
     sha256_bytes,
     sha256_file,
 )
-from erasekit.sampling import SamplerSettings
+from erasekit.sampling import SamplerSettings, check_image_set
 
 CAPTIONS = "captions"  # the benign caption set's name in an audit (no retain accuracy there)
 
@@ -220,6 +220,7 @@ def evaluate_model(
         metrics.update(m)
         if b:
             breakdowns[prompt_set.name] = b
+    check_image_set(root, samples)  # a collapsed model's "no concept" is not a measurement
     metrics.update(union_metrics(samples, sets, judges, seed=audit.seed))
     return samples, metrics, breakdowns
 

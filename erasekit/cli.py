@@ -18,6 +18,7 @@ from erasekit import __version__
 from erasekit.distributed import close_process_group
 from erasekit.errors import ErasekitError, first_line
 from erasekit.outputs import os_error_line
+from erasekit.signals import exit_code, interrupt_on_termination, signal_name
 
 EXIT_USAGE = 2
 
@@ -81,20 +82,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     quiet_libraries()
     try:
-        result = args.func(args)
+        with interrupt_on_termination():
+            result = args.func(args)
         close_process_group()
     except ErasekitError as e:
         if debug:
             raise
         sys.stderr.write(f"erasekit: error: {e}\n")
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        sys.stderr.write("erasekit: interrupted\n")
-        return 130
+    except KeyboardInterrupt as e:  # SIGINT, SIGTERM, SIGHUP: the writers have cleaned up
+        sys.stderr.write(f"erasekit: interrupted ({signal_name(e)})\n")
+        return exit_code(e)
     except Exception as e:
         if debug:
             raise
-        line = os_error_line(e) if isinstance(e, OSError) else None
+        line = os_error_line(e)
         if line is not None:  # a full disk or read-only folder met outside the writers
             sys.stderr.write(f"erasekit: error: {line}\n")
             return EXIT_USAGE

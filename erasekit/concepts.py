@@ -200,6 +200,9 @@ def resolve_prompts(arg: str) -> PromptSet:
     candidate = Path(arg)
     if candidate.is_file():
         return read_prompt_set(candidate)
+    if candidate.is_dir():
+        raise ErasekitError(f"--prompts {arg} is a folder; give a prompt file (.txt/.csv) or a"
+                            " prompt")  # fmt: skip
     if candidate.suffix.lower() in _PROMPT_FILE_SUFFIXES and "\n" not in arg:
         raise ErasekitError(f"prompt file not found: {arg}")
     return prompt_set_from_list([arg], name="inline")
@@ -376,6 +379,10 @@ def combine_concepts(parts: list[Concept]) -> Concept:
     )
 
 
+CONCEPT_KEYS = {"name", "kind", "description", "forget", "surrogate", "retain", "evaluation",
+                "detector", "benign", "pairs", "scale", "sensitive", "never_learned"}  # fmt: skip
+
+
 def load_concept(name_or_path: str) -> Concept:
     """A built-in concept by name (see `erasekit concepts`) or a YAML spec file; a comma list
     of them (``red,circle``) is the concepts combined (``combine_concepts``)."""
@@ -405,6 +412,11 @@ def load_concept(name_or_path: str) -> Concept:
         raise ErasekitError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(spec, dict):
         raise ErasekitError(f"{path}: a concept spec must be a YAML mapping")
+    unknown = sorted(str(k) for k in set(spec) - CONCEPT_KEYS)
+    if unknown:
+        hint = suggest(unknown[0], sorted(CONCEPT_KEYS))
+        raise ErasekitError(f"{path}: unknown key {unknown[0]!r}{';' if hint else ''}{hint}"
+                            f" (keys: {', '.join(sorted(CONCEPT_KEYS))})")  # fmt: skip
     missing = [
         k for k in ("name", "kind", "forget", "surrogate", "retain", "detector") if k not in spec
     ]

@@ -113,14 +113,45 @@ def process_state(device: str | None = None):
     return PartialState(cpu=cpu)
 
 
-def resolve_device(name: str | None) -> str:
-    """The requested device, or under accelerate the process's own device, or cpu."""
+def available_devices() -> list[str]:
+    """The devices torch offers here: cpu, each CUDA device, mps where it works."""
+    import torch
+
+    found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
+def check_device(name: str) -> None:
+    """Refuse a device torch does not know or this machine does not have (one line)."""
     import torch
 
     from erasekit.errors import ErasekitError
 
-    if name is not None and name.startswith("cuda") and not torch.cuda.is_available():
-        raise ErasekitError(f"--device {name}: no CUDA device is available")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    offered = available_devices()
+    index = device.index if device is not None and device.index is not None else 0
+    known = device is not None and (
+        (device.type == "cpu" and device.index in (None, 0))
+        or (device.type == "cuda" and index < torch.cuda.device_count())
+        or (device.type == "mps" and "mps" in offered)
+    )
+    if not known:
+        why = "no CUDA device is available" if name.startswith("cuda") and len(offered) == 1 \
+            else f"not a device here (available: {', '.join(offered)})"  # fmt: skip
+        raise ErasekitError(f"--device {name}: {why}")
+
+
+def resolve_device(name: str | None) -> str:
+    """The requested device, or under accelerate the process's own device, or cpu."""
+
+    if name is not None:
+        check_device(name)
     state = process_state(name)
     return name if name is not None else str(state.device)
 

@@ -22,3 +22,8 @@ def first_line(e: BaseException, default: str | None = None) -> str:
 
 class DegenerateOutput(ErasekitError):
     """A model rendered non-finite or constant images: broken weights, not evidence."""
+
+
+class UsageError(ErasekitError, ValueError, TypeError):
+    """A Python API argument of the wrong type or value: the same one line the CLI prints
+    (catch it as ``erasekit.UsageError``, ``ValueError`` or ``TypeError``)."""

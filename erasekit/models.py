@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from erasekit.errors import ErasekitError, first_line
-from erasekit.outputs import atomic_file, atomic_output_dir, write_json
+from erasekit.outputs import atomic_file, atomic_output_dir, disk_errors, write_json
 from erasekit.provenance import git_commit, library_versions, model_content_hash, peak_memory
 
 MANIFEST = "erasekit.json"
@@ -465,6 +465,19 @@ def model_card(manifest: dict[str, Any], pipeline: str = SD) -> str:
     return "\n".join(lines)
 
 
+def check_finite_weights(pipe, what: str = "the model") -> None:
+    """Refuse weights with NaN or infinite values (one pass of ``isfinite`` over every
+    component's tensors): erasing or exporting them would write a broken model."""
+    for name in ("unet", "transformer", "text_encoder", "text_encoder_2", "vae"):
+        module = getattr(pipe, name, None)
+        if module is None or not hasattr(module, "named_parameters"):
+            continue
+        for key, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ErasekitError(f"{what} has non-finite weights ({name}.{key} holds NaN or"
+                                    " inf): broken weights, nothing was written")  # fmt: skip
+
+
 def save_model(
     pipe, out_dir: str | Path, manifest: dict[str, Any], overwrite: bool = False
 ) -> Path:
@@ -483,6 +496,7 @@ def write_model(pipe, folder: str | Path, manifest: dict[str, Any]) -> None:
     """Write the diffusers files, erasekit.json and the model card into ``folder`` (callers
     make it atomic: ``save_model``, or the training loop's partial folder)."""
     folder = Path(folder)
-    pipe.save_pretrained(str(folder), safe_serialization=True)
-    write_json(folder / MANIFEST, manifest)
-    (folder / "README.md").write_text(model_card(manifest, type(pipe).__name__))
+    with disk_errors(folder):
+        pipe.save_pretrained(str(folder), safe_serialization=True)
+        write_json(folder / MANIFEST, manifest)
+        (folder / "README.md").write_text(model_card(manifest, type(pipe).__name__))

@@ -8,6 +8,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -99,14 +100,24 @@ def output_lock(out: str | Path, enabled: bool = True) -> Iterator[None]:
 
 
 def check_not_input(out: str | Path, inputs: Iterable[str | Path | None]) -> None:
-    """Refuse an output that is, contains or lies inside one of the run's input folders."""
-    target = Path(os.path.abspath(out))
+    """Refuse an output that is, contains or lies inside one of the run's input folders,
+    compared by real path (symbolic links resolved), and an output that is itself a link."""
+    check_not_link(out)
+    target = Path(os.path.realpath(out))
     for given in inputs:
         if given is None or not isinstance(given, (str, Path)):
             continue
-        source = Path(os.path.abspath(given))
+        source = Path(os.path.realpath(given))
         if target == source or source.is_relative_to(target) or target.is_relative_to(source):
             raise ErasekitError(f"output {out} overlaps the input {given}; choose another --out")
+
+
+def check_not_link(out: str | Path) -> None:
+    """Refuse an output path that is a symbolic link: the finished folder is renamed into
+    place, which would replace the link, not write where it points."""
+    if os.path.islink(out):
+        raise ErasekitError(f"output {out} is a symbolic link (to {os.readlink(out)}); give the"
+                            " real folder as --out")  # fmt: skip
 
 
 _OS_ERRORS = {
@@ -122,20 +133,32 @@ _OS_ERRORS = {
 }
 
 
-def os_error_line(e: OSError, path: str | Path | None = None) -> str | None:
+def _errno_of(e: BaseException) -> int | None:
+    """The OS error number of an OSError, or of a library's wrapped I/O error (safetensors'
+    Rust writer says "... (os error 28)")."""
+    if isinstance(e, OSError):
+        return e.errno
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    return int(found.group(1)) if found else None
+
+
+def os_error_line(e: BaseException, path: str | Path | None = None) -> str | None:
     """A one-line account of a file-system failure a user can act on, else None."""
-    what = _OS_ERRORS.get(e.errno)
+    what = _OS_ERRORS.get(_errno_of(e))
     if what is None:
         return None
-    return f"cannot write {e.filename or path or 'a file'}: {what}"
+    return f"cannot write {getattr(e, 'filename', None) or path or 'a file'}: {what}"
 
 
 @contextlib.contextmanager
 def disk_errors(path: str | Path) -> Iterator[None]:
-    """OS write failures as one clear line: full disk, read-only or missing folders."""
+    """Write failures as one clear line naming the path: full disk, read-only or missing
+    folders, from Python's own I/O or a library's (the one helper every writer uses)."""
     try:
         yield
-    except OSError as e:
+    except ErasekitError:
+        raise
+    except Exception as e:
         line = os_error_line(e, path)
         if line is None:
             raise
@@ -150,6 +173,7 @@ def prepare_output_dir(out: str | Path, overwrite: bool = False) -> Path:
     interrupted earlier run (safe: the lock says no live run owns it).
     """
     out = Path(out)
+    check_not_link(out)
     if out.exists() and not out.is_dir():
         raise ErasekitError(f"output path exists and is not a folder: {out}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

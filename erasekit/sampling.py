@@ -193,9 +193,41 @@ def check_images(images: np.ndarray, batch: list[dict[str, Any]]) -> None:
         where = f"prompt {rec['prompt'][:80]!r} (seed {rec['seed']})"
         if not np.isfinite(image).all():
             raise DegenerateOutput(f"non-finite pixel values rendering {where}: broken weights")
-        if float(image.max() - image.min()) < 1.0 / 255.0:
+        spread = np.ptp(image.reshape(-1, image.shape[-1]), axis=0)  # per channel
+        if float(np.max(spread)) < 1.0 / 255.0:  # every channel flat: one colour, no picture
             raise DegenerateOutput(f"a constant image (no variation) rendering {where}: the"
                                    " model has collapsed")  # fmt: skip
+
+
+# A set of images of different prompts and seeds is degenerate (a collapsed model that renders
+# the same picture whatever it is asked) when the mean over pixels of the per-pixel standard
+# deviation across the images is below this many grey levels (of 255).
+DEGENERATE_SET_STD = 2.0
+
+
+def check_image_set(root: str | Path, records: list[dict[str, Any]]) -> None:
+    """Stop when the images of ``records`` (paths relative to ``root``), rendered from at least
+    two different seeds, are near-identical (``DEGENERATE_SET_STD``): each image alone may look
+    fine, but a model that ignores its prompt and its noise shows "no concept". (Images of one
+    seed may legitimately agree: a weakly conditioned model varies with its noise.)"""
+    if len({r["seed"] for r in records}) < 2:
+        return
+    total = squares = None
+    for rec in records:
+        pixels = np.asarray(Image.open(Path(root) / rec["image"]).convert("RGB"), np.float64)
+        if total is not None and pixels.shape != total.shape:
+            return  # images of different sizes differ
+        total = pixels if total is None else total + pixels
+        squares = pixels**2 if squares is None else squares + pixels**2
+    n = len(records)
+    spread = float(np.sqrt(np.maximum(squares / n - (total / n) ** 2, 0.0)).mean())
+    if spread < DEGENERATE_SET_STD:
+        prompts, seeds = len({r["prompt"] for r in records}), len({r["seed"] for r in records})
+        raise DegenerateOutput(
+            f"its {n} images of {prompts} prompts and {seeds} seeds are near-identical (mean"
+            f" per-pixel standard deviation across them {spread:.2f} grey levels, below"
+            f" {DEGENERATE_SET_STD:g}): the model has collapsed"
+        )
 
 
 def warn_truncated(pipe, prompts: list[str]) -> int:

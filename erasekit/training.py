@@ -631,6 +631,7 @@ def _negotiate_output(
                 if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
                     raise ErasekitError(f"output folder is not empty: {out_dir}")
             else:
+                _refuse_to_drop_checkpoints(out_dir, work_dir, overwrite)
                 prepare_output_dir(out_dir, overwrite)
         except ErasekitError as e:
             error = str(e)
@@ -641,6 +642,18 @@ def _negotiate_output(
     if error:
         raise ErasekitError(error)
     return resume_from
+
+
+def _refuse_to_drop_checkpoints(out_dir: Path, work_dir: Path, overwrite: bool) -> None:
+    """A new run over an interrupted run's checkpoints would delete them: without
+    ``overwrite``, stop and say how to continue it instead."""
+    claim_output(out_dir)  # a live run's work is refused by the lock, not here
+    found = _checkpoints(work_dir)
+    if found and not overwrite:
+        release_output(out_dir)
+        raise ErasekitError(f"{work_dir} holds an interrupted run's checkpoints (newest:"
+                            f" {found[-1].name}); continue it with --resume latest, or pass"
+                            " --overwrite to discard them")  # fmt: skip
 
 
 def _make_accelerator(config: TrainConfig, device: str):

@@ -295,7 +295,7 @@ def _bad_cases(tiny: Path, tmp: Path, clip: tuple[Path, Path]) -> list[tuple[lis
         (["report", str(no_results)], "no 'results' object"),
         (["report", str(future)], "schema_version 99"),
         (["report", str(corrupt)], "line 2 is not valid JSON"),
-        ([*gen, "--prompts", "x", "--guidance", "nan"], "--guidance must be finite"),
+        ([*gen, "--prompts", "x", "--guidance", "nan"], "guidance: a finite number is required"),
         ([*erase, "--set", "max_grad_norm=nan"], "max_grad_norm: expected a finite number"),
         ([*erase, "--set", "checkpointing_steps=-1"], "checkpointing_steps must be 0"),
         ([*gen, "--prompts", write("nul.txt", b"\x00" * 64)], "NUL bytes"),

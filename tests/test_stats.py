@@ -35,3 +35,44 @@ def test_bootstrap_interval_hand_computed():
     assert a == bootstrap_interval(groups, seed=1) and a[0] < 1.0 < a[1]
     with pytest.raises(ValueError):
         bootstrap_interval([])
+
+
+def test_bootstrap_weights_images_not_prompts():
+    """Resampled means weight each prompt by its images. The exact bootstrap distribution of
+    [[0, 0, 0], [1], [1, 1]] (27 equally likely resamples) puts its 20% quantile at 0.25 and its
+    80% at 1; a mean of prompt means would put the 20% quantile at 1/3."""
+    from erasekit.stats import bootstrap_interval
+
+    groups = [[0.0, 0.0, 0.0], [1.0], [1.0, 1.0]]
+    assert bootstrap_interval(groups, n_resamples=20000, level=0.6) == (0.25, 1.0)
+
+
+def test_bootstrap_agrees_with_scipy():
+    """One image per prompt, or equal images per prompt: the grouped percentile bootstrap is
+    scipy's percentile bootstrap of the (prompt) means."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    from erasekit.stats import bootstrap_interval
+
+    rng = np.random.default_rng(4)
+    for groups in (
+        [[float(v)] for v in rng.integers(0, 2, 40)],
+        [list(rng.normal(size=3)) for _ in range(25)],
+    ):
+        means = np.array([np.mean(g) for g in groups])
+        ref = bootstrap(
+            (means,), np.mean, method="percentile", n_resamples=20000, rng=np.random.default_rng(0)
+        ).confidence_interval
+        lo, hi = bootstrap_interval(groups, n_resamples=20000)
+        assert lo == pytest.approx(ref.low, abs=0.02) and hi == pytest.approx(ref.high, abs=0.02)
+
+
+def test_paired_difference_is_the_image_mean_with_the_grouped_interval():
+    from erasekit.stats import bootstrap_interval, paired_difference
+
+    groups = [[1.0, 0.0], [0.0], [-1.0, 1.0, 1.0]]
+    d = paired_difference(groups, n_resamples=3000, seed=2)
+    assert d["value"] == pytest.approx(2 / 6) and d["n_pairs"] == 6
+    lo, hi = bootstrap_interval(groups, n_resamples=3000, seed=2)
+    assert d["ci95"] == [round(lo, 4), round(hi, 4)]

@@ -420,6 +420,51 @@ def report(out: str | Path) -> dict[str, Any]:
     return board
 
 
+def study_problems(study: Study) -> list[str]:
+    """Every mistake a cell would meet, found before the first cell: concepts that do not
+    load, unknown attacks or attack settings, erase settings a method rejects, missing models
+    (a never-learned row on a concept that names none, a path row's folder)."""
+    from erasekit.api import erase_config
+    from erasekit.auditing import attack_configs, never_learned_model
+    from erasekit.concepts import load_concept
+
+    problems: list[str] = []
+
+    def check(where: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ErasekitError as e:
+            problems.append(f"{where}: {first_line(e)}")
+            return None
+
+    concepts = [c for c in (check(f"concept {n!r}", load_concept, n) for n in study.concepts) if c]
+    for concept in concepts:
+        for attack, settings in study.attacks.items():
+            check(f"attack {attack!r}", attack_configs, {attack: settings}, None, concept)
+        for row in study.models.values():
+            where = f"model {row.name!r} on {concept.name}"
+            if row.kind == "erase":
+                spec = check(where, load_concept, row.concept) if row.concept else concept
+                if spec is not None:
+                    check(where, erase_config, str(row.method), spec, row.settings)
+            elif row.kind == "never-learned" and never_learned_model(concept) is None:
+                problems.append(f"{where}: the concept names no never-learned model")
+            elif row.kind == "path" and not Path(str(row.path)).exists():
+                problems.append(f"{where}: model not found: {row.path}")
+    return list(dict.fromkeys(problems))
+
+
+def checked_study(study: str | Path, profile: str | None = None) -> Study:
+    """``load_study`` and ``study_problems``: the whole file checked, all its problems on one
+    line."""
+    loaded = load_study(study, profile)
+    problems = study_problems(loaded)
+    if problems:
+        more = f"{len(problems)} problems: " if len(problems) > 1 else ""
+        raise ErasekitError(f"{loaded.source}: {more}{'; '.join(problems)} (no cell was run)")
+    return loaded
+
+
 def plan_study(
     study: str | Path, out: str | Path, *, profile: str | None = None, share: str = "cells"
 ) -> list[dict[str, Any]]:
@@ -428,7 +473,7 @@ def plan_study(
     process builds them there: alone."""
     from erasekit.distributed import one_process
 
-    runner = Runner(load_study(study, profile), out, progress=False, dry=True)
+    runner = Runner(checked_study(study, profile), out, progress=False, dry=True)
     if share == "cells" and process_state().num_processes > 1:
         with one_process():
             return runner.plan()
@@ -446,4 +491,4 @@ def run_study(
     """Run (or resume) a study file (or one of its profiles) into ``out``; returns the
     leaderboard document. ``share``: how the processes of a launch split the work (see
     ``Runner.run``)."""
-    return Runner(load_study(study, profile), out, progress=progress).run(share)
+    return Runner(checked_study(study, profile), out, progress=progress).run(share)

@@ -167,9 +167,11 @@ def load_study(path: str | Path, profile: str | None = None) -> Study:
         raise _fail(path, "a study must be a YAML mapping")
     unknown = sorted(set(spec) - STUDY_KEYS)
     if unknown:
-        raise _fail(
-            path, f"unknown keys {', '.join(unknown)} (known: {', '.join(sorted(STUDY_KEYS))})"
-        )
+        from erasekit.registry import suggest
+
+        hint = suggest(str(unknown[0]), sorted(STUDY_KEYS))
+        raise _fail(path, f"unknown keys {', '.join(map(str, unknown))}{';' if hint else ''}"
+                    f"{hint} (known: {', '.join(sorted(STUDY_KEYS))})")  # fmt: skip
     profiles = spec.pop("profiles", None) or {}
     if profile is not None:
         if profile not in profiles:

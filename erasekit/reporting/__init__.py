@@ -309,30 +309,39 @@ def curve_plot_uri(doc: dict[str, Any], attack: str) -> str | None:
 
 
 # A concept-rate drop is not read as erasure when the audited model's retain utility fell
-# below this fraction of the reference's: a broken model also "shows no concept".
+# below this fraction of any comparison role's (reference or never-learned): a broken model
+# also "shows no concept".
 UTILITY_FLOOR = 0.8
 UTILITY_METRICS = ("retain_accuracy", "clip_score")
+UTILITY_ROLES = ("reference", "never-learned")
 
 
 def utility_warning(doc: dict[str, Any]) -> str | None:
     """Why the audited model's concept rates cannot be read as erasure, if they cannot: its
-    retain utility collapsed (below ``UTILITY_FLOOR`` x the reference's), or there is neither a
-    reference nor a retain measurement to tell erasure from a broken model."""
+    retain utility fell below ``UTILITY_FLOOR`` x that of ANY comparison role (reference or
+    never-learned), or nothing to compare it with was measured ("unverified")."""
     results = doc.get("results", {})
-    audited, ref = results.get("audited") or {}, results.get("reference")
+    audited = results.get("audited") or {}
+    others = {r: results[r] for r in UTILITY_ROLES if results.get(r)}
     utility = {k: m for k, m in audited.items() if m.get("metric") in UTILITY_METRICS}
-    if not ref and not utility:
-        return ("no reference model and no retain set were measured, so a low concept rate"
-                " cannot be told from a broken model")  # fmt: skip
-    collapsed = [
-        f"{metric_title(m)} {m['value']:.2f} vs reference {ref[k]['value']:.2f}"
-        for k, m in utility.items()
-        if ref and k in ref and m["value"] < UTILITY_FLOOR * ref[k]["value"]
-    ]
+    if not others and not utility:
+        return ("unverified: no utility reference (no reference or never-learned model and no"
+                " retain set were measured, so a low concept rate cannot be told from a broken"
+                " model)")  # fmt: skip
+    compared = [(k, m, r, by_key[k]) for k, m in utility.items()
+                for r, by_key in others.items() if k in by_key]  # fmt: skip
+    if utility and not compared:
+        what = "; ".join(f"{metric_title(m)} {m['value']:.2f}" for m in utility.values())
+        return (f"unverified: no utility reference (the audited model's {what} is not compared"
+                " with a reference or never-learned model)")  # fmt: skip
+    collapsed = [f"{metric_title(m)} {m['value']:.2f} vs {role} {theirs['value']:.2f}"
+                 for _, m, role, theirs in compared
+                 if m["value"] < UTILITY_FLOOR * theirs["value"]]  # fmt: skip
     if collapsed:
-        return (f"the audited model's retain utility collapsed ({'; '.join(collapsed)}: below"
-                f" {UTILITY_FLOOR:.0%} of the reference's), so a lower concept rate is not"
-                " evidence of erasure")  # fmt: skip
+        return (
+            f"the audited model's retain utility collapsed ({'; '.join(collapsed)}: below"
+            f" {UTILITY_FLOOR:.0%} of that role's)"
+        )
     return None
 
 
