@@ -45,3 +45,36 @@ def paired_difference(groups: list[list[float]], n_resamples: int = 2000, seed: 
     low, high = bootstrap_interval(groups, n_resamples, seed=seed)
     return {"value": round(sum(diffs) / len(diffs), 6), "ci95": [round(low, 4), round(high, 4)],
             "n_pairs": len(diffs)}  # fmt: skip
+
+
+def cluster_bootstrap_interval(
+    clusters: list[list[tuple[float, int]]],
+    n_resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Hierarchical percentile bootstrap interval of a pooled ratio Σ sums / Σ counts: draw the
+    clusters (seeds) with replacement, then, within each cluster drawn, its groups (prompts)
+    with replacement, as (sum, count) pairs. Both sources of variation count: a rate pooled
+    over seeds whose seeds disagree gets a wide interval, where a per-image interval would
+    not. A cluster given as one group is resampled as a whole (seeds only). Deterministic for
+    a given ``seed``."""
+    import numpy as np
+
+    if not clusters or any(not c or any(n <= 0 for _, n in c) for c in clusters):
+        raise ValueError("a cluster bootstrap needs clusters of groups with positive counts")
+    rng = np.random.default_rng(seed)
+    k = len(clusters)
+    drawn = rng.integers(0, k, size=(n_resamples, k))  # which cluster fills each slot
+    sums = np.zeros((k, n_resamples, k))  # cluster c resampled inside slot j of resample r
+    counts = np.zeros((k, n_resamples, k))
+    for c, groups in enumerate(clusters):
+        s = np.array([float(v) for v, _ in groups])
+        n = np.array([float(m) for _, m in groups])
+        picks = rng.integers(0, len(groups), size=(n_resamples, k, len(groups)))
+        sums[c], counts[c] = s[picks].sum(-1), n[picks].sum(-1)
+    rows, slots = np.arange(n_resamples)[:, None], np.arange(k)[None, :]
+    ratios = sums[drawn, rows, slots].sum(1) / counts[drawn, rows, slots].sum(1)
+    alpha = (1 - level) / 2
+    low, high = np.quantile(ratios, [alpha, 1 - alpha], method="inverted_cdf")
+    return float(low), float(high)

@@ -24,8 +24,9 @@ LAYERS: list[tuple[str, ...]] = [
         "lora",
         "config",
         "ldm",
+        "signals",
     ),  # fmt: skip
-    ("models", "concepts", "guidance", "world.render", "world.info", "world"),
+    ("models", "concepts", "guidance", "world.render", "world.info", "world", "arguments"),
     (
         "sampling",
         "data",

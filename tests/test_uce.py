@@ -103,3 +103,22 @@ def test_bad_uce_settings_are_one_line(tiny_model_dir, tmp_path, capsys):
     for extra, fragment in cases:
         assert_one_line_error(run_main(capsys, *base, *extra), fragment)
     assert not (tmp_path / "o").exists()
+
+
+def test_concept_embedding_is_the_hidden_state_of_the_last_word_token(tiny_pipe):
+    """UCE's 'last' token: the position just before end-of-text (for "" the start token),
+    found here from the token ids themselves, not from the lengths the code uses."""
+    from erasekit.methods.uce import concept_embeddings
+
+    texts = ["a red circle", "outlined", ""]
+    got = concept_embeddings(tiny_pipe, texts)
+    tok = tiny_pipe.tokenizer
+    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids  # fmt: skip
+    with torch.no_grad():
+        hidden = tiny_pipe.text_encoder(ids)[0]
+    for row, text in enumerate(texts):
+        eot = int((ids[row] == tok.eos_token_id).nonzero()[0])
+        assert eot == len(tok(text).input_ids) - 1
+        want = hidden[row, eot - 1].double()
+        assert torch.allclose(got[row], want, atol=1e-5), text

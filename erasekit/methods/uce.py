@@ -158,7 +158,7 @@ def uce_edit(
 
 
 # ShapesWorld's text encoder spreads a word into every later token, and the last-token edit
-# left red at 0.99 of direct prompts; every token with s_e 5: docs/results/erase-world/.
+# left red at 1.00 of direct prompts; every token with s_e 5: docs/results/erase-world/.
 WORLD_PRESET = {"tokens": "all", "erase_scale": 5.0}
 
 
