@@ -269,13 +269,16 @@ def make_metric(
         raise ErasekitError(f"metric {metric} on {prompt_set.name} has no images")
     n = len(values)
     total = sum(v for _, v in values)
+    groups: dict[int, list[float]] = defaultdict(list)
+    for i, v in values:
+        groups[i].append(v)
+    extra = {}
     if kind == "rate":
         low, high = wilson_interval(int(round(total)), n)
         interval = RATE_INTERVAL
+        # each prompt's [hits, images]: what pooling over seeds resamples (prompts within seeds)
+        extra["per_prompt"] = [[round(sum(groups[i]), 6), len(groups[i])] for i in sorted(groups)]
     else:
-        groups: dict[int, list[float]] = defaultdict(list)
-        for i, v in values:
-            groups[i].append(v)
         low, high = bootstrap_interval(list(groups.values()), BOOTSTRAP_RESAMPLES, seed=0)
         interval = MEAN_INTERVAL
     return {
@@ -288,6 +291,7 @@ def make_metric(
         "n_prompts": len({i for i, _ in values}),
         "higher_is_better": higher_is_better,
         "definition": {**definition, "prompt_set": prompt_set.describe(), "interval": interval},
+        **extra,
     }
 
 

@@ -76,7 +76,7 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(
     assert rows["salun"]["seeds_ok"] == [0, 1] and rows["original"]["seeds_ok"] == [0, 1]
     assert [f["seed"] for f in rows["broken"]["failed"]] == [0, 1]
     assert "loss became" in rows["broken"]["failed"][0]["error"] and not rows["broken"]["metrics"]
-    # pooled over seeds from each seed's results.json: hits / n, Wilson
+    # pooled over seeds from each seed's results.json: hits / n, a cluster bootstrap
     rate = rows["salun"]["metrics"]["concept_rate/direct"]
     per_seed = [
         json.loads((out / "cells/circle/salun" / f"seed{s}/audit/results.json").read_text())[
@@ -86,7 +86,8 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(
     hits = sum(round(m["value"] * m["n_images"]) for m in per_seed)
     assert rate["value"] == hits / 4 and rate["per_seed"] == [m["value"] for m in per_seed]
     assert rate["ci95"][0] <= rate["value"] <= rate["ci95"][1]
-    assert "pooled over seeds" in rate["definition"]["interval"]
+    assert "over seeds and, within each seed drawn, its prompts" in rate["definition"]["interval"]
+    assert [len(m["per_prompt"]) for m in per_seed] == [2, 2]  # what the bootstrap resamples
     diffs = board["concepts"]["circle"]["differences"]
     direct = next(d for d in diffs if d["metric"] == "concept_rate/direct")
     assert direct["a"] == "salun" and direct["n_pairs"] == 4

@@ -76,3 +76,38 @@ def test_paired_difference_is_the_image_mean_with_the_grouped_interval():
     assert d["value"] == pytest.approx(2 / 6) and d["n_pairs"] == 6
     lo, hi = bootstrap_interval(groups, n_resamples=3000, seed=2)
     assert d["ci95"] == [round(lo, 4), round(hi, 4)]
+
+
+def test_cluster_bootstrap_resamples_seeds_then_prompts():
+    from erasekit.stats import bootstrap_interval, cluster_bootstrap_interval
+
+    # seeds only (one group each): the pooled rate's interval spans the seeds' disagreement,
+    # where a Wilson interval on 192 images would be about ±0.07 wide
+    seeds = [[(0.30 * 64, 64)], [(0.56 * 64, 64)], [(0.09 * 64, 64)]]
+    assert cluster_bootstrap_interval(seeds) == pytest.approx((0.09, 0.56))
+    # one seed: the prompt level alone, which is the grouped bootstrap of its prompts
+    prompts = [(float(i % 3 == 0), 1) for i in range(30)]
+    one = cluster_bootstrap_interval([prompts], n_resamples=20000)
+    ref = bootstrap_interval([[v] for v, _ in prompts], n_resamples=20000)
+    assert one == pytest.approx(ref, abs=0.04)
+    # seeds that agree on their totals but whose prompts disagree: wider than agreeing prompts
+    flat = [[(0.5, 1)] * 20 for _ in range(3)]
+    split = [[(float(i % 2), 1) for i in range(20)] for _ in range(3)]
+    lo_f, hi_f = cluster_bootstrap_interval(flat)
+    lo_s, hi_s = cluster_bootstrap_interval(split)
+    assert lo_f == hi_f == 0.5 and lo_s < 0.4 < 0.6 < hi_s
+    with pytest.raises(ValueError):
+        cluster_bootstrap_interval([[]])
+
+
+def test_pooled_rate_uses_wilson_for_one_seed_and_a_cluster_bootstrap_for_several():
+    from erasekit.bench.pooling import ONE_SEED_INTERVAL, SEEDS_INTERVAL, pooled_rate
+    from erasekit.stats import wilson_interval
+
+    one = pooled_rate([{"value": 0.25, "n_images": 8}])
+    assert one == (0.25, *wilson_interval(2, 8), ONE_SEED_INTERVAL)
+    seeds = [{"value": v, "n_images": 64} for v in (0.296875, 0.5625, 0.09375)]
+    value, low, high, interval = pooled_rate(seeds)
+    assert interval == SEEDS_INTERVAL and value == pytest.approx((19 + 36 + 6) / 192)
+    wilson = wilson_interval(61, 192)
+    assert low <= 0.1 and high >= 0.55 and high - low > 2 * (wilson[1] - wilson[0])

@@ -79,37 +79,70 @@ def _curves(doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def pool_curve(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Recovery curves over seeds, step by step: pooled hits / n with a Wilson interval (the
-    steps every seed evaluated)."""
-    from erasekit.stats import wilson_interval
+POOLING_DEFINITION = (
+    "rates: hits / n pooled over seeds; 95% interval: Wilson for one seed, else a cluster"
+    " bootstrap that resamples seeds (and prompts within them where the cells record them), so"
+    " seeds that disagree widen it; per_seed: each seed's value; attacked metrics are"
+    " '<attack>:<metric>' (the audit's final attack step)"
+)
+ONE_SEED_INTERVAL = "Wilson score 95% on hits / n (one seed: its images independent)"
+SEEDS_PROMPTS_INTERVAL = (
+    "hierarchical percentile bootstrap 95% over seeds and, within each seed drawn, its prompts"
+    " (hits / n of the resample; 2000 resamples, seed 0)"
+)
+SEEDS_INTERVAL = (
+    "percentile bootstrap 95% over seeds (each seed's hits / n resampled whole; 2000"
+    " resamples, seed 0)"
+)
 
+
+def pooled_rate(per_seed: list[dict[str, Any]]) -> tuple[float, float, float, str]:
+    """(value, low, high, interval definition) of a rate pooled over seeds: hits / n, with a
+    Wilson interval for one seed and a cluster bootstrap for several (over seeds and prompts
+    where every seed records its prompts' hits, else over seeds)."""
+    from erasekit.stats import cluster_bootstrap_interval, wilson_interval
+
+    n = sum(m["n_images"] for m in per_seed)
+    hits = sum(round(m["value"] * m["n_images"]) for m in per_seed)
+    if len(per_seed) == 1:
+        low, high = wilson_interval(hits, n)
+        return hits / n, low, high, ONE_SEED_INTERVAL
+    if all(m.get("per_prompt") for m in per_seed):
+        clusters = [[(h, k) for h, k in m["per_prompt"]] for m in per_seed]
+        interval = SEEDS_PROMPTS_INTERVAL
+    else:
+        clusters = [[(round(m["value"] * m["n_images"]), m["n_images"])] for m in per_seed]
+        interval = SEEDS_INTERVAL
+    low, high = cluster_bootstrap_interval(clusters)
+    return hits / n, low, high, interval
+
+
+def pool_curve(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Recovery curves over seeds, step by step: pooled hits / n with ``pooled_rate``'s
+    interval (the steps every seed evaluated)."""
     steps = sorted(set.intersection(*({p["step"] for p in c} for c in per_seed)))
     out = []
     for step in steps:
         points = [next(p for p in c if p["step"] == step) for c in per_seed]
-        n = sum(p["n_images"] for p in points)
-        hits = sum(round(p["value"] * p["n_images"]) for p in points)
-        low, high = wilson_interval(hits, n)
-        out.append({"step": step, "value": round(hits / n, 6),
-                    "ci95": [round(low, 4), round(high, 4)], "n_images": n,
+        value, low, high, _ = pooled_rate(points)
+        out.append({"step": step, "value": round(value, 6),
+                    "ci95": [round(low, 4), round(high, 4)],
+                    "n_images": sum(p["n_images"] for p in points),
                     "per_seed": [p["value"] for p in points]})  # fmt: skip
     return out
 
 
 def pool(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    """One metric over seeds: rates as pooled hits / n with a Wilson interval; means as the
-    mean of the seeds' means with the range of the seeds' values (not a 95% interval)."""
+    """One metric over seeds: rates as pooled hits / n with ``pooled_rate``'s interval; means
+    as the mean of the seeds' means with the range of the seeds' values (not a 95%
+    interval)."""
     from erasekit.evaluation import RATE_INTERVAL
-    from erasekit.stats import wilson_interval
 
     first = per_seed[0]
     values = [m["value"] for m in per_seed]
     n = sum(m["n_images"] for m in per_seed)
     if first["definition"].get("interval") == RATE_INTERVAL:
-        hits = sum(round(m["value"] * m["n_images"]) for m in per_seed)
-        low, high = wilson_interval(hits, n)
-        value, interval = hits / n, "Wilson score 95% on hits / n pooled over seeds"
+        value, low, high, interval = pooled_rate(per_seed)
     elif len(per_seed) == 1:
         value, (low, high), interval = values[0], first["ci95"], first["definition"]["interval"]
     else:
@@ -117,7 +150,8 @@ def pool(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         interval = "range of the per-seed values (not a 95% interval)"
     return {"metric": first["metric"], "value": round(value, 6),
             "ci95": [round(low, 4), round(high, 4)], "n_images": n, "n_seeds": len(per_seed),
-            "per_seed": values, "higher_is_better": first["higher_is_better"],
+            "per_seed": values, "per_seed_n": [m["n_images"] for m in per_seed],
+            "higher_is_better": first["higher_is_better"],
             "definition": {**first["definition"], "interval": interval}}  # fmt: skip
 
 
@@ -205,11 +239,10 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
         "definitions": {
             "rows": "each row's model audited alone (erasekit.audit, no reference role), once "
             "per seed (the seed of its erasure and of its evaluation)",
-            "pooling": "rates: hits / n pooled over seeds, Wilson 95%; per_seed: each seed's "
-            "value; attacked metrics are '<attack>:<metric>' (the audit's final attack step)",
+            "pooling": POOLING_DEFINITION,
             "curves": "each row's concept rate on the attack's curve prompts (primary protocol) "
             "after every eval_every steps of a recovery attack, pooled over seeds per step as "
-            "hits / n, Wilson 95%",
+            "hits / n, with the pooling's interval",
             **({"masks": MASK_OVERLAP_DEFINITIONS} if study.masks else {}),
             "differences": "a − b on the same images' prompts, k and seeds (primary protocol), "
             "percentile bootstrap 95% over (seed, prompt) groups, 2000 resamples, seed 0; on an "
@@ -243,6 +276,49 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
             "attacks_wall_s": {a: round(w, 1) for a, w in attack_wall.items() if w},
         },  # fmt: skip
     }
+
+
+def repool(board: dict[str, Any]) -> list[dict[str, Any]]:
+    """Re-pool a leaderboard document in place from the per-seed values it records (its cells
+    need not be kept; nothing is measured): every rate and curve point gets ``pooled_rate``'s
+    interval — over seeds only, as a board records no per-prompt hits — and every claim is
+    judged again. Returns the claims whose status changed (concept, a, b, metric, before,
+    after)."""
+    from erasekit.provenance import git_commit
+
+    changed = []
+    for concept, entry in board["concepts"].items():
+        for row in entry["rows"].values():
+            for key, m in row["metrics"].items():
+                if m.get("definition", {}).get("interval", "").startswith("Wilson"):
+                    row["metrics"][key] = _repooled(m, m["per_seed"], m["n_images"])
+            for curve in row.get("curves", {}).values():
+                for point in curve:
+                    point.update(_repooled(point, point["per_seed"], point["n_images"]))
+        claims = []
+        for old in entry.get("claims", []):
+            claim = {k: old[k] for k in ("a", "b", "metric", "says") if k in old}
+            new = check_claim(claim, entry["rows"], entry.get("differences", []), concept)
+            if new["status"] != old.get("status"):
+                changed.append({**claim, "concept": concept, "metric": new["metric"],
+                                "before": old.get("status"), "after": new["status"],
+                                "evidence": new.get("evidence")})  # fmt: skip
+            claims.append(new)
+        entry["claims"] = claims
+    board["definitions"]["pooling"] = POOLING_DEFINITION
+    board["provenance"]["repooled"] = {"git_commit": git_commit(), "intervals": SEEDS_INTERVAL}
+    return changed
+
+
+def _repooled(m: dict[str, Any], per_seed: list[float], n: int) -> dict[str, Any]:
+    """A pooled rate's value and interval again from its per-seed values (equal images per
+    seed: each seed renders the same prompt set)."""
+    each = n // len(per_seed)
+    value, low, high, interval = pooled_rate([{"value": v, "n_images": each} for v in per_seed])
+    out = {**m, "value": round(value, 6), "ci95": [round(low, 4), round(high, 4)]}
+    if "definition" in m:
+        out["definition"] = {**m["definition"], "interval": interval}
+    return out
 
 
 def _mask_pairs(pairs: list[tuple[str, str]], by: dict, concept: str,
