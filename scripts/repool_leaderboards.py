@@ -25,17 +25,22 @@ def main(root: Path) -> int:
         "Every leaderboard here pooled its rates over seeds as hits / n with a Wilson interval,"
         " which treats every image as independent. Each was re-pooled from the per-seed values"
         f" it records (nothing measured again): {SEEDS_INTERVAL}; one seed keeps its Wilson"
-        " interval. A claim judged from a paired difference is unchanged; one judged from the"
-        " two rows' pooled intervals may change. Code: commit"
+        " interval. Every claim was then judged again by today's rules. A claim judged from a"
+        " paired difference keeps its interval; its verdict changes only where the rule did"
+        " (a paired interval of exactly zero now reads 'no difference'). Code: commit"
         f" `{git_commit()}`.",
         "",
     ]
-    total = changed_boards = 0
+    total = changed_boards = pooled = pooled_changed = 0
     for path in sorted(root.glob("*/leaderboard.json")):
         board = json.loads(path.read_text())
         changed = repool(board)
         write_leaderboard(board, path.parent)
-        total += sum(len(c.get("claims", [])) for c in board["concepts"].values())
+        claims = [c for e in board["concepts"].values() for c in e.get("claims", [])]
+        total += len(claims)
+        from_pooled = [c for c in claims if str(c.get("evidence", "")).startswith("a ")]
+        pooled += len(from_pooled) if len(board["study"]["seeds"]) > 1 else 0
+        pooled_changed += sum(1 for c in changed if not str(c["evidence"]).startswith("paired"))
         if changed:
             changed_boards += 1
             lines += [f"## {path.parent.name}/", ""]
@@ -44,7 +49,9 @@ def main(root: Path) -> int:
                       for c in changed]  # fmt: skip
             lines.append("")
         print(f"{path.parent.name}: {len(changed)} claim(s) changed", file=sys.stderr)
-    lines.insert(-1, f"{total} claims in all; verdicts changed on {changed_boards} boards.")
+    lines.insert(-1, f"{total} claims in all; verdicts changed on {changed_boards} boards."
+                 f" Of the {pooled} claims judged from pooled intervals over several seeds,"
+                 f" {pooled_changed} changed with the seed-aware intervals.")  # fmt: skip
     with atomic_file(root / "claims-rejudged.md") as tmp:
         tmp.write_text("\n".join(lines).rstrip() + "\n")
     return 0

@@ -111,3 +111,6 @@ def test_pooled_rate_uses_wilson_for_one_seed_and_a_cluster_bootstrap_for_severa
     assert interval == SEEDS_INTERVAL and value == pytest.approx((19 + 36 + 6) / 192)
     wilson = wilson_interval(61, 192)
     assert low <= 0.1 and high >= 0.55 and high - low > 2 * (wilson[1] - wilson[0])
+    # seeds that all agree: never narrower than the images' own (Wilson) uncertainty
+    agree = pooled_rate([{"value": 1.0, "n_images": 64}] * 3)
+    assert agree[1:3] == wilson_interval(192, 192)

@@ -80,26 +80,28 @@ def _curves(doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 
 POOLING_DEFINITION = (
-    "rates: hits / n pooled over seeds; 95% interval: Wilson for one seed, else a cluster"
-    " bootstrap that resamples seeds (and prompts within them where the cells record them), so"
-    " seeds that disagree widen it; per_seed: each seed's value; attacked metrics are"
+    "rates: hits / n pooled over seeds; 95% interval: Wilson for one seed, else the hull of"
+    " Wilson and a cluster bootstrap that resamples seeds (and prompts within them where the"
+    " cells record them), so seeds that disagree widen it; per_seed: each seed's value;"
+    " attacked metrics are"
     " '<attack>:<metric>' (the audit's final attack step)"
 )
 ONE_SEED_INTERVAL = "Wilson score 95% on hits / n (one seed: its images independent)"
 SEEDS_PROMPTS_INTERVAL = (
-    "hierarchical percentile bootstrap 95% over seeds and, within each seed drawn, its prompts"
-    " (hits / n of the resample; 2000 resamples, seed 0)"
+    "the hull of Wilson 95% on the pooled hits / n and a hierarchical percentile bootstrap 95%"
+    " over seeds and, within each seed drawn, its prompts (2000 resamples, seed 0)"
 )
 SEEDS_INTERVAL = (
-    "percentile bootstrap 95% over seeds (each seed's hits / n resampled whole; 2000"
-    " resamples, seed 0)"
+    "the hull of Wilson 95% on the pooled hits / n and a percentile bootstrap 95% over seeds"
+    " (each seed's hits / n resampled whole; 2000 resamples, seed 0)"
 )
 
 
 def pooled_rate(per_seed: list[dict[str, Any]]) -> tuple[float, float, float, str]:
     """(value, low, high, interval definition) of a rate pooled over seeds: hits / n, with a
-    Wilson interval for one seed and a cluster bootstrap for several (over seeds and prompts
-    where every seed records its prompts' hits, else over seeds)."""
+    Wilson interval for one seed; for several, the hull of that Wilson interval and a cluster
+    bootstrap (over seeds and prompts where every seed records its prompts' hits, else over
+    seeds), so the interval is never narrower than the per-image one."""
     from erasekit.stats import cluster_bootstrap_interval, wilson_interval
 
     n = sum(m["n_images"] for m in per_seed)
@@ -113,8 +115,11 @@ def pooled_rate(per_seed: list[dict[str, Any]]) -> tuple[float, float, float, st
     else:
         clusters = [[(round(m["value"] * m["n_images"]), m["n_images"])] for m in per_seed]
         interval = SEEDS_INTERVAL
+    # the hull: seeds that disagree widen the interval; seeds (and prompts) that all agree,
+    # where a bootstrap collapses to a point, still keep the images' binomial uncertainty
     low, high = cluster_bootstrap_interval(clusters)
-    return hits / n, low, high, interval
+    wilson = wilson_interval(hits, n)
+    return hits / n, min(low, wilson[0]), max(high, wilson[1]), interval
 
 
 def pool_curve(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
