@@ -657,3 +657,37 @@ def test_an_option_added_at_its_default_keeps_a_cached_erasure():
     assert not _same_erasure(older, ResAlignConfig(base="salun", surrogate_mode="replace"))
     assert not _same_erasure({**recorded, "base": "esd"}, config)
     assert not _same_erasure({**recorded, "retired_option": 1}, config)
+
+
+def _quoted_intervals(paragraph: str) -> list[str]:
+    return re.findall(r"[-−+]?\d\.\d\d \[[-−+]?\d\.\d\d, [-−+]?\d\.\d\d\]", paragraph)
+
+
+def test_readme_numbers_are_found_in_the_results_they_link():
+    """Every 'value [low, high]' the README quotes in a paragraph that links docs/results is
+    found, as written (signs aside), in one of the files that paragraph links: a number left
+    behind when a result file is regenerated fails here."""
+    root = Path(__file__).resolve().parents[1]
+
+    def norm(text: str) -> str:
+        return text.replace("−", "-").replace("+", "")
+
+    readme = (root / "README.md").read_text()
+    readme = re.sub(r"<!-- generated:.*?<!-- end generated -->", "", readme, flags=re.S)
+    missing, checked = [], 0
+    for paragraph in re.split(r"\n\s*\n", readme):
+        links = set(re.findall(r"docs/results/([\w.*-]+[\w*])", paragraph))
+        quotes = _quoted_intervals(paragraph)
+        if not links or not quotes:
+            continue
+        files: list[Path] = []
+        for link in links:
+            targets = sorted((root / "docs" / "results").glob(link))
+            assert targets, f"a broken results link {link} in: {paragraph[:80]}"
+            for target in targets:
+                files += sorted(target.rglob("*.*")) if target.is_dir() else [target]
+        text = norm("\n".join(f.read_text(errors="ignore") for f in files
+                              if f.suffix in (".md", ".json")))  # fmt: skip
+        checked += len(quotes)
+        missing += [(q, sorted(links)) for q in quotes if norm(q) not in text]
+    assert checked > 100 and not missing, missing
