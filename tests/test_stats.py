@@ -114,3 +114,62 @@ def test_pooled_rate_uses_wilson_for_one_seed_and_a_cluster_bootstrap_for_severa
     # seeds that all agree: never narrower than the images' own (Wilson) uncertainty
     agree = pooled_rate([{"value": 1.0, "n_images": 64}] * 3)
     assert agree[1:3] == wilson_interval(192, 192)
+
+
+def _normal_groups(seed: int = 0, n: int = 20) -> list[list[float]]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [list(rng.normal(size=int(rng.integers(1, 4)))) for _ in range(n)]
+
+
+def test_intervals_are_reproducible_with_their_documented_defaults():
+    """2000 resamples and seed 0 are what every results file states; another seed differs."""
+    from erasekit.stats import bootstrap_interval, cluster_bootstrap_interval, paired_difference
+
+    groups = _normal_groups()
+    assert bootstrap_interval(groups) == bootstrap_interval(groups, n_resamples=2000, seed=0)
+    assert bootstrap_interval(groups) != bootstrap_interval(groups, seed=1)
+    clusters = [[(v, 1) for g in groups[i::3] for v in g] for i in range(3)]
+    assert cluster_bootstrap_interval(clusters) == cluster_bootstrap_interval(
+        clusters, n_resamples=2000, seed=0
+    )
+    assert cluster_bootstrap_interval(clusters) != cluster_bootstrap_interval(clusters, seed=1)
+    d = paired_difference(groups, n_resamples=3000, seed=2)
+    lo, hi = bootstrap_interval(groups, n_resamples=3000, seed=2)
+    assert d["ci95"] == [round(lo, 4), round(hi, 4)] and d["ci95"] != [lo, hi]
+    assert d["value"] == round(sum(v for g in groups for v in g) / d["n_pairs"], 6)
+    assert paired_difference(groups)["ci95"] != paired_difference(groups, seed=1)["ci95"]
+
+
+def test_percentile_endpoints_are_resampled_values_not_interpolations():
+    """inverted_cdf: each endpoint is a mean some resample had (k / 10 for ten 0/1 images)."""
+    from erasekit.stats import bootstrap_interval, cluster_bootstrap_interval
+
+    groups = [[float(i < 4)] for i in range(10)]
+    one_cluster = [[(g[0], 1) for g in groups]]
+    for lo, hi in (bootstrap_interval(groups, n_resamples=7, seed=3),
+                   cluster_bootstrap_interval(one_cluster, 7, seed=3)):  # fmt: skip
+        assert lo * 10 == pytest.approx(round(lo * 10)) and hi * 10 == pytest.approx(round(hi * 10))
+
+
+def test_cluster_bootstrap_level_and_exact_distribution():
+    """One cluster: its prompts resampled, the exact distribution of the weighting test."""
+    from erasekit.stats import cluster_bootstrap_interval
+
+    one = [[(0.0, 3), (1.0, 1), (2.0, 2)]]
+    assert cluster_bootstrap_interval(one, n_resamples=20000, level=0.6) == (0.25, 1.0)
+
+
+def test_interval_inputs_are_checked():
+    from erasekit.stats import bootstrap_interval, cluster_bootstrap_interval, wilson_interval
+
+    with pytest.raises(ValueError, match="n >= 1"):
+        wilson_interval(0, 0)
+    with pytest.raises(ValueError, match=r"within \[0, 2\], got 3"):
+        wilson_interval(3, 2)
+    assert wilson_interval(1, 1)[1] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no empty group"):
+        bootstrap_interval([[1.0], []])
+    with pytest.raises(ValueError, match="positive counts"):
+        cluster_bootstrap_interval([[(0.0, 1), (0.0, 0)]])
