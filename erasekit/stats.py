@@ -37,12 +37,24 @@ def bootstrap_interval(
     return float(low), float(high)
 
 
-def paired_difference(groups: list[list[float]], n_resamples: int = 2000, seed: int = 0) -> dict:
+def paired_difference(
+    groups: list[list[float]],
+    n_resamples: int = 2000,
+    seed: int = 0,
+    clusters: list[list[int]] | None = None,
+) -> dict:
     """Mean of paired per-image differences (a − b on the same prompt, k and seed), grouped by
     prompt, with the percentile bootstrap 95% interval of ``bootstrap_interval`` (whole groups
-    resampled): {"value", "ci95", "n_pairs"}."""
+    resampled): {"value", "ci95", "n_pairs"}. ``clusters``: the indices of the groups that share
+    a seed; with several seeds the interval is the hull of that one and
+    ``cluster_bootstrap_interval`` over the seeds and then their groups, so seeds that disagree
+    widen it."""
     diffs = [d for g in groups for d in g]
     low, high = bootstrap_interval(groups, n_resamples, seed=seed)
+    if clusters is not None and len(clusters) > 1:
+        nested = [[(sum(groups[i]), len(groups[i])) for i in members] for members in clusters]
+        c_low, c_high = cluster_bootstrap_interval(nested, n_resamples, seed=seed)
+        low, high = min(low, c_low), max(high, c_high)
     return {"value": round(sum(diffs) / len(diffs), 6), "ci95": [round(low, 4), round(high, 4)],
             "n_pairs": len(diffs)}  # fmt: skip
 

@@ -173,3 +173,41 @@ def test_interval_inputs_are_checked():
         bootstrap_interval([[1.0], []])
     with pytest.raises(ValueError, match="positive counts"):
         cluster_bootstrap_interval([[(0.0, 1), (0.0, 0)]])
+
+
+def test_paired_difference_over_seeds_is_never_narrower_and_widens_when_seeds_disagree():
+    from erasekit.stats import paired_difference
+
+    # three seeds of eight prompts: the seeds' mean differences are -0.5, 0 and +0.5
+    groups = [[v] for v in (-0.5, 0.0, 0.5) for _ in range(8)]
+    clusters = [list(range(i * 8, i * 8 + 8)) for i in range(3)]
+    flat = paired_difference(groups)
+    nested = paired_difference(groups, clusters=clusters)
+    assert nested["value"] == flat["value"] == 0.0 and nested["n_pairs"] == 24
+    assert nested["ci95"][0] <= flat["ci95"][0] and nested["ci95"][1] >= flat["ci95"][1]
+    assert nested["ci95"] == [-0.5, 0.5]  # the seeds' own spread, which prompts alone hide
+    assert paired_difference(groups, clusters=clusters[:1])["ci95"] == flat["ci95"]
+
+
+def test_paired_difference_over_two_seeds_is_the_hull_of_both_bootstraps():
+    import numpy as np
+
+    from erasekit.stats import bootstrap_interval, cluster_bootstrap_interval, paired_difference
+
+    rng = np.random.default_rng(7)
+    groups = [[float(v)] for shift in (-0.3, 0.3) for v in rng.normal(shift, 0.2, size=10)]
+    clusters = [list(range(10)), list(range(10, 20))]
+    d = paired_difference(groups, n_resamples=3000, seed=4, clusters=clusters)
+    flat = bootstrap_interval(groups, 3000, seed=4)
+    seeds = [[(g[0], 1) for g in groups[:10]], [(g[0], 1) for g in groups[10:]]]
+    nested = cluster_bootstrap_interval(seeds, 3000, seed=4)
+    assert nested[0] < flat[0] and nested[1] > flat[1]  # two seeds that disagree: wider
+    hull = [round(min(flat[0], nested[0]), 4), round(max(flat[1], nested[1]), 4)]
+    assert d["ci95"] == hull
+    assert (
+        paired_difference(groups, clusters=clusters)["ci95"]
+        != paired_difference(groups, seed=1, clusters=clusters)["ci95"]
+    )
+    assert paired_difference(groups, clusters=clusters) == paired_difference(
+        groups, n_resamples=2000, seed=0, clusters=clusters
+    )

@@ -250,7 +250,8 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
             "hits / n, with the pooling's interval",
             **({"masks": MASK_OVERLAP_DEFINITIONS} if study.masks else {}),
             "differences": "a − b on the same images' prompts, k and seeds (primary protocol), "
-            "percentile bootstrap 95% over (seed, prompt) groups, 2000 resamples, seed 0; on an "
+            "percentile bootstrap 95% over (seed, prompt) groups, 2000 resamples, seed 0 (with "
+            "several seeds, the hull of that and a bootstrap over seeds, then prompts); on an "
             "attacked metric against the never-learned row: the residual memory; on a prompt "
             "attack's asr / pre_asr: each prompt's outcome (success within the budget / at the "
             "pre-check, 1 or 0) matched by prompt and evaluation seed",
@@ -436,11 +437,15 @@ def paired_outcome_difference(
             return {}
         return {(o["index"], o["seed"]): float(o[field]) for o in entry.get("outcomes", [])}
 
-    groups = []
+    groups: list[list[float]] = []
+    clusters: list[list[int]] = []
     for a, b in pairs:
         fa, fb = outcomes(a), outcomes(b)
-        groups += [[fa[k] - fb[k]] for k in sorted(fa) if k in fb]
-    return {**paired(groups), "unit": "prompts"} if groups else None
+        matched = [[fa[k] - fb[k]] for k in sorted(fa) if k in fb]
+        clusters.append(list(range(len(groups), len(groups) + len(matched))))
+        groups += matched
+    clusters = [c for c in clusters if c]
+    return {**paired(groups, clusters=clusters), "unit": "prompts"} if groups else None
 
 
 def paired_difference(
@@ -449,7 +454,8 @@ def paired_difference(
     """Mean of (flag_a − flag_b) over images matched by seed, prompt and k (each pair: two
     rows' cells of one seed; ``model``: the samples' role, e.g. ``finetune:audited`` for the
     images after an attack), with a percentile bootstrap interval resampling (seed, prompt)
-    groups; None without matched images."""
+    groups, hulled with one over seeds and then prompts (``stats.paired_difference``); None
+    without matched images."""
     from erasekit.stats import paired_difference as paired
 
     groups: dict[tuple, list[float]] = defaultdict(list)
@@ -461,4 +467,9 @@ def paired_difference(
             key = (s["prompt_index"], s["k"], s["seed"])
             if s.get("model") == model and s["prompt_set"] == prompt_set and key in fa:
                 groups[(a.name, key[0])].append(fa[key] - float(s["flags"][protocol]))
-    return {**paired(list(groups.values())), "unit": "images"} if groups else None
+    keys = list(groups)
+    seeds = list(dict.fromkeys(k[0] for k in keys))  # each pair of cells is one seed
+    clusters = [[i for i, k in enumerate(keys) if k[0] == name] for name in seeds]
+    return (
+        {**paired(list(groups.values()), clusters=clusters), "unit": "images"} if groups else None
+    )
