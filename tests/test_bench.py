@@ -691,3 +691,34 @@ def test_readme_numbers_are_found_in_the_results_they_link():
         checked += len(quotes)
         missing += [(q, sorted(links)) for q in quotes if norm(q) not in text]
     assert checked > 100 and not missing, missing
+
+
+def test_repool_rejudges_a_board_from_its_per_seed_values():
+    """A board pooled with per-image Wilson intervals: re-pooled from its per-seed values, a
+    claim its old intervals held is no longer resolved once the seeds' disagreement counts."""
+    from erasekit.bench.pooling import SEEDS_INTERVAL, repool
+    from erasekit.stats import wilson_interval
+
+    def rate(per_seed):
+        hits = sum(round(v * 64) for v in per_seed)
+        lo, hi = wilson_interval(hits, 192)
+        wilson = "Wilson score 95% on hits / n pooled over seeds"
+        return {"metric": "concept_rate", "value": hits / 192, "ci95": [lo, hi],
+                "n_images": 192, "n_seeds": 3, "per_seed": per_seed, "higher_is_better": False,
+                "definition": {"interval": wilson}}  # fmt: skip
+
+    key = "concept_rate/direct"
+    rows = {"a": {"metrics": {key: rate([0.09375, 0.5625, 0.296875])}},
+            "b": {"metrics": {key: rate([0.5, 0.53125, 0.5625])}}}  # fmt: skip
+    claim = {"a": "a", "b": "b", "metric": key, "says": "a erases more"}
+    board = {"concepts": {"red": {"rows": rows, "differences": [],
+                                  "claims": [{**claim, "status": "holds"}]}},
+             "definitions": {}, "provenance": {}}  # fmt: skip
+    changed = repool(board, "abc123")
+    metric = board["concepts"]["red"]["rows"]["a"]["metrics"][key]
+    assert metric["definition"]["interval"] == SEEDS_INTERVAL
+    assert metric["ci95"][0] <= 0.1 and metric["ci95"][1] >= 0.56
+    assert board["concepts"]["red"]["claims"][0]["status"] == "not resolved"
+    assert changed == [{**claim, "concept": "red", "before": "holds", "after": "not resolved",
+                        "evidence": board["concepts"]["red"]["claims"][0]["evidence"]}]  # fmt: skip
+    assert board["provenance"]["repooled"]["git_commit"] == "abc123"

@@ -284,14 +284,12 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
     }
 
 
-def repool(board: dict[str, Any]) -> list[dict[str, Any]]:
+def repool(board: dict[str, Any], commit: str | None) -> list[dict[str, Any]]:
     """Re-pool a leaderboard document in place from the per-seed values it records (its cells
     need not be kept; nothing is measured): every rate and curve point gets ``pooled_rate``'s
     interval — over seeds only, as a board records no per-prompt hits — and every claim is
-    judged again. Returns the claims whose status changed (concept, a, b, metric, before,
-    after)."""
-    from erasekit.provenance import git_commit
-
+    judged again; ``commit``: the code's commit, taken once before any file is written.
+    Returns the claims whose status changed (concept, a, b, metric, before, after)."""
     changed = []
     for concept, entry in board["concepts"].items():
         for row in entry["rows"].values():
@@ -312,7 +310,7 @@ def repool(board: dict[str, Any]) -> list[dict[str, Any]]:
             claims.append(new)
         entry["claims"] = claims
     board["definitions"]["pooling"] = POOLING_DEFINITION
-    board["provenance"]["repooled"] = {"git_commit": git_commit(), "intervals": SEEDS_INTERVAL}
+    board["provenance"]["repooled"] = {"git_commit": commit, "intervals": SEEDS_INTERVAL}
     return changed
 
 
