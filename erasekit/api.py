@@ -44,9 +44,6 @@ def _concept(concept: str | Path | Concept) -> Concept:
     return concept if isinstance(concept, Concept) else load_concept(str(concept))
 
 
-_is_pipeline = is_pipeline
-
-
 def _source_path(pipe) -> Path | None:
     """The folder a loaded pipeline came from, when diffusers recorded one that exists."""
     name = getattr(pipe, "name_or_path", None) or getattr(pipe.config, "_name_or_path", None)
@@ -59,7 +56,7 @@ def _load(model, *, device: str | None, dtype: str = "fp32", model_config=None,
     from erasekit.distributed import resolve_device
     from erasekit.models import load_pipeline
 
-    if _is_pipeline(model):
+    if is_pipeline(model):
         return model, _source_path(model)
     pipe = load_pipeline(model, dtype=dtype, device=resolve_device(device), config=model_config,
                          allow_pickle=allow_pickle)  # fmt: skip
@@ -373,7 +370,7 @@ def audit(
 
     _check_common(model, out, n_per_prompt=n_per_prompt, seed=seed, batch_size=batch_size,
                   limit=limit, steps=steps, guidance=guidance)  # fmt: skip
-    if model_card and (_is_pipeline(model) or not (Path(model) / "model_index.json").is_file()):
+    if model_card and (is_pipeline(model) or not (Path(model) / "model_index.json").is_file()):
         raise ErasekitError("--model-card needs the audited model as a diffusers folder")
     spec = _concept(concept)
     configs = None
@@ -391,7 +388,7 @@ def audit(
                   allow_pickle=allow_pickle, censor=censor, overwrite=overwrite,
                   progress=progress, attacks=configs, baselines=guidance_baselines,
                   invocation=invocation, original=original, cache_dir=cache_dir)  # fmt: skip
-    if not _is_pipeline(model):
+    if not is_pipeline(model):
         doc = run_audit(model, spec, out, **common)
         if model_card:
             from erasekit.distributed import process_state
@@ -434,7 +431,7 @@ def export(
         raise ErasekitError(f"the single file must end in .safetensors, got {out}")
     if out.exists() and not overwrite:
         raise ErasekitError(f"{out} exists (pass --overwrite to replace it)")
-    pipe = model if _is_pipeline(model) else load_pipeline(
+    pipe = model if is_pipeline(model) else load_pipeline(
         model, config=model_config, allow_pickle=allow_pickle)  # fmt: skip
     check_finite_weights(pipe)
     return export_single_file(pipe, out, layout=layout)
