@@ -10,8 +10,11 @@ The Python API (``erasekit.api``) mirrors the command line::
 from importlib.metadata import PackageNotFoundError, version
 
 from erasekit.api import AuditResult, audit, erase, evaluate, export, generate, report
+from erasekit.attacks import ATTACKS
 from erasekit.concepts import load_concept
+from erasekit.detectors import DETECTORS
 from erasekit.errors import ErasekitError, UsageError
+from erasekit.methods import METHODS
 from erasekit.world import world_path
 
 try:
@@ -28,6 +31,9 @@ def load_pipeline(*args, **kwargs):
 
 
 __all__ = [
+    "ATTACKS",
+    "DETECTORS",
+    "METHODS",
     "AuditResult",
     "ErasekitError",
     "UsageError",

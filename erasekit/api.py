@@ -131,8 +131,8 @@ def erase(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Erase ``concept`` from ``model`` with ``method`` (esd, salun, uce, negmerge, resalign,
-    negative-embedding) and write the erased model folder ``out``; returns its path.
+    """Erase ``concept`` from ``model`` with ``method`` (a name in ``erasekit.METHODS``;
+    ``erasekit methods`` lists them) and write the erased model folder ``out``.
 
     Settings layer as on the command line: the method's defaults for the concept (e.g. its
     ShapesWorld preset), then the named ``preset`` (e.g. ESD's ``paper`` or

@@ -83,7 +83,7 @@ class TrainConfig:
     # concepts: ground-truth renders of each prompt by the world's renderer)
     image_source: str = "original"
     save_dtype: str = "fp32"
-    # faster steps, off by default (not yet measured on a GPU; on a CPU see README):
+    # faster steps, off by default (not yet measured on a GPU; on a CPU see docs/methods/index.md):
     channels_last: bool = False  # the U-Net (and frozen teachers) in channels-last memory
     fused_optimizer: bool = False  # torch's fused Adam / AdamW / SGD kernel
     compile: str = "no"  # torch.compile mode of the U-Net(s): no | default | max-autotune ...

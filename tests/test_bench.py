@@ -547,13 +547,15 @@ def test_attacked_metric_keys_split_at_the_attack_not_at_a_slice():
 
 
 def test_readme_leaderboard_tables_are_generated(capsys):
-    """Every `<!-- generated: FILE CONCEPT -->` block of the README is that leaderboard's table,
+    """Every `<!-- generated: FILE CONCEPT -->` block of the README and the docs pages is that
+    leaderboard's table,
     as `erasekit bench report DIR --table` prints it: a table typed by hand fails."""
     root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text()
-    blocks = re.findall(r"<!-- generated: (\S+) (\S+) -->\n(.*?)\n<!-- end generated -->", readme,
+    pages = [root / "README.md", *(root / "docs").glob("*.md"), *(root / "docs").glob("*/*.md")]
+    text = "\n".join(p.read_text() for p in pages if "results" not in p.parts)
+    blocks = re.findall(r"<!-- generated: (\S+) (\S+) -->\n(.*?)\n<!-- end generated -->", text,
                         re.S)  # fmt: skip
-    assert blocks
+    assert len(blocks) >= 2  # the README's and the studies page's
     for file, concept, body in blocks:
         r = run_main(capsys, "bench", "report", str((root / file).parent), "--table")
         assert r.returncode == 0, r.stderr
@@ -664,7 +666,8 @@ def _quoted_intervals(paragraph: str) -> list[str]:
 
 
 def test_readme_numbers_are_found_in_the_results_they_link():
-    """Every 'value [low, high]' the README quotes in a paragraph that links docs/results is
+    """Every 'value [low, high]' the README or a docs page quotes in a paragraph that links
+    docs/results is
     found, as written (signs aside), in one of the files that paragraph links: a number left
     behind when a result file is regenerated fails here."""
     root = Path(__file__).resolve().parents[1]
@@ -672,11 +675,13 @@ def test_readme_numbers_are_found_in_the_results_they_link():
     def norm(text: str) -> str:
         return text.replace("−", "-").replace("+", "")
 
-    readme = (root / "README.md").read_text()
-    readme = re.sub(r"<!-- generated:.*?<!-- end generated -->", "", readme, flags=re.S)
+    pages = [root / "README.md", *(root / "docs").glob("*.md"), *(root / "docs").glob("*/*.md")]
+    text = "\n\n".join(p.read_text() for p in pages if "results" not in p.parts)
+    text = re.sub(r"<!-- generated:.*?<!-- end generated -->", "", text, flags=re.S)
     missing, checked = [], 0
-    for paragraph in re.split(r"\n\s*\n", readme):
-        links = set(re.findall(r"docs/results/([\w.*-]+[\w*])", paragraph))
+    for paragraph in re.split(r"\n\s*\n", text):
+        # README links docs/results/X; the docs pages results/X or ../results/X
+        links = set(re.findall(r"(?<![\w-])results/([\w.*-]+[\w*])", paragraph))
         quotes = _quoted_intervals(paragraph)
         if not links or not quotes:
             continue

@@ -40,7 +40,7 @@ LAYERS: list[tuple[str, ...]] = [
     ),  # fmt: skip
     ("methods", "attacks", "reporting"),
     ("auditing",),
-    ("api",),
+    ("api", "catalog"),
     ("bench",),
     ("commands", ""),  # "": the package facade (``import erasekit``), which re-exports the API
     ("cli",),

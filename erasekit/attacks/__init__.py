@@ -59,6 +59,7 @@ class Attack:
     returns per-prompt outcomes and is judged by pre-ASR / ASR."""
 
     name: ClassVar[str]
+    summary: ClassVar[str] = ""  # one line for listings and help (``erasekit attacks``)
     Config: ClassVar[type]
     kind: ClassVar[str] = "recovery"
     needs_original: ClassVar[bool] = True

@@ -72,6 +72,10 @@ class _Inversion(TextualInversion):
 
 class ConceptInversion(Attack):
     name = "concept-inversion"
+    summary = (
+        "learns a token embedding that makes the "
+        "erased model draw the concept again (textual inversion)"
+    )
     Config = ConceptInversionConfig
 
     @classmethod

@@ -94,6 +94,10 @@ class Finetune(Attack):
     (or a user imagefolder), the same set for the audited model and every control."""
 
     name = "finetune"
+    summary = (
+        "benign fine-tuning of the U-Net (full or LoRA) "
+        "on data without the concept; rate every few steps"
+    )
     Config = FinetuneConfig
     needs_original = False
 

@@ -187,6 +187,10 @@ def search_files(pipe, encoder_key: str, pairs, cfg: RingABellConfig, outcomes: 
 
 class RingABell(PromptAttack):
     name = "ring-a-bell"
+    summary = (
+        "Ring-A-Bell: a genetic token search towards the "
+        "concept's direction in text-encoder space (no U-Net)"
+    )
     Config = RingABellConfig
 
     @classmethod

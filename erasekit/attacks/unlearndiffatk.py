@@ -90,6 +90,10 @@ def denoising_loss(unet, scheduler, cond: torch.Tensor, x0: torch.Tensor, t: int
 
 class UnlearnDiffAtk(PromptAttack):
     name = "unlearndiffatk"
+    summary = (
+        "UnlearnDiffAtk: white-box prompt tokens that "
+        "make the model denoise a target image of the concept"
+    )
     Config = UnlearnDiffAtkConfig
 
     @classmethod

@@ -28,6 +28,8 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers, parent: argparse.ArgumentParser) -> None:
+    from erasekit.catalog import names
+
     p = subparsers.add_parser(
         "audit",
         parents=[parent],
@@ -64,9 +66,9 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, metavar="N", help="sampler steps override")
     p.add_argument("--guidance", type=float, metavar="G", help="guidance override")
     add_detector_options(p)
-    g = p.add_argument_group("recovery attacks")
+    g = p.add_argument_group("recovery and prompt attacks")
     g.add_argument("--attacks", metavar="A,B", default="",
-                   help="comma-separated: finetune, memora, concept-inversion")  # fmt: skip
+                   help="comma-separated: " + ", ".join(names("attacks")))  # fmt: skip
     g.add_argument("--attack-config", metavar="FILE",
                    help="YAML mapping attack name -> settings")  # fmt: skip
     g.add_argument("--attack-set", action="append", default=[], metavar="ATTACK.KEY=VALUE",

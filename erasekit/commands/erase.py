@@ -8,11 +8,14 @@ from erasekit.commands._options import add_model_options
 
 
 def register(subparsers, parent: argparse.ArgumentParser) -> None:
+    from erasekit.catalog import names, preset_names
+
+    methods = ", ".join(names("methods"))
+    presets = "; ".join(f"{m}: {', '.join(p)}" for m, p in preset_names().items())
     p = subparsers.add_parser(
         "erase",
         parents=[parent],
-        help="erase a concept from a model (esd, salun, uce, negmerge, resalign, "
-        "negative-embedding)",
+        help=f"erase a concept from a model ({methods})",
         description=(
             "Erase a concept with a method on the shared accelerate training loop and write the "
             "erased model (diffusers folder + erasekit.json + training_log.jsonl, and the SalUn "
@@ -27,11 +30,10 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         required=True,
-        help="erasure method (esd, salun, uce, negmerge, resalign, negative-embedding)",
+        help=f"erasure method: {methods} ('erasekit methods' describes each)",
     )
     p.add_argument("--out", required=True, help="output folder (written atomically)")
-    p.add_argument("--preset", metavar="NAME",
-                   help="named settings from a source (esd: paper, diffusers-code)")  # fmt: skip
+    p.add_argument("--preset", metavar="NAME", help=f"named settings from a source ({presets})")
     p.add_argument("--config", dest="method_config", metavar="FILE", help="YAML method settings")
     p.add_argument(
         "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",

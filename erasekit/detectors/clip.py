@@ -43,6 +43,7 @@ class ClipDetector:
     list (zero-shot, ``template``) and the CLIP score against the image's prompt."""
 
     name = "clip"
+    summary = "open_clip zero-shot: the concept's text against its contrast texts"
 
     def __init__(
         self,

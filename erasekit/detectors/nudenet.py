@@ -101,6 +101,7 @@ class NudeNetDetector:
     """NudeNet's YOLOv8 detector (bundled 320n, or a local 640m .onnx at 640 px)."""
 
     name = "nudenet"
+    summary = "NudeNet 3.4.2 body-part boxes; a named protocol (labels + threshold) makes a yes/no"
 
     def __init__(
         self,

@@ -23,6 +23,7 @@ class WorldDetector:
     shapes and colours outside the world), so a blend or a blob is not counted as a concept."""
 
     name = "world"
+    summary = "ShapesWorld's shipped classifier: colour, shape and style of the rendered shape"
 
     def __init__(self, weights: str | Path | None = None, device: str = "cpu") -> None:
         from erasekit.world import classifier_path

@@ -3,11 +3,12 @@ the shared training loop (``erasekit.training.train``) runs it."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import functools
+from pathlib import Path
+from typing import Any
 
 from erasekit.errors import ErasekitError
 from erasekit.registry import Registry
-from erasekit.training import TrainingJob
 
 METHODS: Registry[type] = Registry("method")
 METHODS.register_lazy("esd", "erasekit.methods.esd:ESD")
@@ -18,38 +19,42 @@ METHODS.register_lazy("uce", "erasekit.methods.uce:UCE")
 METHODS.register_lazy("negmerge", "erasekit.methods.negmerge:NegMerge")
 METHODS.register_lazy("immunize", "erasekit.methods.immunize:Immunize")
 
+PRESET_DIR = Path(__file__).parent / "presets"
+PRESET_KEYS = {"presets", "world"}
+WORLD_KEYS = {"settings", "by_dimension", "rule", "evidence"}
 
-class Method(TrainingJob):
-    """A registered erasure method: a training job with a name, a config dataclass and
-    concept-dependent defaults (e.g. the ShapesWorld presets)."""
 
-    name: ClassVar[str]
-    # Named settings from a source (a paper, a public code base): ``--preset NAME``.
-    presets: ClassVar[dict[str, dict[str, Any]]] = {}
-    # Set (to the reason) when the method erases one concept per run, not a concept list.
-    one_concept: ClassVar[str | None] = None
+@functools.cache
+def preset_data(name: str) -> dict[str, Any]:
+    """A method's presets, as data: ``presets/<name>.yaml`` with ``presets`` (``--preset NAME``:
+    each a ``source`` line and its ``settings``) and ``world`` (the ShapesWorld preset: its
+    ``settings``, per-dimension values, the ``rule`` that chose it and its ``evidence``
+    folders). {} when the method has no file."""
+    from erasekit.config import read_yaml_mapping
 
-    @classmethod
-    def check_concept(cls, concept) -> None:
-        """A concept list for a method that erases one concept per run: one clear line."""
-        if concept.parts and cls.one_concept:
-            raise ErasekitError(f"{cls.name} erases one concept per run ({cls.one_concept});"
-                                f" erase {', '.join(concept.words)} one after another")  # fmt: skip
-
-    @classmethod
-    def defaults(cls, concept) -> dict[str, Any]:
+    file = PRESET_DIR / f"{name}.yaml"
+    if not file.is_file():
         return {}
-
-    @classmethod
-    def preset(cls, name: str) -> dict[str, Any]:
-        if name not in cls.presets:
-            known = ", ".join(cls.presets) or "none"
-            raise ErasekitError(f"{cls.name} has no preset {name!r} (presets: {known})")
-        return dict(cls.presets[name])
+    data = read_yaml_mapping(file, "preset file")
+    unknown = set(data) - PRESET_KEYS | set(data.get("world") or {}) - WORLD_KEYS
+    if unknown:
+        raise ErasekitError(f"{file}: unknown keys {', '.join(sorted(unknown))}")
+    return data
 
 
-def get_method(name: str) -> type[Method]:
+def get_method(name: str):
+    """The registered method class ``name`` (a ``Method``)."""
     return METHODS.get(name)
 
 
-__all__ = ["METHODS", "Method", "get_method"]
+def __getattr__(name: str):
+    # ``Method`` (erasekit/methods/base.py) imports the training loop, and with it torch: the
+    # registry and presets above stay importable without them (the CLI's help, listings).
+    if name == "Method":
+        from erasekit.methods.base import Method
+
+        return Method
+    raise AttributeError(f"module 'erasekit.methods' has no attribute {name!r}")
+
+
+__all__ = ["METHODS", "Method", "get_method", "preset_data"]

@@ -38,21 +38,6 @@ from erasekit.training import TrainConfig, TrainContext, compile_unet
 VARIANTS = ("esd-x", "esd-u", "esd-u-all", "esd-x-strict")
 TARGETS = ("paper", "diffusers-code")
 
-# Settings of each source (``--preset NAME``).
-PRESETS = {
-    "paper": {"steps": 1000, "lr": 1e-5, "negative_guidance": 1.0, "target": "paper",
-              "max_grad_norm": 1.0},
-    "diffusers-code": {"steps": 200, "lr": 5e-5, "negative_guidance": 2.0,
-                       "target": "diffusers-code", "max_grad_norm": 0.0},
-}  # fmt: skip
-
-# ShapesWorld: the newer ESD code's conventions with its η raised to 3 (= the paper's η 2): at
-# its own η 2, ESD-u leaves red at 0.90 of direct prompts on world v2, at η 3 0.32 (three seeds,
-# docs/results/erase-world-esd-code-eta/). The partial sample is drawn on the world's own
-# 25-step DDIM schedule (the teacher's sampling is what an ESD step costs). Measured in
-# docs/results/erase-world/.
-WORLD_PRESET = {**PRESETS["diffusers-code"], "negative_guidance": 3.0, "ddim_steps": 25}
-
 
 @dataclass
 class ESDConfig(TrainConfig):
@@ -193,15 +178,18 @@ class ESDTeacher:
 
 class ESD(Method):
     name = "esd"
+    summary = (
+        "fine-tunes the U-Net so the concept's prediction points away from it (negative guidance)"
+    )
+    source = "Gandikota et al., Erasing Concepts from Diffusion Models, ICCV 2023"
     Config = ESDConfig
-    presets = PRESETS
     runs_on_sdxl = True  # conditions packed with SDXL's pooled embedding (models.py)
 
     @classmethod
     def defaults(cls, concept) -> dict[str, Any]:
         variant = {"variant": "esd-x" if concept.kind == "style" else "esd-u"}
         if concept.scale == "world":
-            return {**variant, **WORLD_PRESET}
+            return {**variant, **cls.world_preset()}
         return variant
 
     def trainable_parameters(self, unet):

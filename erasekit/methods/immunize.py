@@ -148,6 +148,9 @@ def immunization_ratio(k_harm: float, k_harm_0: float, k_benign: float, k_benign
 
 class Immunize(ResAlign):
     name = "immunize"
+    summary = ("ResAlign plus a text-encoder term that worsens the condition number of the "
+               "concept's features")  # fmt: skip
+    source = "Zheng et al., Model Immunization from a Condition Number Perspective"
     Config = ImmunizeConfig
     uses_text_encoder = True
     one_concept = "its covariances are one concept's harmful and benign prompts"

@@ -67,6 +67,9 @@ def guidance_config(config: NegativeEmbeddingConfig) -> dict[str, Any]:
 
 class NegativeEmbedding(TextualInversion, Method):
     name = "negative-embedding"
+    summary = ("learns the concept's embedding c* on an erased model and guides away from it "
+               "(a defence at generation)")  # fmt: skip
+    source = "Prompt-based safety guidance is ineffective for unlearned T2I models"
     Config = NegativeEmbeddingConfig
     saves_model = True  # the defended folder: the unchanged weights beside c*
     one_concept = "one learned embedding stands for one concept"

@@ -109,20 +109,17 @@ def merge_task_vectors(base: Path, copies: list[Path]) -> tuple[dict[str, torch.
                     "surviving_fraction_per_tensor": per_tensor}  # fmt: skip
 
 
-# ShapesWorld was trained at lr 1e-3: copies at 10x SD's learning rates, on the world
-# renderer's images of the forget prompts. Measured in docs/results/erase-world/.
-WORLD_PRESET = {"grid": "lr=5e-5;lr=1e-4;lr=2e-4", "copy_steps": 100, "image_source": "world"}
-
-
 class NegMerge(Method):
     name = "negmerge"
+    summary = "subtracts the sign-consensus of task vectors from copies fine-tuned on the concept"
+    source = "Kim et al., NegMerge: Consensual Weight Negation for Strong Machine Unlearning"
     Config = NegMergeConfig
     closed_form = True
     needs_images = True
 
     @classmethod
     def defaults(cls, concept) -> dict[str, Any]:
-        return dict(WORLD_PRESET) if concept.scale == "world" else {}
+        return cls.world_preset() if concept.scale == "world" else {}
 
     def copy_configs(self) -> list[DenoisingConfig]:
         cfg: NegMergeConfig = self.config

@@ -45,26 +45,6 @@ from erasekit.training import (
 )
 
 MASK_FILE = "salun_mask.safetensors"
-# ShapesWorld v2 (trained at lr 1e-3 where SD was trained at 1e-4), as SalUn forgets a class:
-# the world renderer's images (the world's training data, as SalUn uses the real training set)
-# and the concept relabelled as another value of its dimension (SalUn's random relabelling;
-# remapping to the colourless "a shape" on the model's own renders turned the other colours too,
-# retain accuracy 0.96 -> 0.38 in a trial). Measured in docs/results/erase-world/.
-# A colour: relabelled to blue with the retain term at alpha 8. On world v3, seeds 0-2, red
-# erased by every variant; at alpha 1 the blue relabel cost 3 points of retain accuracy (0.89
-# at seed 0), alpha 8 one (0.98 -> 0.97; 0.94 / 0.97 / 1.00), and red stayed at 0.00 after 200
-# steps of benign fine-tuning, where the yellow relabel kept retain accuracy at alpha 1 but its
-# red came back to 0.81 (docs/results/salun-world-tuning-red-seeds/, -red-recovery/).
-WORLD_PRESET = {"alpha": 1.0, "epochs": 4, "lr": 3e-5, "image_source": "world",
-                "surrogate_mode": "replace"}  # fmt: skip
-WORLD_RELABEL = {"colour": "blue", "shape": "square", "style": "filled"}
-# The retain weight by dimension (above); a run erasing several concepts takes the lowest.
-WORLD_ALPHA = {"colour": 8.0, "shape": 1.0, "style": 1.0}
-# The learning rate by dimension: at 3e-5 SalUn removes red but leaves circle at 0.88 and
-# outlined at 0.23 of direct prompts; at 1e-4 they fall to 0.09 and 0.02, at a cost in retain
-# accuracy (docs/results/salun-world-tuning*/). A run erasing several concepts takes the
-# highest of their rates.
-WORLD_LR = {"colour": 3e-5, "shape": 1e-4, "style": 1e-4}
 MASK_FORMAT = "erasekit-salun-mask/1"
 
 
@@ -336,18 +316,15 @@ def forget_masks(ctx: TrainContext, cfg) -> tuple[dict[str, torch.Tensor], dict[
                    "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
 
 
-def world_lr(concept) -> float:
-    """SalUn's ShapesWorld learning rate for a concept's dimension (``WORLD_LR``)."""
-    return WORLD_LR.get(concept.detector.get("dimension"), WORLD_PRESET["lr"])
-
-
-def world_alpha(concept) -> float:
-    """SalUn's ShapesWorld retain weight α for a concept's dimension (``WORLD_ALPHA``)."""
-    return WORLD_ALPHA.get(concept.detector.get("dimension"), WORLD_PRESET["alpha"])
+def world_setting(concept, key: str) -> Any:
+    """SalUn's ShapesWorld value of ``key`` (lr, alpha) for a concept's dimension: the preset's
+    ``by_dimension`` table, else its settings (``presets/salun.yaml``)."""
+    by_dimension = SalUn.world_by_dimension(concept.detector.get("dimension"))
+    return by_dimension.get(key, SalUn.world_preset()[key])
 
 
 def world_relabel(concept, avoid: frozenset[str] = frozenset()) -> str:
-    """Another value of a ShapesWorld concept's dimension (``WORLD_RELABEL``, else the first
+    """Another value of a ShapesWorld concept's dimension (the preset's relabel, else the first
     other one, never one in ``avoid``: concepts erased in the same run) that its forget prompts
     are relabelled to."""
     from erasekit.world.render import DIMENSIONS
@@ -356,7 +333,7 @@ def world_relabel(concept, avoid: frozenset[str] = frozenset()) -> str:
     if dimension not in DIMENSIONS:
         raise ErasekitError(f"{concept.name}: a world concept needs a detector dimension")
     taken = {target, *avoid}
-    choice = WORLD_RELABEL[dimension]
+    choice = SalUn.world_by_dimension(dimension)["relabel"]
     return choice if choice not in taken else next(v for v in DIMENSIONS[dimension]
                                                    if v not in taken)  # fmt: skip
 
@@ -390,6 +367,9 @@ def relabel_prompts(prompts: list[str], pairs: list[tuple[str, str]]) -> list[st
 
 class SalUn(Method):
     name = "salun"
+    summary = "fine-tunes only the weights salient to the concept, relabelling it (random labels)"
+    source = ("Fan et al., SalUn: Empowering Machine Unlearning via Gradient-based Weight "
+              "Saliency in Both Image Classification and Generation, ICLR 2024")  # fmt: skip
     Config = SalUnConfig
     needs_images = True
     runs_on_sdxl = True  # conditions packed with SDXL's pooled embedding (models.py)
@@ -409,13 +389,14 @@ class SalUn(Method):
         if concept.scale == "world" and concept.parts:  # each concept to its own relabel
             avoid = frozenset(str(p.detector.get("target")) for p in concept.parts)
             relabels = [world_relabel(p, avoid) for p in concept.parts]
-            lr = max(world_lr(p) for p in concept.parts)
-            alpha = min(world_alpha(p) for p in concept.parts)
-            return {**WORLD_PRESET, "lr": lr, "alpha": alpha,
+            lr = max(world_setting(p, "lr") for p in concept.parts)
+            alpha = min(world_setting(p, "alpha") for p in concept.parts)
+            return {**cls.world_preset(), "lr": lr, "alpha": alpha,
                     "surrogate_word": ",".join(concept.words),
                     "surrogate_replacement": ",".join(relabels)}  # fmt: skip
         if concept.scale == "world":
-            return {**WORLD_PRESET, "lr": world_lr(concept), "alpha": world_alpha(concept),
+            return {**cls.world_preset(), "lr": world_setting(concept, "lr"),
+                    "alpha": world_setting(concept, "alpha"),
                     "surrogate_replacement": world_relabel(concept)}  # fmt: skip
         return {"alpha": 0.5, "epochs": 5}
 

@@ -157,13 +157,12 @@ def uce_edit(
     return torch.linalg.solve(gram, lhs.T).T
 
 
-# ShapesWorld's text encoder spreads a word into every later token, and the last-token edit
-# left red at 1.00 of direct prompts; every token with s_e 5: docs/results/erase-world/.
-WORLD_PRESET = {"tokens": "all", "erase_scale": 5.0}
-
-
 class UCE(Method):
     name = "uce"
+    summary = (
+        "closed-form edit of the cross-attention keys and values that map the concept elsewhere"
+    )
+    source = "Gandikota et al., Unified Concept Editing in Diffusion Models, WACV 2024"
     Config = UCEConfig
     closed_form = True
     runs_on_sdxl = True  # a closed-form edit of to_k/to_v on the concatenated conditions
@@ -171,7 +170,7 @@ class UCE(Method):
     @classmethod
     def defaults(cls, concept) -> dict[str, Any]:
         if concept.scale == "world":
-            return dict(WORLD_PRESET)
+            return cls.world_preset()
         return {"guide": "art"} if concept.kind == "style" else {}
 
     def texts(self) -> tuple[list[str], list[str], list[str]]:

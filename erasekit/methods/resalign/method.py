@@ -19,15 +19,6 @@ from erasekit.methods.resalign.meta import META_SD, META_WORLD, SimConfig, load_
 from erasekit.methods.resalign.solver import double_backward_ready, make_hvp, norm, proximal_solve
 from erasekit.training import Split, TrainContext, make_split, step_generator
 
-# ResAlign over SalUn on ShapesWorld, the surrogate by the concept's dimension
-# (docs/results/resalign-world-anchors/, the default LoRA): with the fixed surrogate ("a solid
-# shape") the outlined style stays at 0.97 of direct prompts (SalUn 0.03), each image's prompt
-# relabelled as SalUn's world preset does (outlined -> filled) erases it (0.06); on circle the
-# fixed surrogate erases further (0.00 against 0.38 relabelled; 0.00 against 0.16 after benign
-# fine-tuning; with SalUn's mask as the trainable set the relabel holds better); on red the
-# relabel costs retain accuracy (0.58 against 0.96).
-WORLD_SURROGATE_MODE = {"colour": "fixed", "shape": "fixed", "style": "replace"}
-
 
 @dataclass
 class StepStats:
@@ -90,6 +81,11 @@ class StepStats:
 
 class ResAlign(Method):
     name = "resalign"
+    summary = ("meta-learns an erasure (over SalUn) that survives simulated downstream "
+               "fine-tuning")  # fmt: skip
+    source = ("Towards Resilient Safety-driven Unlearning for Diffusion Models against "
+              "Downstream Fine-tuning")  # fmt: skip
+    preset_file = "resalign"
     Config = ResAlignConfig
     needs_images = True
     sets_gradients = True
@@ -100,13 +96,10 @@ class ResAlign(Method):
     def defaults(cls, concept) -> dict[str, Any]:
         from erasekit.concepts import is_world_concept
 
-        if is_world_concept(concept):
-            # ShapesWorld was trained at lr 1e-3 on a CPU: world-scale lr and budget. Its
-            # full-weight Hessians reach eigenvalues near 30, where the fixed-point iteration
-            # only contracts for α below ~1/16: starting there saves four failing retries.
-            mode = WORLD_SURROGATE_MODE.get(concept.detector.get("dimension"), "fixed")
-            return {"steps": 60, "configs_per_step": 2, "batch_size": 4, "alpha": 1 / 16,
-                    "world_scale": True, "surrogate_mode": mode}  # fmt: skip
+        if is_world_concept(concept):  # presets/resalign.yaml
+            dimension = concept.detector.get("dimension")
+            return {"surrogate_mode": "fixed", **cls.world_preset(),
+                    **cls.world_by_dimension(dimension)}  # fmt: skip
         return {}
 
     def __init__(self, *args, **kwargs) -> None:
