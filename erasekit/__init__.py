@@ -15,6 +15,7 @@ from erasekit.concepts import load_concept
 from erasekit.detectors import DETECTORS
 from erasekit.errors import ErasekitError, UsageError
 from erasekit.methods import METHODS
+from erasekit.results import ErasedModel, Metric, MetricTable
 from erasekit.world import world_path
 
 try:
@@ -35,6 +36,9 @@ __all__ = [
     "DETECTORS",
     "METHODS",
     "AuditResult",
+    "ErasedModel",
+    "Metric",
+    "MetricTable",
     "ErasekitError",
     "UsageError",
     "__version__",

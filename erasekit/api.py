@@ -13,11 +13,9 @@ loaded ``Concept``. Every output folder is written atomically, as by the CLI.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,8 @@ from erasekit.arguments import (
 from erasekit.concepts import Concept, PromptSet, load_concept, resolve_prompts
 from erasekit.errors import ErasekitError
 from erasekit.outputs import check_not_input, output_lock
+from erasekit.progress import Progress
+from erasekit.results import AuditResult, ErasedModel, Metric
 
 Settings = Mapping[str, Any] | Sequence[str] | None
 
@@ -129,8 +129,8 @@ def erase(
     mask: str | Path | None = None,
     cache_dir: str | Path | None = None,
     overwrite: bool = False,
-    progress: bool = True,
-) -> Path:
+    progress: Progress = True,
+) -> ErasedModel:
     """Erase ``concept`` from ``model`` with ``method`` (a name in ``erasekit.METHODS``;
     ``erasekit methods`` lists them) and write the erased model folder ``out``.
 
@@ -138,6 +138,9 @@ def erase(
     ShapesWorld preset), then the named ``preset`` (e.g. ESD's ``paper`` or
     ``diffusers-code``), then ``config_file`` (YAML), then ``settings`` (a mapping, or
     ``key=value`` strings). ``resume``: "latest" or a checkpoint path of an interrupted run.
+    ``progress``: True (a bar), False, or a callable given each step as a dict
+    (``{"stage", "done", "total", "unit", "loss"}``). Returns an ``ErasedModel``: the folder's
+    path, with ``.manifest`` and ``.pipeline()``.
     """
     from erasekit.methods import get_method
     from erasekit.models import check_finite_weights
@@ -162,8 +165,8 @@ def erase(
     job = method_cls(config, spec, model_path=path, forget_images=forget_images,
                      retain_images=retain_images, cache_dir=cache_dir, progress=progress,
                      **extra)  # fmt: skip
-    return train(job, pipe, model_path=path, out_dir=out, concept=spec, resume=resume,
-                 overwrite=overwrite, progress=progress)  # fmt: skip
+    return ErasedModel(train(job, pipe, model_path=path, out_dir=out, concept=spec,
+                             resume=resume, overwrite=overwrite, progress=progress))  # fmt: skip
 
 
 def generate(
@@ -185,7 +188,7 @@ def generate(
     model_config: str | Path | None = None,
     allow_pickle: bool = False,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: Progress = True,
 ) -> list[dict[str, Any]]:
     """Render prompts (a prompt file, one prompt, a list or a PromptSet) into ``out``:
     images/*.png, samples.jsonl and generation.json. Returns the sample records."""
@@ -229,13 +232,17 @@ def evaluate(
     guidance: float | None = None,
     detectors=None,
     device: str | None = None,
+    dtype: str = "fp32",
+    model_config: str | Path | None = None,
+    allow_pickle: bool = False,
     work_dir: str | Path | None = None,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, Metric]:
     """The audit's measurements of one model, without references or a report: metric key
-    (``concept_rate/direct``, ``retain_accuracy/retain`` ...) -> metric with value, 95%
-    interval, n and definition. ``sets``: names among the concept's evaluation sets,
-    ``forget`` and ``retain`` (default: all of them). Images go to ``work_dir`` (default: a
-    temporary folder, removed)."""
+    (``concept_rate/direct``, ``retain_accuracy/retain`` ...) -> ``Metric`` (value, 95%
+    interval, n and definition; printed as ``0.00 [0.00, 0.04] (n=96)``). ``sets``: names
+    among the concept's evaluation sets, ``forget`` and ``retain`` (default: all of them).
+    Loading options as ``generate``'s. Images go to ``work_dir`` (default: a temporary
+    folder, removed)."""
     from dataclasses import asdict
 
     from erasekit.auditing import AuditSettings, audit_prompt_sets, evaluate_model
@@ -258,62 +265,19 @@ def evaluate(
             raise ErasekitError(f"unknown prompt set {unknown[0]!r} of concept "
                                 f"'{spec.name}' (sets: {', '.join(names)})")  # fmt: skip
         chosen = [(ps, u) for ps, u in chosen if ps.name in sets]
-    pipe, path = _load(model, device=dev)
-    settings = SamplerSettings.for_model(path, steps=steps, guidance=guidance)
+    pipe, path = _load(model, device=dev, dtype=dtype, model_config=model_config,
+                       allow_pickle=allow_pickle)  # fmt: skip
+    settings = SamplerSettings.for_model(model_config or path, steps=steps, guidance=guidance)
     audit = AuditSettings(n_per_prompt=n_per_prompt, seed=seed, limit=limit,
                           batch_size=batch_size, steps=steps, guidance=guidance,
-                          device=dev)  # fmt: skip
+                          dtype=dtype, device=dev)  # fmt: skip
     root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="erasekit-evaluate-"))
     try:
         _, metrics, _ = evaluate_model(pipe, path, "model", chosen, judges, root, settings, audit)
     finally:
         if work_dir is None:
             shutil.rmtree(root, ignore_errors=True)
-    return metrics
-
-
-@dataclass(frozen=True)
-class AuditResult:
-    """An audit's results document (``results.json``, as written) and where it was written."""
-
-    document: dict[str, Any]
-    path: Path
-
-    @classmethod
-    def of(cls, document: dict[str, Any], path: str | Path) -> AuditResult:
-        """The document as results.json holds it (JSON types only)."""
-        return cls(json.loads(json.dumps(document, default=str)), Path(path))
-
-    @property
-    def metrics(self) -> dict[str, dict[str, Any]]:
-        """The audited model's metrics by key (value, ci95, n, definition)."""
-        return self.document["results"]["audited"]
-
-    @property
-    def results(self) -> dict[str, dict[str, dict[str, Any]]]:
-        """Every role's metrics: role -> key -> metric (attacked models as ``attack:role``)."""
-        return self.document["results"]
-
-    @property
-    def roles(self) -> list[str]:
-        return [r for r in self.document["results"] if ":" not in r]
-
-    def verdicts(self) -> list[str]:
-        """One plain statement per metric (values, intervals, n; never a 'safe')."""
-        from erasekit.reporting import summary_rows, verdict
-
-        return [verdict(row) for row in summary_rows(self.document)]
-
-    def to_json(self) -> str:
-        return json.dumps(self.document, indent=2)
-
-    @classmethod
-    def load(cls, folder: str | Path) -> AuditResult:
-        """The result of an audit folder written earlier."""
-        from erasekit.reporting import load_results
-
-        doc, _ = load_results(Path(folder))
-        return cls(doc, Path(folder))
+    return {k: Metric(m) for k, m in metrics.items()}
 
 
 def audit(
@@ -338,7 +302,7 @@ def audit(
     guidance_baselines: bool = False,
     censor: bool | None = None,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: Progress = True,
     invocation: dict[str, Any] | None = None,
     original: str | Path | None = None,
     model_card: bool = False,

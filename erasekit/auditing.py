@@ -15,7 +15,6 @@ attacked models' metrics under ``results`` with roles ``<attack>:<role>``.
 from __future__ import annotations
 
 import gc
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -50,6 +49,7 @@ from erasekit.outputs import (
     write_json,
     write_jsonl,
 )
+from erasekit.progress import Progress, on_main, say
 from erasekit.provenance import (
     git_commit,
     library_versions,
@@ -362,7 +362,7 @@ def run_attacks(
     settings: SamplerSettings,
     audit: AuditSettings,
     device: str,
-    progress: bool,
+    progress: Progress,
     targets: list[str] | None = None,
     original: Path | None = None,
     cache_dir: Path | None = None,
@@ -399,8 +399,7 @@ def run_attacks(
         data = attack.prepare()
         models = {}
         for role, path in attacked.items():
-            if progress:
-                print(f"audit: attack {name} on the {role} model ...", file=sys.stderr)
+            say(progress, "audit", f"attack {name} on the {role} model ...")
             last: dict[str, Any] = {}
 
             def evaluate(pipe, step, prompts=None, _name=name, _role=role, _last=last):
@@ -467,7 +466,7 @@ def prompt_attack_metrics(
 
 def run_prompt_attack(
     attack, roles: dict[str, Path | None], judges: Judges, root: Path,
-    settings: SamplerSettings, audit: AuditSettings, progress: bool,
+    settings: SamplerSettings, audit: AuditSettings, progress: Progress,
 ) -> tuple[dict[str, Any], dict[str, dict], list[dict]]:  # fmt: skip
     """An adversarial-prompt attack on every model role: (its entry, pre-ASR/ASR by
     "<attack>:<role>", one sample per prompt and role: the final image)."""
@@ -480,8 +479,7 @@ def run_prompt_attack(
     for role, path in roles.items():
         if path is None:
             continue
-        if progress:
-            print(f"audit: attack {name} on the {role} model ...", file=sys.stderr)
+        say(progress, "audit", f"attack {name} on the {role} model ...")
         folder = f"attacks/{name}/{role}"
         judge = PromptJudge(prompt_set, judges, root, folder, settings, audit.seed,
                             audit.batch_size)  # fmt: skip
@@ -521,7 +519,7 @@ def run_audit(
     allow_pickle: bool = False,
     censor: bool | None = None,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: Progress = True,
     attacks: dict[str, Any] | None = None,
     baselines: bool = False,
     invocation: dict[str, Any] | None = None,
@@ -588,9 +586,8 @@ def run_audit(
         for role, path in roles.items():
             if path is None:
                 continue
-            if progress and state.is_main_process:
-                print(f"audit: rendering and scoring the {role} model ({path}) ...",
-                      file=sys.stderr)  # fmt: skip
+            say(progress, "audit", f"rendering and scoring the {role} model ({path}) ...",
+                main=state.is_main_process)  # fmt: skip
             pipe = load_pipeline(path, dtype=audit.dtype, device=device,
                                  config=model_config if role == "audited" else None,
                                  allow_pickle=allow_pickle)  # fmt: skip
@@ -616,8 +613,7 @@ def run_audit(
             del pipe
             gc.collect()
         if fid is not None and state.is_main_process:
-            if progress:
-                print("audit: FID/KID of the utility sets ...", file=sys.stderr)
+            say(progress, "audit", "FID/KID of the utility sets ...")
             for role, metrics in distribution_results(*fid, samples, sets, tmp, audit.seed).items():
                 results[role].update(metrics)
         attack_entries: dict[str, Any] = {}
@@ -627,7 +623,7 @@ def run_audit(
                              and ps.prompts == forget.prompts[: len(ps)])  # fmt: skip
             attack_entries, attacked, attacked_samples = run_attacks(
                 attacks, roles, concept, curve_set, judges, tmp, settings, audit, device,
-                progress and state.is_main_process,
+                on_main(progress, state.is_main_process),
                 original=Path(original) if original else None,
                 cache_dir=Path(cache_dir) if cache_dir else None,
                 unattacked={role: [s for s in samples if s["model"] == role

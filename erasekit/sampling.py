@@ -32,6 +32,8 @@ from erasekit.outputs import (
     write_json,
     write_jsonl,
 )
+from erasekit.progress import Progress
+from erasekit.progress import bar as progress_bar
 from erasekit.provenance import git_commit, library_versions, model_content_hash
 
 
@@ -255,11 +257,10 @@ def generate_images(
     settings: SamplerSettings,
     *,
     batch_size: int = 4,
-    progress: bool = True,
+    progress: Progress = True,
 ) -> list[dict[str, Any]]:
     """Render ``plan`` into ``root`` (image paths are relative to it); all processes of an
     accelerate run take part, and every process returns the full, ordered list of records."""
-    from tqdm.auto import tqdm
 
     state = process_state(str(pipe.device))
     root = Path(root)
@@ -271,12 +272,8 @@ def generate_images(
         warn_truncated(pipe, [r["prompt"] for r in plan])
     mine = [batches[i] for i in my_share(len(batches))]
     records = []
-    bar = tqdm(
-        total=sum(len(b) for b in batches),
-        desc="generate",
-        unit="img",
-        disable=not (progress and state.is_main_process),
-    )
+    bar = progress_bar(progress, total=sum(len(b) for b in batches), desc="generate",
+                       unit="img", main=state.is_main_process)  # fmt: skip
     for batch in mine:
         images = render_batch(pipe, batch, height, width)
         for rec, image in zip(batch, images, strict=True):
@@ -301,7 +298,7 @@ def generate(
     negative_prompt: str | None = None,
     batch_size: int = 4,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: Progress = True,
 ) -> list[dict[str, Any]]:
     """Render a prompt set into ``out_dir``: images/*.png, samples.jsonl and generation.json.
 

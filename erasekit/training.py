@@ -46,6 +46,8 @@ from erasekit.outputs import (
     release_output,
     write_json,
 )
+from erasekit.progress import Progress
+from erasekit.progress import bar as progress_bar
 
 TRAINING_LOG = "training_log.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -449,7 +451,7 @@ class TrainingJob:
         forget_images: str | Path | None = None,
         retain_images: str | Path | None = None,
         cache_dir: str | Path | None = None,
-        progress: bool = True,
+        progress: Progress = True,
     ) -> None:
         self.config = config
         self.concept = concept
@@ -582,7 +584,7 @@ def _train(
     concept=None,
     resume: str | None = None,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: Progress = True,
 ) -> Path:
     """The loop's phases, top to bottom."""
     started = time.time()
@@ -744,15 +746,14 @@ def _resume(ctx: TrainContext, checkpoint: str) -> None:
         _truncate_log(ctx.work_dir / TRAINING_LOG, ctx.step)
 
 
-def _run_steps(job, ctx: TrainContext, fingerprint: str, progress: bool) -> int:
+def _run_steps(job, ctx: TrainContext, fingerprint: str, progress) -> int:
     """Optimizer steps until the job's total, one log line each, checkpoints on schedule."""
-    from tqdm.auto import tqdm
 
     accelerator, config = ctx.accelerator, ctx.config
     found = _checkpoints(ctx.work_dir)
     last_good = str(found[-1]) if found else None
-    bar = tqdm(total=ctx.total, initial=ctx.step, desc=job.name, unit="step",
-               disable=not (progress and accelerator.is_main_process and ctx.total))  # fmt: skip
+    bar = progress_bar(progress, total=ctx.total, initial=ctx.step, desc=job.name, unit="step",
+                       main=accelerator.is_main_process)  # fmt: skip
     t_last = time.time()
     while ctx.step < ctx.total:
         try:

@@ -113,3 +113,51 @@ def test_api_errors_are_one_line(tmp_path):
     with pytest.raises(ErasekitError, match="unknown config key 'stepz'"):
         erasekit.erase(world_path("full"), "red", "salun", tmp_path / "z", settings={"stepz": 1})
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_metric_prints_as_value_interval_and_n():
+    m = erasekit.Metric({"value": 0.0, "ci95": [0.0, 0.0385], "n_images": 96})
+    assert str(m) == "0.00 [0.00, 0.04] (n=96)" and m["value"] == 0.0 and m.n == 96
+    fid = erasekit.Metric({"value": 123.456, "ci95": [101.2, 140.0], "n_prompts": 8})
+    assert str(fid) == "123.5 [101.2, 140.0] (n=8)"
+    assert str(erasekit.Metric({"value": None})) == "not measured"
+
+
+def test_audit_result_for_notebooks(roles_audit):
+    """table(): a row per metric, a column per role; images(); the inline HTML."""
+    table = roles_audit.table()
+    assert table.roles == ["audited", "reference", "no-circle"]
+    cell = table["concept_rate/direct"]["reference"]
+    assert cell == roles_audit.results["reference"]["concept_rate/direct"]
+    lines = str(table).splitlines()
+    assert lines[0].split() == ["metric", "audited", "reference", "no-circle"]
+    assert any(ln.startswith("concept_rate/direct") and str(cell) in ln for ln in lines)
+    assert table.to_markdown().count("\n") == len(table) + 2
+    direct = roles_audit.images("reference", "direct")
+    assert len(direct) == 1 and direct[0].is_file() and direct[0].suffix == ".png"
+    assert len(roles_audit.images("audited")) > len(roles_audit.images("audited", "direct"))
+    with pytest.raises(KeyError, match="no images of role 'never-learned'"):
+        roles_audit.images("never-learned")
+    page = roles_audit._repr_html_()
+    assert "<table>" in page and "data:image/png;base64," in page
+    assert roles_audit.verdicts()[0][:20] in page.replace("&#x27;", "'")
+
+
+def test_erase_returns_the_model_and_calls_a_progress_callback(tmp_path):
+    events = []
+    out = erasekit.erase(world_path("full"), "red", "uce", tmp_path / "uce", progress=events.append)
+    assert isinstance(out, erasekit.ErasedModel) and out == tmp_path / "uce"
+    assert out.manifest["method"]["name"] == "uce" and (out / "erasekit.json").is_file()
+    assert type(out.pipeline().unet).__name__ == "UNet2DConditionModel"
+    events.clear()
+    erasekit.erase(world_path("full"), "red", "esd", tmp_path / "esd", progress=events.append,
+                   settings={"steps": 2, "ddim_steps": 2})  # fmt: skip
+    steps = [e for e in events if e.get("unit") == "step"]
+    assert [e["done"] for e in steps] == [1, 2] and steps[-1]["total"] == 2
+    assert all(e["stage"] == "esd" and "loss" in e for e in steps)
+
+
+def test_evaluate_takes_generates_loading_options(tmp_path):
+    metrics = erasekit.evaluate(world_path("full"), "red", sets=["direct"], limit=1,
+                                dtype="fp32", allow_pickle=False)  # fmt: skip
+    assert str(metrics["concept_rate/direct"]).endswith("(n=1)")

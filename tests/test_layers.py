@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
         "config",
         "ldm",
         "signals",
+        "progress",
     ),  # fmt: skip
     ("models", "concepts", "guidance", "world.render", "world.info", "world", "arguments"),
     (
@@ -39,7 +40,7 @@ LAYERS: list[tuple[str, ...]] = [
         "testing",
     ),  # fmt: skip
     ("methods", "attacks", "reporting"),
-    ("auditing",),
+    ("auditing", "results"),
     ("api", "catalog"),
     ("bench",),
     ("commands", ""),  # "": the package facade (``import erasekit``), which re-exports the API
