@@ -10,7 +10,6 @@ caller passes ``allow_pickle=True`` (``--allow-pickle``).
 from __future__ import annotations
 
 import json
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 
 from erasekit.errors import ErasekitError, first_line
 from erasekit.outputs import atomic_file, atomic_output_dir, disk_errors, write_json
-from erasekit.provenance import git_commit, library_versions, model_content_hash, peak_memory
+from erasekit.provenance import model_content_hash, run_provenance
 
 MANIFEST = "erasekit.json"
 SD = "StableDiffusionPipeline"
@@ -398,16 +397,13 @@ def build_manifest(
                                       "variant": world.get("variant")}  # fmt: skip
     manifest: dict[str, Any] = {
         "format": "erasekit-manifest/1",
-        "erasekit_version": library_versions()["erasekit"],
-        "git_commit": git_commit(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "base_model": base_info,
         "method": {"name": method, "config": config or {}},
         "concept": concept,
         "seeds": seeds or [],
-        "wall_time_s": round(time.time() - started, 3) if started is not None else None,
-        "peak_memory": peak_memory(),
-        "versions": library_versions(),
+        "wall_time_s": None,
+        **run_provenance(started, memory=True),
     }
     if sampler:
         manifest["sampler"] = sampler

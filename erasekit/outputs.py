@@ -226,16 +226,39 @@ def discard_output_dir(tmp: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that becomes `out` only when the block finishes without error."""
-    tmp = prepare_output_dir(out, overwrite)
+def atomic_output_dir(out: str | Path, overwrite: bool = False, state=None) -> Iterator[Path]:
+    """Yield a temporary folder that becomes `out` only when the block finishes without error.
+
+    ``state`` (an accelerate ``PartialState``): a run of several processes. The main process
+    claims `out` and every process gets its answer (or its error); all write into the one
+    temporary folder; the main process commits or discards it, then every process waits."""
+    main = state is None or state.is_main_process
+    tmp, error = partial_path(out), None
+    if main:
+        try:
+            prepare_output_dir(out, overwrite)
+        except ErasekitError as e:
+            error = e
+    if state is not None and state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        text = broadcast_object_list([str(error) if error else None])[0]
+        error = ErasekitError(text) if text else None
+    if error:
+        raise error
     try:
+        if state is not None:
+            state.wait_for_everyone()
         with disk_errors(tmp):
             yield tmp
+        if main:
+            commit_output_dir(tmp, out)
     except BaseException:
-        discard_output_dir(tmp)
+        if main:
+            discard_output_dir(tmp)
         raise
-    commit_output_dir(tmp, out)
+    if state is not None:
+        state.wait_for_everyone()
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 _LIBRARIES = (
     "torch",
@@ -153,3 +154,19 @@ def machine() -> str:
     except Exception:  # pragma: no cover - torch missing or broken CUDA
         pass
     return text
+
+
+def run_provenance(started: float | None = None, *, memory: bool = False) -> dict[str, Any]:
+    """The provenance every file erasekit writes carries: erasekit's version, the git commit
+    and the library versions; with ``started`` (a ``time.time()``), the wall time; with
+    ``memory``, the peak memory."""
+    import time
+
+    versions = library_versions()
+    out: dict[str, Any] = {"erasekit_version": versions["erasekit"], "git_commit": git_commit(),
+                           "versions": versions}  # fmt: skip
+    if started is not None:
+        out["wall_time_s"] = round(time.time() - started, 3)
+    if memory:
+        out["peak_memory"] = peak_memory()
+    return out

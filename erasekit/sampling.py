@@ -24,17 +24,13 @@ from erasekit.distributed import gather_shares, my_share, process_state
 from erasekit.errors import DegenerateOutput, ErasekitError
 from erasekit.models import read_manifest
 from erasekit.outputs import (
-    commit_output_dir,
-    discard_output_dir,
-    disk_errors,
-    partial_path,
-    prepare_output_dir,
+    atomic_output_dir,
     write_json,
     write_jsonl,
 )
 from erasekit.progress import Progress
 from erasekit.progress import bar as progress_bar
-from erasekit.provenance import git_commit, library_versions, model_content_hash
+from erasekit.provenance import model_content_hash, run_provenance
 
 
 @dataclass(frozen=True)
@@ -316,25 +312,9 @@ def generate(
         guidance=guidance,
         negative_prompt=negative_prompt,
     )
-    out_dir = Path(out_dir)
-    tmp = partial_path(out_dir)
-    error = None
-    if state.is_main_process:
-        try:
-            tmp = prepare_output_dir(out_dir, overwrite)
-        except ErasekitError as e:
-            error = str(e)
-    if state.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        error = broadcast_object_list([error])[0]
-    if error:
-        raise ErasekitError(error)
-    try:
-        state.wait_for_everyone()
-        with disk_errors(tmp):
-            records = generate_images(pipe, plan, tmp, settings, batch_size=batch_size,
-                                      progress=progress)  # fmt: skip
+    with atomic_output_dir(out_dir, overwrite, state) as tmp:
+        records = generate_images(pipe, plan, tmp, settings, batch_size=batch_size,
+                                  progress=progress)  # fmt: skip
         if state.is_main_process:
             write_jsonl(tmp / "samples.jsonl", records)
             write_json(
@@ -353,15 +333,7 @@ def generate(
                     "negative_prompt": negative_prompt,
                     "n_images": len(records),
                     "n_processes": state.num_processes,
-                    "wall_time_s": round(time.time() - started, 3),
-                    "git_commit": git_commit(),
-                    "versions": library_versions(),
+                    **run_provenance(started),
                 },
             )
-            commit_output_dir(tmp, out_dir)
-    except BaseException:
-        if state.is_main_process:
-            discard_output_dir(tmp)
-        raise
-    state.wait_for_everyone()
     return records

@@ -117,7 +117,7 @@ def bench_gpu(
     latent: int = 64,
     population: int = 200,
 ) -> dict:
-    from bench_erase import SD15_UNET, SD_SCHEDULER
+    from benchlib import SD15_UNET, SD_SCHEDULER
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -213,8 +213,7 @@ def main() -> None:
     ap.add_argument("--population", type=int, default=200, help="gpu: Ring-A-Bell candidates")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_erase import write_record
+    from benchlib import write_record
 
     from erasekit.cli import quiet_libraries
 

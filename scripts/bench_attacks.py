@@ -69,8 +69,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/results/bench-attacks-world.json")
     ap.add_argument("--attacks", nargs="+", default=["finetune", "memora", "concept-inversion"])
     args = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_erase import write_record
+    from benchlib import write_record
 
     from erasekit.cli import quiet_libraries
 

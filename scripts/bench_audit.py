@@ -14,7 +14,6 @@ Parts:
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,8 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _prompts(n: int):
@@ -107,7 +104,7 @@ def bench_world(n_prompts: int, n_per_prompt: int, batch: int) -> dict:
 
 
 def bench_sd15(n_prompts: int, batch: int, device: str, steps: int, latent: int = 64) -> dict:
-    from bench_erase import SD15_UNET, SD_SCHEDULER
+    from benchlib import SD15_UNET, SD_SCHEDULER
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -163,7 +160,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50, help="gpu part: sampler steps")
     ap.add_argument("--latent", type=int, default=64, help="gpu part: latent side (64: 512 px)")
     args = ap.parse_args()
-    from bench_erase import write_record
+    from benchlib import write_record
 
     from erasekit.cli import quiet_libraries
 

@@ -120,8 +120,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=540, help="seconds for the whole suite")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    sys.path.insert(0, str(HERE))
-    from bench_erase import write_record
+    from benchlib import write_record
 
     chosen = args.parts.split(",") if args.parts else list(PARTS[args.profile])
     env = dict(os.environ)

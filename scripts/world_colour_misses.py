@@ -15,11 +15,11 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from worldlib import render_and_score
 
 from erasekit.cli import quiet_libraries
 from erasekit.concepts import load_concept
 from erasekit.detectors.world import WorldDetector
-from erasekit.evaluation import render_and_score
 from erasekit.models import load_pipeline, read_manifest
 from erasekit.outputs import write_json
 from erasekit.sampling import SamplerSettings

@@ -36,17 +36,12 @@ import time
 from pathlib import Path
 
 import torch
+from worldlib import attribute_accuracy, concept_rate, render_and_score, world_retain_accuracy
 
 import erasekit
 from erasekit.cli import quiet_libraries
 from erasekit.concepts import load_concept
 from erasekit.detectors.world import WorldDetector
-from erasekit.evaluation import (
-    attribute_accuracy,
-    concept_rate,
-    render_and_score,
-    world_retain_accuracy,
-)
 from erasekit.models import load_pipeline
 from erasekit.outputs import atomic_file, write_json
 from erasekit.provenance import machine, sha256_bytes

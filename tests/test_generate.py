@@ -155,22 +155,17 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
     )
 
 
-def test_render_and_score_uses_given_settings_else_the_models(tiny_pipe, tiny_model_dir, tmp_path):
-    """render_and_score samples with the model's recorded sampler unless settings are given."""
-    from erasekit.evaluation import render_and_score
-
-    class Sizes:
-        name = "sizes"
-
-        def score(self, images, prompts):
-            return [{"size": im.size} for im in images]
+def test_generate_uses_given_settings_else_the_models(tiny_pipe, tiny_model_dir, tmp_path):
+    """The one generate path samples with the model's recorded sampler unless settings are
+    given."""
+    from erasekit.sampling import generate
 
     ps = prompt_set_from_list(["a photo of a dog"])
     recorded = SamplerSettings.for_model(tiny_model_dir)
-    records, scores = render_and_score(tiny_pipe, ps, tmp_path / "a", Sizes(),
-                                       model_path=tiny_model_dir, n_per_prompt=2)  # fmt: skip
-    assert [r["guidance"] for r in records] == [recorded.guidance] * 2 and len(scores) == 2
+    records = generate(tiny_pipe, ps, tmp_path / "a", model_path=tiny_model_dir, n_per_prompt=2,
+                       progress=False)  # fmt: skip
+    assert [r["guidance"] for r in records] == [recorded.guidance] * 2
     other = SamplerSettings.for_model(tiny_model_dir, guidance=recorded.guidance + 2.5)
-    records, _ = render_and_score(tiny_pipe, ps, tmp_path / "b", Sizes(),
-                                  model_path=tiny_model_dir, settings=other)  # fmt: skip
+    records = generate(tiny_pipe, ps, tmp_path / "b", model_path=tiny_model_dir, settings=other,
+                       progress=False)  # fmt: skip
     assert [r["guidance"] for r in records] == [recorded.guidance + 2.5]

@@ -13,6 +13,8 @@ from erasekit.errors import ErasekitError
 
 ASSETS = Path(__file__).parent / "assets"
 WORLD_VARIANTS = ("full", "no-red", "no-circle", "no-outlined")
+# The world's version: every world model's manifest and every world-detector result records it.
+WORLD_VERSION = 3
 
 
 def world_path(variant: str = "full", root: str | Path | None = None) -> Path:

@@ -36,9 +36,9 @@ import torch
 from torch.nn import functional as F
 
 from erasekit.errors import ErasekitError
+from erasekit.world import WORLD_VERSION
 from erasekit.world.render import COLOURS, SHAPES, STYLES, caption, render, sample_scene
 
-WORLD_VERSION = 3
 VARIANTS = {
     "full": {},
     "no-red": {"colours": tuple(c for c in COLOURS if c != "red")},

@@ -228,7 +228,7 @@ def save_classifier(model: WorldClassifier, folder: str | Path, info: dict) -> N
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               str(folder / "model.safetensors"))  # fmt: skip
-    from erasekit.world.build import WORLD_VERSION
+    from erasekit.world import WORLD_VERSION
 
     config = {
         "world_version": WORLD_VERSION,

@@ -1,0 +1,99 @@
+"""The report's figures: bar plots with 95% interval whiskers and recovery curves, as
+PNG data URIs (matplotlib, no display)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+from erasekit.reporting.summary import ROLE_LABEL, attack_rows, roles_of, summary_rows
+
+
+def _figure_uri(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def line_plot_uri(series: list[tuple[str, list[dict[str, Any]]]], title: str) -> str:
+    """Concept rate against attack steps: one line per (label, points with step, value,
+    ci95), each with its 95% band; a PNG data URI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.0, 3.0), dpi=100)
+    for label, points in series:
+        steps = [p["step"] for p in points]
+        line = ax.plot(steps, [p["value"] for p in points], marker="o", ms=3, label=label)[0]
+        ax.fill_between(steps, [p["ci95"][0] for p in points], [p["ci95"][1] for p in points],
+                        color=line.get_color(), alpha=0.15)  # fmt: skip
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("attack steps")
+    ax.set_ylabel("concept rate")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, frameon=False)
+    return _figure_uri(fig)
+
+
+def bar_plot_uri(
+    categories: list[str], groups: list[tuple[str, list[dict[str, Any] | None]]], ylabel: str,
+    title: str, unit_range: bool = True,
+) -> str:  # fmt: skip
+    """Grouped bars: per category one bar for each (label, metrics aligned with categories),
+    with 95% interval whiskers; a missing metric leaves a gap. A PNG data URI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * len(categories) + 1.5), 3.0), dpi=100)
+    width = 0.8 / len(groups)
+    for j, (label, metrics) in enumerate(groups):
+        xs, ys, errs = [], [], [[], []]
+        for i, m in enumerate(metrics):
+            if m:
+                xs.append(i + (j - (len(groups) - 1) / 2) * width)
+                ys.append(m["value"])
+                errs[0].append(m["value"] - m["ci95"][0])
+                errs[1].append(m["ci95"][1] - m["value"])
+        if xs:
+            ax.bar(xs, ys, width, yerr=errs, capsize=3, label=label)
+    ax.set_xticks(range(len(categories)))
+    ax.set_xticklabels(categories, fontsize=8)
+    ax.set_ylabel(ylabel)
+    if unit_range:
+        ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, frameon=False)
+    ax.set_title(title, fontsize=9)
+    return _figure_uri(fig)
+
+
+def curve_plot_uri(doc: dict[str, Any], attack: str) -> str | None:
+    """Concept rate vs attack steps, one line per attacked model, 95% bands."""
+    rows = [r for r in attack_rows(doc) if r["attack"] == attack]
+    if not rows:
+        return None
+    series = [(ROLE_LABEL.get(r["role"]), r["curve"]) for r in rows]
+    return line_plot_uri(series, f"recovery under '{attack}' (95% bands)")
+
+
+def plot_uri(doc: dict[str, Any], metric: str, primary_only: bool = True) -> str | None:
+    """Grouped bars (one per role) with 95% interval whiskers for one metric over prompt sets."""
+    rows = [r for r in summary_rows(doc) if r["first"]["metric"] == metric]
+    if primary_only:
+        primary = doc["evaluation"]["primary_protocol"]
+        rows = [r for r in rows if r["first"].get("protocol") in (None, primary)]
+    if not rows:
+        return None
+    groups = [(ROLE_LABEL.get(role, role), [r["roles"].get(role) for r in rows])
+              for role in roles_of(doc)]  # fmt: skip
+    return bar_plot_uri([r["first"]["prompt_set"] for r in rows], groups,
+                        metric.replace("_", " "), f"{metric.replace('_', ' ')} with 95% intervals",
+                        unit_range=metric != "clip_score")  # fmt: skip
