@@ -609,22 +609,37 @@ def _build_world(
 ) -> dict:
     """The build's stages (see ``build_world``). With ``reuse_from`` (an earlier build), its
     VAE, classifier and text encoder are taken as they are and only the U-Nets are trained."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel
-
-    from erasekit.models import build_manifest, save_model
     from erasekit.outputs import atomic_output_dir, write_json
-    from erasekit.tokenizer import build_clip_tokenizer
-    from erasekit.world.classifier import (
-        abstention_rates,
-        heldout_accuracy,
-        load_classifier,
-        save_classifier,
-        train_classifier,
-    )
 
     recipe = recipe or WorldRecipe()
-    work = work_dir(out_dir)
+    work, record = _open_work(work_dir(out_dir), recipe, variants, resume, reuse_from)
+    started = time.time()
+    build = _Build(recipe, work, _Stages(work), progress, device)
+    build.shared_stages()
+    unet_seed = recipe.seed if recipe.unet_seed is None else recipe.unet_seed
+    build.unet_stage("unet-base", BASE, unet_seed + 100, recipe.base_steps)
+    for variant in variants:
+        index = list(VARIANTS).index(variant)
+        build.unet_stage(f"unet-{variant}", VARIANTS[variant], unet_seed + 101 + index,
+                         recipe.unet_steps, init=work / "unet-base",
+                         text_encoder=build.load_encoder(build.encoder_stage(variant)))  # fmt: skip
+    with atomic_output_dir(out_dir, overwrite=True) as tmp:
+        shutil.copytree(work / "classifier", tmp / "classifier",
+                        ignore=shutil.ignore_patterns(".done"))  # fmt: skip
+        build.encoder = build.encoder.cpu()
+        for variant in variants:
+            build.save_variant(variant, tmp / variant, fp16)
+        info = build.info(variants, record, command, started)
+        write_json(tmp / "build.json", info)
+    shutil.rmtree(work, ignore_errors=True)
+    return info
+
+
+def _open_work(work: Path, recipe: WorldRecipe, variants, resume: bool, reuse_from):
+    """The build's work folder and its recipe record: a new one (seeded with an earlier
+    build's shared stages with ``reuse_from``), or the unfinished one ``resume`` continues."""
+    from erasekit.outputs import write_json
+
     record = {"recipe": _recipe_record(recipe), "variants": list(variants)}
     if reuse_from is not None:
         reuse_from = Path(reuse_from).resolve()
@@ -641,31 +656,72 @@ def _build_world(
                 f"the unfinished build in {work} used another recipe or variant list; remove "
                 "that folder to start over"
             )
-        record = stored
-    else:
-        work.mkdir(parents=True)
-        if reuse_from is not None:
-            try:
-                record["reused"] = _seed_shared_stages(work, reuse_from, recipe)
-            except BaseException:
-                shutil.rmtree(work, ignore_errors=True)
-                raise
-        write_json(work / "recipe.json", record)
-    stages = _Stages(work)
-    started = time.time()
-    tokenizer = build_clip_tokenizer()
+        return work, stored
+    work.mkdir(parents=True)
+    if reuse_from is not None:
+        try:
+            record["reused"] = _seed_shared_stages(work, reuse_from, recipe)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    write_json(work / "recipe.json", record)
+    return work, record
 
-    if not stages.done("vae"):
-        t0 = time.time()
-        vae = train_vae(recipe, progress, device)
-        vae.save_pretrained(str(work / "vae"))
-        stages.finish("vae", time.time() - t0)
-    vae = AutoencoderKL.from_pretrained(str(work / "vae")).eval().requires_grad_(False).to(device)
 
-    if not stages.done("classifier"):
-        t0 = time.time()
+class _Build:
+    """One world build's stages in its work folder: each trained once (resumable), then
+    loaded for the stages after it."""
+
+    def __init__(self, recipe: WorldRecipe, work: Path, stages, progress: bool, device: str):
+        from erasekit.tokenizer import build_clip_tokenizer
+
+        self.recipe, self.work, self.stages = recipe, work, stages
+        self.progress, self.device = progress, device
+        self.tokenizer = build_clip_tokenizer()
+
+    def _stage(self, name: str, train) -> None:
+        """Run ``train()`` (which writes the stage's folder) unless the stage is done."""
+        if not self.stages.done(name):
+            t0 = time.time()
+            train()
+            self.stages.finish(name, time.time() - t0)
+
+    def shared_stages(self) -> None:
+        """The VAE, the classifier, the latent scale and the text encoder every U-Net shares."""
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel
+
+        from erasekit.world.classifier import load_classifier
+
+        recipe, work, device = self.recipe, self.work, self.device
+        self._stage("vae", lambda: train_vae(recipe, self.progress, device).save_pretrained(
+            str(work / "vae")))  # fmt: skip
+        vae = AutoencoderKL.from_pretrained(str(work / "vae")).eval().requires_grad_(False)
+        self.vae = vae.to(device)
+        self._stage("classifier", self._train_classifier)
+        self.classifier_info = json.loads((work / "classifier" / "config.json").read_text())
+        load_classifier(work / "classifier")  # fail early on a damaged stage
+        # Latent scale: unit variance of the full data set's latents, as SD's 0.18215.
+        probe = encode_dataset(self.vae, min(2048, recipe.n_images), seed=recipe.seed + 1,
+                               device=device)  # fmt: skip
+        self.scaling = float(1.0 / probe.mean.std())
+        self.vae.register_to_config(scaling_factor=self.scaling)
+        self._stage("text_encoder", lambda: self._train_encoder("full", "text_encoder"))
+        self.text_info = json.loads((work / "text_encoder" / "training.json").read_text())
+        encoder = CLIPTextModel.from_pretrained(str(work / "text_encoder"))
+        self.encoder = encoder.eval().requires_grad_(False).to(device)
+
+    def _train_classifier(self) -> None:
+        from erasekit.world.classifier import (
+            abstention_rates,
+            heldout_accuracy,
+            save_classifier,
+            train_classifier,
+        )
+
+        recipe, vae = self.recipe, self.vae
         classifier = train_classifier(vae.cpu(), recipe.classifier_steps, seed=recipe.seed,
-                                      progress=progress)  # fmt: skip
+                                      progress=self.progress)  # fmt: skip
         n = recipe.heldout_n
         accuracy = {
             "renders": heldout_accuracy(classifier, n),
@@ -675,144 +731,122 @@ def _build_world(
             "renders": abstention_rates(classifier, n // 2),
             "vae_round_trips": abstention_rates(classifier, n // 2, vae=vae),
         }
-        save_classifier(classifier, work / "classifier",
+        save_classifier(classifier, self.work / "classifier",
                         {"heldout_accuracy": accuracy, "n_heldout": n,
                          "off_world_false_positives": abstention})  # fmt: skip
-        vae.to(device)
-        stages.finish("classifier", time.time() - t0)
-    classifier_info = json.loads((work / "classifier" / "config.json").read_text())
-    load_classifier(work / "classifier")  # fail early on a damaged stage
+        vae.to(self.device)
 
-    # Latent scale: unit variance of the full data set's latents, as SD's 0.18215.
-    probe = encode_dataset(vae, min(2048, recipe.n_images), seed=recipe.seed + 1, device=device)
-    scaling = float(1.0 / probe.mean.std())
-    vae.register_to_config(scaling_factor=scaling)
+    def _train_encoder(self, variant: str, name: str) -> None:
+        from erasekit.outputs import write_json
 
-    if not stages.done("text_encoder"):
-        t0 = time.time()
-        encoder, info = train_text_encoder(recipe, tokenizer, "full", progress, device)
-        encoder.save_pretrained(str(work / "text_encoder"))
-        write_json(work / "text_encoder" / "training.json", info)
-        stages.finish("text_encoder", time.time() - t0)
-    text_info = json.loads((work / "text_encoder" / "training.json").read_text())
-    encoder = CLIPTextModel.from_pretrained(str(work / "text_encoder"))
-    encoder = encoder.eval().requires_grad_(False).to(device)
+        encoder, info = train_text_encoder(self.recipe, self.tokenizer, variant, self.progress,
+                                           self.device)  # fmt: skip
+        encoder.save_pretrained(str(self.work / name))
+        write_json(self.work / name / "training.json", info)
 
-    def encoder_stage(variant: str) -> str:
+    def encoder_stage(self, variant: str) -> str:
         """The text encoder's stage ``variant``'s U-Net is trained and shipped with."""
-        if not recipe.variant_text_encoders or HELD_OUT[variant] is None:
+        if not self.recipe.variant_text_encoders or HELD_OUT[variant] is None:
             return "text_encoder"
         name = f"text_encoder-{variant}"
-        if not stages.done(name):
-            t0 = time.time()
-            own, info = train_text_encoder(recipe, tokenizer, variant, progress, device)
-            own.save_pretrained(str(work / name))
-            write_json(work / name / "training.json", info)
-            stages.finish(name, time.time() - t0)
+        self._stage(name, lambda: self._train_encoder(variant, name))
         return name
 
-    def load_encoder(name: str):
-        if name == "text_encoder":
-            return encoder
-        own = CLIPTextModel.from_pretrained(str(work / name))
-        return own.eval().requires_grad_(False).to(encoder.device)
+    def load_encoder(self, name: str):
+        from transformers import CLIPTextModel
 
-    def unet_stage(name: str, concepts: dict, data_seed: int, steps: int, init=None,
-                   text_encoder=encoder) -> None:  # fmt: skip
-        if stages.done(name):
+        if name == "text_encoder":
+            return self.encoder
+        own = CLIPTextModel.from_pretrained(str(self.work / name))
+        return own.eval().requires_grad_(False).to(self.encoder.device)
+
+    def unet_stage(self, name: str, concepts: dict, data_seed: int, steps: int, init=None,
+                   text_encoder=None) -> None:  # fmt: skip
+        """A U-Net trained on the world's images of ``concepts`` (from ``init``'s weights)."""
+        if self.stages.done(name):
             return
         from safetensors.torch import save_file
 
-        data = encode_dataset(vae, recipe.n_images, seed=data_seed, device=device, **concepts)
+        from erasekit.outputs import write_json
+
+        work = self.work
+        data = encode_dataset(self.vae, self.recipe.n_images, seed=data_seed, device=self.device,
+                              **concepts)  # fmt: skip
         unet, ema, log, seconds = train_unet(
-            recipe, data, text_encoder, tokenizer, scaling, seed=data_seed, progress=progress,
-            desc=f"world unet ({name})", device=device, steps=steps, init_dir=init,
+            self.recipe, data, text_encoder or self.encoder, self.tokenizer, self.scaling,
+            seed=data_seed, progress=self.progress, desc=f"world unet ({name})",
+            device=self.device, steps=steps, init_dir=init,
             checkpoint_dir=work / name / "checkpoints",
         )  # fmt: skip
         (work / name).mkdir(parents=True, exist_ok=True)
         save_file(unet.state_dict(), str(work / name / "unet.safetensors"))
         save_file(ema.state_dict(), str(work / name / "ema.safetensors"))
         write_json(work / name / "training.json", {"training_log": log})
-        stages.finish(name, seconds)
+        self.stages.finish(name, seconds)
         shutil.rmtree(work / name / "checkpoints", ignore_errors=True)
 
-    unet_seed = recipe.seed if recipe.unet_seed is None else recipe.unet_seed
-    unet_stage("unet-base", BASE, unet_seed + 100, recipe.base_steps)
-    for variant in variants:
-        index = list(VARIANTS).index(variant)
-        unet_stage(f"unet-{variant}", VARIANTS[variant], unet_seed + 101 + index,
-                   recipe.unet_steps, init=work / "unet-base",
-                   text_encoder=load_encoder(encoder_stage(variant)))  # fmt: skip
-
-    with atomic_output_dir(out_dir, overwrite=True) as tmp:
-        shutil.copytree(work / "classifier", tmp / "classifier",
-                        ignore=shutil.ignore_patterns(".done"))  # fmt: skip
+    def save_variant(self, variant: str, folder: Path, fp16: bool) -> None:
+        """One world model: its U-Net's EMA weights with the shared VAE and its encoder."""
         from safetensors.torch import load_file
 
-        encoder = encoder.cpu()
+        from erasekit.models import build_manifest, save_model
+
+        recipe, work = self.recipe, self.work
         base_log = json.loads((work / "unet-base" / "training.json").read_text())
-        for variant in variants:
-            unet = build_unet(recipe.seed, recipe.unet_channels)
-            unet.load_state_dict(load_file(str(work / f"unet-{variant}" / "ema.safetensors")))
-            log = json.loads((work / f"unet-{variant}" / "training.json").read_text())
-            encoder_name = encoder_stage(variant)
-            own_encoder = load_encoder(encoder_name).cpu()
-            pipe = assemble_pipeline(unet, vae.cpu(), own_encoder, tokenizer, recipe)
-            if fp16:
-                pipe = pipe.to(torch.float16)
-            values = variant_values(variant)
-            manifest = build_manifest(
-                base_model=None,
-                method="shapesworld-build",
-                config=asdict(recipe),
-                seeds=[recipe.seed],
-                extra={
-                    "world": {
-                        "version": WORLD_VERSION,
-                        "variant": variant,
-                        "held_out_concept": HELD_OUT[variant],
-                        "shapes": list(values["shape"]),
-                        "colours": list(values["colour"]),
-                        "styles": list(values["style"]),
-                        "weights_dtype": "float16" if fp16 else "float32",
-                        "text_encoder": TEXT_ENCODER_NOTE[encoder_name == "text_encoder"],
-                    },
-                    "sampler": dict(recipe.sampler),
-                    "training_log": {
-                        "base": base_log["training_log"],
-                        variant: log["training_log"],
-                    },  # fmt: skip
-                },
-            )
-            save_model(pipe, tmp / variant, manifest)
-            if fp16:
-                declare_float32(tmp / variant)
-            vae.float()
-            encoder.float()
-        timings = dict(stages.timings)  # this build's stages only
+        unet = build_unet(recipe.seed, recipe.unet_channels)
+        unet.load_state_dict(load_file(str(work / f"unet-{variant}" / "ema.safetensors")))
+        log = json.loads((work / f"unet-{variant}" / "training.json").read_text())
+        encoder_name = self.encoder_stage(variant)
+        own_encoder = self.load_encoder(encoder_name).cpu()
+        pipe = assemble_pipeline(unet, self.vae.cpu(), own_encoder, self.tokenizer, recipe)
+        if fp16:
+            pipe = pipe.to(torch.float16)
+        values = variant_values(variant)
+        world = {"version": WORLD_VERSION, "variant": variant,
+                 "held_out_concept": HELD_OUT[variant], "shapes": list(values["shape"]),
+                 "colours": list(values["colour"]), "styles": list(values["style"]),
+                 "weights_dtype": "float16" if fp16 else "float32",
+                 "text_encoder": TEXT_ENCODER_NOTE[encoder_name == "text_encoder"]}  # fmt: skip
+        manifest = build_manifest(
+            base_model=None, method="shapesworld-build", config=asdict(recipe),
+            seeds=[recipe.seed],
+            extra={"world": world, "sampler": dict(recipe.sampler),
+                   "training_log": {"base": base_log["training_log"],
+                                    variant: log["training_log"]}},
+        )  # fmt: skip
+        save_model(pipe, folder, manifest)
+        if fp16:
+            declare_float32(folder)
+        self.vae.float()
+        self.encoder.float()
+
+    def info(self, variants, record: dict, command: str | None, started: float) -> dict:
+        """build.json: the recipe, stage timings, the classifier's and encoders' figures."""
+        timings = dict(self.stages.timings)  # this build's stages only
         timings["total_s"] = round(sum(timings.values()) + 0.0, 1)
         info = {
             "world_version": WORLD_VERSION,
-            "recipe": _recipe_record(recipe),
+            "recipe": _recipe_record(self.recipe),
             "variants": list(variants),
             "timings_s": timings,
             "timings_note": "training wall seconds per stage, summed over resumed runs; "
             f"this run's assembly took {time.time() - started:.0f} s",
-            "classifier_heldout_accuracy": classifier_info.get("heldout_accuracy"),
-            "classifier": {k: v for k, v in classifier_info.items() if k != "heldout_accuracy"},
-            "text_encoder": text_info,
+            "classifier_heldout_accuracy": self.classifier_info.get("heldout_accuracy"),
+            "classifier": {
+                k: v for k, v in self.classifier_info.items() if k != "heldout_accuracy"
+            },  # fmt: skip
+            "text_encoder": self.text_info,
             "command": command,
-            "device": device,
+            "device": self.device,
             "threads": torch.get_num_threads(),
         }
-        own = {v: encoder_stage(v) for v in variants if encoder_stage(v) != "text_encoder"}
+        own = {v: self.encoder_stage(v) for v in variants
+               if self.encoder_stage(v) != "text_encoder"}  # fmt: skip
         if own:  # the never-learned models' own encoders
             info["variant_text_encoders"] = {
-                v: json.loads((work / name / "training.json").read_text())
+                v: json.loads((self.work / name / "training.json").read_text())
                 for v, name in own.items()
             }
         if "reused" in record:  # stages taken from an earlier build, with what they cost there
             info["reused_stages"] = record["reused"]
-        write_json(tmp / "build.json", info)
-    shutil.rmtree(work, ignore_errors=True)
-    return info
+        return info
