@@ -32,6 +32,7 @@ class Entry:
     kind: str = ""  # attacks: recovery or prompt
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)  # --preset NAME
     world: dict[str, Any] = field(default_factory=dict)  # the ShapesWorld preset as data
+    protocols: dict[str, str] = field(default_factory=dict)  # detectors: protocol -> its rule
 
 
 def names(kind: str) -> list[str]:
@@ -53,8 +54,9 @@ def entry(kind: str, name: str) -> Entry:
     info = obj.preset_info() if hasattr(obj, "preset_info") else {}
     presets = {k: dict(v) for k, v in (info.get("presets") or {}).items()}
     kind_of = getattr(obj, "kind", "") if kind == "attacks" else ""
+    rules = obj.protocol_rules() if hasattr(obj, "protocol_rules") else {}
     return Entry(name, obj.summary, getattr(obj, "source", ""), kind_of, presets,
-                 dict(info.get("world") or {}))  # fmt: skip
+                 dict(info.get("world") or {}), rules)  # fmt: skip
 
 
 def entries(kind: str) -> list[Entry]:
@@ -84,6 +86,7 @@ def details(kind: str, name: str) -> str:
     e = entry(kind, name)
     lines = [f"{e.name}: {e.summary}"]
     lines += [f"source: {e.source}"] if e.source else []
+    lines += [f"protocol {p}: {rule}" for p, rule in e.protocols.items()]
     for preset, data in e.presets.items():
         lines.append(f"--preset {preset}: {_settings(data.get('settings'))}")
         lines += [f"  from: {data['source']}"] if data.get("source") else []
@@ -107,8 +110,13 @@ def markdown_table(kind: str, link: str | None = None) -> str:
     (methods) or the ``{link}`` page's section."""
     header = {"methods": "| method | what it does | ShapesWorld preset |\n|---|---|---|",
               "attacks": "| attack | kind | what it does |\n|---|---|---|",
-              "detectors": "| detector | what it judges |\n|---|---|"}[kind]  # fmt: skip
+              "detectors": "| detector | what it judges |\n|---|---|",
+              "protocols": "| detector | protocol | rule |\n|---|---|---|"}[kind]  # fmt: skip
     rows = [header]
+    if kind == "protocols":
+        for e in entries("detectors"):
+            rows += [f"| `{e.name}` | `{p}` | {rule} |" for p, rule in e.protocols.items()]
+        return "\n".join(rows) + "\n"
     for e in entries(kind):
         name = f"`{e.name}`"
         if link:

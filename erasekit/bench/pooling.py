@@ -164,7 +164,7 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
     """The leaderboard document from the cells' result files (schema ``erasekit.leaderboard``)."""
     from erasekit.concepts import load_concept
     from erasekit.methods.salun import MASK_OVERLAP_DEFINITIONS
-    from erasekit.provenance import git_commit, library_versions
+    from erasekit.provenance import run_provenance
 
     names = [load_concept(c).name for c in study.concepts]
     by: dict[tuple[str, str], list[dict]] = defaultdict(list)
@@ -258,7 +258,7 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
             **({"outputs": OUTPUTS_DEFINITION} if study.outputs else {}),
         },
         "provenance": {
-            "erasekit_version": library_versions()["erasekit"],
+            **run_provenance(),
             # the key of every cell pooled (CONCEPT/ROW/seedN): bench report restores these
             # cells in a folder that other profiles' runs share
             "cell_keys": {
@@ -267,7 +267,6 @@ def leaderboard(study: Study, out: Path) -> dict[str, Any]:
                 for c in cells
                 if c["status"] == "ok" and c["seed"] in study.seeds
             },
-            "git_commit": git_commit(),
             # each pooled cell's erase and audit wall time, measured when it ran
             "cells_wall_s": round(
                 sum(

@@ -45,6 +45,13 @@ class ClipDetector:
     name = "clip"
     summary = "open_clip zero-shot: the concept's text against its contrast texts"
 
+    @classmethod
+    def protocol_rules(cls) -> dict[str, str]:
+        """Each protocol's rule, for listings and the docs."""
+        rule = ("flagged when the concept's class is among the k most probable of the "
+                "concept's declared classes (one protocol per k in `top_k`)")  # fmt: skip
+        return {"top-k": rule}
+
     def __init__(
         self,
         model: str | None,

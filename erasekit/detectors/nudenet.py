@@ -103,6 +103,13 @@ class NudeNetDetector:
     name = "nudenet"
     summary = "NudeNet 3.4.2 body-part boxes; a named protocol (labels + threshold) makes a yes/no"
 
+    @classmethod
+    def protocol_rules(cls) -> dict[str, str]:
+        """Each named protocol's rule, for listings and the docs."""
+        return {name: f"flagged when any of {', '.join(labels)} is detected with score "
+                      f"{comparison} {threshold} (as {source})"
+                for name, (labels, threshold, comparison, source) in PROTOCOLS.items()}  # fmt: skip
+
     def __init__(
         self,
         model_path: str | Path | None = None,

@@ -25,6 +25,12 @@ class WorldDetector:
     name = "world"
     summary = "ShapesWorld's shipped classifier: colour, shape and style of the rendered shape"
 
+    @classmethod
+    def protocol_rules(cls) -> dict[str, str]:
+        """Each protocol's rule, for listings and the docs."""
+        return {"argmax": "flagged when the argmax of the concept's dimension (its values, and "
+                          "'none' where the head can abstain) is the concept"}  # fmt: skip
+
     def __init__(self, weights: str | Path | None = None, device: str = "cpu") -> None:
         from erasekit.world import classifier_path
         from erasekit.world.classifier import load_classifier
