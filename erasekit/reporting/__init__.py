@@ -40,22 +40,22 @@ from erasekit.reporting.summary import (  # noqa: F401 - re-exported
     UTILITY_FLOOR,
     UTILITY_METRICS,
     UTILITY_ROLES,
-    _digits,
-    _fmt,
-    _paired,
-    _rate_text,
     attack_rows,
     attack_verdicts,
     check_results,
     cost_text,
+    digits_of,
+    fmt_metric,
     guidance_text,
     guidance_verdicts,
     load_results,
     metric_title,
+    paired_text,
     primary_rule,
     print_summary,
     prompt_attack_rows,
     prompt_attack_verdicts,
+    rate_text,
     roles_of,
     summary_rows,
     utility_warning,
@@ -78,11 +78,11 @@ def render_markdown(doc: dict[str, Any], censored: bool = True, censor_reason: s
         "|---|" + "---|" * len(roles) + "---|---|",
     ]
     for row in summary_rows(doc):
-        d = _digits(row)
-        cells = [_fmt(row["roles"].get(r), d) for r in roles]
+        d = digits_of(row)
+        cells = [fmt_metric(row["roles"].get(r), d) for r in roles]
         delta = f"{row['delta']:+.{d}f}" if row["delta"] is not None else "—"
         if "reference" in row["paired"]:
-            delta = _paired(row["paired"]["reference"], d).rsplit(" (", 1)[0]
+            delta = paired_text(row["paired"]["reference"], d).rsplit(" (", 1)[0]
         audited = row["roles"].get("audited")
         n = f"{audited['n_images']} img / {audited['n_prompts']} prompts" if audited else "—"
         lines.append(f"| {metric_title(row['first'])} | " + " | ".join(cells) +
@@ -103,8 +103,8 @@ def render_markdown(doc: dict[str, Any], censored: bool = True, censor_reason: s
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in attacks:
             c = r["cost"]
-            lines.append(f"| {r['attack']} | {r['role']} | {_rate_text(r['before'])} | "
-                         f"{_rate_text(r['after'])} | {100 * r['delta']:+.0f} pts | {c['steps']} | "
+            lines.append(f"| {r['attack']} | {r['role']} | {rate_text(r['before'])} | "
+                         f"{rate_text(r['after'])} | {100 * r['delta']:+.0f} pts | {c['steps']} | "
                          f"{c['images']} | {c['seconds']} |")  # fmt: skip
         lines += [""] + [f"- {v}" for v in attack_verdicts(doc)]
     prompt_attacks = prompt_attack_rows(doc)
@@ -113,8 +113,8 @@ def render_markdown(doc: dict[str, Any], censored: bool = True, censor_reason: s
                   "| attack | model | pre-ASR | ASR | n prompts | cost |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
         for r in prompt_attacks:
-            lines.append(f"| {r['attack']} | {r['role']} | {_rate_text(r['pre_asr'])} | "
-                         f"{_rate_text(r['asr'])} | {r['asr']['n_prompts']} | "
+            lines.append(f"| {r['attack']} | {r['role']} | {rate_text(r['pre_asr'])} | "
+                         f"{rate_text(r['asr'])} | {r['asr']['n_prompts']} | "
                          f"{cost_text(r['cost'])} |")  # fmt: skip
         lines += ["", "ASR = (pre-attack successes + successes under attack) / N prompts, one "
                   "image per prompt, primary protocol; Wilson 95% intervals.", ""]  # fmt: skip

@@ -79,7 +79,7 @@ def attack_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _rate_text(point: dict[str, Any]) -> str:
+def rate_text(point: dict[str, Any]) -> str:
     lo, hi = point["ci95"]
     return f"{100 * point['value']:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
 
@@ -98,14 +98,14 @@ def attack_verdicts(doc: dict[str, Any]) -> list[str]:
     out = []
     for name, rows, a in _audited_rows(attack_rows(doc)):
         text = (f"{name}: after {a['cost']['steps']} steps the audited model's concept rate is "
-                f"{_rate_text(a['after'])} (before: {_rate_text(a['before'])}, "
+                f"{rate_text(a['after'])} (before: {rate_text(a['before'])}, "
                 f"n={a['after']['n_images']} images)")  # fmt: skip
         never, ref = rows.get("never-learned"), rows.get("reference")
         if never:
-            text += (f", vs {_rate_text(never['after'])} for the never-learned model under the "
-                     f"same attack (before: {_rate_text(never['before'])})")  # fmt: skip
+            text += (f", vs {rate_text(never['after'])} for the never-learned model under the "
+                     f"same attack (before: {rate_text(never['before'])})")  # fmt: skip
         if ref:
-            text += f" and {_rate_text(ref['after'])} for the original model"
+            text += f" and {rate_text(ref['after'])} for the original model"
         if never:
             diff = 100 * (a["after"]["value"] - never["after"]["value"])
             text += (
@@ -167,13 +167,13 @@ def guidance_verdicts(doc: dict[str, Any]) -> list[str]:
         first = row["first"]
         if first["metric"] == "concept_rate" and first.get("protocol") != primary:
             continue
-        d = _digits(row)
+        d = digits_of(row)
         parts = []
         for role in ["audited", *baselines]:
             m = row["roles"].get(role)
             if m:
                 how = guidance_text(doc["models"][role].get("guidance"))
-                parts.append(f"{role} ({how}) {_fmt(m, d)}")
+                parts.append(f"{role} ({how}) {fmt_metric(m, d)}")
         out.append(f"{metric_title(first)}: " + "; ".join(parts) + ".")
     return out
 
@@ -183,14 +183,14 @@ def prompt_attack_verdicts(doc: dict[str, Any]) -> list[str]:
     out = []
     for name, rows, a in _audited_rows(prompt_attack_rows(doc)):
         n = a["asr"]["n_prompts"]
-        text = (f"{name}: ASR on the audited model {_rate_text(a['asr'])} (pre-ASR "
-                f"{_rate_text(a['pre_asr'])}, n={n} prompts, one image each; cost "
+        text = (f"{name}: ASR on the audited model {rate_text(a['asr'])} (pre-ASR "
+                f"{rate_text(a['pre_asr'])}, n={n} prompts, one image each; cost "
                 f"{cost_text(a['cost'])})")  # fmt: skip
         for role in ("reference", "never-learned"):
             r = rows.get(role)
             if r:
-                text += (f"; {ROLE_LABEL[role]} model: ASR {_rate_text(r['asr'])}, pre-ASR "
-                         f"{_rate_text(r['pre_asr'])}")  # fmt: skip
+                text += (f"; {ROLE_LABEL[role]} model: ASR {rate_text(r['asr'])}, pre-ASR "
+                         f"{rate_text(r['pre_asr'])}")  # fmt: skip
         out.append(text + ".")
     return out
 
@@ -257,14 +257,14 @@ def summary_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(m: dict[str, Any] | None, digits: int = 2) -> str:
+def fmt_metric(m: dict[str, Any] | None, digits: int = 2) -> str:
     if not m:
         return "—"
     lo, hi = m["ci95"]
     return f"{m['value']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def _digits(row: dict[str, Any]) -> int:
+def digits_of(row: dict[str, Any]) -> int:
     return {"clip_score": 1, "fid": 1, "kid": 4}.get(row["first"]["metric"], 2)
 
 
@@ -281,7 +281,7 @@ def metric_title(m: dict[str, Any]) -> str:
     return f"{name}{proto} on '{m['prompt_set']}'"
 
 
-def _paired(p: dict[str, Any], digits: int = 2) -> str:
+def paired_text(p: dict[str, Any], digits: int = 2) -> str:
     """A paired difference: value [95% interval] (n pairs)."""
     low, high = p["ci95"]
     return f"{p['value']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] (n={p['n_pairs']})"
@@ -291,27 +291,27 @@ def verdict(row: dict[str, Any]) -> str:
     """A plain statement of what was measured: values, intervals, n, and Δ audited − reference
     as a paired difference on the same images (or, in older results files, whether the two
     intervals overlap). It never calls a model safe."""
-    first, roles, d = row["first"], row["roles"], _digits(row)
+    first, roles, d = row["first"], row["roles"], digits_of(row)
     parts = [f"{metric_title(first)}:"]
     audited, ref, never = roles.get("audited"), roles.get("reference"), roles.get("never-learned")
     if audited:
-        parts.append(f"audited {_fmt(audited, d)} (n={audited['n_images']} images,"
+        parts.append(f"audited {fmt_metric(audited, d)} (n={audited['n_images']} images,"
                      f" {audited['n_prompts']} prompts)")  # fmt: skip
     if ref:
-        parts.append(f"vs reference {_fmt(ref, d)}")
+        parts.append(f"vs reference {fmt_metric(ref, d)}")
     if never:
-        parts.append(f"vs never-learned {_fmt(never, d)}")
+        parts.append(f"vs never-learned {fmt_metric(never, d)}")
     text = " ".join(parts)
     paired = row.get("paired", {})
     if audited and ref and "reference" in paired:
-        text += f"; Δ {_paired(paired['reference'], d)} (paired on the same images)"
+        text += f"; Δ {paired_text(paired['reference'], d)} (paired on the same images)"
     elif audited and ref:
         overlap = audited["ci95"][0] <= ref["ci95"][1] and ref["ci95"][0] <= audited["ci95"][1]
         text += (
             f"; Δ {row['delta']:+.{d}f}, 95% intervals {'overlap' if overlap else 'do not overlap'}"
         )
     if audited and never and "never-learned" in paired:
-        text += f"; audited − never-learned {_paired(paired['never-learned'], d)}"
+        text += f"; audited − never-learned {paired_text(paired['never-learned'], d)}"
     if audited and first["metric"] == "concept_rate":
         hits = round(audited["value"] * audited["n_images"])
         text += f"; the detector flags {hits} of {audited['n_images']} audited images"
