@@ -330,18 +330,15 @@ def audit(
     settings); None: kept inside this audit only.
     """
     from erasekit.auditing import AuditSettings, attack_configs, run_audit
-    from erasekit.models import build_manifest, save_model
 
     _check_common(model, out, n_per_prompt=n_per_prompt, seed=seed, batch_size=batch_size,
                   limit=limit, steps=steps, guidance=guidance)  # fmt: skip
     if model_card and (is_pipeline(model) or not (Path(model) / "model_index.json").is_file()):
         raise ErasekitError("--model-card needs the audited model as a diffusers folder")
     spec = _concept(concept)
-    configs = None
-    if attacks:
-        configs = attack_configs(attacks, attack_config, spec)
-    elif attack_config is not None:
+    if attack_config is not None and not attacks:
         raise ErasekitError("an attack config was given without attacks")
+    configs = attack_configs(attacks, attack_config, spec) if attacks else None
     settings = AuditSettings(n_per_prompt=n_per_prompt, seed=seed, limit=limit,
                              batch_size=batch_size, steps=steps, guidance=guidance, dtype=dtype,
                              device=device, captions=str(captions) if captions else None,
@@ -361,23 +358,27 @@ def audit(
             if process_state().is_main_process:
                 write_model_card(model, doc)
         return AuditResult.of(doc, out)
-    # An in-memory pipeline is audited as saved beside the output, then the copy is removed.
-    source = _source_path(model)
+    return AuditResult.of(_audit_in_memory(model, spec, out, roles, common), out)
+
+
+def _audit_in_memory(pipe, spec: Concept, out: str | Path, roles, common: dict[str, Any]):
+    """An in-memory pipeline audited as saved beside the output; the copy is removed after."""
+    from erasekit.auditing import run_audit
+    from erasekit.models import build_manifest, read_manifest, save_model
+
+    source = _source_path(pipe)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=".erasekit-audited-", dir=Path(out).parent))
     try:
-        save_model(model, staged / "model", build_manifest(base_model=source, method="in-memory"))
+        save_model(pipe, staged / "model", build_manifest(base_model=source, method="in-memory"))
         if source is not None and (roles is None or "reference" not in roles):
-            from erasekit.models import read_manifest
-
             base = (read_manifest(source) or {}).get("base_model") or {}
-            common["roles"] = {**(roles or {}), "reference": base.get("path") or source}
-        doc = run_audit(staged / "model", spec, out, **common,
-                        labels={"audited": {"path": str(source) if source else None,
-                                            "in_memory": True}})  # fmt: skip
+            common = {**common, "roles": {**(roles or {}), "reference": base.get("path") or source}}
+        return run_audit(staged / "model", spec, out, **common,
+                         labels={"audited": {"path": str(source) if source else None,
+                                             "in_memory": True}})  # fmt: skip
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-    return AuditResult.of(doc, out)
 
 
 def export(

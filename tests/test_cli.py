@@ -142,7 +142,9 @@ def test_debug_shows_traceback(tmp_path: Path):
 @pytest.mark.slow
 def test_demo_runs(tmp_path: Path):
     # the main job: both cores; the limit leaves room for a busy machine
-    result = run_cli("demo", "--out", str(tmp_path / "demo"), "--n-per-prompt", "1", timeout=900,
+    # the main job at its preset, the audit and the attack shrunk (make demo runs it full size)
+    result = run_cli("demo", "--out", str(tmp_path / "demo"), "--n-per-prompt", "1",
+                     "--attack-steps", "20", "--attack-eval-every", "10", timeout=900,
                      env={"OMP_NUM_THREADS": "2"})  # fmt: skip
     assert result.returncode == 0, result.stderr
     audit = tmp_path / "demo" / "audit"
@@ -167,5 +169,5 @@ def test_demo_runs(tmp_path: Path):
     # the short benign fine-tuning attack ran on all three models, with its curve
     attack = data["attacks"]["finetune"]
     assert set(attack["models"]) == {"audited", "reference", "never-learned"}
-    assert all([p["step"] for p in m["curve"]] == [0, 50, 100] for m in attack["models"].values())
+    assert all([p["step"] for p in m["curve"]] == [0, 10, 20] for m in attack["models"].values())
     assert "residual memory" in result.stdout

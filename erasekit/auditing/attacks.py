@@ -109,34 +109,14 @@ def run_attacks(
         for role, path in attacked.items():
             say(progress, "audit", f"attack {name} on the {role} model ...")
             last: dict[str, Any] = {}
-
-            def evaluate(pipe, step, prompts=None, _name=name, _role=role, _last=last):
-                ps = prompts.limit(audit.limit) if prompts else curve_set
-                if step == 0 and prompts is None and (unattacked or {}).get(_role):
-                    part = unattacked[_role]
-                else:
-                    part = evaluate_prompt_set(pipe, ps, root,
-                                               f"attacks/{_name}/{_role}-curve/step-{step:06d}",
-                                               judges, model_path=None, settings=settings,
-                                               n_per_prompt=audit.n_per_prompt,
-                                               seed=audit.seed,
-                                               batch_size=audit.batch_size)  # fmt: skip
-                metrics, _ = set_metrics(part, ps, judges, seed=audit.seed, utility=False)
-                _last.update(step=step, samples=part, metrics=metrics)
-                return metrics[metric_key("concept_rate", ps.name)]
-
+            own = (unattacked or {}).get(role)
+            evaluate = _curve_evaluator(f"attacks/{name}/{role}-curve", curve_set, judges, root,
+                                        settings, audit, own, last)  # fmt: skip
             out = attack.run(path, root / "attacks" / name / role, evaluate)
             label = f"{name}:{role}"
             results[label] = last["metrics"]
             samples += [{**s, "model": label, "attack_step": last["step"]} for s in last["samples"]]
-            curve = [{"step": c["step"], "value": c["metric"]["value"],
-                      "ci95": c["metric"]["ci95"], "n_images": c["metric"]["n_images"]}
-                     for c in out.pop("curve")]  # fmt: skip
-            models[role] = {**out, "curve": curve, "curve_metric": out.get("eval_prompts")
-                            or curve_set.describe()}  # fmt: skip
-            for key in ("artefact", "model_folder", "log"):
-                if key in models[role]:
-                    models[role][key] = str(Path(models[role][key]).relative_to(root))
+            models[role] = _recovery_record(out, root, curve_set)
         entries[name] = {
             "config": asdict(config),
             "data": data,
@@ -146,6 +126,42 @@ def run_attacks(
             "wall_time_s": round(time.perf_counter() - started, 2),
         }
     return entries, results, samples
+
+
+def _curve_evaluator(folder: str, curve_set: PromptSet, judges: Judges, root: Path,
+                     settings: SamplerSettings, audit: AuditSettings,
+                     unattacked: list[dict] | None, last: dict[str, Any]):  # fmt: skip
+    """An attack's ``evaluate(pipe, step, prompts=None)``: the concept rate on the curve
+    prompts (step 0 from the audit's own samples when it has them); ``last`` keeps the latest
+    step's samples and metrics."""
+
+    def evaluate(pipe, step, prompts=None):
+        ps = prompts.limit(audit.limit) if prompts else curve_set
+        if step == 0 and prompts is None and unattacked:
+            part = unattacked
+        else:
+            part = evaluate_prompt_set(pipe, ps, root, f"{folder}/step-{step:06d}", judges,
+                                       model_path=None, settings=settings,
+                                       n_per_prompt=audit.n_per_prompt, seed=audit.seed,
+                                       batch_size=audit.batch_size)  # fmt: skip
+        metrics, _ = set_metrics(part, ps, judges, seed=audit.seed, utility=False)
+        last.update(step=step, samples=part, metrics=metrics)
+        return metrics[metric_key("concept_rate", ps.name)]
+
+    return evaluate
+
+
+def _recovery_record(out: dict[str, Any], root: Path, curve_set: PromptSet) -> dict[str, Any]:
+    """What results.json keeps of one role's recovery run: its curve and artefact paths."""
+    curve = [{"step": c["step"], "value": c["metric"]["value"],
+              "ci95": c["metric"]["ci95"], "n_images": c["metric"]["n_images"]}
+             for c in out.pop("curve")]  # fmt: skip
+    record = {**out, "curve": curve,
+              "curve_metric": out.get("eval_prompts") or curve_set.describe()}  # fmt: skip
+    for key in ("artefact", "model_folder", "log"):
+        if key in record:
+            record[key] = str(Path(record[key]).relative_to(root))
+    return record
 
 
 def prompt_attack_metrics(
