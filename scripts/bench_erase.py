@@ -338,7 +338,7 @@ def bench_steps(device: str, batch: int, steps: int, latent: int, variants: list
 
     from erasekit.methods.esd import ESD, ESDConfig
     from erasekit.methods.salun import SalUn, SalUnConfig, masks_from_saliency, saliency
-    from erasekit.training import Split, TrainConfig, TrainContext, _make_optimizer, compile_unet
+    from erasekit.training import Split, TrainConfig, TrainContext, compile_unet, make_optimizer
 
     dev = torch.device(device)
     AcceleratorState._reset_state()
@@ -398,7 +398,7 @@ def bench_steps(device: str, batch: int, steps: int, latent: int, variants: list
         else:
             method, params = None, list(unet.parameters())
         compile_unet(unet, cfg)
-        opt = _make_optimizer(cfg, [{"params": params}], 1e-5)
+        opt = make_optimizer(cfg, [{"params": params}], 1e-5)
         ctx.unet, opt = acc.prepare(unet, opt)
 
         def step(i, ctx=ctx, method=method, opt=opt):
