@@ -14,18 +14,12 @@ frozen teacher U-Net, when a method needs one, stays out of ``prepare`` and is h
 weight dtype.
 
 Randomness (batch order, noise, timesteps) is a pure function of (seed, step, micro-step,
-process), so a resumed run continues exactly as an uninterrupted one would."""
+process), so a resumed run continues exactly as an uninterrupted one would.
+Modules: ``config`` (settings), ``data`` (encoded once), ``job`` (what the loop runs),
+``loop`` (``train``), ``checkpoints`` (written atomically, found for ``--resume``)."""
 
 from __future__ import annotations
 
-from erasekit.training.checkpoints import (
-    config_fingerprint,
-    find_resume,
-    list_checkpoints,
-    register_unet_hooks,
-    save_checkpoint,
-    truncate_log,
-)
 from erasekit.training.config import (
     ADAPTED_UNET,
     CHECKPOINTS,
@@ -83,19 +77,13 @@ __all__ = [
     "WEIGHT_DTYPES",
     "compile_unet",
     "condition_width",
-    "config_fingerprint",
     "encode_images",
     "encode_prompt_list",
     "encode_prompts",
     "epoch_indices",
-    "find_resume",
-    "list_checkpoints",
     "make_optimizer",
     "make_split",
-    "register_unet_hooks",
-    "save_checkpoint",
     "step_generator",
     "token_ids",
     "train",
-    "truncate_log",
 ]
