@@ -238,6 +238,9 @@ class Concept:
     never_learned: str | None = None
     # several concepts erased together (``combine_concepts``): each one's spec, in order
     parts: tuple[Concept, ...] = ()
+    # the phrasings presets are chosen on and methods validate on (``concept`` and ``retain``
+    # sets): no reported metric uses them, so a number is never measured where it was tuned
+    tuning: dict[str, PromptSet] = field(default_factory=dict)
 
     @property
     def words(self) -> list[str]:
@@ -271,6 +274,7 @@ class Concept:
             "scale": self.scale,
             "sensitive": self.sensitive,
             "never_learned": self.never_learned,
+            "tuning": {k: v.describe() for k, v in self.tuning.items()},
         }
 
 
@@ -380,7 +384,8 @@ def combine_concepts(parts: list[Concept]) -> Concept:
 
 
 CONCEPT_KEYS = {"name", "kind", "description", "forget", "surrogate", "retain", "evaluation",
-                "detector", "benign", "pairs", "scale", "sensitive", "never_learned"}  # fmt: skip
+                "detector", "benign", "pairs", "scale", "sensitive", "never_learned",
+                "tuning"}  # fmt: skip
 
 
 def load_concept(name_or_path: str) -> Concept:
@@ -458,7 +463,21 @@ def load_concept(name_or_path: str) -> Concept:
         scale=scale,
         sensitive=sensitive,
         never_learned=_never_learned_field(path, never_learned),
+        tuning=_tuning_field(path, spec.get("tuning")),
     )
+
+
+TUNING_SETS = ("concept", "retain")
+
+
+def _tuning_field(spec_path: Path, value: Any) -> dict[str, PromptSet]:
+    """``tuning: {concept: FILE, retain: FILE}``: the phrasings presets are chosen on."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or set(value) != set(TUNING_SETS):
+        raise ErasekitError(f"{spec_path}: 'tuning' must map {' and '.join(TUNING_SETS)} to"
+                            " prompt files or lists")  # fmt: skip
+    return {k: _prompt_set_field(spec_path, f"tuning-{k}", value[k]) for k in TUNING_SETS}
 
 
 def _never_learned_field(spec_path: Path, value: str | None) -> str | None:

@@ -18,6 +18,9 @@ EVALUATION = {"sets": ["direct", "retain"], "limit": 8, "n_per_prompt": 2, "seed
 # method -> (settings, highest red rate after, lowest retain accuracy after)
 BUDGETS: dict[str, tuple[dict, float, float]] = {
     "uce": ({}, 0.4, 0.6),
+    # UCE's preset edit followed by one adversarial round, which costs retain accuracy
+    "rece": ({"epochs": 1, "select": "last"}, 0.3, 0.3),
+    "speed": ({"tokens": "all"}, 0.5, 0.6),
     "esd": ({"steps": 30, "lr": 2e-4, "ddim_steps": 10}, 0.5, 0.6),
     "salun": ({"steps": 24, "lr": 1e-4, "batch_size": 8, "images_per_prompt": 2}, 0.3, 0.75),
     # c* as a negative prompt costs retain accuracy on this world (negative-embedding-world)

@@ -16,6 +16,8 @@ METHODS.register_lazy("salun", "erasekit.methods.salun:SalUn")
 METHODS.register_lazy("resalign", "erasekit.methods.resalign:ResAlign")
 METHODS.register_lazy("negative-embedding", "erasekit.methods.negative_embedding:NegativeEmbedding")
 METHODS.register_lazy("uce", "erasekit.methods.uce:UCE")
+METHODS.register_lazy("rece", "erasekit.methods.rece:RECE")
+METHODS.register_lazy("speed", "erasekit.methods.speed:SPEED")
 METHODS.register_lazy("negmerge", "erasekit.methods.negmerge:NegMerge")
 METHODS.register_lazy("immunize", "erasekit.methods.immunize:Immunize")
 

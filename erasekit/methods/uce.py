@@ -14,6 +14,8 @@ text encoder carries the word into every later token), each mapped to the aligne
 same prompt with the word replaced by its guide, and every token of the preserved texts is
 kept. ``tokens: padded`` does the same over every position the U-Net attends to: the padding
 after end-of-text too, which a causal encoder fills with states that still carry the word.
+``tokens: sequence`` maps every position of each erased word's padded encoding to the same
+position of its guide's (the RECE and SPEED code's choice for nudity).
 Solved in float64 and written as a normal erased folder through the shared loop, which
 runs no optimizer step (``steps`` is 0).
 """
@@ -33,7 +35,7 @@ from erasekit.methods import Method
 from erasekit.training import TrainConfig, TrainContext
 
 PROJECTIONS = ("attn2.to_k", "attn2.to_v")
-TOKENS = ("last", "all", "padded")
+TOKENS = ("last", "all", "padded", "sequence")
 
 
 @dataclass
@@ -46,7 +48,7 @@ class UCEConfig(TrainConfig):
     erase_scale: float = 1.0  # s_e
     preserve_scale: float = 1.0  # s_p
     max_preserve: int = 256  # at most this many preserved texts (the first ones)
-    tokens: str = "last"  # last: each text's last token (UCE); all / padded: see above
+    tokens: str = "last"  # last: each text's last token (UCE); all / padded / sequence: above
 
     def validate(self) -> None:
         super().validate()
@@ -91,6 +93,16 @@ def token_embeddings(pipe, texts: list[str], padded: bool = False) -> torch.Tens
         return hidden.flatten(0, 1)
     lengths = [len(ids) for ids in pipe.tokenizer(texts, truncation=True).input_ids]
     return torch.cat([h[:n] for h, n in zip(hidden, lengths, strict=True)])
+
+
+@torch.no_grad()
+def sequence_pairs(pipe, words: list[str], guides: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(erase, guide) rows for ``tokens: sequence``: every position of each word's padded
+    encoding beside the same position of its guide's."""
+    from erasekit.training import encode_prompts
+
+    hidden = encode_prompts(pipe, [*words, *guides]).double().cpu()
+    return hidden[: len(words)].flatten(0, 1), hidden[len(words) :].flatten(0, 1)
 
 
 @torch.no_grad()
@@ -187,7 +199,10 @@ class UCE(Method):
 
     def prepare_data(self, pipe):
         erase, guides, preserve = self.texts()
-        if self.config.tokens in ("all", "padded"):
+        if self.config.tokens == "sequence":
+            rows, targets = sequence_pairs(pipe, erase, guides)
+            kept = token_embeddings(pipe, preserve, padded=True)
+        elif self.config.tokens in ("all", "padded"):
             forget, padded = list(self.concept.forget.prompts), self.config.tokens == "padded"
             rows, targets = aligned_token_pairs(pipe, forget, erase, guides, padded=padded)
             kept = token_embeddings(pipe, preserve, padded=padded)
