@@ -25,6 +25,7 @@ from tests.conftest import assert_one_line_error, run_cli, run_main
 # Small settings every method accepts: a few steps on tiny data.
 FAST = {"steps": 3, "images_per_prompt": 1, "batch_size": 2}
 FAST_METHOD = {
+    "advunlearn": {"warmup": 1, "attack_steps": 2, "ddim_steps": 4, "retain_batch": 2},
     "esd": {"ddim_steps": 4},
     "salun": {"mask_batch_size": 4},
     "negmerge": {"grid": "lr=1e-3;lr=2e-3,seed=1", "copy_steps": 2, "alpha": 1.0},
@@ -75,6 +76,15 @@ def test_every_method_trains_and_writes_a_loadable_model(method, model, request,
     if method == "negative-embedding":  # trains a token embedding; the weights stay as given
         assert all(torch.equal(before[k], after[k]) for k in before)
         assert load_pipeline(out).erasekit_guidance.concept == "<negative-concept>"
+    elif method == "advunlearn":  # the text encoder alone, a plain CLIPTextModel
+        from transformers import CLIPTextModel
+
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        text = "text_encoder/model.safetensors"
+        a, b = load_file(str(tiny_model_dir / text)), load_file(str(out / text))
+        changed = {k for k in a if not torch.equal(a[k], b[k])}
+        assert changed and not any("embeddings" in k for k in changed)
+        CLIPTextModel.from_pretrained(out / "text_encoder")
     else:
         assert any(not torch.equal(before[k], after[k]) for k in before)
     assert not (out / "checkpoints").exists()

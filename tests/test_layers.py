@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
         "data",
         "training",
         "inversion",
+        "prefix",
         "evaluation",
         "detectors",
         "world.build",

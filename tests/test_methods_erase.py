@@ -21,6 +21,20 @@ BUDGETS: dict[str, tuple[dict, float, float]] = {
     # UCE's preset edit followed by one adversarial round, which costs retain accuracy
     "rece": ({"epochs": 1, "select": "last"}, 0.3, 0.3),
     "speed": ({"tokens": "all"}, 0.5, 0.6),
+    # ESD's world conventions, a short run with the attack from step 10
+    "advunlearn": (
+        {
+            "steps": 40,
+            "warmup": 10,
+            "lr": 1e-4,
+            "ddim_steps": 10,
+            "attack_steps": 5,
+            "negative_guidance": 3.0,
+            "target": "diffusers-code",
+        },
+        0.3,
+        0.7,
+    ),  # fmt: skip
     "esd": ({"steps": 30, "lr": 2e-4, "ddim_steps": 10}, 0.5, 0.6),
     "salun": ({"steps": 24, "lr": 1e-4, "batch_size": 8, "images_per_prompt": 2}, 0.3, 0.75),
     # c* as a negative prompt costs retain accuracy on this world (negative-embedding-world)

@@ -19,7 +19,6 @@ import csv
 import functools
 import io
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 
 from erasekit.attacks import Attack
 from erasekit.errors import ErasekitError
+from erasekit.prefix import free_token_embeddings, prompt_ids
 
 # judge(pipe, indices, prompts) -> one scored sample per prompt, each with "flagged" (the
 # primary protocol), rendered with the seed and guidance of attack prompt ``indices[j]``
@@ -81,37 +81,6 @@ def text_vocabulary(tokenizer) -> torch.Tensor:
 def ids_to_text(tokenizer, ids: list[int]) -> str:
     """Space-joined text of vocabulary ids (see ``text_vocabulary``)."""
     return " ".join(tokenizer.decode([int(i)]).strip() for i in ids)
-
-
-def prompt_ids(tokenizer, prompt: str, prefix: int = 0) -> torch.Tensor:
-    """[SOT, ``prefix`` slots, the prompt's tokens, EOT, padding] (77 ids), the prompt
-    truncated as the tokenizer would truncate ``prefix`` words + the prompt; slots hold EOT
-    until filled."""
-    n = tokenizer.model_max_length
-    body = tokenizer(prompt, add_special_tokens=False).input_ids[: n - 2 - prefix]
-    ids = [tokenizer.bos_token_id] + [tokenizer.eos_token_id] * prefix + body
-    ids += [tokenizer.eos_token_id]
-    return torch.tensor(ids + [tokenizer.pad_token_id] * (n - len(ids)))
-
-
-@contextmanager
-def free_token_embeddings(text_encoder, embeds: dict[str, torch.Tensor | None]):
-    """While active, positions 1..k of every encoded sequence take ``embeds["value"]``
-    (batch x k x d) instead of their token embeddings (gradients flow into it)."""
-
-    def hook(_module, _inputs, output):
-        value = embeds.get("value")
-        if value is None:
-            return output
-        out = output.clone()
-        out[:, 1 : 1 + value.shape[1]] = value.to(out.dtype)
-        return out
-
-    handle = text_encoder.get_input_embeddings().register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def outcome_record(index: int, entry, pre: dict[str, Any]) -> dict[str, Any]:
