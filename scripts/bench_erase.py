@@ -14,10 +14,11 @@ Parts:
   smoke  the real-size code path on a CPU before anyone rents a GPU: random-weight SD-1.5 and
          SD-2.1 pipelines (full-size U-Net, VAE and text encoder: CLIP ViT-L/14, 768-wide, or
          OpenCLIP ViT-H/14, 1024-wide; 77-token prompts; saved in fp16) through `erasekit
-         erase` (ESD-x, SalUn, UCE: 2 steps each) and `erasekit audit` (bf16, 2 prompts per
-         set, NudeNet) at 64 px (the U-Net's sample_size set to 8 latents, so training runs at
-         that size too) with 4 sampler steps, each in its own process: wall seconds and the
-         process's peak resident memory.
+         erase` (ESD-x, SalUn, UCE by default, 2 steps each; ``--methods`` also RECE with 2
+         validated rounds, SPEED, AdvUnlearn with 2 attacked steps) and `erasekit audit`
+         (bf16, 2 prompts per set, NudeNet) at 64 px (the U-Net's sample_size set to 8
+         latents, so training runs at that size too) with 4 sampler steps, each in its own
+         process: wall seconds and the process's peak resident memory.
   gpu    on a CUDA device (or --device cpu --latent 8: the scaled profile): training steps
          of the SD-1.5 U-Net through erasekit's own method code at 512 px (64x64 latents),
          batch 8, bf16 autocast, fp32 master weights, Adam: a plain fine-tuning step (the
@@ -224,6 +225,10 @@ SMOKE_RUNS = {
     "salun": ["erase", "--method", "salun", "--set", "steps=2", "--set", "images_per_prompt=1",
               "--set", "batch_size=2", "--set", "mask_batch_size=2"],
     "uce": ["erase", "--method", "uce"],
+    "rece": ["erase", "--method", "rece", "--set", "epochs=2", "--set", "validation_steps=2"],
+    "speed": ["erase", "--method", "speed"],
+    "advunlearn": ["erase", "--method", "advunlearn", "--set", "steps=2", "--set", "warmup=1",
+                   "--set", "attack_steps=2", "--set", "ddim_steps=4", "--set", "retain_batch=2"],
 }  # fmt: skip
 
 
@@ -276,8 +281,8 @@ def _timed(cmd: list[str]) -> dict:
     return out
 
 
-def bench_smoke(archs: list[str]) -> dict:
-    """Each architecture: build and save, then erase with each method and audit one result."""
+def bench_smoke(archs: list[str], methods: list[str], audit: bool = True) -> dict:
+    """Each architecture: build and save, then erase with each method and audit UCE's result."""
     erasekit = [sys.executable, "-m", "erasekit"]
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -290,15 +295,18 @@ def bench_smoke(archs: list[str]) -> dict:
             info = _save_sd_pipeline(arch, base)
             info["build_and_save_s"] = round(time.perf_counter() - t0, 1)
             runs = {}
-            for name, args in SMOKE_RUNS.items():
+            for name in methods:
+                args = SMOKE_RUNS[name]
                 cmd = [*erasekit, *args, "--model", str(base), "--concept", str(spec),
                        "--out", str(tmp / f"{arch}-{name}"), "--no-progress"]  # fmt: skip
                 runs[f"erase {name}"] = _timed(cmd)
             audited = tmp / f"{arch}-uce"
-            runs["audit uce (bf16)"] = _timed([
-                *erasekit, "audit", "--model", str(audited), "--concept", str(spec),
-                "--reference", str(base), "--limit", "2", "--dtype", "bf16", "--batch-size", "2",
-                "--out", str(tmp / f"{arch}-audit"), "--no-progress"])  # fmt: skip
+            if audit and audited.is_dir():
+                runs["audit uce (bf16)"] = _timed([
+                    *erasekit, "audit", "--model", str(audited), "--concept", str(spec),
+                    "--reference", str(base), "--limit", "2", "--dtype", "bf16",
+                    "--batch-size", "2", "--out", str(tmp / f"{arch}-audit"),
+                    "--no-progress"])  # fmt: skip
             result[arch] = {**info, "runs": runs}
             shutil.rmtree(tmp / arch, ignore_errors=True)
             for p in tmp.glob(f"{arch}-*"):
@@ -477,6 +485,9 @@ def main() -> None:
         "--out", default=None, help="JSON file (default docs/results/bench-erase-PART.json)"
     )
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--methods", default="esd-x,salun,uce", help="smoke: erase runs to time")
+    ap.add_argument("--archs", default="sd15,sd21", help="smoke: architectures")
+    ap.add_argument("--no-audit", action="store_true", help="smoke: skip the audit run")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument(
         "--dtype",
@@ -496,7 +507,11 @@ def main() -> None:
     elif args.part == "uce":
         result = {f"tokens_{t}": bench_uce(16, 256, t) for t in (1, 10)}
     elif args.part == "smoke":
-        result = bench_smoke(["sd15", "sd21"])
+        methods = args.methods.split(",")
+        unknown = sorted(set(methods) - set(SMOKE_RUNS))
+        if unknown:
+            raise SystemExit(f"bench smoke: unknown run {unknown[0]} ({', '.join(SMOKE_RUNS)})")
+        result = bench_smoke(args.archs.split(","), methods, audit=not args.no_audit)
     else:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise SystemExit("bench gpu: no CUDA device")

@@ -25,6 +25,7 @@ from tests.conftest import assert_one_line_error, run_cli, run_main
 # Small settings every method accepts: a few steps on tiny data.
 FAST = {"steps": 3, "images_per_prompt": 1, "batch_size": 2}
 FAST_METHOD = {
+    "mace": {"steps_per_concept": 2, "images_per_concept": 2, "lam": 1.0},
     "advunlearn": {"warmup": 1, "attack_steps": 2, "ddim_steps": 4, "retain_batch": 2},
     "esd": {"ddim_steps": 4},
     "salun": {"mask_batch_size": 4},
@@ -374,13 +375,22 @@ def test_cli_erases_and_bad_inputs_exit_2_without_output(tiny_model_dir, tmp_pat
     assert (tmp_path / ".c.partial" / "checkpoints" / "checkpoint-1").is_dir()
 
 
-def test_two_process_cpu_run_with_torchrun(tiny_model_dir, tmp_path):
+TWO_PROCESS = {
+    "salun": ["images_per_prompt=1"],
+    # the text encoder under DDP, the inner attack on the unwrapped encoder
+    "advunlearn": ["warmup=1", "attack_steps=2", "ddim_steps=4", "retain_batch=2"],
+}
+
+
+@pytest.mark.parametrize("method", list(TWO_PROCESS))
+def test_two_process_cpu_run_with_torchrun(method, tiny_model_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ERASEKIT_CACHE": str(tmp_path / "cache")}
+    extra = [a for s in TWO_PROCESS[method] for a in ("--set", s)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "erasekit", "erase", "--model", str(tiny_model_dir), "--concept", "circle",
-           "--method", "salun", "--out", str(tmp_path / "two"), "--no-progress",
-           "--set", "steps=2", "--set", "images_per_prompt=1", "--set", "checkpointing_steps=1",
-           "--set", "batch_size=2"]  # fmt: skip
+           "--method", method, "--out", str(tmp_path / "two"), "--no-progress",
+           "--set", "steps=2", "--set", "checkpointing_steps=1", "--set", "batch_size=2",
+           *extra]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     manifest = json.loads((tmp_path / "two" / "erasekit.json").read_text())

@@ -21,6 +21,7 @@ BUDGETS: dict[str, tuple[dict, float, float]] = {
     # UCE's preset edit followed by one adversarial round, which costs retain accuracy
     "rece": ({"epochs": 1, "select": "last"}, 0.3, 0.3),
     "speed": ({"tokens": "all"}, 0.5, 0.6),
+    "mace": ({"lr": 1e-2, "lam": 1.0, "preserve_scale": 1.0}, 0.5, 0.75),
     # ESD's world conventions, a short run with the attack from step 10
     "advunlearn": (
         {

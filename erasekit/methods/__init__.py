@@ -19,6 +19,7 @@ METHODS.register_lazy("uce", "erasekit.methods.uce:UCE")
 METHODS.register_lazy("rece", "erasekit.methods.rece:RECE")
 METHODS.register_lazy("speed", "erasekit.methods.speed:SPEED")
 METHODS.register_lazy("advunlearn", "erasekit.methods.advunlearn:AdvUnlearn")
+METHODS.register_lazy("mace", "erasekit.methods.mace:MACE")
 METHODS.register_lazy("negmerge", "erasekit.methods.negmerge:NegMerge")
 METHODS.register_lazy("immunize", "erasekit.methods.immunize:Immunize")
 

@@ -107,13 +107,19 @@ def sequence_pairs(pipe, words: list[str], guides: list[str]) -> tuple[torch.Ten
 
 @torch.no_grad()
 def aligned_token_pairs(
-    pipe, prompts: list[str], words: list[str], guides: list[str], padded: bool = False
+    pipe,
+    prompts: list[str],
+    words: list[str],
+    guides: list[str],
+    padded: bool = False,
+    skip_word: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(erase, guide) rows for ``tokens: all``: in each prompt, every token from the first erased
     word on, and the aligned token of the prompt with every erased word it holds replaced by
     its guide (tokens after the word align from the prompt's end; the word's extra tokens map
     to the guide's first token, or to the token before the word when the guide is empty);
-    ``padded``: through the padding positions too."""
+    ``padded``: through the padding positions too; ``skip_word``: the word's own tokens left
+    out (MACE's surrounding words)."""
     from erasekit.training import encode_prompts
 
     erase, guide = [], []
@@ -136,7 +142,15 @@ def aligned_token_pairs(
         shift = len(ids_p) - len(ids_g)  # the word's tokens minus the guide's
         end = len(h_p) if padded else len(ids_p)
         last = len(h_g) - 1 if padded else len(ids_g) - 1
+        suffix = 0  # tokens shared at the end (the words after the replaced one, EOT)
+        while (
+            suffix < min(len(ids_p), len(ids_g)) - start
+            and ids_p[-1 - suffix] == ids_g[-1 - suffix]
+        ):
+            suffix += 1
         for j in range(start, end):
+            if skip_word and j < len(ids_p) - suffix:  # the word's own tokens
+                continue
             k = j - shift
             if k < start:  # the word's own tokens
                 k = start - 1 if shift > 0 and not target else start
@@ -145,6 +159,24 @@ def aligned_token_pairs(
     if not erase:
         raise ErasekitError(f"uce tokens=all/padded: no forget prompt contains {', '.join(words)}")
     return torch.stack(erase), torch.stack(guide)
+
+
+def least_squares_edit(
+    anchor: torch.Tensor,
+    lam: float,
+    terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]],
+) -> torch.Tensor:
+    """The closed-form W' (float64) minimising λ‖W' − anchor‖² + Σ s‖W' k − W_t g‖² over each
+    term (W_t, keys K, sources G, s): rows of K map to ``W_t`` applied to the rows of G, i.e.
+    ``W' = (λ·anchor + Σ s W_t GᵀK)(λI + Σ s KᵀK)⁻¹`` (UCE, RECE, MACE)."""
+    anchor = anchor.double()
+    lhs = lam * anchor
+    gram = lam * torch.eye(anchor.shape[1], dtype=torch.float64)
+    for w_t, keys, sources, scale in terms:
+        lhs = lhs + scale * (sources @ w_t.double().T).T @ keys
+        gram = gram + scale * keys.T @ keys
+    # W' = lhs · gram⁻¹, and gram is symmetric: solve gram · W'ᵀ = lhsᵀ.
+    return torch.linalg.solve(gram, lhs.T).T
 
 
 def uce_edit(
@@ -159,14 +191,8 @@ def uce_edit(
 ) -> torch.Tensor:
     """The closed-form W' (float64) for one projection ``w`` (out, d); rows of ``erase`` map to
     ``w @ guide`` rows, rows of ``preserve`` keep ``w @ c``."""
-    w = w.double()
-    targets = guide @ w.T  # v*_i as rows
-    kept = preserve @ w.T
-    lhs = lam * w + erase_scale * targets.T @ erase + preserve_scale * kept.T @ preserve
-    gram = (lam * torch.eye(w.shape[1], dtype=torch.float64) + erase_scale * erase.T @ erase
-            + preserve_scale * preserve.T @ preserve)  # fmt: skip
-    # W' = lhs · gram⁻¹, and gram is symmetric: solve gram · W'ᵀ = lhsᵀ.
-    return torch.linalg.solve(gram, lhs.T).T
+    terms = [(w, erase, guide, erase_scale), (w, preserve, preserve, preserve_scale)]
+    return least_squares_edit(w, lam, terms)
 
 
 class UCE(Method):
