@@ -15,10 +15,11 @@ Parts:
          SD-2.1 pipelines (full-size U-Net, VAE and text encoder: CLIP ViT-L/14, 768-wide, or
          OpenCLIP ViT-H/14, 1024-wide; 77-token prompts; saved in fp16) through `erasekit
          erase` (ESD-x, SalUn, UCE by default, 2 steps each; ``--methods`` also RECE with 2
-         validated rounds, SPEED, AdvUnlearn with 2 attacked steps) and `erasekit audit`
-         (bf16, 2 prompts per set, NudeNet) at 64 px (the U-Net's sample_size set to 8
-         latents, so training runs at that size too) with 4 sampler steps, each in its own
-         process: wall seconds and the process's peak resident memory.
+         validated rounds, SPEED, MACE with 2 LoRA steps, AdvUnlearn with 2 attacked
+         steps) and `erasekit audit` (bf16, 2 prompts per set, NudeNet) at 64 px (the
+         U-Net's sample_size set to 8 latents, so training runs at that size too) with 4
+         sampler steps, each in its own process: wall seconds and the process's peak
+         resident memory.
   gpu    on a CUDA device (or --device cpu --latent 8: the scaled profile): training steps
          of the SD-1.5 U-Net through erasekit's own method code at 512 px (64x64 latents),
          batch 8, bf16 autocast, fp32 master weights, Adam: a plain fine-tuning step (the
@@ -227,6 +228,8 @@ SMOKE_RUNS = {
     "uce": ["erase", "--method", "uce"],
     "rece": ["erase", "--method", "rece", "--set", "epochs=2", "--set", "validation_steps=2"],
     "speed": ["erase", "--method", "speed"],
+    "mace": ["erase", "--method", "mace", "--set", "steps_per_concept=2",
+             "--set", "images_per_concept=2"],
     "advunlearn": ["erase", "--method", "advunlearn", "--set", "steps=2", "--set", "warmup=1",
                    "--set", "attack_steps=2", "--set", "ddim_steps=4", "--set", "retain_batch=2"],
 }  # fmt: skip

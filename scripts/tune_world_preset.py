@@ -127,7 +127,7 @@ def main() -> None:
         chosen, kept = choose(rows)
         result["concepts"][concept] = {"rows": rows, "chosen": chosen, "retain_kept": kept}
     atomic_write_text(args.out / "tuning.json", json.dumps(result, indent=1) + "\n")
-    atomic_write_text(args.out / "README.md", render(result))
+    atomic_write_text(args.out / "leaderboard.md", render(result))
     print(render(result))
 
 

@@ -84,3 +84,11 @@ def test_mace_erases_several_concepts_in_one_run(tiny_model_dir, tmp_path):
     info = json.loads((out / "erasekit.json").read_text())["training"]["outputs"]
     assert info["n_concepts"] == 2 and [c["concept"] for c in info["lora_loss"]] == [
         "circle", "square"]  # fmt: skip
+
+
+def test_a_word_no_forget_prompt_holds_gets_the_templates():
+    from erasekit.methods.mace import TEMPLATES, word_prompts
+
+    assert word_prompts("red", ["a red circle", "a blue square", "Red cross"]) == [
+        "a red circle", "Red cross"]  # fmt: skip
+    assert word_prompts("nudity", ["a nude person"]) == [t.format("nudity") for t in TEMPLATES]

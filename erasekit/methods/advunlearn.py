@@ -127,7 +127,7 @@ class AdvUnlearn(Method):
 
     @classmethod
     def defaults(cls, concept) -> dict[str, Any]:
-        return cls.world_preset() if concept.scale == "world" else {}
+        return cls.world_defaults(concept) if concept.scale == "world" else {}
 
     def prepare_data(self, pipe) -> dict[str, Split]:
         cfg: AdvUnlearnConfig = self.config

@@ -57,6 +57,13 @@ class Method(TrainingJob):
         return dict(table.get(dimension) or {})
 
     @classmethod
+    def world_defaults(cls, concept) -> dict[str, Any]:
+        """The ShapesWorld preset for ``concept``: its settings, then its dimension's values (a
+        combined concept takes its first concept's dimension)."""
+        dimension = concept.detector.get("dimension")
+        return {**cls.world_preset(), **cls.world_by_dimension(dimension)}
+
+    @classmethod
     def preset(cls, name: str) -> dict[str, Any]:
         named = cls.named_presets()
         if name not in named:

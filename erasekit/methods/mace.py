@@ -29,6 +29,7 @@ VAE's [-1, 1] range (the code normalises with ImageNet statistics).
 from __future__ import annotations
 
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,7 @@ from erasekit.methods.uce import (
     PROJECTIONS,
     aligned_token_pairs,
     least_squares_edit,
+    projection_parameters,
     token_embeddings,
 )
 from erasekit.training import TrainConfig, TrainContext, step_generator
@@ -50,12 +52,16 @@ from erasekit.training import TrainConfig, TrainContext, step_generator
 MASKS = ("shape", "image")
 RIDGE = 1e-6  # added to λ: the solves stay defined when the rows do not span the text space
 TIMESTEPS = ("importance", "uniform")
+# prompts for a word no forget prompt holds (a concept named "nudity" whose prompts say "nude")
+TEMPLATES = ("a photo of the {}", "an image of the {}", "a picture of the {}",
+             "a painting of the {}", "{}")  # fmt: skip
 
 
 @dataclass
 class MACEConfig(TrainConfig):
     steps: int = 0  # the shared loop runs no step: MACE's stages run in on_train_start
     lr: float = 1e-5  # the LoRAs' AdamW learning rate
+    erase: str = ""  # comma-separated words to erase; "" = the concept's name(s)
     guide: str = ""  # the mapping concept of each erased one: one text, or one per concept
     lam: float = 0.0  # λ of the refinement and the fusion (0 for celebrities, art, explicit)
     preserve_scale: float = 1e-4  # the retained rows' weight in both solves
@@ -80,6 +86,12 @@ class MACEConfig(TrainConfig):
             raise ErasekitError("lam or preserve_scale must be positive (the solves need one)")
         if min(self.rank, self.images_per_concept) < 1 or self.steps_per_concept < 0:
             raise ErasekitError("rank and images_per_concept >= 1, steps_per_concept >= 0")
+
+
+def word_prompts(word: str, pool: list[str]) -> list[str]:
+    """The prompts of ``pool`` that hold ``word``, else MACE's templates filled with it."""
+    found = [p for p in pool if re.search(rf"\b{re.escape(word)}\b", p, re.IGNORECASE)]
+    return found or [t.format(word) for t in TEMPLATES]
 
 
 def importance_timesteps(n: int, count: int, gen: torch.Generator) -> torch.Tensor:
@@ -140,7 +152,7 @@ class MACE(Method):
     @classmethod
     def defaults(cls, concept) -> dict[str, Any]:
         if concept.scale == "world":
-            return cls.world_preset()
+            return cls.world_defaults(concept)
         return {"mask": "image", "guide": "art" if concept.kind == "style" else ""}
 
     def parts(self) -> list:
@@ -149,7 +161,8 @@ class MACE(Method):
     def prepare_data(self, pipe):
         cfg: MACEConfig = self.config
         parts = self.parts()
-        words = [p.name for p in parts]
+        words = split_list(cfg.erase) or [p.name for p in parts]
+        pools = {p.name: list(p.forget.prompts) for p in parts}
         guides = one_per(split_list(cfg.guide) or [""], words, owner="mace",
                          what="guide texts", per="erased concepts")  # fmt: skip
         if cfg.mask == "shape" and any(p.scale != "world" for p in parts):
@@ -157,8 +170,8 @@ class MACE(Method):
                                 " masks); use mask=image")  # fmt: skip
         preserve = list(self.concept.retain.prompts)[: cfg.max_preserve]
         self.rows = {"preserve": token_embeddings(pipe, preserve, padded=True), "concepts": []}
-        for part, word, guide in zip(parts, words, guides, strict=True):
-            forget = list(part.forget.prompts)
+        for word, guide in zip(words, guides, strict=True):
+            forget = word_prompts(word, pools.get(word, list(self.concept.forget.prompts)))
             around = aligned_token_pairs(pipe, forget, [word], [guide], padded=True,
                                          skip_word=True)  # fmt: skip
             keys = token_embeddings(pipe, forget, padded=True)
@@ -169,8 +182,7 @@ class MACE(Method):
         return {}
 
     def trainable_parameters(self, unet):
-        return [(n, p) for n, p in unet.named_parameters()
-                if n.removesuffix(".weight").endswith(PROJECTIONS)]  # fmt: skip
+        return projection_parameters(unet)
 
     @torch.no_grad()
     def on_train_start(self, ctx: TrainContext) -> None:

@@ -99,7 +99,7 @@ class RECE(UCE):
         """UCE's defaults for the starting edit (its world preset on ShapesWorld), then RECE's
         own world preset."""
         base = UCE.defaults(concept)
-        return {**base, **cls.world_preset()} if concept.scale == "world" else base
+        return {**base, **cls.world_defaults(concept)} if concept.scale == "world" else base
 
     def projections(self, unet) -> list[torch.nn.Module]:
         found = [m for n, m in unet.named_modules() if n.endswith(PROJECTIONS)]

@@ -39,6 +39,7 @@ from erasekit.methods import Method
 from erasekit.methods.uce import (
     aligned_token_pairs,
     concept_embeddings,
+    projection_parameters,
     sequence_pairs,
     token_embeddings,
 )
@@ -151,7 +152,7 @@ class SPEED(Method):
     @classmethod
     def defaults(cls, concept) -> dict[str, Any]:
         if concept.scale == "world":
-            return cls.world_preset()
+            return cls.world_defaults(concept)
         return {"guide": "art"} if concept.kind == "style" else {}
 
     def prepare_data(self, pipe):
@@ -182,9 +183,7 @@ class SPEED(Method):
         return {}
 
     def trainable_parameters(self, unet):
-        suffixes = PARAMS[self.config.params]
-        return [(n, p) for n, p in unet.named_parameters()
-                if n.removesuffix(".weight").endswith(suffixes)]  # fmt: skip
+        return projection_parameters(unet, PARAMS[self.config.params])
 
     @torch.no_grad()
     def on_train_start(self, ctx: TrainContext) -> None:

@@ -161,6 +161,13 @@ def aligned_token_pairs(
     return torch.stack(erase), torch.stack(guide)
 
 
+def projection_parameters(unet, suffixes: tuple[str, ...] = PROJECTIONS):
+    """(name, weight) of every cross-attention projection ending in ``suffixes``: what the
+    closed-form editors (UCE, RECE, SPEED, MACE) change."""
+    return [(n, p) for n, p in unet.named_parameters()
+            if n.removesuffix(".weight").endswith(suffixes)]  # fmt: skip
+
+
 def least_squares_edit(
     anchor: torch.Tensor,
     lam: float,
@@ -242,8 +249,7 @@ class UCE(Method):
         return {}
 
     def trainable_parameters(self, unet):
-        return [(n, p) for n, p in unet.named_parameters()
-                if n.removesuffix(".weight").endswith(PROJECTIONS)]  # fmt: skip
+        return projection_parameters(unet)
 
     @torch.no_grad()
     def on_train_start(self, ctx: TrainContext) -> None:
