@@ -112,8 +112,9 @@ def test_rece_validates_with_the_detector_and_leaves_no_renders(tiny_model_dir, 
     info = json.loads((out / "erasekit.json").read_text())["training"]["outputs"]
     assert [e["epoch"] for e in info["epochs"]] == [0, 1]
     assert all(0 <= e["validation_rate"] <= 1 for e in info["epochs"])
-    assert info["validation"]["prompts"]["name"] == "circle/tuning-concept"  # not a reported set
-    assert info["validation"]["n_images"] == 8 and info["validation"]["steps"] == 2
+    (checked,) = info["validation"]["sets"]
+    assert checked["prompts"]["name"] == "circle/tuning-concept"  # not a reported set
+    assert checked["n_images"] == 8 and info["validation"]["steps"] == 2
     assert not (out / ".rece-validation").exists()
 
 
@@ -130,3 +131,11 @@ def test_bad_settings_are_one_line(tiny_model_dir, tmp_path, capsys):
                         "--set", setting)  # fmt: skip
         assert_one_line_error(code, fragment)
     assert not (tmp_path / "o").exists()
+
+
+def test_rece_validates_each_combined_concept_on_its_own_phrasings(tiny_model_dir, tmp_path):
+    out = erasekit.erase(tiny_model_dir, "circle,square", "rece", tmp_path / "r",
+                         settings={"epochs": 1, "validation_steps": 2}, progress=False)  # fmt: skip
+    info = json.loads((out / "erasekit.json").read_text())["training"]["outputs"]
+    names = [s["prompts"]["name"] for s in info["validation"]["sets"]]
+    assert names == ["circle/tuning-concept", "square/tuning-concept"]

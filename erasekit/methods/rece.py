@@ -146,40 +146,53 @@ class RECE(UCE):
                           "epochs": epochs, "chosen_epoch": best[1], "select": cfg.select,
                           "validation": self.validation_info}  # fmt: skip
 
-    def validation_prompts(self):
+    def validation_sets(self) -> list:
+        """(concept, prompts) pairs: each concept of a combined run with its own tuning
+        phrasings (else forget prompts), or the ``validation`` file for the concept."""
         from erasekit.concepts import read_prompt_set
 
         if self.config.validation:
-            return read_prompt_set(self.config.validation, name="validation")
-        if self.concept.tuning:
-            return self.concept.tuning["concept"]
-        return self.concept.forget
+            return [(self.concept, read_prompt_set(self.config.validation, name="validation"))]
+        parts = list(self.concept.parts) or [self.concept]
+        return [(c, c.tuning["concept"] if c.tuning else c.forget) for c in parts]
 
     def validation_rate(self, ctx, epoch: int) -> float:
         """The concept rate of the current weights on the validation prompts (one image each,
-        seed 0, the concept's detector and primary protocol); every process renders its share."""
+        seed 0, each concept's detector and primary protocol; a combined run: the mean of its
+        concepts' rates); every process renders its share."""
         from erasekit.detectors import DetectorOptions
         from erasekit.evaluation import build_judges, evaluate_prompt_set
         from erasekit.sampling import SamplerSettings
 
         cfg: RECEConfig = self.config
+        options = DetectorOptions(device=str(ctx.device))
         if not hasattr(self, "judges"):
-            self.judges = build_judges(self.concept, DetectorOptions(device=str(ctx.device)))
-        prompts = self.validation_prompts()
-        steps = cfg.validation_steps or None
-        settings = SamplerSettings.for_model(self.model_path, steps=steps)
+            self.judges = [(build_judges(c, options), p) for c, p in self.validation_sets()]
+        settings = SamplerSettings.for_model(self.model_path, steps=cfg.validation_steps or None)
         pipe = ctx.pipe
         places = (pipe.vae.device, pipe.text_encoder.device)
         pipe.vae.to(ctx.device), pipe.text_encoder.to(ctx.device)
+        rates, info = [], []
         try:
-            root = ctx.work_dir / VALIDATION_DIR
-            samples = evaluate_prompt_set(pipe, prompts, root, f"epoch-{epoch}", self.judges,
-                                          model_path=None, settings=settings,
-                                          n_per_prompt=cfg.validation_images, seed=0)  # fmt: skip
+            for i, (judges, prompts) in enumerate(self.judges):
+                root, folder = ctx.work_dir / VALIDATION_DIR, f"epoch-{epoch}-{i}"
+                samples = evaluate_prompt_set(
+                    pipe,
+                    prompts,
+                    root,
+                    folder,
+                    judges,
+                    model_path=None,
+                    settings=settings,
+                    n_per_prompt=cfg.validation_images,
+                    seed=0,
+                )
+                primary = judges.protocols[0].name
+                flags = [s["flags"][primary] for s in samples]
+                rates.append(sum(flags) / len(flags))
+                info.append({"prompts": prompts.describe(), "n_images": len(flags),
+                             "protocol": primary})  # fmt: skip
         finally:
             pipe.vae.to(places[0]), pipe.text_encoder.to(places[1])
-        primary = self.judges.protocols[0].name
-        flags = [s["flags"][primary] for s in samples]
-        self.validation_info = {"prompts": prompts.describe(), "n_images": len(flags),
-                                "protocol": primary, "steps": settings.steps}  # fmt: skip
-        return round(sum(flags) / len(flags), 4)
+        self.validation_info = {"sets": info, "steps": settings.steps}
+        return round(sum(rates) / len(rates), 4)
