@@ -375,10 +375,13 @@ def test_cli_erases_and_bad_inputs_exit_2_without_output(tiny_model_dir, tmp_pat
     assert (tmp_path / ".c.partial" / "checkpoints" / "checkpoint-1").is_dir()
 
 
+LOOP = ["steps=2", "checkpointing_steps=1", "batch_size=2"]
 TWO_PROCESS = {
-    "salun": ["images_per_prompt=1"],
+    "salun": [*LOOP, "images_per_prompt=1"],
     # the text encoder under DDP, the inner attack on the unwrapped encoder
-    "advunlearn": ["warmup=1", "attack_steps=2", "ddim_steps=4", "retain_batch=2"],
+    "advunlearn": [*LOOP, "warmup=1", "attack_steps=2", "ddim_steps=4", "retain_batch=2"],
+    # closed form on every process, the validation renders shared between them
+    "rece": ["epochs=2", "validation_steps=2"],
 }
 
 
@@ -389,12 +392,15 @@ def test_two_process_cpu_run_with_torchrun(method, tiny_model_dir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "erasekit", "erase", "--model", str(tiny_model_dir), "--concept", "circle",
            "--method", method, "--out", str(tmp_path / "two"), "--no-progress",
-           "--set", "steps=2", "--set", "checkpointing_steps=1", "--set", "batch_size=2",
            *extra]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     manifest = json.loads((tmp_path / "two" / "erasekit.json").read_text())
     assert manifest["training"]["n_processes"] == 2
+    if get_method(method).closed_form:  # both processes chose the same round
+        rates = [e["validation_rate"] for e in manifest["training"]["outputs"]["epochs"]]
+        assert len(rates) == 2 and not (tmp_path / "two" / ".rece-validation").exists()
+        return
     assert manifest["training"]["global_batch"] == 4
     assert len((tmp_path / "two" / "training_log.jsonl").read_text().splitlines()) == 2
 
