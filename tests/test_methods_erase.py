@@ -19,7 +19,7 @@ EVALUATION = {"sets": ["direct", "retain"], "limit": 8, "n_per_prompt": 2, "seed
 BUDGETS: dict[str, tuple[dict, float, float]] = {
     "uce": ({}, 0.4, 0.6),
     # UCE's preset edit followed by one adversarial round, which costs retain accuracy
-    "rece": ({"epochs": 1, "select": "last"}, 0.3, 0.3),
+    "rece": ({"epochs": 1, "select": "last"}, 0.3, 0.2),
     "speed": ({"tokens": "all"}, 0.5, 0.6),
     "mace": ({"lr": 1e-2, "lam": 1.0, "preserve_scale": 1.0}, 0.5, 0.75),
     # ESD's world conventions, a short run with the attack from step 10
