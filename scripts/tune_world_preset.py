@@ -13,8 +13,9 @@ retain phrasings, ``--n-per-prompt`` images per prompt at evaluation seed 1000 +
 The rule (written into the output before any number): per concept, among the candidates whose
 retain accuracy, pooled over the seeds, is at most 3 points below the original's, the lowest
 pooled concept rate wins (ties: the earlier candidate in the grid); when none keeps retain, the
-smallest retain loss wins and the output says so. Reported numbers come from the audit's sets,
-never from these. Resumable: each (candidate, concept, seed) is a JSON part under
+smallest retain loss wins and the output says so. A candidate whose model renders non-finite
+pixels on any seed is listed as broken and never chosen. Reported numbers come from the
+audit's sets, never from these. Resumable: each (candidate, concept, seed) is a JSON part under
 ``--out/parts``; a rerun measures only what is missing.
 """
 
@@ -31,6 +32,7 @@ import yaml
 
 import erasekit
 from erasekit.concepts import load_concept
+from erasekit.errors import DegenerateOutput
 from erasekit.outputs import atomic_file
 from erasekit.provenance import run_provenance
 from erasekit.stats import wilson_interval
@@ -76,7 +78,10 @@ def part(args, candidate: str, settings: dict | None, concept: str, seed: int) -
             model = erasekit.erase(world_path("full"), concept, args.method, Path(tmp) / "m",
                                    settings={"seed": seed, **settings}, progress=False)  # fmt: skip
             seconds = json.loads((model / "erasekit.json").read_text())["wall_time_s"]
-        record = {**measure(model, concept, seed, args.n_per_prompt), "erase_s": seconds}
+        try:
+            record = {**measure(model, concept, seed, args.n_per_prompt), "erase_s": seconds}
+        except DegenerateOutput as e:  # a candidate that broke the model is never chosen
+            record = {"broken": str(e), "erase_s": seconds}
     file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(file, json.dumps(record))
     return record
@@ -91,7 +96,7 @@ def pooled(records: list[dict], key: str) -> dict:
 
 def choose(rows: dict[str, dict]) -> tuple[str, bool]:
     base = rows["original"]["retain"]["value"]
-    candidates = [k for k in rows if k != "original"]
+    candidates = [k for k in rows if k != "original" and "broken" not in rows[k]]
     keeps = [k for k in candidates if base - rows[k]["retain"]["value"] <= RETAIN_LOSS + 1e-9]
     if keeps:
         return min(keeps, key=lambda k: (rows[k]["rate"]["value"], candidates.index(k))), True
@@ -122,6 +127,10 @@ def main() -> None:
         rows = {}
         for name, settings in {"original": None, **grid}.items():
             records = [part(args, name, settings, concept, s) for s in seeds]
+            broken = [r["broken"] for r in records if "broken" in r]
+            if broken:
+                rows[name] = {"broken": broken[0], "erase_s": max(r["erase_s"] for r in records)}
+                continue
             rows[name] = {"rate": pooled(records, "rate"), "retain": pooled(records, "retain"),
                           "erase_s": max(r["erase_s"] for r in records)}  # fmt: skip
         chosen, kept = choose(rows)
@@ -147,6 +156,9 @@ def render(result: dict) -> str:
         for name, row in block["rows"].items():
             settings = json.dumps(result["grid"].get(name, {})) if name != "original" else "—"
             mark = " **chosen**" if name == block["chosen"] else ""
+            if "broken" in row:
+                lines.append(f"| {name} | `{settings}` | broken: {row['broken']} | — | — |")
+                continue
             lines.append(f"| {name}{mark} | `{settings}` | {fmt(row['rate'])} |"
                          f" {fmt(row['retain'])} | {row['erase_s']:.1f} |")  # fmt: skip
         lines.append("")

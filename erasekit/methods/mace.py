@@ -137,7 +137,9 @@ class AttentionProbe:
             mask = torch.nn.functional.interpolate(s["mask"], size=(side, side), mode="nearest")
             mask = mask.flatten(1).repeat_interleave(heads, dim=0) > 0.5  # (b x heads, pixels)
             picked = probs * mask[..., None] * s["positions"].repeat_interleave(heads, 0)[:, None]
-            s["loss"] = s["loss"] + picked.square().sum().sqrt()
+            # a mask with no pixel at this resolution (an outline on a coarse layer) adds
+            # nothing; the clamp keeps the norm's gradient finite at zero
+            s["loss"] = s["loss"] + picked.square().sum().clamp_min(1e-12).sqrt()
         h = attn.batch_to_head_dim(torch.bmm(probs, v))
         return attn.to_out[1](attn.to_out[0](h))
 
