@@ -30,7 +30,6 @@ concept), and the retain sample draws its own stop step.
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,9 +158,8 @@ class AdvUnlearn(Method):
         return out
 
     def setup(self, ctx: TrainContext) -> None:
-        """The original text encoder (frozen copy), the frozen U-Net as ESD's teacher, and the
-        adversary's state registered for checkpoints."""
-        self.original = copy.deepcopy(ctx.pipe.text_encoder).requires_grad_(False).eval()
+        """The frozen U-Net as ESD's teacher (the original encoder's conditions are the data's,
+        encoded before training) and the adversary's state registered for checkpoints."""
         self.teacher = ESDTeacher.from_config(ctx.pipe.unet, self.config)
         self.adversary = Adversary()
         ctx.accelerator.register_for_checkpointing(self.adversary)
@@ -172,7 +170,8 @@ class AdvUnlearn(Method):
         latest = self.adversary.value
         if cfg.attack_init == "latest" and latest is not None and latest.shape[0] == b:
             return latest.to(ctx.device)
-        table = self.original.get_input_embeddings().weight
+        # the token table is frozen: the trained encoder's is the original's
+        table = ctx.accelerator.unwrap_model(ctx.trained).get_input_embeddings().weight
         ids = torch.randint(0, table.shape[0], (b, cfg.k), generator=gen)
         return table[ids.to(table.device)].detach().float().to(ctx.device)
 
@@ -194,7 +193,7 @@ class AdvUnlearn(Method):
         adv, losses = prefix_attack(encoder, ids, start, loss_of, steps=cfg.attack_steps,
                                     lr=cfg.attack_lr, method=cfg.attack_method)  # fmt: skip
         self.adversary.value = adv.cpu()
-        self.last_attack_loss = losses[-1] if losses else None
+        self.attack_loss = losses[-1] if losses else None
         self.attacks += 1
         return adv
 
@@ -217,7 +216,7 @@ class AdvUnlearn(Method):
         cond0, ids = batch["cond"], batch["ids"]
         x_t, t = self.teacher.partial_sample(ctx, cond0, gen)
         target = self.teacher.target(ctx, cond0, x_t, t)
-        adv = None
+        adv, self.attack_loss = None, None
         if ctx.step >= cfg.warmup and cfg.attack_steps:
             if (ctx.step - cfg.warmup) % cfg.attack_every == 0 or self.adversary.value is None:
                 adv = self.attack(ctx, ids, cond0, x_t, t, gen)
@@ -230,6 +229,8 @@ class AdvUnlearn(Method):
             "forget": float(forget.detach()),
             "attacked": float(adv is not None),
         }
+        if self.attack_loss is not None:  # the inner attack's loss at its last step
+            logs["attack_loss"] = self.attack_loss
         if not cfg.retain_weight:
             return forget, logs
         retain = ctx.data["retain"]
