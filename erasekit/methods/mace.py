@@ -227,7 +227,7 @@ class MACE(Method):
         }  # fmt: skip
 
     def concept_batch(self, ctx: TrainContext, pipe, concept: dict, index: int):
-        """(latents, masks, token ids, concept positions) of one concept's training images."""
+        """(latents, masks, prompts, concept positions) of one concept's training images."""
         from erasekit.training import token_ids
 
         cfg: MACEConfig = self.config
