@@ -33,14 +33,21 @@ def prompt_ids(tokenizer, prompt: str, prefix: int = 0) -> torch.Tensor:
 @contextmanager
 def free_token_embeddings(text_encoder, embeds: dict[str, torch.Tensor | None]):
     """While active, positions 1..k of every encoded sequence take ``embeds["value"]``
-    (batch x k x d) instead of their token embeddings (gradients flow into it)."""
+    (batch x k x d) instead of their token embeddings (gradients flow into it). Free tokens
+    elsewhere (inserted between a prompt's tokens): ``embeds["positions"]`` (batch x 77 bool)
+    marks the positions and ``embeds["slots"]`` (batch x k bool) the vectors that fill them,
+    row by row in order."""
 
     def hook(_module, _inputs, output):
         value = embeds.get("value")
         if value is None:
             return output
         out = output.clone()
-        out[:, 1 : 1 + value.shape[1]] = value.to(out.dtype)
+        positions = embeds.get("positions")
+        if positions is None:
+            out[:, 1 : 1 + value.shape[1]] = value.to(out.dtype)
+        else:
+            out[positions] = value[embeds["slots"]].to(out.dtype)
         return out
 
     handle = text_encoder.get_input_embeddings().register_forward_hook(hook)

@@ -1,7 +1,9 @@
 """Adversarial-prompt benchmarks -> docs/results/bench-adversarial-{world,gpu}.json.
 
 world  On this CPU, a world model erased of `red` (ESD world preset; --model to pass one):
-       UnlearnDiffAtk and Ring-A-Bell at their world budgets on the 16 red forget prompts,
+       UnlearnDiffAtk and Ring-A-Bell (--attacks: any prompt attacks, e.g. p4d,mma-diffusion
+       into --out docs/results/bench-adversarial-world-p4d-mma.json) at their world budgets
+       on the 16 red forget prompts,
        all prompts batched vs one prompt at a time. Per run: wall seconds, prompts per hour,
        pre-ASR / ASR (world detector, one image per prompt), cost, and whether both runs
        found the same prompts (they should: each prompt's randomness is its own).
@@ -80,7 +82,7 @@ def run_once(name: str, batch: int, model: Path, folder: Path, limit: int) -> di
     }
 
 
-def bench_world(model: Path | None, limit: int) -> dict:
+def bench_world(model: Path | None, limit: int, attacks: list[str]) -> dict:
     from erasekit.auditing import attack_configs
     from erasekit.concepts import load_concept
 
@@ -88,7 +90,7 @@ def bench_world(model: Path | None, limit: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         model = model or erased_red(folder)
-        for name in ("unlearndiffatk", "ring-a-bell"):
+        for name in attacks:
             batched = run_once(name, 16, model, folder, limit)
             single = run_once(name, 1, model, folder, limit)
             config = attack_configs([name], concept=load_concept("red"))[name]
@@ -100,6 +102,7 @@ def bench_world(model: Path | None, limit: int) -> dict:
                 "one_at_a_time": single,
                 "speedup": round(single["wall_s"] / batched["wall_s"], 2),
                 "same_prompts_found": batched["prompts"] == single["prompts"],
+                "same_asr": batched["asr"]["value"] == single["asr"]["value"],
             }
     result["model"] = str(model)
     result["note"] = (
@@ -127,7 +130,7 @@ def bench_gpu(
         straight_through,
         text_vocabulary,
     )
-    from erasekit.attacks.ring_a_bell import candidate_ids, encode
+    from erasekit.attacks.encoder_search import candidate_ids, encode
     from erasekit.attacks.unlearndiffatk import denoising_loss
     from erasekit.tokenizer import build_clip_tokenizer
 
@@ -211,6 +214,7 @@ def main() -> None:
     ap.add_argument("--rab-prompts", type=int, default=16, help="gpu: Ring-A-Bell prompts")
     ap.add_argument("--latent", type=int, default=64, help="gpu: latent side (64: 512 px)")
     ap.add_argument("--population", type=int, default=200, help="gpu: Ring-A-Bell candidates")
+    ap.add_argument("--attacks", default="unlearndiffatk,ring-a-bell", help="world: attacks")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     from benchlib import write_record
@@ -219,7 +223,7 @@ def main() -> None:
 
     quiet_libraries()
     if args.part == "world":
-        result = bench_world(args.model, args.prompts)
+        result = bench_world(args.model, args.prompts, args.attacks.split(","))
     else:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise SystemExit("the gpu part needs a CUDA device (or --device cpu for a check)")

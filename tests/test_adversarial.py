@@ -222,21 +222,37 @@ def test_adversarial_attacks_in_the_world_audit(tmp_path, capsys):
     out = tmp_path / "audit"
     r = run_main(capsys, "audit", "--model", str(world_path("full")), "--concept", "red", "--out",
                 str(out), "--limit", "2", "--reference", str(world_path("full")), "--censor",
-                "--attacks", "unlearndiffatk,ring-a-bell",
+                "--attacks", "unlearndiffatk,ring-a-bell,p4d,mma-diffusion",
                 "--attack-set", "unlearndiffatk.blocks=2",
                 "--attack-set", "unlearndiffatk.steps_per_block=3",
+                "--attack-set", "p4d.blocks=2", "--attack-set", "p4d.steps_per_block=3",
+                "--attack-set", "mma-diffusion.steps=4",
+                "--attack-set", "mma-diffusion.eval_every=2",
+                "--attack-set", "mma-diffusion.candidates=32",
                 "--attack-set", "ring-a-bell.generations=3",
+                "--attack-set", "ring-a-bell.eval_every=2",
                 "--attack-set", "ring-a-bell.population=8", "--no-progress")  # fmt: skip
     assert r.returncode == 0, r.stderr
     doc = json.loads((out / "results.json").read_text())
-    for name in ("unlearndiffatk", "ring-a-bell"):
+    grids = {"unlearndiffatk": [0, 3, 6], "p4d": [0, 3, 6], "mma-diffusion": [0, 2, 4],
+             "ring-a-bell": [0, 2, 3]}  # fmt: skip
+    for name in ("unlearndiffatk", "ring-a-bell", "p4d", "mma-diffusion"):
         entry = doc["attacks"][name]
-        assert entry["kind"] == "prompt"
+        assert entry["kind"] == "prompt" and entry["budgets"]["grid"] == grids[name]
         assert set(entry["models"]) == {"audited", "reference", "never-learned"}
+        assert entry["residual_memory"]["floor"] == "never-learned"
+        assert set(entry["residual_memory"]["by_role"]) == {"audited", "reference"}
         for role, m in entry["models"].items():
             metrics = doc["results"][f"{name}:{role}"]
             pre, asr = metrics["pre_asr/forget[:2]"], metrics["asr/forget[:2]"]
             assert pre["n_prompts"] == 2 and pre["value"] <= asr["value"]
+            # the curve starts at pre-ASR and ends at ASR, never falling
+            curve = [p["value"] for p in m["curve"]]
+            assert [p["step"] for p in m["curve"]] == grids[name]
+            assert curve[0] == pre["value"] and curve[-1] == asr["value"]
+            assert curve == sorted(curve)
+            if role != "never-learned":
+                assert "residual_memory_area/forget[:2]" in metrics
             assert "one image per prompt" in entry["metric"] and asr["definition"]["detector"]
             for o in m["outcomes"]:
                 assert (out / o["image"]).is_file()
@@ -252,6 +268,7 @@ def test_adversarial_attacks_in_the_world_audit(tmp_path, capsys):
     assert found.format == "unlearndiffatk" and len(found) == 2
     html = (out / "report.html").read_text()
     assert "Adversarial prompts" in html and "unlearndiffatk: per prompt" in html
+    assert html.count('alt="ASR by budget') == 4 and "residual memory" in html
     assert 'data-censored="1" data-flagged="1"' in html  # flagged renders are censored ...
     assert 'data-censored="0" data-flagged="1"' not in html  # ... every one of them
     md = (out / "report.md").read_text()

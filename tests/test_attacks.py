@@ -258,6 +258,8 @@ SMALL = {
     "concept-inversion": ["images_per_prompt=1", "batch_size=2", "gradient_accumulation_steps=1"],
     "unlearndiffatk": ["blocks=1", "steps_per_block=2"],
     "ring-a-bell": ["generations=2", "population=4"],
+    "p4d": ["blocks=1", "steps_per_block=2"],
+    "mma-diffusion": ["steps=2", "candidates=8", "top_k=4", "eval_every=1"],
 }
 
 
@@ -323,7 +325,9 @@ def test_every_attack_on_two_processes_gives_the_one_process_numbers(world_erase
                          "gradient_accumulation_steps=1"],
               "concept-inversion": ["steps=2", "eval_every=1", "images_per_prompt=1"],
               "unlearndiffatk": ["blocks=2", "steps_per_block=2", "batch_size=1"],
-              "ring-a-bell": ["generations=2", "population=4", "batch_size=1"]}  # fmt: skip
+              "ring-a-bell": ["generations=2", "population=4", "batch_size=1"],
+              # mma-diffusion shares ring-a-bell's multi-process path (encoder_search)
+              "p4d": ["blocks=2", "steps_per_block=2", "batch_size=1"]}  # fmt: skip
     common = ["-m", "erasekit", "audit", "--model", str(world_erased), "--concept", "red",
               "--limit", "2", "--never-learned", "none", "--no-progress",
               "--attacks", ",".join(budget)]  # fmt: skip

@@ -374,11 +374,14 @@ def test_sd_nudity_study_runs_as_written_on_substitutes(tiny_model_dir, tiny_cli
     url = (out / "leaderboard.html").resolve().as_uri()
     r = dump_dom(url, tmp_path / "profile", 'data-ready="1"')
     assert 'data-ready="1"' in r.stdout, r.stderr[-2000:]
-    assert 'data-figures-shown="3"' in r.stdout
+    assert 'data-figures-shown="5"' in r.stdout
     captions = re.findall(r"<figcaption>([^<]+)</figcaption>", r.stdout)
-    assert captions[0] == "recovery under finetune (nudity)"
-    assert sorted(captions[1:]) == ["ASR under ring-a-bell (nudity)",
-                                    "ASR under unlearndiffatk (nudity)"]  # fmt: skip
+    assert sorted(captions) == ["ASR under ring-a-bell (nudity)",
+                                    "ASR under ring-a-bell by budget (nudity)",
+                                    "ASR under unlearndiffatk (nudity)",
+                                    "ASR under unlearndiffatk by budget (nudity)",
+                                    "recovery under finetune (nudity)"]  # fmt: skip
+    assert "ASR under `unlearndiffatk` at each budget" in (out / "leaderboard.md").read_text()
 
 
 def test_paired_difference_on_hand_made_samples(tmp_path):

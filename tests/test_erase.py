@@ -405,25 +405,6 @@ def test_two_process_cpu_run_with_torchrun(method, tiny_model_dir, tmp_path):
     assert len((tmp_path / "two" / "training_log.jsonl").read_text().splitlines()) == 2
 
 
-def test_salun_lowers_the_world_concept_rate(tmp_path):
-    """A quick erasure of 'red' from ShapesWorld: the direct-prompt rate must fall well below
-    the original's (a no-op run stays near the original's ~0.9 and fails the bound)."""
-    from erasekit.world import world_path
-
-    model = world_path("full")
-
-    def rate(folder, name):
-        metrics = erasekit.evaluate(folder, "red", sets=["direct"], seed=5)
-        return metrics["concept_rate/direct"]["value"]
-
-    before = rate(model, "before")
-    out = erase(model, tmp_path / "out", concept="red", steps=48, lr=1e-4, batch_size=8,
-                images_per_prompt=2)  # fmt: skip
-    after = rate(out, "after")
-    assert before >= 0.75
-    assert after <= 0.4 and after <= before - 0.4, (before, after)
-
-
 def test_salun_anchor_prompts_replace_the_concept_word(tiny_model_dir):
     cls = get_method("salun")
     m = cls(cls.Config(surrogate_mode="replace"), load_concept("red"), model_path=tiny_model_dir)

@@ -25,6 +25,8 @@ ATTACKS.register_lazy("memora", "erasekit.attacks.memora:MemoRa")
 ATTACKS.register_lazy("concept-inversion", "erasekit.attacks.concept_inversion:ConceptInversion")
 ATTACKS.register_lazy("unlearndiffatk", "erasekit.attacks.unlearndiffatk:UnlearnDiffAtk")
 ATTACKS.register_lazy("ring-a-bell", "erasekit.attacks.ring_a_bell:RingABell")
+ATTACKS.register_lazy("p4d", "erasekit.attacks.p4d:P4D")
+ATTACKS.register_lazy("mma-diffusion", "erasekit.attacks.mma_diffusion:MMADiffusion")
 
 # evaluate(pipe, step, prompts=None) -> the primary concept-rate metric (and its samples)
 Evaluate = Callable[..., dict[str, Any]]

@@ -143,6 +143,11 @@ class PromptAttack(Attack):
                                                              name="forget")  # fmt: skip
         return prompts.limit(limit)
 
+    def budget_grid(self) -> tuple[str, list[int]]:
+        """(the budget's unit, the budgets at which the attack judges its prompts: 0 for the
+        pre-check, then every block or checkpoint): the grid of its ASR curve."""
+        raise NotImplementedError
+
     def pre_check(self, pipe, prompt_set, judge: Judge) -> list[dict[str, Any]]:
         """Render every unmodified prompt once on the model under attack."""
         indices = list(range(len(prompt_set)))

@@ -11,34 +11,30 @@ under audit with the source prompt's seed and guidance and judged. Text-encoder 
 several prompts' populations are batched. Searches depend on the text encoder only, so models
 that share one (every erasure of the U-Net) share the search, within an audit and, through
 the audit's ``cache_dir`` (a bench study's cache), across audits; the found prompts are saved as
-a CSV prompt file for transfer to other models. Several processes share the searches out
-(whole batches in turn) and render the found prompts together.
+a CSV prompt file for transfer to other models (``attacks.encoder_search``). The published
+protocol renders the final prompt only (``eval_every`` 0); with ``eval_every`` the best prompt
+every that many generations is rendered too, until the first success (ASR at every checkpoint
+from one search, which the renders do not change).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from erasekit.attacks.adversarial import (
-    Judge,
-    PromptAttack,
-    check_prompt_file,
-    ids_to_text,
-    text_vocabulary,
-    write_prompt_csv,
+from erasekit.attacks.adversarial import check_prompt_file, text_vocabulary
+from erasekit.attacks.encoder_search import (
+    EncoderSearchAttack,
+    candidate_ids,
+    checkpoint_budgets,
+    encode,
 )
 from erasekit.concepts import is_world_concept
-from erasekit.distributed import gather_shares, my_share, process_state
 from erasekit.errors import ErasekitError
-from erasekit.outputs import atomic_file, write_json
 
 
 @dataclass
@@ -53,6 +49,7 @@ class RingABellConfig:
     mutation: float = 0.25
     batch_size: int = 16  # source prompts whose populations share text-encoder passes
     encoder_batch: int = 2048  # sequences per text-encoder forward
+    eval_every: int = 0  # also render the best so far every this many generations (0: the end)
     seed: int = 0
 
     def validate(self) -> None:
@@ -64,6 +61,8 @@ class RingABellConfig:
             raise ErasekitError("ring-a-bell: crossover and mutation are probabilities")
         if min(self.batch_size, self.encoder_batch) < 1:
             raise ErasekitError("ring-a-bell: batch_size and encoder_batch must be >= 1")
+        if self.eval_every < 0:
+            raise ErasekitError(f"ring-a-bell: eval_every must be >= 0, got {self.eval_every}")
         check_prompt_file(self.prompts)
         if self.pairs:
             read_pairs(self.pairs)  # a missing or malformed file fails before any rendering
@@ -84,14 +83,6 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
     return pairs
 
 
-@torch.no_grad()
-def encode(text_encoder, ids: torch.Tensor, batch: int = 2048) -> torch.Tensor:
-    """Full text-encoder outputs (n x 77 x d, float32) of token-id rows, in chunks."""
-    out = [text_encoder(ids[i : i + batch].to(text_encoder.device))[0].float()
-           for i in range(0, len(ids), batch)]  # fmt: skip
-    return torch.cat(out)
-
-
 def concept_vector(pipe, pairs: list[tuple[str, str]]) -> torch.Tensor:
     """Mean of E(with) - E(without) over the pairs (77 x d, float32)."""
     from erasekit.training import encode_prompts
@@ -99,17 +90,6 @@ def concept_vector(pipe, pairs: list[tuple[str, str]]) -> torch.Tensor:
     with_c = encode_prompts(pipe, [a for a, _ in pairs]).float()
     without = encode_prompts(pipe, [b for _, b in pairs]).float()
     return (with_c - without).mean(0)
-
-
-def candidate_ids(tokenizer, tokens: torch.Tensor) -> torch.Tensor:
-    """[SOT, tokens, EOT, padding] rows (n x 77) for rows of K token ids."""
-    n, k = tokens.shape
-    total = tokenizer.model_max_length
-    ids = torch.full((n, total), tokenizer.pad_token_id, dtype=torch.long)
-    ids[:, 0] = tokenizer.bos_token_id
-    ids[:, 1 : 1 + k] = tokens
-    ids[:, 1 + k] = tokenizer.eos_token_id
-    return ids
 
 
 def next_generation(pop: torch.Tensor, fitness: torch.Tensor, cfg: RingABellConfig,
@@ -138,11 +118,14 @@ def next_generation(pop: torch.Tensor, fitness: torch.Tensor, cfg: RingABellConf
 def genetic_search(pipe, targets: torch.Tensor, seeds: list[torch.Generator],
                    cfg: RingABellConfig, vocab: torch.Tensor) -> list[dict[str, Any]]:  # fmt: skip
     """One search per target (n x 77 x d), populations encoded together; per target: the best
-    token ids, their fitness and the best fitness after every generation."""
+    token ids, their fitness, the best fitness after every generation and the best ids at
+    each checkpoint (``checkpoint_budgets(generations, eval_every)``)."""
     tok, te = pipe.tokenizer, pipe.text_encoder
     n, n_vocab = len(targets), len(vocab)
+    marks = set(checkpoint_budgets(cfg.generations, cfg.eval_every))
     pops = [torch.randint(0, n_vocab, (cfg.population, cfg.length), generator=g) for g in seeds]
     history: list[list[float]] = [[] for _ in range(n)]
+    checkpoints: list[list] = [[] for _ in range(n)]
     for generation in range(cfg.generations + 1):
         stacked = torch.cat(pops)
         out = encode(te, candidate_ids(tok, vocab[stacked]), cfg.encoder_batch)
@@ -150,6 +133,9 @@ def genetic_search(pipe, targets: torch.Tensor, seeds: list[torch.Generator],
         fitness = ((out - targets[:, None].to(out)) ** 2).sum((2, 3)).cpu()
         for i in range(n):
             history[i].append(float(fitness[i].min()))
+            if generation in marks:
+                best = vocab[pops[i][int(fitness[i].argmin())]].tolist()
+                checkpoints[i].append([generation, best])
         if generation == cfg.generations:
             break
         pops = [next_generation(pops[i], fitness[i], cfg, n_vocab, seeds[i]) for i in range(n)]
@@ -157,41 +143,19 @@ def genetic_search(pipe, targets: torch.Tensor, seeds: list[torch.Generator],
     for i in range(n):
         best = int(fitness[i].argmin())
         results.append({"ids": vocab[pops[i][best]].tolist(), "fitness": float(fitness[i, best]),
-                        "history": history[i]})  # fmt: skip
+                        "history": history[i], "checkpoints": checkpoints[i]})  # fmt: skip
     return results
 
 
-def text_encoder_hash(text_encoder) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(text_encoder.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def search_files(pipe, encoder_key: str, pairs, cfg: RingABellConfig, outcomes: list[dict],
-                 folder: Path) -> dict[int, Path]:  # fmt: skip
-    """Each prompt's search result file under ``folder``, keyed by everything the search reads:
-    the text encoder (weights, dtype, device type), the tokenizer's vocabulary, the prompt
-    pairs, the prompt and its index (its generator's seed) and every search setting."""
-    vocab = hashlib.sha256(json.dumps(pipe.tokenizer.get_vocab(), sort_keys=True).encode())
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("prompts", "pairs")}
-    common = [encoder_key, str(pipe.text_encoder.dtype), pipe.text_encoder.device.type,
-              vocab.hexdigest(), pairs, settings]  # fmt: skip
-    files = {}
-    for o in outcomes:
-        text = json.dumps([*common, o["prompt"], o["index"]], sort_keys=True, default=str)
-        files[o["index"]] = folder / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
-    return files
-
-
-class RingABell(PromptAttack):
+class RingABell(EncoderSearchAttack):
     name = "ring-a-bell"
     summary = (
         "Ring-A-Bell: a genetic token search towards the "
         "concept's direction in text-encoder space (no U-Net)"
     )
     Config = RingABellConfig
+    unit = "generations"
+    budget_field = "generations"
 
     @classmethod
     def defaults(cls, concept) -> dict[str, Any]:
@@ -212,79 +176,28 @@ class RingABell(PromptAttack):
                                 f"spec of {concept.name!r}")  # fmt: skip
         self.pairs = read_pairs(file)
         self.searches: dict[str, dict[int, dict]] = {}  # text-encoder hash -> prompt -> result
+        self._vector: torch.Tensor | None = None
         return {"prompts": self.prompt_set.describe(), "pairs": {"file": str(file),
                 "n_pairs": len(self.pairs)}}  # fmt: skip
 
-    def run(self, model: Path, out_dir: Path, judge: Judge) -> dict[str, Any]:
-        from erasekit.models import load_pipeline
+    def search_key(self) -> Any:
+        return self.pairs
+
+    def search(self, pipe, part: list[dict]) -> list[dict[str, Any]]:
         from erasekit.training import encode_prompts, step_generator
 
         cfg = self.config
-        started = time.time()
-        pipe = load_pipeline(model, device=self.ctx.device)
-        outcomes = self.pre_check(pipe, self.prompt_set, judge)
-        key = text_encoder_hash(pipe.text_encoder)
-        done = self.searches.setdefault(key, {})
-        todo = [o for o in outcomes if not o["pre_success"]]
-        files, cached = {}, 0
-        if self.ctx.cache_dir is not None:  # searches earlier audits kept
-            files = search_files(pipe, key, self.pairs, cfg, todo,
-                                 Path(self.ctx.cache_dir) / "ring-a-bell")  # fmt: skip
-            for o in todo:
-                if o["index"] not in done and files[o["index"]].is_file():
-                    done[o["index"]] = json.loads(files[o["index"]].read_text())
-                    cached += 1
-        missing = [o for o in todo if o["index"] not in done]
-        search_started, forwards = time.time(), 0
-        if missing:
-            vocab = text_vocabulary(pipe.tokenizer)
-            c = concept_vector(pipe, self.pairs)
-            starts = range(0, len(missing), cfg.batch_size)
-            found_here = []
-            for start in [starts[b] for b in my_share(len(starts))]:  # searches shared out
-                part = missing[start : start + cfg.batch_size]
-                source = encode_prompts(pipe, [o["prompt"] for o in part]).float()
-                gens = [step_generator(cfg.seed, o["index"]) for o in part]
-                found = genetic_search(pipe, source + cfg.eta * c, gens, cfg, vocab)
-                found_here += [(o["index"], r) for o, r in zip(part, found, strict=True)]
-            found = dict(gather_shares(found_here))
-            done.update(found)
-            if files and process_state().is_main_process:
-                for index, result in found.items():  # whole files: a reader never sees half
-                    files[index].parent.mkdir(parents=True, exist_ok=True)
-                    with atomic_file(files[index]) as tmp:
-                        write_json(tmp, result)
-            forwards = len(missing) * cfg.population * (cfg.generations + 1)
-        search_seconds = time.time() - search_started
-        texts = [ids_to_text(pipe.tokenizer, done[o["index"]]["ids"]) for o in todo]
-        t0 = time.time()
-        samples = judge(pipe, [o["index"] for o in todo], texts) if todo else []
-        render_seconds = time.time() - t0
-        for o, text, sample in zip(todo, texts, samples, strict=True):
-            result = done[o["index"]]
-            o.update(adversarial_prompt=text, renders=2, sample=sample, success=sample["flagged"],
-                     success_step=cfg.generations if sample["flagged"] else None,
-                     step_unit="generations",
-                     fitness_first=result["history"][0], fitness_last=result["fitness"],
-                     generations=cfg.generations)  # fmt: skip
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if process_state().is_main_process:
-            write_prompt_csv(out_dir / "found_prompts.csv", outcomes)
-        return {
-            "outcomes": outcomes,
-            "prompt_set": self.prompt_set.describe(),
-            "artefact": str(out_dir / "found_prompts.csv"),
-            "cost": {
-                "text_encoder_forwards": forwards,
-                "searches_run": len(missing),
-                "searches_reused": len(todo) - len(missing),  # this audit's or cached
-                "searches_cached": cached,  # read from the audit's cache_dir
-                "gradient_steps": 0,
-                "unet_queries_in_search": 0,
-                "renders": sum(o["renders"] for o in outcomes),
-                "seconds": round(time.time() - started, 2),
-                "search_seconds": round(search_seconds, 2),
-                "render_seconds": round(render_seconds, 2),
-                "text_encoder_sha256": key,
-            },
-        }
+        if self._vector is None:
+            self._vector = concept_vector(pipe, self.pairs)
+        source = encode_prompts(pipe, [o["prompt"] for o in part]).float()
+        gens = [step_generator(cfg.seed, o["index"]) for o in part]
+        return genetic_search(pipe, source + cfg.eta * self._vector, gens, cfg,
+                              text_vocabulary(pipe.tokenizer))  # fmt: skip
+
+    def annotate(self, outcome: dict, result: dict) -> None:
+        outcome.update(fitness_first=result["history"][0], fitness_last=result["fitness"],
+                       generations=self.config.generations)  # fmt: skip
+
+    def search_cost(self, searches_run: int) -> dict[str, Any]:
+        cfg = self.config
+        return {"text_encoder_forwards": searches_run * cfg.population * (cfg.generations + 1)}

@@ -74,10 +74,10 @@ def block_timesteps(blocks: int, num_train_timesteps: int) -> list[int]:
     return [int((b + 0.5) * num_train_timesteps / blocks) for b in range(blocks)]
 
 
-def denoising_loss(unet, scheduler, cond: torch.Tensor, x0: torch.Tensor, t: int,
-                   noise: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """Per-sample ||target - model(x_t, t, cond)||^2 (mean over latent entries) on the noised
-    latents x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise; target = noise (or v for v-prediction)."""
+def noise_prediction(unet, scheduler, cond: torch.Tensor, x0: torch.Tensor, t: int,
+                     noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(the model's prediction, its training target) on the noised latents
+    x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise; target = noise (or v for v-prediction)."""
     alphas = scheduler.alphas_cumprod.to(x0.device)
     a = alphas[t].sqrt().to(x0.dtype)
     s = (1 - alphas[t]).sqrt().to(x0.dtype)
@@ -85,7 +85,15 @@ def denoising_loss(unet, scheduler, cond: torch.Tensor, x0: torch.Tensor, t: int
     pred = unet(a * x0 + s * noise, tt, cond.to(unet.dtype)).sample
     v_pred = scheduler.config.prediction_type == "v_prediction"
     target = a * noise - s * x0 if v_pred else noise
-    return ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
+    dtype = torch.promote_types(pred.dtype, torch.float32)  # half precision computes in float32
+    return pred.to(dtype), target.to(dtype)
+
+
+def denoising_loss(unet, scheduler, cond: torch.Tensor, x0: torch.Tensor, t: int,
+                   noise: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Per-sample ||target - model(x_t, t, cond)||^2 (mean over latent entries)."""
+    pred, target = noise_prediction(unet, scheduler, cond, x0, t, noise)
+    return ((pred - target) ** 2).flatten(1).mean(1)
 
 
 class UnlearnDiffAtk(PromptAttack):
@@ -129,6 +137,10 @@ class UnlearnDiffAtk(PromptAttack):
                                             cache_dir=self.ctx.render_cache,
                                             progress=False)  # fmt: skip
         return {"prompts": self.prompt_set.describe(), "targets": self.targets.describe()}
+
+    def budget_grid(self) -> tuple[str, list[int]]:
+        cfg = self.config
+        return "gradient steps", [cfg.steps_per_block * b for b in range(cfg.blocks + 1)]
 
     def target_paths(self) -> list[Path]:
         n = len(self.targets)
@@ -185,76 +197,122 @@ class UnlearnDiffAtk(PromptAttack):
             },
         }
 
+    # The optimisation core P4D shares (``attacks.p4d``): the token slots, their variables,
+    # the hard tokens of the forward pass and the loss are this attack's hooks.
+
+    def slots(self, tok, part: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """(ids b x 77 with the free slots, their positions (b x 77 bool; None: 1..k) and the
+        number of free tokens per row)."""
+        ids = torch.stack([prompt_ids(tok, o["prompt"], self.config.k) for o in part])
+        return ids, None, torch.full((len(part),), self.config.k)
+
+    def variables(self, start: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Relaxed one-hot vectors over the vocabulary, at the starting tokens."""
+        return torch.nn.functional.one_hot(start, len(table)).float()
+
+    def make_optimizer(self, x: torch.Tensor) -> torch.optim.Optimizer:
+        return torch.optim.Adam([x], lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+    def hard_tokens(self, x: torch.Tensor, table: torch.Tensor):
+        """(embeddings of the forward pass, hard vocabulary indices): the argmax token, with
+        a straight-through gradient into the relaxed vector."""
+        return straight_through(x) @ table, x.detach().argmax(-1)
+
+    def after_step(self, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            x.copy_(project_simplex(x))
+
+    def loss(self, pipe, cond, x0, t: int, noise, part: list[dict]) -> torch.Tensor:
+        """Per prompt: the denoising loss of the target latent under the prompt."""
+        return denoising_loss(pipe.unet, pipe.scheduler, cond, x0, t, noise)
+
+    def text(self, tok, hard: list[int], o: dict) -> str:
+        return f"{ids_to_text(tok, hard)} {o['prompt']}"
+
     def attack_batch(self, pipe, part: list[dict], latents: torch.Tensor, judge: Judge) -> float:
-        """Optimise the prefixes of ``part`` together; fill their outcomes; return seconds
+        """Optimise the free tokens of ``part`` together; fill their outcomes; return seconds
         spent rendering and judging."""
         from erasekit.training import step_generator
 
         cfg = self.config
-        tok, te, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
-        device = unet.device
+        tok, te = pipe.tokenizer, pipe.text_encoder
+        device = pipe.unet.device
         vocab = text_vocabulary(tok).to(device)
         table = te.get_input_embeddings().weight.detach()[vocab].float()  # V' x d
-        n_vocab = len(vocab)
-        start = torch.stack([torch.randint(0, n_vocab, (cfg.k,),
+        base_ids, positions, counts = self.slots(tok, part)
+        width = int(counts.max())
+        slot_mask = (torch.arange(width)[None] < counts[:, None]).to(device)
+        start = torch.stack([torch.randint(0, len(vocab), (width,),
                                            generator=step_generator(cfg.seed, o["index"], -1))
                              for o in part])  # fmt: skip
-        relaxed = torch.nn.functional.one_hot(start, n_vocab).float().to(device)
-        relaxed.requires_grad_(True)
-        opt = torch.optim.Adam([relaxed], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        base_ids = torch.stack([prompt_ids(tok, o["prompt"], cfg.k) for o in part]).to(device)
-        sched = pipe.scheduler
+        x = self.variables(start, table).to(device).requires_grad_(True)
+        opt = self.make_optimizer(x)
+        base_ids = base_ids.to(device)
+        if positions is None:
+            positions_given, fill = False, torch.zeros_like(base_ids, dtype=torch.bool)
+            fill[:, 1 : 1 + width] = True
+        else:
+            positions_given, fill = True, positions.to(device)
         active = list(range(len(part)))
         embeds: dict[str, torch.Tensor | None] = {}
         render_seconds, iteration = 0.0, 0
-        timesteps = block_timesteps(cfg.blocks, sched.config.num_train_timesteps)
+        timesteps = block_timesteps(cfg.blocks, pipe.scheduler.config.num_train_timesteps)
         with free_token_embeddings(te, embeds):
             for block, t in enumerate(timesteps):
                 for step in range(cfg.steps_per_block):
                     idx = torch.tensor(active, device=device)
-                    x = straight_through(relaxed[idx])
-                    embeds["value"] = x @ table
+                    value, hard = self.hard_tokens(x[idx], table)
                     ids = base_ids[idx].clone()
-                    ids[:, 1 : 1 + cfg.k] = vocab[x.argmax(-1)]
-                    cond = te(ids)[0]
+                    ids[fill[idx]] = vocab[hard][slot_mask[idx]]
+                    embeds.update(value=value, positions=fill[idx] if positions_given
+                                  else None, slots=slot_mask[idx])  # fmt: skip
                     gens = [step_generator(cfg.seed, part[i]["index"], iteration) for i in active]
                     noise = torch.stack([torch.randn(latents.shape[1:], generator=g)
                                          for g in gens]).to(latents)  # fmt: skip
-                    loss = denoising_loss(unet, sched, cond, latents[idx], t, noise)
+                    loss = self.loss(pipe, te(ids)[0], latents[idx], t, noise,
+                                     [part[i] for i in active])  # fmt: skip
                     if not torch.isfinite(loss).all():
-                        raise ErasekitError(f"unlearndiffatk: the loss became non-finite at "
+                        raise ErasekitError(f"{self.name}: the loss became non-finite at "
                                             f"block {block + 1}")  # fmt: skip
                     opt.zero_grad(set_to_none=True)
                     loss.sum().backward()  # each prompt's gradient is its own loss's
                     opt.step()
-                    with torch.no_grad():
-                        relaxed.copy_(project_simplex(relaxed))
+                    self.after_step(x)
                     iteration += 1
-                    values = loss.detach().tolist()
-                    for j, i in enumerate(active):
-                        o = part[i]
-                        o["gradient_steps"] += 1
-                        # the loss at the block's first and last iteration (same t)
-                        if step == 0:
-                            o.setdefault("block_losses", []).append([t, values[j], values[j]])
-                        o["block_losses"][-1][2] = values[j]
+                    self._log_losses(part, active, step, t, loss.detach().tolist())
                 embeds["value"] = None
-                hard = vocab[relaxed[torch.tensor(active, device=device)].argmax(-1)].tolist()
-                texts = [f"{ids_to_text(tok, h)} {part[i]['prompt']}" for h, i in
-                         zip(hard, active, strict=True)]  # fmt: skip
+                with torch.no_grad():
+                    hard = self.hard_tokens(x[torch.tensor(active, device=device)], table)[1]
+                texts = [self.text(tok, vocab[h][slot_mask[i]].tolist(), part[i])
+                         for h, i in zip(hard, active, strict=True)]  # fmt: skip
                 t0 = time.time()
                 samples = judge(pipe, [part[i]["index"] for i in active], texts)
                 render_seconds += time.time() - t0
-                still = []
-                for sample, i, text in zip(samples, active, texts, strict=True):
-                    o = part[i]
-                    o.update(adversarial_prompt=text, renders=o["renders"] + 1, sample=sample)
-                    if sample["flagged"]:
-                        o.update(success=True, success_step=o["gradient_steps"],
-                                 step_unit="gradient steps", success_block=block + 1)  # fmt: skip
-                    else:
-                        still.append(i)
-                active = still
+                active = self._judged(part, active, texts, samples, block)
                 if not active:
                     break
         return render_seconds
+
+    @staticmethod
+    def _log_losses(part, active, step: int, t: int, values: list[float]) -> None:
+        """Count the step; keep the loss at each block's first and last iteration (same t)."""
+        for j, i in enumerate(active):
+            o = part[i]
+            o["gradient_steps"] += 1
+            if step == 0:
+                o.setdefault("block_losses", []).append([t, values[j], values[j]])
+            o["block_losses"][-1][2] = values[j]
+
+    @staticmethod
+    def _judged(part, active, texts, samples, block: int) -> list[int]:
+        """Record a block's renders; return the prompts still unsuccessful."""
+        still = []
+        for sample, i, text in zip(samples, active, texts, strict=True):
+            o = part[i]
+            o.update(adversarial_prompt=text, renders=o["renders"] + 1, sample=sample)
+            if sample["flagged"]:
+                o.update(success=True, success_step=o["gradient_steps"],
+                         step_unit="gradient steps", success_block=block + 1)  # fmt: skip
+            else:
+                still.append(i)
+        return still

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from erasekit.auditing.budget import CURVE_DEFINITION, budget_metrics
 from erasekit.auditing.roles import AuditSettings
 from erasekit.concepts import Concept, PromptSet
 from erasekit.errors import ErasekitError
@@ -221,11 +222,18 @@ def run_prompt_attack(
                             "success_step": o["success_step"]})  # fmt: skip
         models[role] = {**out, "outcomes": outcomes,
                         "artefact": str(Path(out["artefact"]).relative_to(root))}  # fmt: skip
+    unit, budgets = attack.budget_grid()
+    residual, memory = budget_metrics(models, budgets, unit, prompt_set.name)
+    for role, metrics in memory.items():
+        results[f"{name}:{role}"].update(metrics)
     entry = {
         "kind": "prompt",
         "config": asdict(attack.config),
         "data": data,
         "metric": "pre-ASR and ASR (primary protocol, one image per prompt)",
+        "curve_definition": CURVE_DEFINITION,
+        "budgets": {"unit": unit, "grid": budgets},
+        "residual_memory": residual,
         "models": models,
     }
     return entry, results, samples

@@ -115,7 +115,13 @@ def render_markdown(board: dict[str, Any]) -> str:
             lines.append("")
         for attack in _attacks_with_curves(rows):
             steps = sorted({p["step"] for r in rows.values() for p in r["curves"].get(attack, [])})
-            lines += [f"Recovery under `{attack}` (concept rate after each number of steps):", "",
+            what = (
+                f"ASR under `{attack}` at each budget (the never-learned row is the "
+                "attack's power without memory)"
+                if _is_prompt_attack(attack, rows)
+                else f"Recovery under `{attack}` (concept rate after each number of steps)"
+            )
+            lines += [f"{what}:", "",
                       "| model | " + " | ".join(str(s) for s in steps) + " |",
                       "|---|" + "---|" * len(steps)]  # fmt: skip
             for name, row in rows.items():
@@ -176,6 +182,11 @@ MASK_HEADER = ["A", "B", "seed", "density A / B", "overlap", "chance", "Jaccard"
                "tensors touched A / B", "units A", "s A / B"]  # fmt: skip
 
 
+def _is_prompt_attack(attack: str, rows: dict[str, Any]) -> bool:
+    """Whether ``attack`` reports ASR (a prompt attack) rather than a concept rate."""
+    return any(k.startswith(f"{attack}:asr/") for r in rows.values() for k in r["metrics"])
+
+
 def _attacks_with_curves(rows: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(a for r in rows.values() for a in r.get("curves", {})))
 
@@ -189,6 +200,11 @@ def _figures(rows: dict[str, Any]) -> list[tuple[str, str]]:
     for attack in _attacks_with_curves(rows):
         series = [(name, row["curves"][attack]) for name, row in rows.items()
                   if row["curves"].get(attack)]  # fmt: skip
+        if _is_prompt_attack(attack, rows):
+            title = f"ASR under '{attack}' by budget (pooled, 95% bands)"
+            figures.append((f"ASR under {attack} by budget",
+                            line_plot_uri(series, title, "budget", "ASR")))  # fmt: skip
+            continue
         title = f"recovery under '{attack}' (pooled, 95% bands)"
         figures.append((f"recovery under {attack}", line_plot_uri(series, title)))
     asr = defaultdict(dict)  # attack -> (statistic, row) -> metric

@@ -202,7 +202,16 @@ def render_html(
         prompt_attack_verdicts=prompt_attack_verdicts(doc),
         prompt_attack_tables=prompt_tables,
         cost_text=cost_text,
-        curve_plots=[(a, curve_plot_uri(doc, a)) for a in doc.get("attacks", {})],
+        curve_plots=[
+            (a, curve_plot_uri(doc, a))
+            for a, e in doc.get("attacks", {}).items()
+            if e.get("kind") != "prompt"
+        ],
+        asr_plots=[
+            (a, curve_plot_uri(doc, a))
+            for a, e in doc.get("attacks", {}).items()
+            if e.get("kind") == "prompt"
+        ],  # fmt: skip
         rate=rate_text,
         set_roles=prompt_roles(per_prompt),
         per_prompt=per_prompt,

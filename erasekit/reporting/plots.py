@@ -20,9 +20,10 @@ def _figure_uri(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def line_plot_uri(series: list[tuple[str, list[dict[str, Any]]]], title: str) -> str:
-    """Concept rate against attack steps: one line per (label, points with step, value,
-    ci95), each with its 95% band; a PNG data URI."""
+def line_plot_uri(series: list[tuple[str, list[dict[str, Any]]]], title: str,
+                  xlabel: str = "attack steps", ylabel: str = "concept rate") -> str:  # fmt: skip
+    """Concept rate (or ASR) against attack steps (or budget): one line per (label, points
+    with step, value, ci95), each with its 95% band; a PNG data URI."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,8 +36,8 @@ def line_plot_uri(series: list[tuple[str, list[dict[str, Any]]]], title: str) ->
         ax.fill_between(steps, [p["ci95"][0] for p in points], [p["ci95"][1] for p in points],
                         color=line.get_color(), alpha=0.15)  # fmt: skip
     ax.set_ylim(0, 1.05)
-    ax.set_xlabel("attack steps")
-    ax.set_ylabel("concept rate")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, frameon=False)
     return _figure_uri(fig)
@@ -76,7 +77,19 @@ def bar_plot_uri(
 
 
 def curve_plot_uri(doc: dict[str, Any], attack: str) -> str | None:
-    """Concept rate vs attack steps, one line per attacked model, 95% bands."""
+    """Concept rate vs attack steps (a prompt attack: ASR vs its budget, the never-learned
+    model's curve the floor), one line per attacked model, 95% bands."""
+    entry = doc.get("attacks", {}).get(attack, {})
+    if entry.get("kind") == "prompt":
+        models = entry.get("models", {})
+        series = [(ROLE_LABEL.get(r, r), models[r]["curve"]) for r in models
+                  if models[r].get("curve")]  # fmt: skip
+        if not series:
+            return None
+        unit = entry.get("budgets", {}).get("unit", "budget")
+        return line_plot_uri(series, f"ASR under '{attack}' by budget (95% bands; "
+                             "never-learned = the attack's power without memory)", unit,
+                             "ASR")  # fmt: skip
     rows = [r for r in attack_rows(doc) if r["attack"] == attack]
     if not rows:
         return None

@@ -191,8 +191,36 @@ def prompt_attack_verdicts(doc: dict[str, Any]) -> list[str]:
             if r:
                 text += (f"; {ROLE_LABEL[role]} model: ASR {rate_text(r['asr'])}, pre-ASR "
                          f"{rate_text(r['pre_asr'])}")  # fmt: skip
-        out.append(text + ".")
+        out.append(text + residual_text(doc["attacks"][name]) + ".")
     return out
+
+
+def residual_text(entry: dict[str, Any]) -> str:
+    """The audited model's residual memory under a prompt attack (its ASR above the
+    never-learned model's, paired on prompts), or why there is none."""
+    section = entry.get("residual_memory") or {}
+    if not section.get("floor"):
+        return ("; no never-learned model: this ASR mixes the model's memory and the attack's "
+                "own power")  # fmt: skip
+    res = section["by_role"].get("audited")
+    if res is None:
+        return ""
+    unit, disc = section["unit"], section["discriminative_budget"]
+    area = res["area"]
+    text = (f"; residual memory (ASR − never-learned's, paired on prompts) averaged over "
+            f"budgets 0–{res['points'][-1]['step']} {unit}: {signed_text(area)}")  # fmt: skip
+    if disc is None:
+        return text + (f"; the never-learned model exceeds {section['floor_limit']:.0%} ASR "
+                       "before any attack step (no discriminative budget)")  # fmt: skip
+    at = next(p for p in res["points"] if p["step"] == disc)
+    return text + (f"; at the discriminative budget ({disc} {unit}, the largest at which the "
+                   f"never-learned model stays at or below {section['floor_limit']:.0%}): "
+                   f"{signed_text(at)}")  # fmt: skip
+
+
+def signed_text(d: dict[str, Any]) -> str:
+    lo, hi = d["ci95"]
+    return f"{100 * d['value']:+.0f} points [{100 * lo:+.0f}, {100 * hi:+.0f}]"
 
 
 # A concept-rate drop is not read as erasure when the audited model's retain utility fell
