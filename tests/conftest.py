@@ -179,3 +179,20 @@ def one_and_two_processes(
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
         assert r.returncode == 0, r.stderr[-3000:]
     return outs
+
+
+def sld_folder(model_dir: Path, dest: Path) -> Path:
+    """A copy of ``model_dir`` guided by SLD ("max") on a learned ``<neg>`` token."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    shutil.copytree(model_dir, dest)
+    save_file({"<neg>": torch.randn(32, generator=torch.Generator().manual_seed(0))},
+              str(dest / "learned_embeds.safetensors"))  # fmt: skip
+    (dest / "guidance.json").write_text(json.dumps(
+        {"mode": "sld", "concept": "<neg>", "embedding": "learned_embeds.safetensors",
+         "sld": "max"}))  # fmt: skip
+    return dest

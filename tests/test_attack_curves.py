@@ -184,20 +184,10 @@ def test_p4d_and_mma_attack_a_guided_model_through_its_guidance(tmp_path, tiny_m
     """On an SLD-guided folder (a learned <neg> token as the safety concept) both attacks run
     in an audit: P4D's loss goes through the SLD prediction, every render through the one
     generate path with the guidance, and the outcomes carry their curves."""
-    import json
-    import shutil
-
-    from safetensors.torch import save_file
-
     import erasekit
+    from tests.conftest import sld_folder
 
-    guided = tmp_path / "guided"
-    shutil.copytree(tiny_model_dir, guided)
-    save_file({"<neg>": torch.randn(32, generator=torch.Generator().manual_seed(0))},
-              str(guided / "learned_embeds.safetensors"))  # fmt: skip
-    (guided / "guidance.json").write_text(json.dumps(
-        {"mode": "sld", "concept": "<neg>", "embedding": "learned_embeds.safetensors",
-         "sld": "max"}))  # fmt: skip
+    guided = sld_folder(tiny_model_dir, tmp_path / "guided")
     attacks = {
         "p4d": {"blocks": 1, "steps_per_block": 2},
         "mma-diffusion": {"steps": 2, "candidates": 8, "top_k": 4, "eval_every": 1},

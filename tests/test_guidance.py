@@ -67,17 +67,10 @@ def test_sld_sampler_without_edit_equals_plain_cfg(tiny_pipe):
 def test_guided_folder_renders_through_generate(tmp_path, tiny_model_dir, capsys):
     """A folder with guidance.json (+ an embedding) loads with it and `erasekit generate`
     renders differently from the plain folder; the embedding loads in plain diffusers too."""
-    from safetensors.torch import save_file
-
     from erasekit.models import load_pipeline
+    from tests.conftest import sld_folder
 
-    guided = tmp_path / "guided"
-    shutil.copytree(tiny_model_dir, guided)
-    save_file({"<neg>": torch.randn(32, generator=torch.Generator().manual_seed(0))},
-              str(guided / "learned_embeds.safetensors"))  # fmt: skip
-    (guided / "guidance.json").write_text(json.dumps(
-        {"mode": "sld", "concept": "<neg>", "embedding": "learned_embeds.safetensors",
-         "sld": "max"}))  # fmt: skip
+    guided = sld_folder(tiny_model_dir, tmp_path / "guided")
     pipe = load_pipeline(guided)
     assert pipe.erasekit_guidance.sld.edit_scale == 5000
     assert "<neg>" in pipe.tokenizer.get_vocab()

@@ -35,7 +35,6 @@ import torch
 
 from erasekit.attacks.adversarial import check_prompt_file
 from erasekit.attacks.unlearndiffatk import UnlearnDiffAtk, noise_prediction
-from erasekit.concepts import is_world_concept
 from erasekit.errors import ErasekitError
 
 VARIANTS = ("n", "k")
@@ -121,14 +120,8 @@ class P4D(UnlearnDiffAtk):
         "for the prompt"
     )
     Config = P4DConfig
-
-    @classmethod
-    def defaults(cls, concept) -> dict[str, Any]:
-        # the rule: UnlearnDiffAtk's world budget (same timesteps, same gradient steps), so
-        # the two white-box attacks' curves compare at equal effort
-        if is_world_concept(concept):
-            return {"blocks": 25, "steps_per_block": 20, "batch_size": 16}
-        return {}
+    # world budget by rule: UnlearnDiffAtk's ``defaults`` (inherited: the same timesteps and
+    # gradient steps), so the two white-box attacks' curves compare at equal effort
 
     @classmethod
     def requires_original(cls, config) -> bool:
