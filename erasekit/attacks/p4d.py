@@ -128,16 +128,21 @@ class P4D(UnlearnDiffAtk):
         return True  # the loss's target is the original model's prediction
 
     def prepare(self, limit: int | None = None) -> dict[str, Any]:
-        from erasekit.models import load_pipeline
-
         if self.ctx.original is None:
             raise ErasekitError("p4d needs the original model (--reference PATH): its noise "
                                 "prediction is the attack's target")  # fmt: skip
-        data = super().prepare(limit)
-        self.original = load_pipeline(self.ctx.original, device=self.ctx.device)
-        for module in (self.original.unet, self.original.vae, self.original.text_encoder):
-            module.requires_grad_(False)
+        self.original = None
+        data = super().prepare(limit)  # renders the targets with ``original_pipeline()``
+        self.original_pipeline()
         return data
+
+    def original_pipeline(self):
+        """The original model, loaded once (targets and the loss's predictions), frozen."""
+        if self.original is None:
+            self.original = super().original_pipeline()
+            for module in (self.original.unet, self.original.vae, self.original.text_encoder):
+                module.requires_grad_(False)
+        return self.original
 
     # ---- the hooks of UnlearnDiffAtk's optimisation core
 

@@ -118,7 +118,6 @@ class UnlearnDiffAtk(PromptAttack):
 
     def prepare(self, limit: int | None = None) -> dict[str, Any]:
         from erasekit.data import read_image_folder, render_image_set
-        from erasekit.models import load_pipeline
 
         cfg = self.config
         cfg.validate()
@@ -131,12 +130,18 @@ class UnlearnDiffAtk(PromptAttack):
                     "unlearndiffatk needs the original model for its target images "
                     "(--reference PATH), or unlearndiffatk.images=DIR"
                 )
-            pipe = load_pipeline(self.ctx.original, device=self.ctx.device)
+            pipe = self.original_pipeline()
             self.targets = render_image_set(pipe, self.ctx.original, self.prompt_set,
                                             n_per_prompt=1, seed=cfg.seed,
                                             cache_dir=self.ctx.render_cache,
                                             progress=False)  # fmt: skip
         return {"prompts": self.prompt_set.describe(), "targets": self.targets.describe()}
+
+    def original_pipeline(self):
+        """The original model's pipeline (what the target images are rendered with)."""
+        from erasekit.models import load_pipeline
+
+        return load_pipeline(self.ctx.original, device=self.ctx.device)
 
     def budget_grid(self) -> tuple[str, list[int]]:
         cfg = self.config
