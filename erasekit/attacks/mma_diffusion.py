@@ -95,6 +95,7 @@ def allowed_vocabulary(tokenizer, banned: list[str]) -> torch.Tensor:
 def cosine_loss(text_encoder, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per row: 1 - cos(pooled(E(ids)), target)."""
     pooled = text_encoder(ids.to(text_encoder.device)).pooler_output
+    pooled = pooled.to(torch.promote_types(pooled.dtype, torch.float32))  # half: in float32
     return 1 - torch.nn.functional.cosine_similarity(pooled, target.to(pooled), dim=-1)
 
 
