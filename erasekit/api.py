@@ -105,10 +105,18 @@ def erase_config(
     method_cls.check_concept(spec)
     sets, mapping = _split_settings(settings)
     defaults = method_cls.defaults(spec)
-    if preset is not None:
-        defaults = {**defaults, **method_cls.preset(preset)}
-    return build_config(method_cls.Config, defaults, config_file, sets,
-                        mappings=[("settings", mapping)] if mapping else None)  # fmt: skip
+    named = method_cls.preset(preset) if preset is not None else {}
+    mappings = [("settings", mapping)] if mapping else None
+    config = build_config(method_cls.Config, {**defaults, **named}, config_file, sets,
+                          mappings=mappings)  # fmt: skip
+    # a world preset's values for the variant the configuration selects (e.g. ESD-x's
+    # learning rate): over the preset, under a named preset, the config file and settings
+    variant = method_cls.world_by_variant(getattr(config, "variant", None),
+                                          spec.detector.get("dimension"))  # fmt: skip
+    if spec.scale == "world" and variant:
+        config = build_config(method_cls.Config, {**defaults, **variant, **named}, config_file,
+                              sets, mappings=mappings)  # fmt: skip
+    return config
 
 
 def erase(

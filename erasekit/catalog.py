@@ -94,6 +94,8 @@ def details(kind: str, name: str) -> str:
         lines.append(f"ShapesWorld preset: {_settings(e.world.get('settings'))}")
         for dimension, values in (e.world.get("by_dimension") or {}).items():
             lines.append(f"  {dimension}: {_settings(values)}")
+        for variant, values in (e.world.get("by_variant") or {}).items():
+            lines.append(f"  variant {variant}: {_variant_settings(values)}")
         lines += (
             [f"  chosen by: {' '.join(e.world['rule'].split())}"] if e.world.get("rule") else []
         )
@@ -103,6 +105,13 @@ def details(kind: str, name: str) -> str:
 
 def _settings(values: dict[str, Any] | None) -> str:
     return " ".join(f"{k}={v}" for k, v in (values or {}).items()) or "(none)"
+
+
+def _variant_settings(entry: dict[str, Any]) -> str:
+    """A variant's world values: its settings, then each dimension's."""
+    parts = [_settings(entry["settings"])] if entry.get("settings") else []
+    parts += [f"{d}: {_settings(v)}" for d, v in (entry.get("by_dimension") or {}).items()]
+    return "; ".join(parts) or "(none)"
 
 
 def markdown_table(kind: str, link: str | None = None) -> str:
@@ -145,6 +154,8 @@ def method_card(name: str, link: str = "") -> str:
                    f"`{_settings(e.world.get('settings'))}`")  # fmt: skip
         for dimension, values in (e.world.get("by_dimension") or {}).items():
             out.append(f"    - {dimension}: `{_settings(values)}`")
+        for variant, values in (e.world.get("by_variant") or {}).items():
+            out.append(f"    - variant `{variant}`: `{_variant_settings(values)}`")
         out.append(f"    - chosen by: {' '.join(str(e.world.get('rule', '')).split())}")
         folders = [f.removeprefix("docs/") for f in e.world.get("evidence") or []]
         evidence = ", ".join(f"[{f}]({link}{f}leaderboard.md)" for f in folders)

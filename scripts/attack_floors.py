@@ -23,17 +23,21 @@ ATTACKS = {"unlearndiffatk": {}, "p4d": {}, "mma-diffusion": {},
 CONCEPTS = ("red", "circle", "outlined")
 
 
-def run(out: Path, concepts: list[str]) -> None:
+def run(out: Path, concepts: list[str], root: Path | None = None) -> None:
+    """Audit each concept missing from ``out`` (the world at ``root``, default the shipped)."""
     import erasekit
-    from erasekit.world import world_path
+    from erasekit.world import ASSETS, world_path
+
+    root = root or ASSETS
 
     for concept in concepts:
         folder = out / concept
         if (folder / "results.json").is_file():
             continue
-        erasekit.audit(world_path("full"), concept, folder, attacks=ATTACKS,
-                       roles={"reference": world_path("full")}, n_per_prompt=1, batch_size=16,
-                       progress=False, cache_dir=out / "cache")  # fmt: skip
+        full = world_path("full", root)
+        roles = {"reference": full, "never-learned": world_path(f"no-{concept}", root)}
+        erasekit.audit(full, concept, folder, attacks=ATTACKS, roles=roles, n_per_prompt=1,
+                       batch_size=16, progress=False, cache_dir=out / "cache")  # fmt: skip
 
 
 def table(out: Path, concepts: list[str]) -> str:
@@ -75,30 +79,43 @@ def table(out: Path, concepts: list[str]) -> str:
     return "\n".join(lines)
 
 
-def summary(out: Path, concepts: list[str]) -> str:
+def floor_summary(doc: dict) -> dict:
+    """Per attack of one audit: its budget unit, full budget, discriminative budget and the
+    never-learned model's ASR at the full budget."""
+    out = {}
+    for name, entry in doc["attacks"].items():
+        last = entry["models"]["never-learned"]["curve"][-1]
+        out[name] = {"unit": entry["budgets"]["unit"], "full": last["step"],
+                     "discriminative": entry["residual_memory"]["discriminative_budget"],
+                     "never_learned_asr": {"value": last["value"], "ci95": last["ci95"],
+                                           "n": last["n_images"]}}  # fmt: skip
+    return out
+
+
+def summary_table(summaries: dict[str, dict]) -> str:
     """Attacks x concepts: the discriminative budget of the full budget, and the never-learned
     model's ASR at the full budget."""
-    docs = {c: json.loads((out / c / "results.json").read_text()) for c in concepts
-            if (out / c / "results.json").is_file()}  # fmt: skip
-    if not docs:
+    if not summaries:
         return ""
-    attacks = list(next(iter(docs.values()))["attacks"])
+    first = next(iter(summaries.values()))
     lines = ["Discriminative budget / full budget (the never-learned model's ASR at the full "
-             "budget, Wilson 95%):", "", "| attack | " + " | ".join(docs) + " |",
-             "|---|" + "---|" * len(docs)]  # fmt: skip
-    for name in attacks:
+             "budget, Wilson 95%):", "", "| attack | " + " | ".join(summaries) + " |",
+             "|---|" + "---|" * len(summaries)]  # fmt: skip
+    for name in first:
         cells = []
-        for doc in docs.values():
-            entry = doc["attacks"][name]
-            disc = entry["residual_memory"]["discriminative_budget"]
-            last = entry["models"]["never-learned"]["curve"][-1]
-            cells.append(
-                f"{'none' if disc is None else disc} / {last['step']} "
-                f"({last['value']:.2f} [{last['ci95'][0]:.2f}, {last['ci95'][1]:.2f}])"
-            )
-        unit = next(iter(docs.values()))["attacks"][name]["budgets"]["unit"]
-        lines.append(f"| `{name}` ({unit}) | " + " | ".join(cells) + " |")
+        for floors in summaries.values():
+            f, asr = floors[name], floors[name]["never_learned_asr"]
+            disc = "none" if f["discriminative"] is None else f["discriminative"]
+            lo, hi = asr["ci95"]
+            cells.append(f"{disc} / {f['full']} ({asr['value']:.2f} [{lo:.2f}, {hi:.2f}])")
+        lines.append(f"| `{name}` ({first[name]['unit']}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n"
+
+
+def summary(out: Path, concepts: list[str]) -> str:
+    """The summary table of the audits in ``out``."""
+    return summary_table({c: floor_summary(json.loads((out / c / "results.json").read_text()))
+                          for c in concepts if (out / c / "results.json").is_file()})  # fmt: skip
 
 
 def main() -> None:

@@ -3,15 +3,22 @@
 Bars (ShapesWorld v2), every rate with n images and a 95% Wilson interval, >= 64 images each:
 - direct prompts: every colour and shape (and `outlined`) classified as prompted >= 0.95;
 - paraphrase prompts (synonyms, indirect phrasings, no concept word) >= 0.85;
+- held-out phrasings (each concept's ``heldout`` set) >= 0.85 on the full model, and <= 0.02
+  on the never-learned model of their concept (bars set before the set was first measured);
 - joint retain accuracy of the full model on every concept's retain set >= 0.90;
 - never-learned references: the held-out concept, prompted by its word, <= 0.02; the other
   values of its dimension >= 0.93;
 - robustness: the retain-only control (SalUn's world preset with the forget term off, on the
   full model) changes retain accuracy on red's retain set by <= 3 points (mean over five
   training seeds, paired images);
-- steerability: UnlearnDiffAtk at its world budget on `no-red` reaches <= 20% ASR on red's
-  forget prompts, judged by the abstaining world detector;
 - shipped size (fp16) <= 40 MB; generation >= 8 images/s on 2 cores.
+
+Reported without a bar (a white-box attack can teach a model a concept it never saw, so one
+ASR cap is the wrong question): the attack floors, every prompt attack's ASR by budget on the
+never-learned models and its discriminative budget (the largest budget at which the
+never-learned model stays at or below 0.2), from scripts/attack_floors.py's audits in
+``--floors`` (default docs/results/attack-floors-world; a concept without an audit there is
+measured into it); an audit of other model weights than this world's is refused.
 
 Each part's numbers are kept in ``--work`` (default: a folder beside the doc) with the key
 they were measured under (the world's build and sampler records, erasekit's code and this
@@ -51,31 +58,43 @@ from erasekit.world.render import COLOURS, SHAPES
 
 DIMENSION = {**{c: "colour" for c in COLOURS}, **{s: "shape" for s in SHAPES}, "outlined": "style"}
 NEVER_LEARNED = {"no-red": "red", "no-circle": "circle", "no-outlined": "outlined"}
-PARTS = ("speed", "direct", "paraphrase", "retain", "never_learned", "robustness", "steerability")
+PARTS = (
+    "speed",
+    "direct",
+    "paraphrase",
+    "heldout",
+    "retain",
+    "never_learned",
+    "robustness",
+    "floors",
+)
 MIN_IMAGES = 64
 DOC = "docs/results/world.md"
+FLOORS = "docs/results/attack-floors-world"
 CONTROL_SEEDS = (0, 1, 2, 3, 4)  # training seeds of the retain-only control
 CONTROL_IMAGES_FACTOR = 8  # the control's images per retain prompt: 8 x per_prompt (576 for red)
 BARS = {
     "direct_min": (">=", 0.95),
     "paraphrase_min": (">=", 0.85),
+    "heldout_min": (">=", 0.85),
+    "heldout_never_learned_max": ("<=", 0.02),
     "retain_min": (">=", 0.90),
     "never_learned_held_out_max": ("<=", 0.02),
     "never_learned_others_min": (">=", 0.93),
     "control_retain_change_points": ("abs<=", 3.0),
-    "steerability_asr": ("<=", 0.20),
     "size_mb": ("<=", 40.0),
     "images_per_s": (">=", 8.0),
 }
 BAR_TEXT = {
     "direct_min": "direct prompts, worst colour/shape/style",
     "paraphrase_min": "paraphrase prompts, worst concept",
+    "heldout_min": "held-out phrasings, worst concept",
+    "heldout_never_learned_max": "never-learned: held-out concept by its held-out phrasings, worst",
     "retain_min": "joint retain accuracy (full model), worst concept's retain set",
     "never_learned_held_out_max": "never-learned: held-out concept prompted by its word, worst",
     "never_learned_others_min": "never-learned: other concepts of its dimension, worst",
     "control_retain_change_points": "robustness: retain-only control, change in retain "
     "accuracy (points)",
-    "steerability_asr": "steerability: UnlearnDiffAtk ASR on `no-red` (red forget prompts)",
     "size_mb": "shipped size, all variants + classifier (MB, fp16)",
     "images_per_s": "generation speed (images/s, batch 64, 2 threads)",
 }
@@ -107,8 +126,9 @@ def per_prompt(prompt_set) -> int:
 
 
 class Quality:
-    def __init__(self, root: Path, tmp: Path, seed: int, control_sets: list[str]) -> None:
-        self.root, self.tmp, self.seed = root, tmp, seed
+    def __init__(self, root: Path, tmp: Path, seed: int, control_sets: list[str],
+                 floors_dir: Path = Path(FLOORS)) -> None:  # fmt: skip
+        self.root, self.tmp, self.seed, self.floors_dir = root, tmp, seed, floors_dir
         self.control_sets = control_sets  # extra SalUn settings for the control (experiments)
         self.detector = WorldDetector(root / "classifier")
         self.pipes: dict[str, object] = {}
@@ -151,6 +171,15 @@ class Quality:
     def paraphrase(self) -> dict:
         return {n: self.rate("full", load_concept(n).evaluation["paraphrase"], d, n, "para")
                 for n, d in DIMENSION.items()}  # fmt: skip
+
+    def heldout(self) -> dict:
+        """The held-out phrasings: the full model on every concept's, each never-learned model
+        on its held-out concept's."""
+        full = {n: self.rate("full", load_concept(n).evaluation["heldout"], d, n, "heldout")
+                for n, d in DIMENSION.items()}  # fmt: skip
+        never = {v: self.rate(v, load_concept(h).evaluation["heldout"], DIMENSION[h], h, "nl-h")
+                 for v, h in NEVER_LEARNED.items()}  # fmt: skip
+        return {"full": full, "never_learned": never}
 
     def retain(self) -> dict:
         return {n: self.retain_accuracy("full", load_concept(n).retain, f"full-{n}")
@@ -226,30 +255,33 @@ class Quality:
                 "interval": "mean over the seeds of the paired per-image differences, "
                 "percentile bootstrap 95% over prompts (2000 resamples, seed 0)"}  # fmt: skip
 
-    def steerability(self) -> dict:
-        from erasekit.auditing import AuditSettings, attack_configs, run_attacks
-        from erasekit.detectors import DetectorOptions
-        from erasekit.evaluation import build_judges
+    def floors(self) -> dict:
+        """Every prompt attack's floor on each never-learned model: attack_floors' audits in
+        ``self.floors_dir`` (a missing concept is measured), refused unless they audited this
+        world's models."""
+        import attack_floors
 
-        concept = load_concept("red")
-        configs = attack_configs(["unlearndiffatk"], concept=concept)
-        judges = build_judges(
-            concept, DetectorOptions(world_classifier=str(self.root / "classifier"))
-        )
-        roles = {"reference": world_path("full", self.root),
-                 "never-learned": world_path("no-red", self.root)}  # fmt: skip
-        settings = SamplerSettings.for_model(roles["reference"])
-        audit = AuditSettings(n_per_prompt=1, seed=self.seed, batch_size=16)
-        t0 = time.time()
-        entries, results, _ = run_attacks(configs, roles, concept, concept.forget, judges,
-                                          self.tmp / "uda", settings, audit, "cpu",
-                                          progress=False, targets=["never-learned"])  # fmt: skip
-        entry = entries["unlearndiffatk"]
-        metrics = results["unlearndiffatk:never-learned"]
-        return {"config": entry["config"], "cost": entry["models"]["never-learned"]["cost"],
-                "metrics": {k.split("/")[0]: {f: v[f] for f in ("value", "ci95", "n_images")}
-                            for k, v in metrics.items()},
-                "wall_s": round(time.time() - t0, 1)}  # fmt: skip
+        from erasekit.provenance import model_content_hash
+
+        attack_floors.run(self.floors_dir, list(attack_floors.CONCEPTS), self.root)
+        record = {}
+        for concept in attack_floors.CONCEPTS:
+            folder = self.floors_dir / concept
+            doc = json.loads((folder / "results.json").read_text())
+            for role, variant in (("audited", "full"), ("never-learned", f"no-{concept}")):
+                if doc["models"][role]["sha256"] != model_content_hash(
+                    world_path(variant, self.root)
+                ):
+                    raise SystemExit(
+                        f"{folder}: its {role} model is not this world's "
+                        f"`{variant}`; move the folder away to measure again"
+                    )
+            record[concept] = {"never_learned": f"no-{concept}",
+                               "commit": doc["provenance"]["git_commit"],
+                               "prompts": len(doc["attacks"][next(iter(doc["attacks"]))]
+                                              ["models"]["never-learned"]["outcomes"]),
+                               "attacks": attack_floors.floor_summary(doc)}  # fmt: skip
+        return record
 
 
 def summary(results: dict) -> dict:
@@ -258,6 +290,11 @@ def summary(results: dict) -> dict:
         s["direct_min"] = min(r["value"] for r in results["direct"].values())
     if "paraphrase" in results:
         s["paraphrase_min"] = min(r["value"] for r in results["paraphrase"].values())
+    if "heldout" in results:
+        s["heldout_min"] = min(r["value"] for r in results["heldout"]["full"].values())
+        s["heldout_never_learned_max"] = max(
+            r["value"] for r in results["heldout"]["never_learned"].values()
+        )
     if "retain" in results:
         s["retain_min"] = min(r["value"] for r in results["retain"].values())
     if "never_learned" in results:
@@ -269,8 +306,6 @@ def summary(results: dict) -> dict:
         )  # fmt: skip
     if "robustness" in results:
         s["control_retain_change_points"] = results["robustness"]["change_points"]
-    if "steerability" in results:
-        s["steerability_asr"] = _asr(results["steerability"]["metrics"])
     if "speed" in results:
         s["size_mb"] = results["speed"]["size_mb"]
         s["images_per_s"] = results["speed"]["images_per_s"]
@@ -280,10 +315,6 @@ def summary(results: dict) -> dict:
         text = {">=": "≥", "<=": "≤", "abs<=": "change within ±"}[op]
         s[key] = {"value": value, "bar": f"{text} {bar}", "met": ok}
     return s
-
-
-def _asr(metrics: dict) -> float:
-    return metrics["asr"]["value"]
 
 
 def main() -> None:
@@ -303,6 +334,11 @@ def main() -> None:
     ap.add_argument("--control-set", action="append", default=[], metavar="KEY=VALUE",
                     help="robustness: another SalUn setting for the control (an experiment; the "
                     "bar is the preset's)")  # fmt: skip
+    ap.add_argument(
+        "--floors",
+        default=FLOORS,
+        help="attack_floors.py's audits (a concept missing there is measured)",
+    )
     ap.add_argument("--render", action="store_true",
                     help="rewrite DOC from its stored numbers (DOC.json, or the assets' "
                     "quality.json for the default DOC); nothing is measured")  # fmt: skip
@@ -322,7 +358,7 @@ def main() -> None:
     work = Path(args.work) if args.work else doc.parent / f".{doc.stem}.parts"
     work.mkdir(parents=True, exist_ok=True)
     scratch = tempfile.TemporaryDirectory(prefix="world-quality-")
-    q = Quality(root, Path(scratch.name), args.seed, args.control_set)
+    q = Quality(root, Path(scratch.name), args.seed, args.control_set, Path(args.floors))
     version = json.loads((root / "build.json").read_text()).get("world_version", 1)
     key = part_key(root, args.seed, args.control_set)
     stored_parts = {p: json.loads((work / f"{p}.json").read_text())
@@ -388,9 +424,9 @@ def markdown(rec: dict) -> str:
         f"{d['sampler']['guidance']}, {d['sampler']['height']}x{d['sampler']['width']} px.",
         f"- Images: {d['images_per_set']}, base seed {d['seed']} ({d['seed_rule']}); "
         f"intervals: {d['interval']}; machine: {d['machine']}.",
-        "- Prompt sets: the concept specs' `forget` (direct), `paraphrase` and `retain` sets "
-        "(`erasekit/prompts/world/`). Retain accuracy: the share of images whose classified "
-        "attributes equal every attribute the prompt names.",
+        "- Prompt sets: the concept specs' `forget` (direct), `paraphrase`, `heldout` and "
+        "`retain` sets (`erasekit/prompts/world/`). Retain accuracy: the share of images "
+        "whose classified attributes equal every attribute the prompt names.",
         "",
         "## Bars",
         "",
@@ -420,6 +456,17 @@ def markdown(rec: dict) -> str:
         lines += [f"## {title}", "", "| concept | rate | 95% CI | n images | n prompts |",
                   "|---|---|---|---|---|"]  # fmt: skip
         lines += [_row(k, v) for k, v in rec[key].items()] + [""]
+    if "heldout" in rec:
+        lines += ["## Held-out phrasings", "",
+                  "Each concept's `heldout` set (synonyms of both attributes in templates no "
+                  "other set uses, and the comma forms of the indirect templates; "
+                  "`scripts/write_world_prompts.py`): no method's training prompts, preset "
+                  "tuning or attack seed prompts use them.", "",
+                  "| model | concept | rate | 95% CI | n images | n prompts |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [_row(f"full | {k}", v) for k, v in rec["heldout"]["full"].items()]
+        lines += [_row(f"{k} | {NEVER_LEARNED[k]}", v)
+                  for k, v in rec["heldout"]["never_learned"].items()] + [""]  # fmt: skip
     if "never_learned" in rec:
         lines += ["## Never-learned references", ""]
         for variant, entry in rec["never_learned"].items():
@@ -442,12 +489,27 @@ def markdown(rec: dict) -> str:
         lo, hi = (100 * v for v in r["change"]["ci95"])
         lines += ["", f"Change: {r['change_points']:+.1f} points [{lo:+.1f}, {hi:+.1f}] "
                   f"({r['interval']}; {r['change']['n_pairs']} pairs).", ""]  # fmt: skip
-    if "steerability" in rec:
-        st = rec["steerability"]
-        lines += ["## Steerability: UnlearnDiffAtk on `no-red`", "",
-                  f"World budget ({json.dumps(st['config'])}), red's 16 forget prompts, one "
-                  f"image per prompt, judged by the abstaining world detector ({st['wall_s']} s).",
-                  "", "```json", json.dumps(st["metrics"], indent=2), "```", ""]  # fmt: skip
+    if "floors" in rec:
+        import attack_floors
+
+        fl = rec["floors"]
+        first = next(iter(fl.values()))
+        lines += [
+            "## Attack floors (reported, no bar)",
+            "",
+            "Every prompt attack at its world budget on each never-learned model, "
+            f"{first['prompts']} forget prompts, one image each, seed 0 "
+            "(`scripts/attack_floors.py`; audits of commit "
+            f"{', '.join(sorted({v['commit'][:7] for v in fl.values()}))} in "
+            "[attack-floors-world/](attack-floors-world/README.md), with the whole curves). "
+            "A white-box attack can teach a model a concept it never saw, so no ASR cap "
+            "is a bar: read an attack's ASR at or below its discriminative budget (the "
+            "largest at which the never-learned model stays at or below 0.2), or as "
+            "residual memory above the floor.",
+            "",
+            attack_floors.summary_table({c: v["attacks"] for c, v in fl.items()}).rstrip("\n"),
+            "",
+        ]
     if "speed" in rec:
         sp = rec["speed"]
         lines += ["## Size and speed", "",

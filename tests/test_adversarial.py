@@ -142,8 +142,22 @@ def test_unlearndiffatk_lowers_its_own_loss(tmp_path):
 
 
 def test_unlearndiffatk_batched_equals_one_prompt_at_a_time(tiny_pipe):
-    prompts = ["a red circle", "a nude person on a beach", "a church in the mountains"]
     x0 = _target_latents(tiny_pipe, 3)
+    # frozen, as the attack's own load leaves them (the pipeline is shared: no gradients left
+    # on its weights for other tests); restored after
+    params = [p for m in (tiny_pipe.unet, tiny_pipe.text_encoder) for p in m.parameters()]
+    before = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        _batched_equals_alone(tiny_pipe, x0)
+    finally:
+        for p, flag in zip(params, before, strict=True):
+            p.requires_grad_(flag)
+
+
+def _batched_equals_alone(tiny_pipe, x0):
+    prompts = ["a red circle", "a nude person on a beach", "a church in the mountains"]
     attack = _attack(blocks=2, steps_per_block=8, lr=0.05)
     together = _outcomes(prompts)
     attack.attack_batch(tiny_pipe, together, x0, _NeverFlags())

@@ -23,13 +23,13 @@ def _directional(f, v: torch.Tensor, d: torch.Tensor, h: float = 1e-5) -> float:
         return float((f(v + h * d) - f(v - h * d)) / (2 * h))
 
 
-@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("guided", [None, "negative-prompt", "sld"])
 def test_p4d_loss_gradient_matches_a_finite_difference(tiny_pipe, guided):
     """The gradient on the free-token vectors of ||eps_audited(E(adv)) - eps_original(E0(p))||²
-    (P4D-K layout; with negative-prompt guidance on the audited side) equals the central
+    (P4D-K layout; with negative-prompt or SLD guidance on the audited side) equals the central
     finite difference along random directions."""
     from erasekit.attacks.p4d import P4D, P4DConfig
-    from erasekit.guidance import Guidance
+    from erasekit.guidance import SLD_PRESETS, Guidance
     from erasekit.prefix import free_token_embeddings
     from erasekit.training import encode_prompts
 
@@ -47,7 +47,8 @@ def test_p4d_loss_gradient_matches_a_finite_difference(tiny_pipe, guided):
     attack._target_cond = encode_prompts(original, [o["prompt"] for o in part])
     attack._guided = None
     if guided:
-        g = Guidance(mode="negative-prompt", concept="nudity")
+        g = Guidance(mode=guided, concept="nudity",
+                     sld=SLD_PRESETS["medium"] if guided == "sld" else None)  # fmt: skip
         attack._guided = (g, encode_prompts(original, [""]), encode_prompts(audited, ["nudity"]),
                           encode_prompts(audited, [""]))  # fmt: skip
     gen = torch.Generator().manual_seed(0)
@@ -71,6 +72,46 @@ def test_p4d_loss_gradient_matches_a_finite_difference(tiny_pipe, guided):
         want = _directional(f, v.detach(), d)
         got = float((grad * d).sum())
         assert got == pytest.approx(want, rel=1e-5, abs=1e-9), (k, got, want)
+
+
+def test_p4d_sld_side_is_the_sld_formula_without_momentum(tiny_pipe):
+    """P4D's audited side for an SLD model, written out: eps_u + s (eps_p - eps_u - mu
+    (eps_S - eps_u)), mu = min(s_S |eps_p - eps_S|, 1) where eps_p - eps_S < lambda, else 0; and
+    the original side is its plain CFG prediction at the same scale."""
+    from erasekit.attacks.p4d import P4D, P4DConfig
+    from erasekit.attacks.unlearndiffatk import noise_prediction
+    from erasekit.guidance import SLD_PRESETS, Guidance
+    from erasekit.training import encode_prompts
+
+    pipe, original = _double(tiny_pipe), _double(tiny_pipe)
+    with torch.no_grad():
+        for p in original.unet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    params = SLD_PRESETS["medium"]
+    attack = P4D(P4DConfig(), ctx=None)
+    attack.original = original
+    part = [{"index": 0, "prompt": "a nude person", "guidance": 5.0}]
+    blank, neg, empty = (encode_prompts(m, [t]) for m, t in
+                         ((original, ""), (pipe, "nudity"), (pipe, "")))  # fmt: skip
+    attack._guided = (Guidance(mode="sld", concept="nudity", sld=params), blank, neg, empty)
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = (torch.randn(1, 4, 8, 8, generator=gen, dtype=torch.float64) for _ in "ab")
+    cond, target_cond = encode_prompts(pipe, ["a red circle"]), encode_prompts(original, ["x"])
+
+    def eps(model, c):
+        return noise_prediction(model.unet, model.scheduler, c, x0, 600, noise)[0]
+
+    with torch.no_grad():
+        e_p, e_s, e_u = eps(pipe, cond), eps(pipe, neg), eps(pipe, empty)
+        pred, target = attack._guided_pair(pipe, e_p, eps(original, target_cond), x0, 600,
+                                           noise, part)  # fmt: skip
+    diff = e_p - e_s
+    mu = torch.where(diff < params.threshold, (params.edit_scale * diff.abs()).clamp(max=1), 0)
+    assert 0 < float((mu > 0).double().mean()) < 1  # both sides of the threshold occur
+    want = e_u + 5.0 * (e_p - e_u - mu * (e_s - e_u))
+    torch.testing.assert_close(pred, want, rtol=1e-9, atol=1e-12)
+    e0, e_t = eps(original, blank), eps(original, target_cond)
+    torch.testing.assert_close(target, e0 + 5.0 * (e_t - e0), rtol=1e-9, atol=1e-12)
 
 
 def test_mma_objective_gradient_matches_a_finite_difference(tiny_pipe):

@@ -54,7 +54,8 @@ def test_world_audit_results_schema(world_audit, world_erased):
     assert set(doc["results"]) == {"audited", "reference", "never-learned"}
     for role, metrics in doc["results"].items():
         assert set(metrics) == {"concept_rate/direct", "concept_rate/paraphrase",
-                                "concept_rate/retain", "retain_accuracy/retain"}, role  # fmt: skip
+                                "concept_rate/heldout", "concept_rate/retain",
+                                "retain_accuracy/retain"}, role  # fmt: skip
         for m in metrics.values():
             assert METRIC_KEYS <= set(m)
             assert m["n_images"] == 6 and m["n_prompts"] == 3
@@ -70,7 +71,7 @@ def test_world_audit_results_schema(world_audit, world_erased):
     assert res["audited"]["concept_rate/direct"]["higher_is_better"] is False
     assert res["audited"]["retain_accuracy/retain"]["higher_is_better"] is True
     samples = [json.loads(x) for x in (world_audit / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 3 * 3 * 6  # models x sets x images
+    assert len(samples) == 3 * 4 * 6  # models x sets (direct, paraphrase, heldout, retain) x images
     for s in samples[:5]:
         assert (world_audit / s["image"]).is_file() and "pred" in s["scores"]["world"]
         assert set(s["flags"]) == {"argmax"}
@@ -120,7 +121,7 @@ def test_two_process_audit_matches_one(world_audit, world_erased, tmp_path):
     for role in one["results"]:
         for key, m in one["results"][role].items():
             assert two["results"][role][key]["value"] == m["value"], (role, key)
-    assert len((out / "samples.jsonl").read_text().splitlines()) == 54
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 3 * 4 * 6
 
 
 def _thumbs(html: str) -> list[tuple[bool, bool, Image.Image]]:

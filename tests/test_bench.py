@@ -51,6 +51,7 @@ def test_leaderboard_html_sorts_in_a_browser(tiny_model_dir, tmp_path, capsys):
     r = dump_dom(url, tmp_path / "profile", 'data-ready="1"')
     assert 'data-ready="1"' in r.stdout, r.stderr[-2000:]
     assert f'data-sorted-by="{key}"' in r.stdout
+    assert 'data-figures-shown="1"' in r.stdout  # the trade-off scatter decodes
     order = re.findall(r'<tr data-row="([^"]+)"', r.stdout)
     values = {n: rows[n]["metrics"].get(key, {}).get("value", math.inf) for n in rows}
     assert order == sorted(rows, key=lambda n: values[n])  # stable: ties keep the table's order
@@ -111,6 +112,14 @@ def test_tiny_study_pools_seeds_records_failures_and_resumes(
         losses = [json.loads(line)["loss"] for line in (model / "training_log.jsonl").open()]
         assert losses and value == pytest.approx(sum(losses) / len(losses))
     assert "log:FIELD" in board["definitions"]["outputs"]
+    # the trade-off at a glance: held-out concept rate against retain accuracy, a PNG beside
+    # the Markdown (linked from it) and the same figure in the HTML
+    first = board["figures"]["circle"][0]
+    assert first["caption"] == ("trade-off: concept_rate/heldout against "
+                                "retain_accuracy/retain")  # fmt: skip
+    assert (out / first["file"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"![{first['caption']}]({first['file']})" in md
+    assert f"{first['caption']} (circle)" in (out / "leaderboard.html").read_text()
     # resumed: nothing is erased or audited again (as the plan says)
     r = run_main(capsys, "bench", "run", str(study), "--out", str(out), "--plan")
     assert "plan: 6 cells: 4 reuse, 0 restore, 0 audit, 2 erase + audit" in r.stdout

@@ -31,7 +31,10 @@ def _fields(method: str) -> dict[str, dataclasses.Field]:
 @pytest.mark.parametrize("method", catalog.names("methods"))
 def test_presets_are_settings_the_config_accepts_as_typed(method):
     cls = get_method(method)
-    layers = [("world", cls.world_preset()), *cls.named_presets().items()]
+    variants = (cls.preset_info().get("world") or {}).get("by_variant") or {}
+    layers = [("world", cls.world_preset()), *cls.named_presets().items(),
+              *((f"world {v} {d}", {**cls.world_preset(), **cls.world_by_variant(v, d)})
+                for v in variants for d in ("colour", "shape", "style"))]  # fmt: skip
     for where, settings in layers:
         config = build_config(cls.Config, mappings=[(where, settings)])
         for key, value in settings.items():
@@ -126,3 +129,22 @@ def test_the_extending_example_registers_trains_and_lists(tiny_model_dir, tmp_pa
         assert changed and all(".attn2." in k for k in changed)
     finally:
         METHODS._objects.pop("ablate-x", None)
+
+
+def test_a_world_preset_applies_its_variant_values_under_the_user_settings():
+    """ESD's world preset names ESD-x's learning rate for colours: a run selecting esd-x on a
+    world colour gets it, ESD-u and other dimensions keep the preset's, and a setting, a named
+    preset or a real concept wins over it."""
+    from erasekit.api import erase_config
+
+    esd = get_method("esd")
+    preset = esd.world_preset()["lr"]
+    colour = esd.world_by_variant("esd-x", "colour")["lr"]
+    assert colour != preset
+    assert erase_config("esd", "red", {"variant": "esd-x"}).lr == colour
+    assert erase_config("esd", "red").variant == "esd-u"
+    assert erase_config("esd", "red").lr == preset
+    assert erase_config("esd", "circle", {"variant": "esd-x"}).lr == preset
+    assert erase_config("esd", "red", {"variant": "esd-x", "lr": 1e-5}).lr == 1e-5
+    assert erase_config("esd", "red", {"variant": "esd-x"}, preset="paper").lr == 1e-5
+    assert erase_config("esd", "church", {"variant": "esd-x"}).lr == esd.Config().lr

@@ -214,3 +214,56 @@ def test_audit_fid_refusals_exit_2(world_erased, inception_weights, tmp_path, ca
         r = run_main(capsys, *base, *extra, "--out", str(out))
         assert_one_line_error(r, needle)
         assert not out.exists()
+
+
+def test_world_features_tell_a_shifted_world_from_the_world():
+    """The world classifier's pooled trunk as FID/KID features: fresh renders of the world's
+    retain colours against other renders of the same colours are near 0; against renders in
+    another colour (red), far away, with intervals that separate."""
+    from erasekit.concepts import prompt_set_from_list
+    from erasekit.detectors.world import WorldFeatures
+    from erasekit.evaluation import distribution_metrics
+    from erasekit.world.render import render_dataset
+
+    features = WorldFeatures()
+    assert features.describe()["version"].startswith("world-classifier sha256:")
+
+    def renders(seed, colours):
+        images, _, _ = render_dataset(32, seed, colours=colours)
+        return features.features([Image.fromarray(a) for a in images])
+
+    a, b = renders(0, ("green", "blue")), renders(1, ("green", "blue"))
+    shifted = renders(2, ("red",))
+    assert a.shape == (32, 64) and a.dtype == torch.float64
+    ps = prompt_set_from_list([f"p{i}" for i in range(8)])
+    groups = [i // 4 for i in range(32)]
+
+    def measure(x, y):
+        return distribution_metrics(x, groups, y, list(range(32)), prompt_set=ps,
+                                    definition={"features": features.describe()})  # fmt: skip
+
+    same, different = measure(a, b), measure(a, shifted)
+    for key in ("fid/inline", "kid/inline"):
+        assert different[key]["value"] > 10 * abs(same[key]["value"])
+        assert different[key]["ci95"][0] > same[key]["ci95"][1]
+
+
+def test_world_audit_reports_kid_on_the_world_features(world_erased, tmp_path, capsys):
+    """--fid-features world: FID and KID of the retain renders against the reference model's,
+    no Inception weights needed; an unknown choice is one line."""
+    out = tmp_path / "audit"
+    r = run_main(capsys, "audit", "--model", str(world_erased), "--concept", "red", "--limit",
+                 "2", "--n-per-prompt", "2", "--never-learned", "none", "--no-progress",
+                 "--fid-features", "world", "--out", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    audited = json.loads((out / "results.json").read_text())["results"]["audited"]
+    m = audited["kid/retain"]
+    assert m["n_images"] == 4 and m["definition"]["features"]["name"] == (
+        "world-classifier-features"
+    )
+    assert m["ci95"][0] <= m["ci95"][1] and m["higher_is_better"] is False
+    assert "fid/retain" in audited and "kid/direct" not in audited
+    r = run_main(capsys, "audit", "--model", str(world_erased), "--concept", "red",
+                 "--fid-features", "clip", "--out", str(tmp_path / "bad"))  # fmt: skip
+    assert_one_line_error(r, "invalid choice")
+    assert not (tmp_path / "bad").exists()

@@ -23,8 +23,9 @@ def test_combined_spec_joins_forget_and_keeps_retain_prompts_naming_neither():
     kept = [p for p in red.retain.prompts + circle.retain.prompts
             if "red" not in p.split() and "circle" not in p.split()]  # fmt: skip
     assert both.retain.prompts == list(dict.fromkeys(kept)) and kept
-    assert set(both.evaluation) == {"red/direct", "red/paraphrase", "circle/direct",
-                                    "circle/paraphrase", "retain"}  # fmt: skip
+    assert set(both.evaluation) == {"red/direct", "red/paraphrase", "red/heldout",
+                                    "circle/direct", "circle/paraphrase", "circle/heldout",
+                                    "retain"}  # fmt: skip
     assert both.evaluation["retain"] is both.retain and both.never_learned is None
     described = both.describe()
     assert [p["name"] for p in described["parts"]] == ["red", "circle"] and described["combined"]

@@ -69,6 +69,7 @@ def _independent(ctx, w: float, batch_size: int, seed: int) -> dict[str, torch.T
 
 def test_saliency_matches_an_independent_computation(tiny_pipe):
     ctx = _context(tiny_pipe)
+    tiny_pipe.unet.zero_grad(set_to_none=True)  # the shared pipeline: no other test's gradients
     tiny_pipe.unet.requires_grad_(True)
     try:
         got = saliency(ctx, guidance=2.0, batch_size=2, seed=7)  # three batches

@@ -18,13 +18,18 @@ from erasekit.provenance import (
 )
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+FID_FEATURES = ("inception", "world")
 
 
 def fid_setup(audit: AuditSettings, detectors: DetectorOptions, roles: dict[str, Path | None]):
-    """(Inception features, the reference image folder and its image files, or None and None
-    for the reference model's images) when FID/KID are asked for (Inception weights given),
-    else None; fails before rendering."""
-    if not detectors.inception_weights:
+    """(features, the reference image folder and its image files, or None and None for the
+    reference model's images) when FID/KID are asked for (Inception weights given, or the world
+    classifier's features), else None; fails before rendering."""
+    if detectors.fid_features not in FID_FEATURES:
+        raise ErasekitError(f"FID/KID features must be one of {', '.join(FID_FEATURES)}, "
+                            f"got {detectors.fid_features!r}")  # fmt: skip
+    world = detectors.fid_features == "world"
+    if not (detectors.inception_weights or world):
         if audit.fid_images:
             raise ErasekitError("--fid-images needs --inception-weights PATH (FID/KID)")
         return None
@@ -40,6 +45,10 @@ def fid_setup(audit: AuditSettings, detectors: DetectorOptions, roles: dict[str,
     elif roles.get("reference") is None:
         raise ErasekitError("FID/KID need reference images: keep the reference model "
                             "(--reference PATH) or pass --fid-images DIR")  # fmt: skip
+    if world:
+        from erasekit.detectors.world import WorldFeatures
+
+        return WorldFeatures(detectors.world_classifier, detectors.device), folder, images
     from erasekit.detectors.inception import InceptionFeatures
 
     features = InceptionFeatures(detectors.inception_weights, device=detectors.device,

@@ -150,6 +150,9 @@ def render_markdown(board: dict[str, Any]) -> str:
                 lines.append(f"- {c['a']} better than {c['b']} on {c['metric']}{says}: "
                              f"**{c['status']}**" + (f" ({c['evidence']})" if "evidence" in c
                                                      else ""))  # fmt: skip
+        if board.get("figures", {}).get(concept):
+            lines += ["", "Figures (PNG beside this file; the HTML board draws the same):", ""]
+            lines += [f"![{f['caption']}]({f['file']})" for f in board["figures"][concept]]
         failures = [f"- {name} seed {f['seed']} FAILED: {f['error']}"
                     for name, row in rows.items() for f in row["failed"]]  # fmt: skip
         lines += ([""] if entry["differences"] and failures else []) + failures
@@ -191,12 +194,42 @@ def _attacks_with_curves(rows: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(a for r in rows.values() for a in r.get("curves", {})))
 
 
-def _figures(rows: dict[str, Any]) -> list[tuple[str, str]]:
-    """(caption, PNG data URI): a recovery-curve plot per recovery attack (one line per row)
-    and an ASR bar plot per prompt attack (pre-ASR and ASR per row, 95% whiskers)."""
+TRADEOFF_RATES = ("concept_rate/heldout", "concept_rate/paraphrase", "concept_rate/direct")
+TRADEOFF_RETAIN = "retain_accuracy/retain"
+
+
+def _tradeoff(board: dict[str, Any], rows: dict[str, Any]) -> tuple[str, str] | None:
+    """(caption, PNG data URI): concept rate on the held-out phrasings (else paraphrase, else
+    direct prompts) against retain accuracy, one point per row with both intervals, the
+    original and the never-learned model marked; None without two such rows."""
+    from erasekit.reporting import tradeoff_plot_uri
+
+    for key in TRADEOFF_RATES:
+        names = [n for n, r in rows.items() if {key, TRADEOFF_RETAIN} <= set(r["metrics"])]
+        if len(names) >= 2:
+            break
+    else:
+        return None
+    kinds = {n: (m.get("kind") if isinstance(m, dict) else m)
+             for n, m in board["study"]["models"].items()}  # fmt: skip
+    points = [{"label": n, "x": rows[n]["metrics"][key], "y": rows[n]["metrics"][TRADEOFF_RETAIN],
+               "kind": kinds.get(n) if kinds.get(n) in ("original", "never-learned") else "method"}
+              for n in names]  # fmt: skip
+    caption = f"trade-off: {key} against {TRADEOFF_RETAIN}"
+    return caption, tradeoff_plot_uri(points, f"{key} (left: erased)",
+                                      f"{TRADEOFF_RETAIN} (up: kept)",
+                                      "erasure against damage (pooled over seeds, 95% "
+                                      "intervals)")  # fmt: skip
+
+
+def _figures(board: dict[str, Any], rows: dict[str, Any]) -> list[tuple[str, str]]:
+    """(caption, PNG data URI): the trade-off scatter, a recovery-curve plot per recovery
+    attack (one line per row), an ASR-by-budget plot and a pre-ASR / ASR bar plot per prompt
+    attack (95% bands and whiskers)."""
     from erasekit.reporting import bar_plot_uri, line_plot_uri
 
-    figures = []
+    tradeoff = _tradeoff(board, rows)
+    figures = [tradeoff] if tradeoff else []
     for attack in _attacks_with_curves(rows):
         series = [(name, row["curves"][attack]) for name, row in rows.items()
                   if row["curves"].get(attack)]  # fmt: skip
@@ -258,7 +291,16 @@ Promise.all(figures.map(img => img.decode().catch(() => null))).then(() => {
 """
 
 
-def render_html(board: dict[str, Any]) -> str:
+def figures(board: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
+    """Every concept's figures: (caption, PNG data URI)."""
+    return {concept: _figures(board, entry["rows"]) for concept, entry in board["concepts"].items()}
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def render_html(board: dict[str, Any], drawn: dict[str, list] | None = None) -> str:
     """A self-contained page: one table per concept, sortable by clicking a column (or by
     ``#sort=<metric key>`` in the address), each cell's title holding its definition; below
     it the recovery curves and ASR bars. The leaderboard shows no generated images (only
@@ -302,7 +344,7 @@ def render_html(board: dict[str, Any]) -> str:
             parts.append(f"<p>Masks compared (overlap = share of A's weights B also selects; "
                          f"chance = B's density)</p><table class='masks'><thead><tr>{head}"
                          f"</tr></thead><tbody>{body}</tbody></table>")  # fmt: skip
-        for caption, uri in _figures(rows):
+        for caption, uri in (drawn or figures(board))[concept]:
             parts.append(f'<figure><img class="figure" alt="{escape(caption)}" src="{uri}">'
                          f"<figcaption>{escape(caption)} ({escape(concept)})</figcaption>"
                          "</figure>")  # fmt: skip
@@ -315,9 +357,22 @@ def render_html(board: dict[str, Any]) -> str:
 
 
 def write_leaderboard(board: dict[str, Any], out: Path) -> None:
+    """leaderboard.json, .md and .html, and each figure as a PNG beside the Markdown
+    (figures/<concept>-<caption>.png, linked from it)."""
+    import base64
+
+    drawn = figures(board)
+    board["figures"] = {c: [{"caption": caption, "file": f"figures/{_slug(c + ' ' + caption)}.png"}
+                            for caption, _ in items] for c, items in drawn.items()}  # fmt: skip
+    if any(drawn.values()):
+        (out / "figures").mkdir(parents=True, exist_ok=True)
+    for concept, items in drawn.items():
+        for (_, uri), entry in zip(items, board["figures"][concept], strict=True):
+            with atomic_file(out / entry["file"]) as tmp:
+                tmp.write_bytes(base64.b64decode(uri.split(",", 1)[1]))
     with atomic_file(out / "leaderboard.json") as tmp:
         write_json(tmp, board)
     with atomic_file(out / "leaderboard.md") as tmp:
         tmp.write_text(render_markdown(board))
     with atomic_file(out / "leaderboard.html") as tmp:
-        tmp.write_text(render_html(board))
+        tmp.write_text(render_html(board, drawn))

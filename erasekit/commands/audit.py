@@ -24,6 +24,10 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
                    help="local FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth"
                    " with --allow-pickle, or its .safetensors): FID and KID on the utility"
                    " sets")  # fmt: skip
+    g.add_argument("--fid-features", choices=("inception", "world"), default="inception",
+                   help="FID/KID features: the Inception-v3 (--inception-weights), or world: "
+                   "the world classifier's pooled trunk (ShapesWorld; no weights to "
+                   "give)")  # fmt: skip
     g.add_argument("--detector-batch-size", type=positive_int, default=16, metavar="B")
 
 
@@ -96,6 +100,7 @@ def detector_options(args: argparse.Namespace):
         clip_weights=args.clip_weights,
         world_classifier=args.world_classifier,
         inception_weights=args.inception_weights,
+        fid_features=args.fid_features,
         allow_pickle=args.allow_pickle,
         batch_size=args.detector_batch_size,
     )

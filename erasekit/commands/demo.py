@@ -17,7 +17,7 @@ def register(subparsers, parent: argparse.ArgumentParser) -> None:
         description=(
             "Erase a concept from ShapesWorld with SalUn (its ShapesWorld preset), then audit "
             "the erased model against the original and the never-learned model (erasekit "
-            "audit): concept rates on the direct, paraphrase and retain prompts, retain "
+            "audit): concept rates on the direct, paraphrase, held-out and retain prompts, retain "
             "accuracy, Wilson 95%% intervals, a benign fine-tuning attack on each model with "
             "its recovery curve, and an HTML report. Writes OUT/erased-salun and OUT/audit, "
             "each atomically."

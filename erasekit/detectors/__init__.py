@@ -40,6 +40,7 @@ class DetectorOptions:
     clip_weights: str | None = None
     world_classifier: str | None = None
     inception_weights: str | None = None  # FID/KID: the FID Inception-v3 (.safetensors/.pth)
+    fid_features: str = "inception"  # FID/KID features: inception, or world (the world classifier)
     allow_pickle: bool = False
     device: str = "cpu"
     batch_size: int = 16

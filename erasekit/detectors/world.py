@@ -75,16 +75,20 @@ class WorldDetector:
             "can abstain) equals target",
         }
 
+    def pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        """(B, 3, 32, 32) in [0, 1] on the classifier's device (resized if another size)."""
+        arrays = [
+            np.asarray(im.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)) for im in images
+        ]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255).to(
+            self.device)  # fmt: skip
+
     @torch.no_grad()
     def score(self, images: list[Image.Image], prompts: list[str] | None = None) -> list[dict]:
         """Per image: class probabilities and the predicted label for every dimension."""
         if not images:
             return []
-        arrays = [
-            np.asarray(im.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)) for im in images
-        ]
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255).to(self.device)
-        probs = {d: v.softmax(-1).cpu() for d, v in self.model(x).items()}
+        probs = {d: v.softmax(-1).cpu() for d, v in self.model(self.pixels(images)).items()}
         records = []
         for i in range(len(images)):
             rec: dict[str, Any] = {"probs": {}, "pred": {}}
@@ -109,3 +113,25 @@ class WorldDetector:
         if not labels:
             raise ErasekitError(f"retain prompt names no world attribute: {prompt!r}")
         return all(record["pred"][dim] == value for dim, value in labels.items())
+
+
+class WorldFeatures:
+    """``features(images)`` -> (n, 64) float64: the world classifier's pooled trunk (the layer
+    its heads read), a feature space trained on the world's images for FID / KID on
+    ShapesWorld, where the Inception network's ImageNet features see 32-pixel shapes."""
+
+    name = "world-classifier-features"
+
+    def __init__(self, weights: str | Path | None = None, device: str = "cpu") -> None:
+        self.detector = WorldDetector(weights, device)
+
+    @torch.no_grad()
+    def features(self, images: list[Image.Image]) -> torch.Tensor:
+        if not images:
+            raise ErasekitError("no images to compute world features on")
+        x = self.detector.pixels(images)
+        return self.detector.model.features(x * 2 - 1).double().cpu()
+
+    def describe(self) -> dict[str, str]:
+        return {"name": self.name,
+                "version": f"{self.detector.version}, pooled trunk (64-d), 32 px"}  # fmt: skip

@@ -25,15 +25,15 @@ METHODS.register_lazy("immunize", "erasekit.methods.immunize:Immunize")
 
 PRESET_DIR = Path(__file__).parent / "presets"
 PRESET_KEYS = {"presets", "world"}
-WORLD_KEYS = {"settings", "by_dimension", "rule", "evidence"}
+WORLD_KEYS = {"settings", "by_dimension", "by_variant", "rule", "evidence"}
 
 
 @functools.cache
 def preset_data(name: str) -> dict[str, Any]:
     """A method's presets, as data: ``presets/<name>.yaml`` with ``presets`` (``--preset NAME``:
     each a ``source`` line and its ``settings``) and ``world`` (the ShapesWorld preset: its
-    ``settings``, per-dimension values, the ``rule`` that chose it and its ``evidence``
-    folders). {} when the method has no file."""
+    ``settings``, per-dimension and per-variant values, the ``rule`` that chose it and its
+    ``evidence`` folders). {} when the method has no file."""
     from erasekit.config import read_yaml_mapping
 
     file = PRESET_DIR / f"{name}.yaml"

@@ -57,6 +57,16 @@ class Method(TrainingJob):
         return dict(table.get(dimension) or {})
 
     @classmethod
+    def world_by_variant(cls, variant: str | None, dimension: str | None) -> dict[str, Any]:
+        """The ShapesWorld preset's values for a variant of the method (e.g. ESD's ``esd-x``):
+        its ``settings``, then its values for the concept's dimension; applied over the preset
+        when a run's configuration selects that variant."""
+        table = (cls.preset_info().get("world") or {}).get("by_variant") or {}
+        entry = table.get(variant) or {}
+        by_dimension = entry.get("by_dimension") or {}
+        return {**(entry.get("settings") or {}), **(by_dimension.get(dimension) or {})}
+
+    @classmethod
     def world_defaults(cls, concept) -> dict[str, Any]:
         """The ShapesWorld preset for ``concept``: its settings, then its dimension's values (a
         combined concept takes its first concept's dimension)."""

@@ -31,6 +31,7 @@ from erasekit.reporting.plots import (  # noqa: F401 - re-exported
     curve_plot_uri,
     line_plot_uri,
     plot_uri,
+    tradeoff_plot_uri,
 )
 from erasekit.reporting.summary import (  # noqa: F401 - re-exported
     ROLE_LABEL,
@@ -196,6 +197,7 @@ __all__ = [
     "metric_title",
     "model_card_index",
     "plot_uri",
+    "tradeoff_plot_uri",
     "primary_rule",
     "print_summary",
     "prompt_attack_rows",

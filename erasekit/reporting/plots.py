@@ -20,6 +20,39 @@ def _figure_uri(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def tradeoff_plot_uri(points: list[dict[str, Any]], xlabel: str, ylabel: str,
+                      title: str) -> str:  # fmt: skip
+    """A trade-off scatter: one point per (label, x metric, y metric, kind), each with its 95%
+    interval on both axes; kind ``original`` and ``never-learned`` are marked apart from the
+    methods. A PNG data URI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    style = {"original": ("s", "black"), "never-learned": ("*", "tab:green")}  # marked apart
+    fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=100)
+    for p in points:
+        x, y = p["x"], p["y"]
+        marker, colour = style.get(p["kind"], ("o", "tab:blue"))
+        ax.errorbar(x["value"], y["value"],
+                    xerr=[[x["value"] - x["ci95"][0]], [x["ci95"][1] - x["value"]]],
+                    yerr=[[y["value"] - y["ci95"][0]], [y["ci95"][1] - y["value"]]],
+                    fmt=marker, color=colour, ms=8 if marker == "*" else 5, capsize=2,
+                    elinewidth=0.8, alpha=0.9)  # fmt: skip
+        ax.annotate(p["label"], (x["value"], y["value"]), textcoords="offset points",
+                    xytext=(4, 3), fontsize=7)  # fmt: skip
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(min([0.5] + [p["y"]["ci95"][0] - 0.03 for p in points]), 1.03)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    for kind, (marker, colour) in style.items():  # the two references, named in a legend
+        ax.plot([], [], marker, color=colour, label=kind)
+    ax.legend(fontsize=7, frameon=False, loc="lower right")
+    return _figure_uri(fig)
+
+
 def line_plot_uri(series: list[tuple[str, list[dict[str, Any]]]], title: str,
                   xlabel: str = "attack steps", ylabel: str = "concept rate") -> str:  # fmt: skip
     """Concept rate (or ASR) against attack steps (or budget): one line per (label, points
