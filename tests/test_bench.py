@@ -296,6 +296,8 @@ def test_unknown_profile_is_one_line(tmp_path, capsys):
          "base model not found"),
         ("name: x\nbase: b\nconcepts: [red]\nmodels: {a: {guide: {mode: nope}}}\n",
          "guidance mode must be one of"),
+        ("name: x\nbase: b\nconcepts: [red]\nmodels: {a: original}\n"
+         "detectors: {fid_features: world}\n", "FID/KID in a study need audit: {fid_images"),
         ("name: x\nbase: b\nconcepts: [red]\nmodels: {a: {guide: {mode: sld, embedding: z}}}\n",
          "'embedding: z' must name a row listed before it"),
         ("name: x\nbase: b\nconcepts: [red]\nmodels: {a: original}\nmasks: [[a]]\n",

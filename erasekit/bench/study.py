@@ -249,6 +249,11 @@ def load_study(path: str | Path, profile: str | None = None) -> Study:
             and (key != "clip_model" or value.endswith(".json"))
         ):
             detectors[key] = str(path.parent / value)
+    if (detectors.get("inception_weights") or detectors.get("fid_features") == "world") and not (
+        audit.get("fid_images")
+    ):  # a cell is audited without the reference model, so FID/KID need a folder of images
+        raise _fail(path, "FID/KID in a study need audit: {fid_images: DIR} (its cells are "
+                    "audited without the reference model)")  # fmt: skip
     columns = spec.get("columns")
     if columns is not None and not (
         isinstance(columns, list) and all(isinstance(c, str) for c in columns)
